@@ -1,0 +1,189 @@
+"""`Edit`: the value every erasure method returns, and `patch` folders that store it.
+
+An Edit is frozen: new weights keyed by the exact parameter path inside the pipeline (for example
+`unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight`), the method and concept
+spec that made it, its settings, and the fingerprint of the base model it was computed on.
+`apply(pipe)` writes the weights into a loaded pipeline (remembering what was there) and
+`revert(pipe)` puts the previous values back bit for bit. Nothing on disk is ever modified.
+
+A patch is a folder: `weights.safetensors` (the changed tensors, and `extras.safetensors` for
+method-specific tensors such as KPOP's hidden prompt) and `patch.json` (metadata + checksums).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trce.errors import TrceError
+from trce.utils import io
+
+log = logging.getLogger(__name__)
+
+PATCH_FORMAT = "trce-patch"
+PATCH_VERSION = 1
+COMPONENTS = ("unet", "text_encoder", "vae")
+
+
+def resolve(pipe, path: str) -> torch.Tensor:
+    """The parameter or buffer of `pipe` at `path` (`component.module.path.name`)."""
+    component, _, rest = path.partition(".")
+    if component not in COMPONENTS or not rest:
+        raise TrceError(f"bad tensor path {path!r}: it must start with one of {', '.join(COMPONENTS)}")
+    module = getattr(pipe, component, None)
+    if module is None:
+        raise TrceError(f"the pipeline has no {component} for tensor {path!r}")
+    try:
+        return module.get_parameter(rest)
+    except AttributeError:
+        try:
+            return module.get_buffer(rest)
+        except AttributeError as exc:
+            raise TrceError(f"the model has no tensor {path!r}; was the patch made for another architecture?") from exc
+
+
+def snapshot(pipe, paths) -> dict[str, torch.Tensor]:
+    """Copies of the current values at `paths` (for reverting or for comparing)."""
+    return {p: resolve(pipe, p).detach().clone() for p in paths}
+
+
+@dataclass(frozen=True)
+class Edit:
+    weights: Mapping[str, torch.Tensor]
+    method: str
+    spec: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    base: dict | None = None  # trce.loading.fingerprint() of the base model
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # measured facts: losses, timings, seeds
+
+    def paths(self) -> list[str]:
+        return sorted(self.weights)
+
+    def check(self, pipe, check_base: bool = True) -> None:
+        """Refuse a patch for another base model, or tensors whose shape does not fit."""
+        if check_base and self.base is not None:
+            from trce.loading import fingerprint, same_base
+
+            here = fingerprint(pipe)
+            if not same_base(self.base, here):
+                made_for = self.base.get("model", "?")
+                raise TrceError(
+                    f"this {self.method} patch was made for base model {made_for!r} (fingerprint {self.base['id']}), "
+                    f"not for {getattr(pipe, 'trce_model_name', 'this model')!r} (fingerprint {here['id']})"
+                )
+        for path, value in self.weights.items():
+            target = resolve(pipe, path)
+            if tuple(target.shape) != tuple(value.shape):
+                raise TrceError(
+                    f"tensor {path} has shape {tuple(value.shape)} in the patch but {tuple(target.shape)} in the model"
+                )
+
+    def apply(self, pipe, check_base: bool = True) -> None:
+        """Write the edit's weights into `pipe` (in its dtype and device); `revert` undoes it."""
+        self.check(pipe, check_base)
+        stash = snapshot(pipe, self.weights)
+        stack = pipe.__dict__.setdefault("_trce_applied", [])
+        stack.append((id(self), stash))
+        with torch.no_grad():
+            for path, value in self.weights.items():
+                target = resolve(pipe, path)
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+        log.debug("applied %s edit to %d tensors", self.method, len(self.weights))
+
+    def revert(self, pipe) -> None:
+        """Restore the values `apply` replaced, bit for bit (edits must be reverted in reverse order)."""
+        stack = pipe.__dict__.get("_trce_applied", [])
+        if not stack or stack[-1][0] != id(self):
+            raise TrceError("this edit is not the last one applied to the pipeline; revert edits in reverse order")
+        _, stash = stack.pop()
+        with torch.no_grad():
+            for path, value in stash.items():
+                resolve(pipe, path).copy_(value)
+
+    @contextlib.contextmanager
+    def applied(self, pipe, check_base: bool = True) -> Iterator[Any]:
+        """`with edit.applied(pipe): ...` runs the block on the edited model, then reverts."""
+        self.apply(pipe, check_base)
+        try:
+            yield pipe
+        finally:
+            self.revert(pipe)
+
+    def combine(self, later: Edit) -> Edit:
+        """One edit holding both: `later`'s tensors win where both change the same path."""
+        return Edit(
+            weights={**self.weights, **later.weights},
+            method=f"{self.method}+{later.method}" if self.method != later.method else self.method,
+            spec=later.spec or self.spec,
+            settings={self.method: self.settings, later.method: later.settings} if self.method != later.method
+            else later.settings,
+            base=self.base or later.base,
+            extras={**self.extras, **later.extras},
+            info={self.method: self.info, later.method: later.info} if self.method != later.method else later.info,
+        )
+
+    # ------------------------------------------------------------------ patches on disk
+    def save(self, folder: str | Path, **record: Any) -> Path:
+        """Write this edit as a patch folder, atomically."""
+        folder = Path(folder)
+        meta_weights = {p: list(t.shape) for p, t in self.weights.items()}
+        with io.atomic_dir(folder) as tmp:
+            io.save_tensors(tmp / "weights.safetensors", dict(self.weights))
+            files = {"weights.safetensors": _sha256(tmp / "weights.safetensors")}
+            if self.extras:
+                io.save_tensors(tmp / "extras.safetensors", dict(self.extras))
+                files["extras.safetensors"] = _sha256(tmp / "extras.safetensors")
+            io.write_json(tmp / "patch.json", {
+                "format": PATCH_FORMAT,
+                "format_version": PATCH_VERSION,
+                "method": self.method,
+                "spec": self.spec,
+                "settings": self.settings,
+                "base": self.base,
+                "info": self.info,
+                "tensors": meta_weights,
+                "extras": sorted(self.extras),
+                "files": files,
+                **io.run_record(**record),
+            })
+        return folder
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_patch(folder: str | Path) -> Edit:
+    """Read a patch folder; a missing, truncated, corrupt or foreign folder is one clear error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrceError(f"patch folder {folder} does not exist")
+    meta = io.read_json(folder / "patch.json")
+    if meta.get("format") != PATCH_FORMAT:
+        raise TrceError(f"{folder} is not a trce patch (patch.json has format {meta.get('format')!r})")
+    if meta.get("format_version", 0) > PATCH_VERSION:
+        raise TrceError(f"patch {folder} uses format version {meta['format_version']}; upgrade trce to read it")
+    for name, digest in meta.get("files", {}).items():
+        if not (folder / name).exists():
+            raise TrceError(f"patch {folder} is missing {name}")
+        if _sha256(folder / name) != digest:
+            raise TrceError(f"patch file {folder / name} is corrupt or truncated (checksum mismatch)")
+    weights = io.load_tensors(folder / "weights.safetensors")
+    expected = meta.get("tensors", {})
+    if set(expected) != set(weights):
+        raise TrceError(f"patch {folder}: weights.safetensors does not hold the tensors patch.json lists")
+    extras = io.load_tensors(folder / "extras.safetensors") if (folder / "extras.safetensors").exists() else {}
+    return Edit(weights=weights, method=meta["method"], spec=meta.get("spec") or {}, settings=meta.get("settings") or {},
+                base=meta.get("base"), extras=extras, info=meta.get("info") or {})

@@ -1,0 +1,216 @@
+"""One way to get a Stable Diffusion pipeline: `load_pipeline(model, device, dtype, patch)`.
+
+`model` is one of
+- `shapeworld`: the miniature SD shipped inside this package (no network, seconds);
+- `sd14-arch`: the SD v1.4 architecture built from its configuration with random weights, for
+  speed and memory benchmarks at real scale (seeded, so its fingerprint is stable);
+- a local diffusers folder (with `model_index.json`);
+- a hub id such as `CompVis/stable-diffusion-v1-4`, loaded with `from_pretrained` from the cache
+  or the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trce.errors import TrceError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("shapeworld", "sd14-arch")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def shapeworld_dir() -> Path:
+    """Folder of the shipped ShapeWorld pipeline."""
+    return Path(str(resources.files("trce.shapeworld").joinpath("weights")))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise TrceError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrceError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp16 on a GPU and fp32 on the CPU unless forced (half precision is slow and lossy on CPUs)."""
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise TrceError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
+    return DTYPES[dtype]
+
+
+def load_pipeline(
+    model: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    patch: str | Path | None = None,
+):
+    """Load `model` as a diffusers `StableDiffusionPipeline` on `device` in `dtype`.
+
+    With `patch`, an erasure patch (see `trce.patch`) is applied after loading; a patch made for
+    another base model is refused.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if model == "shapeworld":
+        pipe = _from_folder(shapeworld_dir(), dt, name="shapeworld")
+    elif model == "sd14-arch":
+        pipe = sd14_arch_pipeline(dt)
+    elif Path(model).expanduser().exists():
+        pipe = _from_folder(Path(model).expanduser(), dt, name=model)
+    elif _HUB_ID.match(model):
+        pipe = _from_hub(model, dt)
+    else:
+        raise TrceError(
+            f"unknown model {model!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), not an existing folder, "
+            "and not a hub id of the form owner/name"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(dev)
+    pipe.trce_model_name = model  # recorded in every output made with this pipeline
+    if patch is not None:
+        from trce.edit import load_patch
+
+        load_patch(patch).apply(pipe)
+    return pipe
+
+
+def _from_folder(folder: Path, dtype: torch.dtype, name: str):
+    from diffusers import StableDiffusionPipeline
+
+    if not (folder / "model_index.json").exists():
+        if name == "shapeworld":
+            raise TrceError(
+                f"the ShapeWorld weights are missing from this install ({folder}); "
+                "rebuild them with `trce shapeworld train --out DIR --ship`"
+            )
+        raise TrceError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True,
+            local_files_only=True,
+        )
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise TrceError(f"cannot load the pipeline in {folder}: {str(exc).splitlines()[0]}") from exc
+    return pipe
+
+
+def _from_hub(model_id: str, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            model_id, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+    except Exception as exc:  # hub errors come as many types (OSError, HTTP, connection, offline mode)
+        raise TrceError(
+            f"cannot load {model_id!r} from the Hugging Face hub or its cache ({type(exc).__name__}); "
+            "pass a local diffusers folder instead, or download it once and set HF_HUB_OFFLINE=1 to use the cache"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- SD v1.4 architecture
+SD14_UNET: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SD14_TEXT: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, eos_token_id=2,
+    pad_token_id=1,
+)
+SD14_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, sample_size=512,
+    norm_num_groups=32, scaling_factor=0.18215,
+)
+
+
+def sd14_arch_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """SD v1.4's UNet, CLIP ViT-L/14 text encoder, VAE and DDIM, built from config with random weights.
+
+    The real CLIP BPE vocabulary cannot be downloaded here, so the tokenizer is ShapeWorld's BPE
+    padded to 77 tokens; its ids are valid for the 49408-row embedding. Timing and memory do not
+    depend on weight values.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from trce.shapeworld.models import scheduler
+    from trce.shapeworld.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = 77
+    text_cfg = dict(SD14_TEXT, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD14_UNET)
+    text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    vae = AutoencoderKL(**SD14_VAE)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    return pipe.to(dtype=dtype)
+
+
+# --------------------------------------------------------------------------- identity of a base model
+def fingerprint(pipe) -> dict:
+    """Identity of a base model: its architecture hash and a probe of its weights.
+
+    The probe is the mean absolute value of the first 4096 entries of every UNet and text-encoder
+    tensor, which survives fp32/fp16/bf16 loading (compare with a tolerance, see
+    `same_base`) but tells different checkpoints apart.
+    """
+    arch = {
+        "unet": {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")},
+        "text_encoder": pipe.text_encoder.config.to_dict(),
+    }
+    for drop in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "_attn_implementation_autoset"):
+        arch["text_encoder"].pop(drop, None)
+    arch_hash = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    probe = []
+    with torch.no_grad():
+        for prefix, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+            for name, tensor in module.state_dict().items():
+                probe.append(float(tensor.flatten()[:4096].float().abs().mean()))
+    digest = hashlib.sha256(json.dumps([round(p, 3) for p in probe]).encode()).hexdigest()[:16]
+    return {"model": getattr(pipe, "trce_model_name", None), "arch": arch_hash, "id": f"{arch_hash}-{digest}",
+            "probe": probe}
+
+
+def same_base(a: dict, b: dict, rtol: float = 2e-2) -> bool:
+    """Whether two fingerprints describe the same base model (up to dtype rounding)."""
+    if a["arch"] != b["arch"] or len(a["probe"]) != len(b["probe"]):
+        return False
+    pa, pb = torch.tensor(a["probe"], dtype=torch.float64), torch.tensor(b["probe"], dtype=torch.float64)
+    return bool(torch.allclose(pa, pb, rtol=rtol, atol=1e-5))
+
+
+def parameter_counts(pipe) -> dict[str, int]:
+    return {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters())
+        for name in ("unet", "text_encoder", "vae")
+    }

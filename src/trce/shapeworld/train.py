@@ -1,0 +1,423 @@
+"""Train every ShapeWorld component from scratch: seeded, logged, resumable.
+
+Stages run in order and each writes its result atomically into the output folder, so a rerun
+skips finished stages and the UNet resumes from its last checkpoint:
+
+    pool      render N scenes (uint8 images + attribute labels)
+    clip      contrastive CLIP on (render, caption) pairs -> the frozen text encoder + vision tower
+    vae       AutoencoderKL, 32x32x3 -> 8x8x4
+    detector  attribute classifier (shape, color, pattern, background), checked on held-out renders
+    cache     latents of the pool and text embeddings of K captions per image, computed once
+    unet      UNet2DConditionModel on the cached latents/embeddings, caption dropout for CFG
+    export    a StableDiffusionPipeline folder + vision tower + detector + made.json
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from trce.errors import TrceError
+from trce.shapeworld import models, world
+from trce.shapeworld.tokenizer import build_tokenizer
+from trce.utils import io
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pool", "clip", "vae", "detector", "cache", "unet", "export")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    pool_size: int = 100_000
+    clip_steps: int = 900
+    clip_batch: int = 256
+    clip_lr: float = 5e-4
+    vae_steps: int = 1500
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    detector_steps: int = 800
+    detector_batch: int = 128
+    detector_lr: float = 2e-3
+    captions_per_image: int = 2
+    unet_steps: int = 5000
+    unet_batch: int = 128
+    unet_lr: float = 3e-4
+    unet_warmup: int = 200
+    unet_ema: float = 0.999
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    checkpoint_every: int = 250
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> TrainConfig:
+        """A minutes-long configuration for tests (results are not meant to be good)."""
+        return cls(
+            seed=seed, pool_size=256, clip_steps=3, clip_batch=32, vae_steps=3, vae_batch=16, detector_steps=3,
+            detector_batch=32, captions_per_image=1, unet_steps=4, unet_batch=16, unet_warmup=2, checkpoint_every=2,
+        )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _step_rng(seed: int, stage: str, step: int) -> np.random.Generator:
+    """A generator that depends only on (seed, stage, step), so a resumed run draws the same batches."""
+    return np.random.default_rng([seed, STAGES.index(stage), step])
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+class Trainer:
+    def __init__(self, out: str | Path, config: TrainConfig):
+        self.out = Path(out)
+        self.cfg = config
+        self.device = _device(config.device)
+        self.tokenizer = build_tokenizer()
+        self.out.mkdir(parents=True, exist_ok=True)
+        record_path = self.out / "train.json"
+        if record_path.exists():
+            previous = io.read_json(record_path)["config"]
+            if previous != asdict(config):
+                changed = sorted(k for k in previous if previous.get(k) != asdict(config).get(k))
+                raise TrceError(
+                    f"{self.out} holds a run with other settings ({', '.join(changed)}); use a new --out or the same settings"
+                )
+        else:
+            io.write_json(record_path, io.run_record(asdict(config), {"seed": config.seed}, device=str(self.device)))
+
+    # ------------------------------------------------------------------ helpers
+    def _done(self, stage: str) -> bool:
+        return (self.out / stage / "DONE").exists()
+
+    def _mark(self, stage: str, info: dict) -> None:
+        io.write_json(self.out / stage / "DONE", info)
+        log.info("stage %s done: %s", stage, info)
+
+    def _pool(self) -> tuple[np.ndarray, np.ndarray]:
+        data = np.load(self.out / "pool" / "pool.npz")
+        return data["images"], data["labels"]
+
+    def run(self, stages: tuple[str, ...] = STAGES) -> Path:
+        for stage in STAGES:
+            if stage not in stages:
+                continue
+            if self._done(stage):
+                log.info("stage %s already done, skipping", stage)
+                continue
+            t0 = time.time()
+            getattr(self, f"stage_{stage}")()
+            log.info("stage %s took %.1f s", stage, time.time() - t0)
+        return self.out / "export"
+
+    # ------------------------------------------------------------------ stages
+    def stage_pool(self) -> None:
+        rng = np.random.default_rng([self.cfg.seed, 0])
+        n = self.cfg.pool_size
+        size = world.vocab().image_size
+        images = np.zeros((n, size, size, 3), dtype=np.uint8)
+        labels = np.zeros((n, len(world.ATTRIBUTES)), dtype=np.int16)
+        values = {a: world.vocab().values(a) for a in world.ATTRIBUTES}
+        for i in tqdm(range(n), desc="render pool", mininterval=2):
+            scene = world.sample_scene(rng)
+            images[i] = world.render(scene)
+            labels[i] = [values[a].index(scene.attribute(a)) for a in world.ATTRIBUTES]
+        (self.out / "pool").mkdir(exist_ok=True)
+        with io.atomic_path(self.out / "pool" / "pool.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, images=images, labels=labels)
+        self._mark("pool", {"n": n})
+
+    def _scene(self, labels_row: np.ndarray) -> world.Scene:
+        values = {a: world.vocab().values(a) for a in world.ATTRIBUTES}
+        attrs = {a: values[a][int(labels_row[k])] for k, a in enumerate(world.ATTRIBUTES)}
+        return world.Scene(radius=10.0, cx=16.0, cy=16.0, tint=(0, 0, 0), **attrs)
+
+    def stage_clip(self) -> None:
+        cfg = self.cfg
+        images, labels = self._pool()
+        model = models.clip_model(self.tokenizer, seed=cfg.seed).to(self.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
+        bar = tqdm(range(cfg.clip_steps), desc="clip", mininterval=2)
+        for step in bar:
+            rng = _step_rng(cfg.seed, "clip", step)
+            idx = rng.choice(len(images), size=cfg.clip_batch, replace=False)
+            texts, named = zip(*(world.describe(self._scene(labels[i]), rng) for i in idx))
+            # Causal attention: positions before the padding do not depend on it, so a batch padded
+            # to its own longest caption gives the same [EoT] outputs as padding to MAX_LENGTH.
+            tok = self.tokenizer(list(texts), padding="longest", return_tensors="pt").to(self.device)
+            pix = _to_float(images[idx], self.device)
+            out = model(input_ids=tok.input_ids, attention_mask=None, pixel_values=pix)
+            logits = out.logits_per_text  # (B_text, B_image), already scaled
+            # Soft targets: caption i matches every image whose named attributes agree with it, so
+            # "a red star" is not pushed away from the other red stars in the batch.
+            lab = torch.from_numpy(labels[idx].astype(np.int64)).to(self.device)  # (B, 4)
+            match = torch.ones(len(idx), len(idx), dtype=torch.bool, device=self.device)
+            for k, attribute in enumerate(world.ATTRIBUTES):
+                mentioned = torch.tensor([attribute in n for n in named], device=self.device)
+                agree = lab[:, k][:, None] == lab[:, k][None, :]
+                match &= agree | ~mentioned[:, None]
+            target = match.float()
+            loss_t = -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+            loss_i = -(target.T / target.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+            loss = (loss_t + loss_i) / 2
+            for g in opt.param_groups:
+                g["lr"] = cfg.clip_lr * _cosine_lr(step, cfg.clip_steps, min(100, cfg.clip_steps // 10 + 1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if not torch.isfinite(loss):
+                raise TrceError(f"CLIP loss became {loss.item()} at step {step}; lower --clip-lr")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        with io.atomic_dir(self.out / "clip") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+        self._mark("clip", {"final_loss": float(loss.item()), "steps": cfg.clip_steps})
+
+    def stage_vae(self) -> None:
+        cfg = self.cfg
+        images, _ = self._pool()
+        vae = models.vae_model(seed=cfg.seed).to(self.device)
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        bar = tqdm(range(cfg.vae_steps), desc="vae", mininterval=2)
+        for step in bar:
+            rng = _step_rng(cfg.seed, "vae", step)
+            x = _to_float(images[rng.choice(len(images), size=cfg.vae_batch, replace=False)], self.device)
+            posterior = vae.encode(x).latent_dist
+            torch.manual_seed(cfg.seed * 100003 + step)
+            recon = vae.decode(posterior.sample()).sample
+            rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+            loss = rec + cfg.vae_kl_weight * posterior.kl().mean()
+            for g in opt.param_groups:
+                g["lr"] = cfg.vae_lr * _cosine_lr(step, cfg.vae_steps, min(100, cfg.vae_steps // 10 + 1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(rec=f"{rec.item():.4f}")
+        with io.atomic_dir(self.out / "vae") as tmp:
+            vae.save_pretrained(tmp, safe_serialization=True)
+        self._mark("vae", {"final_recon": float(rec.item()), "steps": cfg.vae_steps})
+
+    def stage_detector(self) -> None:
+        cfg = self.cfg
+        images, labels = self._pool()
+        det_cfg = models.DetectorConfig.default()
+        det = models.AttributeClassifier(det_cfg).to(self.device)
+        torch.manual_seed(cfg.seed)
+        opt = torch.optim.AdamW(det.parameters(), lr=cfg.detector_lr, weight_decay=1e-4)
+        bar = tqdm(range(cfg.detector_steps), desc="detector", mininterval=2)
+        det.train()
+        for step in bar:
+            rng = _step_rng(cfg.seed, "detector", step)
+            idx = rng.choice(len(images), size=cfg.detector_batch, replace=False)
+            x = (_to_float(images[idx], self.device) + 1) / 2
+            # Light noise so the detector also reads slightly imperfect generated images.
+            x = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+            logits = det(x)
+            y = torch.from_numpy(labels[idx].astype(np.int64)).to(self.device)
+            loss = sum(F.cross_entropy(logits[a], y[:, k]) for k, a in enumerate(world.ATTRIBUTES))
+            for g in opt.param_groups:
+                g["lr"] = cfg.detector_lr * _cosine_lr(step, cfg.detector_steps, min(50, cfg.detector_steps // 10 + 1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        det.eval()
+        accuracy = detector_accuracy(det, seed=cfg.seed + 999, n=2000 if cfg.pool_size > 1000 else 64, device=self.device)
+        with io.atomic_dir(self.out / "detector") as tmp:
+            io.save_tensors(tmp / "detector.safetensors", det.state_dict())
+            io.write_json(tmp / "detector.json", {"config": det_cfg.to_dict(), "heldout_accuracy": accuracy})
+        self._mark("detector", {"heldout_accuracy": accuracy})
+
+    @torch.no_grad()
+    def stage_cache(self) -> None:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel
+
+        cfg = self.cfg
+        images, labels = self._pool()
+        vae = AutoencoderKL.from_pretrained(self.out / "vae").to(self.device).eval()
+        lat = []
+        for s in tqdm(range(0, len(images), 256), desc="encode latents", mininterval=2):
+            lat.append(vae.encode(_to_float(images[s : s + 256], self.device)).latent_dist.mean.cpu())
+        latents = torch.cat(lat)  # (N, 4, 8, 8)
+        scaling = float(1.0 / latents.std())
+        text = CLIPTextModel.from_pretrained(self.out / "clip").to(self.device).eval()
+        k = cfg.captions_per_image
+        embeds = np.zeros((len(images) * k, self.tokenizer.model_max_length, text.config.hidden_size), np.float16)
+        rng = np.random.default_rng([cfg.seed, STAGES.index("cache")])
+        captions = [world.caption(self._scene(labels[i % len(images)]), rng) for i in range(len(images) * k)]
+        for s in tqdm(range(0, len(captions), 512), desc="encode captions", mininterval=2):
+            ids = self.tokenizer(captions[s : s + 512], padding="max_length", return_tensors="pt").input_ids
+            embeds[s : s + 512] = text(ids.to(self.device)).last_hidden_state.cpu().numpy().astype(np.float16)
+        empty = self.tokenizer([""], padding="max_length", return_tensors="pt").input_ids
+        uncond = text(empty.to(self.device)).last_hidden_state.cpu()
+        d = self.out / "cache"
+        d.mkdir(exist_ok=True)
+        io.save_tensors(d / "latents.safetensors", {"latents": latents * scaling, "uncond": uncond})
+        with io.atomic_path(d / "embeds.npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, embeds)
+        self._mark("cache", {"scaling_factor": scaling, "captions": len(captions)})
+
+    def stage_unet(self) -> None:
+        cfg = self.cfg
+        from diffusers import DDPMScheduler
+
+        cache = io.load_tensors(self.out / "cache" / "latents.safetensors")
+        latents, uncond = cache["latents"], cache["uncond"]
+        embeds = np.load(self.out / "cache" / "embeds.npy", mmap_mode="r")
+        n_img, k = len(latents), self.cfg.captions_per_image
+        unet = models.unet_model(seed=cfg.seed).to(self.device)
+        ema = models.unet_model(seed=cfg.seed).to(self.device)
+        ema.load_state_dict(unet.state_dict())
+        ema.requires_grad_(False)
+        opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+        noise_sched = DDPMScheduler.from_config(models.scheduler().config)
+        alphas = noise_sched.alphas_cumprod.to(self.device)
+        ckdir = self.out / "unet"
+        start = 0
+        if (ckdir / "last.json").exists():
+            meta = io.read_json(ckdir / "last.json")
+            start = meta["step"]
+            unet.load_state_dict(io.load_tensors(ckdir / "unet.safetensors"))
+            ema.load_state_dict(io.load_tensors(ckdir / "ema.safetensors"))
+            io.load_optimizer_state(opt, io.load_tensors(ckdir / "opt.safetensors"), meta["opt"])
+            log.info("resuming UNet training at step %d", start)
+        uncond_dev = uncond.to(self.device)
+        bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps, mininterval=2)
+        losses = []
+        for step in bar:
+            rng = _step_rng(cfg.seed, "unet", step)
+            cap = rng.choice(n_img * k, size=cfg.unet_batch, replace=False)
+            img = cap % n_img
+            x0 = latents[img].to(self.device)
+            cond = torch.from_numpy(embeds[np.sort(cap)].astype(np.float32))
+            cond = cond[np.argsort(np.argsort(cap))].to(self.device)  # back to batch order
+            drop = torch.from_numpy(rng.random(cfg.unet_batch) < cfg.caption_dropout).to(self.device)
+            cond = torch.where(drop[:, None, None], uncond_dev.expand_as(cond), cond)
+            g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
+            noise = torch.randn(x0.shape, generator=g).to(self.device)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g).to(self.device)
+            xt = noise_sched.add_noise(x0, noise, t)
+            pred = unet(xt, t, cond).sample
+            # Min-SNR-gamma weighting (Hang et al. 2023) for epsilon prediction: converges faster.
+            snr = alphas[t] / (1 - alphas[t])
+            weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+            loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+            if not torch.isfinite(loss):
+                raise TrceError(f"UNet loss became {loss.item()} at step {step}; the last checkpoint is kept in {ckdir}")
+            for grp in opt.param_groups:
+                grp["lr"] = cfg.unet_lr * _cosine_lr(step, cfg.unet_steps, cfg.unet_warmup)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                decay = min(cfg.unet_ema, (1 + step) / (10 + step))
+                for pe, p in zip(ema.parameters(), unet.parameters()):
+                    pe.lerp_(p, 1 - decay)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
+                self._save_unet_checkpoint(ckdir, step + 1, unet, ema, opt, float(np.mean(losses[-50:])))
+        final = io.read_json(ckdir / "last.json")
+        self._mark("unet", {"steps": cfg.unet_steps, "final_loss": final["loss"]})
+
+    def _save_unet_checkpoint(self, ckdir: Path, step: int, unet, ema, opt, loss: float) -> None:
+        ckdir.mkdir(exist_ok=True)
+        io.save_tensors(ckdir / "unet.safetensors", unet.state_dict())
+        io.save_tensors(ckdir / "ema.safetensors", ema.state_dict())
+        tensors, scalars = io.optimizer_state(opt)
+        io.save_tensors(ckdir / "opt.safetensors", tensors)
+        # last.json is written last: it is what makes the checkpoint count.
+        io.write_json(ckdir / "last.json", {"step": step, "loss": loss, "opt": scalars})
+        log.info("checkpoint at step %d (loss %.4f)", step, loss)
+
+    def stage_export(self) -> None:
+        export_pipeline(self.out, self.out / "export", self.cfg)
+        self._mark("export", {"path": str(self.out / "export")})
+
+
+@torch.no_grad()
+def detector_accuracy(det, seed: int, n: int, device: torch.device) -> dict[str, float]:
+    """Per-attribute accuracy of the classifier on `n` fresh renders."""
+    rng = np.random.default_rng([seed, 12345])
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    x = (_to_float(np.stack([world.render(s) for s in scenes]), device) + 1) / 2
+    pred = det.predict(x)
+    return {a: float(np.mean([p == s.attribute(a) for p, s in zip(pred[a], scenes)])) for a in world.ATTRIBUTES}
+
+
+def export_pipeline(run: Path, dest: Path, cfg: TrainConfig) -> None:
+    """Assemble the trained parts into the folder that ships in the package (fp16 weights)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    scaling = io.read_json(run / "cache" / "DONE")["scaling_factor"]
+    tokenizer = CLIPTokenizer.from_pretrained(run / "clip" / "tokenizer")
+    text = CLIPTextModel.from_pretrained(run / "clip")
+    vae = AutoencoderKL.from_pretrained(run / "vae")
+    vae.register_to_config(scaling_factor=scaling)
+    unet = models.unet_model(seed=cfg.seed)
+    unet.load_state_dict(io.load_tensors(run / "unet" / "ema.safetensors"))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=models.scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    clip = CLIPModel.from_pretrained(run / "clip")
+    vision = CLIPVisionModelWithProjection(clip.config.vision_config)
+    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    with io.atomic_dir(dest) as tmp:
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        vision.to(torch.float16).save_pretrained(tmp / "clip_vision", safe_serialization=True)
+        io.save_tensors(
+            tmp / "clip_text_projection.safetensors",
+            {"text_projection": clip.text_projection.weight.half(), "logit_scale": clip.logit_scale.detach()},
+        )
+        det = io.read_json(run / "detector" / "detector.json")
+        (tmp / "detector").mkdir()
+        io.save_tensors(tmp / "detector" / "detector.safetensors", io.load_tensors(run / "detector" / "detector.safetensors"))
+        io.write_json(tmp / "detector" / "detector.json", det)
+        stages = {s: io.read_json(run / s / "DONE") for s in STAGES if (run / s / "DONE").exists()}
+        record = io.read_json(run / "train.json")
+        io.write_json(tmp / "made.json", {**record, "stages": stages, "exported": io.run_record()["date"]})
+
+
+def ship(export: Path) -> Path:
+    """Install an exported pipeline as the package's shipped ShapeWorld weights."""
+    import shutil
+
+    from trce.loading import shapeworld_dir
+
+    dest = shapeworld_dir()
+    with io.atomic_dir(dest) as tmp:
+        shutil.copytree(export, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
+    return dest

@@ -1,0 +1,50 @@
+"""Tiny random components for tests and smoke runs, in the spirit of diffusers' `get_dummy_components`.
+
+Same classes and layout as SD v1.x and ShapeWorld (CLIP text encoder, UNet with cross-attention in
+down/mid/up blocks, KL VAE, SD's DDIM), a few hundred thousand parameters, 32x32 images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_pipeline(seed: int = 0, text_width: int = 32):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from trce.shapeworld.models import scheduler
+    from trce.shapeworld.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=text_width,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_width, attention_head_dim=4, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 16, 16], layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=32,
+    )
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.trce_model_name = "tiny"
+    return pipe
+
+
+def tiny_pipeline_dir(folder: str | Path, seed: int = 0) -> Path:
+    """Save a tiny pipeline as a diffusers folder (loadable with `--model FOLDER`)."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").exists():
+        tiny_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+    return folder
