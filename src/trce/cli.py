@@ -24,6 +24,10 @@ EXAMPLES = """examples:
 """
 
 
+# Modules that add subcommands: each has `add_commands(sub, parser_kwargs, add_model_args)`.
+COMMAND_MODULES: list[str] = []
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
 
@@ -117,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub, _parser_kwargs, _add_model_args)
     return parser
 
 
