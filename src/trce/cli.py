@@ -25,7 +25,7 @@ EXAMPLES = """examples:
 
 
 # Modules that add subcommands: each has `add_commands(sub, parser_kwargs, add_model_args)`.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["trce.cli_erase", "trce.cli_eval"]
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -227,13 +227,30 @@ def cmd_demo(args) -> int:
 
 
 # --------------------------------------------------------------------------- entry point
+def _quiet_libraries(verbose: bool) -> None:
+    """Keep diffusers/transformers chatter (load reports, per-component bars) out of the user's terminal."""
+    if verbose:
+        return
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="trce: %(message)s", stream=sys.stderr)
-    for noisy in ("diffusers", "transformers", "accelerate", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_libraries(verbose=args.verbose)
     try:
         return int(args.func(args) or 0)
     except TrceError as exc:

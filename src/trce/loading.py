@@ -107,7 +107,7 @@ def _from_folder(folder: Path, dtype: torch.dtype, name: str):
         raise TrceError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True,
+            folder, dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True,
             local_files_only=True,
         )
     except (OSError, ValueError, json.JSONDecodeError) as exc:
@@ -120,7 +120,7 @@ def _from_hub(model_id: str, dtype: torch.dtype):
 
     try:
         return StableDiffusionPipeline.from_pretrained(
-            model_id, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            model_id, dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
     except Exception as exc:  # hub errors come as many types (OSError, HTTP, connection, offline mode)
         raise TrceError(

@@ -38,4 +38,4 @@ def clip_vision(folder: str | Path | None = None, device: str = "cpu"):
     from transformers import CLIPVisionModelWithProjection
 
     folder = Path(folder) if folder is not None else weights_dir()
-    return CLIPVisionModelWithProjection.from_pretrained(folder / "clip_vision", torch_dtype=torch.float32).to(device).eval()
+    return CLIPVisionModelWithProjection.from_pretrained(folder / "clip_vision", dtype=torch.float32).to(device).eval()

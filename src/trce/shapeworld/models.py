@@ -76,12 +76,12 @@ def unet_model(seed: int = 0) -> UNet2DConditionModel:
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(64, 128, 128),
+        block_out_channels=(48, 96, 96),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8,
-        norm_num_groups=32,
+        norm_num_groups=16,
     )
 
 

@@ -38,8 +38,8 @@ STAGES = ("pool", "clip", "vae", "detector", "cache", "unet", "export")
 @dataclass
 class TrainConfig:
     seed: int = 0
-    pool_size: int = 100_000
-    clip_steps: int = 900
+    pool_size: int = 80_000
+    clip_steps: int = 700
     clip_batch: int = 256
     clip_lr: float = 5e-4
     vae_steps: int = 1500
@@ -50,7 +50,7 @@ class TrainConfig:
     detector_batch: int = 128
     detector_lr: float = 2e-3
     captions_per_image: int = 2
-    unet_steps: int = 5000
+    unet_steps: int = 5500
     unet_batch: int = 128
     unet_lr: float = 3e-4
     unet_warmup: int = 200
