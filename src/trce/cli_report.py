@@ -1,0 +1,55 @@
+"""`trce report`: one self-contained HTML report (plus its JSON and a Markdown table) from `trce eval` runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from trce.errors import TrceError
+
+log = logging.getLogger("trce")
+
+
+def add_commands(sub, parser_kwargs, add_model_args) -> None:
+    p = sub.add_parser("report", **parser_kwargs(
+        "Summarise `trce eval` runs: a paper-style results table, before/after image grids on the same seeds, an "
+        "ASR-vs-preservation plot; one self-contained HTML file, its JSON beside it, the Markdown table on stdout.",
+        "  trce report runs/eval-orig runs/eval-uce runs/eval-trce --out report.html\n"
+        "  trce report runs/eval-* --out report.html --markdown table.md --title 'Erasing red'\n"
+        "  trce report runs/i2p-orig runs/i2p-trce runs/mma-trce --out nudity.html --grid-size 4\n"
+        "  trce report runs/i2p-trce --out private.html --no-blur     # unsafe images unblurred\n"))
+    p.add_argument("runs", nargs="+", metavar="RUN", help="`trce eval` output folders (each holds metrics.json)")
+    p.add_argument("--out", default="report.html",
+                   help="the HTML file; the JSON it is drawn from goes beside it (report.html -> report.json)")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the Markdown table to FILE")
+    p.add_argument("--no-blur", action="store_true",
+                   help="show real-suite images the detector judged unsafe as generated (blurred by default)")
+    p.add_argument("--grid-size", type=int, default=8, help="prompts per group in the before/after grids (0: none)")
+    p.add_argument("--title", default=None, help="the report's title (when omitted: 'trce report — ' and the suite names)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from trce.report import asr_preservation_plot, build_report, render_html, render_markdown
+    from trce.utils import io
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise TrceError(f"--out must end in .html, got {args.out!r}")
+    if args.grid_size < 0:
+        raise TrceError(f"--grid-size must be 0 or more, got {args.grid_size}")
+    report = build_report([Path(r) for r in args.runs], grid_size=args.grid_size, title=args.title,
+                          blur=not args.no_blur)
+    # JSON first: the Markdown and the page are drawn from the document as written.
+    json_path = out.with_suffix(".json")
+    io.write_json(json_path, report)
+    report = json.loads(json_path.read_text(encoding="utf-8"))
+    markdown = render_markdown(report)
+    page = render_html(report, plot_png=asr_preservation_plot(report) if report["plot"]["panels"] else None)
+    io.write_text(out, page)
+    if args.markdown:
+        io.write_text(args.markdown, markdown)
+    log.info("wrote %s (%.1f MB) and %s", out, len(page.encode()) / 1e6, json_path)
+    print(markdown, end="")
+    return 0

@@ -1,0 +1,632 @@
+"""`build_report`: read `trce eval` run folders and summarise them as one JSON document.
+
+Everything the report shows is decided here, JSON first; `tables.render_markdown`, `plot.asr_preservation_plot`
+and `html.render_html` only draw that JSON (the HTML also reads the image files it names).
+
+The document holds
+    header   suites, models, dates, git hashes and library versions of the runs;
+    runs     one entry per run folder (label, suite, settings, headline numbers);
+    tables   one per ShapeWorld suite and one for all real suites, shaped like the TRCE paper's Table 1:
+             rows are models/patches (the original model first), runs of different suites on the same
+             model + patch share a row; every cell keeps the run it came from;
+    plot     ASR-vs-preservation panels, one point per table row;
+    grids    before/after image pairs on the same prompts and seeds, N prompts per group picked
+             deterministically (evenly spaced over the group's rows);
+    attacks  red-team runs (metrics.json "attack"), with their label ("knowledge left" for soft prompts).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from trce.errors import TrceError
+
+log = logging.getLogger(__name__)
+
+REPORT_FORMAT = "trce-report"
+REPORT_VERSION = 1
+REQUIRED_KEYS = ("suite", "kind", "n", "asr")
+
+ERASURE_GROUPS = ("keyword", "synonym", "paraphrase")
+PRESERVATION_GROUPS = ("preserve", "unrelated")
+PRESERVED_ATTRIBUTES = ("color", "shape")  # shown besides the erased attribute (the paper-style table stays narrow)
+
+# Real suites in the order of the TRCE paper's Table 1, with its column names.
+REAL_LABELS = {"i2p-sexual": "I2P", "i2p": "I2P (all)", "mma": "MMA", "p4d": "P4D", "ring-a-bell": "Ring-A-Bell",
+               "unlearndiff": "UnDiff"}
+USER_SUITES = ("i2p-sexual", "i2p")
+ADVERSARIAL_SUITES = ("mma", "p4d", "ring-a-bell", "unlearndiff")
+STAGED_METHODS = ("trce",)  # labelled with their stages as in the paper: TRCE (T), TRCE (T+V)
+METHOD_NAMES = {"trce": "TRCE", "trce-v": "TRCE (V)", "uce": "UCE", "kpop": "KPOP", "esd": "ESD", "rece": "RECE", "mace": "MACE"}
+
+
+# --------------------------------------------------------------------------- reading runs
+def load_metrics(folder: str | os.PathLike) -> tuple[Path, dict]:
+    """(run folder, its metrics.json), with one clear error naming the folder when it is not a finished eval run."""
+    folder = Path(folder)
+    if folder.is_file() and folder.name == "metrics.json":
+        folder = folder.parent
+    if not folder.exists():
+        raise TrceError(f"{folder}: no such run folder")
+    if not folder.is_dir():
+        raise TrceError(f"{folder} is not a run folder (give the folder `trce eval --out` wrote)")
+    path = folder / "metrics.json"
+    if not path.is_file():
+        raise TrceError(f"{folder} has no metrics.json: not a `trce eval` output folder, or its run has not finished")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TrceError(f"corrupt metrics.json in {folder}: {exc}") from exc
+    if not isinstance(metrics, dict):
+        raise TrceError(f"{path} is not a trce eval metrics file (a JSON object is expected)")
+    missing = [k for k in REQUIRED_KEYS if k not in metrics]
+    if missing:
+        raise TrceError(f"{path} is not a trce eval metrics file (no {', '.join(missing)})")
+    if metrics["kind"] not in ("shapeworld", "real"):
+        raise TrceError(f"{path}: unknown kind {metrics['kind']!r} (expected shapeworld or real)")
+    if metrics["kind"] == "shapeworld" and not isinstance(metrics.get("groups"), dict):
+        raise TrceError(f"{path}: a ShapeWorld metrics file needs its per-group numbers (\"groups\")")
+    return folder, metrics
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The complete JSON lines of a rows.jsonl (missing file: none; a line cut short by a kill is skipped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _patch_stages(patch: str | None) -> list[str] | None:
+    """TRCE-style stage list ("T", "V") from the patch folder's patch.json, when it is still there."""
+    if not patch:
+        return None
+    try:
+        meta = json.loads((Path(patch) / "patch.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    settings = meta.get("settings") or {}
+    stages = settings.get("stages") or ([settings["stage"]] if isinstance(settings.get("stage"), str) else None)
+    return [str(s) for s in stages] if isinstance(stages, list) and stages else None
+
+
+def run_label(metrics: dict) -> str:
+    """"Original (model)" for the model alone; the method's name (with its stages) for a patch."""
+    if metrics.get("label"):
+        return str(metrics["label"])
+    if not metrics.get("patch"):
+        base = f"Original ({metrics.get('model') or 'model'})"
+    else:
+        method = metrics.get("method")
+        base = METHOD_NAMES.get(str(method).lower(), str(method)) if method else Path(str(metrics["patch"])).name
+        stages = _patch_stages(metrics["patch"])
+        if stages and (len(stages) > 1 or str(method).lower() in STAGED_METHODS):
+            base += f" ({'+'.join(stages)})"
+    attack = metrics.get("attack")
+    if isinstance(attack, dict) and attack.get("name"):
+        base += f" + {attack['name']}"
+    return base
+
+
+def _row_key(metrics: dict) -> tuple:
+    patch = metrics.get("patch")
+    attack = metrics.get("attack") if isinstance(metrics.get("attack"), dict) else {}
+    return (metrics.get("model"), os.path.normpath(patch) if patch else None, metrics.get("method") if patch else None,
+            attack.get("name"))
+
+
+def _is_original(metrics: dict) -> bool:
+    return not metrics.get("patch") and not metrics.get("attack")
+
+
+def _run_entry(i: int, folder: Path, m: dict) -> dict:
+    s = m.get("settings") or {}
+    return {
+        "id": f"run{i}", "folder": str(folder.resolve()), "name": folder.resolve().name, "label": run_label(m),
+        "suite": m["suite"], "suite_version": m.get("suite_version"), "kind": m["kind"],
+        "description": m.get("description"), "note": m.get("note"),
+        "model": m.get("model"), "patch": m.get("patch"), "method": m.get("method"), "original": _is_original(m),
+        "attack": m.get("attack"), "n": m.get("n"), "asr": m.get("asr"), "asr_ci": m.get("asr_ci"),
+        "asr_mean": m.get("asr_mean"), "asr_std": m.get("asr_std"),
+        "fd": m.get("fd"), "fid": m.get("fid", m.get("fd") if m["kind"] == "real" else None),
+        "clip_score": m.get("clip_score"), "esr": m.get("esr"), "esr_ci": m.get("esr_ci"), "psr": m.get("psr"),
+        "psr_ci": m.get("psr_ci"), "groups": m.get("groups"), "by_category": m.get("by_category"),
+        "reference": m.get("reference"), "detector": m.get("detector") or {},
+        "settings": {k: s.get(k) for k in ("steps", "guidance", "size", "seeds", "limit", "batch_size",
+                                           "per_prompt_guidance") if k in s},
+        "date": m.get("date"), "git_hash": m.get("git_hash"), "versions": m.get("versions") or {},
+        "notes": [v for k in ("fid_note", "clip_score_note") if (v := m.get(k))],
+    }
+
+
+# --------------------------------------------------------------------------- tables
+def _cell(value, ci=None, n=None, run: str | None = None, derived: bool = False) -> dict:
+    cell = {"value": None if value is None else float(value), "ci": list(ci) if ci else None, "n": n, "run": run}
+    if derived:
+        cell["derived"] = True
+    return cell
+
+
+class _Rows:
+    """Table rows keyed by (model, patch, method, attack); a second run of a suite already in a row opens a new row."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def row_for(self, run: dict, metrics: dict, suite: str) -> dict:
+        key = _row_key(metrics)
+        for row in self.rows:
+            if row["_key"] == key and suite not in row["_suites"]:
+                break
+        else:
+            row = {"_key": key, "_suites": set(), "label": run["label"], "original": run["original"],
+                   "model": run["model"], "patch": run["patch"], "runs": [], "cells": {}}
+            self.rows.append(row)
+        row["_suites"].add(suite)
+        if run["id"] not in row["runs"]:
+            row["runs"].append(run["id"])
+        return row
+
+    def finish(self, runs_by_id: dict) -> list[dict]:
+        rows = [r for r in self.rows if r["original"]] + [r for r in self.rows if not r["original"]]
+        labels = [r["label"] for r in rows]
+        for r in rows:  # two patches of one method: tell them apart by folder
+            if labels.count(r["label"]) > 1:
+                if r["patch"]:
+                    r["label"] += f" · {Path(str(r['patch'])).name}"
+                elif r["runs"]:
+                    r["label"] += f" · {runs_by_id[r['runs'][0]]['name']}"
+        for r in rows:
+            del r["_key"], r["_suites"]
+        return rows
+
+
+def _mark_best(table: dict) -> None:
+    """Bold the best patched value per column (lower ASR/FD, higher accuracy/CLIP), when two or more compete."""
+    for col in table["columns"]:
+        better = col.get("better")
+        if better not in ("lower", "higher"):
+            continue
+        cells = [r["cells"].get(col["key"]) for r in table["rows"] if not r["original"]]
+        cells = [c for c in cells if c and c.get("value") is not None]
+        if len(cells) < 2:
+            continue
+        values = [c["value"] for c in cells]
+        if max(values) - min(values) <= 1e-12:
+            continue  # a tie across the board singles nothing out
+        best = min(values) if better == "lower" else max(values)
+        for c in cells:
+            c["best"] = abs(c["value"] - best) <= 1e-12
+
+
+def _shapeworld_table(suite: str, items: list[tuple[dict, dict]], runs_by_id: dict) -> dict:
+    first = items[0][1]
+    detector = next((m.get("detector") for _, m in items if m.get("detector")), {}) or {}
+    attribute = detector.get("attribute")
+    values = detector.get("values") or []
+    group_names = list(dict.fromkeys(g for _, m in items for g in m.get("groups", {})))
+    asr_groups = first.get("asr_groups") or [g for g in ERASURE_GROUPS if g in group_names]
+    columns = [{"key": f"asr.{g}", "label": g, "short": f"ASR {g}", "group": "ASR ↓", "kind": "rate",
+                "better": "lower"} for g in asr_groups]
+    order = ([attribute] if attribute else []) + [a for a in PRESERVED_ATTRIBUTES if a != attribute]
+    acc_cols = []
+    for g in PRESERVATION_GROUPS:
+        for a in order:
+            if any(a in ((m.get("groups") or {}).get(g, {}).get("accuracy") or {}) for _, m in items):
+                acc_cols.append((g, a))
+                columns.append({"key": f"acc.{g}.{a}", "label": f"{g} · {a}", "short": f"acc {g}·{a}",
+                                "group": "Preservation accuracy ↑", "kind": "rate", "better": "higher"})
+    if any(m.get("esr") is not None for _, m in items):
+        columns += [{"key": "esr", "label": "ESR", "short": "ESR", "group": "Several values", "kind": "rate",
+                     "better": "higher"},
+                    {"key": "psr", "label": "PSR", "short": "PSR", "group": "Several values", "kind": "rate",
+                     "better": "higher"}]
+    columns.append({"key": "fd", "label": "FD", "short": "FD", "group": "Fidelity", "kind": "number",
+                    "better": "lower"})
+    columns.append({"key": "clip_score", "label": "CLIP-S", "short": "CLIP-S", "group": "Fidelity", "kind": "number",
+                    "better": "higher"})
+
+    def fill(row: dict, m: dict, run_id: str, derived: bool = False) -> None:
+        groups = m.get("groups") or {}
+        for g in asr_groups:
+            gr = groups.get(g) or {}
+            row["cells"][f"asr.{g}"] = _cell(gr.get("asr"), gr.get("asr_ci"), gr.get("n"), run_id, derived)
+        for g, a in acc_cols:
+            gr = groups.get(g) or {}
+            row["cells"][f"acc.{g}.{a}"] = _cell((gr.get("accuracy") or {}).get(a),
+                                                 (gr.get("accuracy_ci") or {}).get(a), gr.get("n"), run_id, derived)
+        for k in ("esr", "psr"):
+            if m.get(k) is not None:
+                row["cells"][k] = _cell(m[k], m.get(f"{k}_ci"), None, run_id, derived)
+        row["cells"]["fd"] = _cell(m.get("fd"), None, None, run_id, derived)
+        row["cells"]["clip_score"] = _cell(m.get("clip_score"), None, None, run_id, derived)
+        row["summary"] = {"asr": m.get("asr"), "asr_ci": m.get("asr_ci"), "fd": m.get("fd")}
+
+    rows = _Rows()
+    for run, m in items:
+        fill(rows.row_for(run, m, suite), m, run["id"])
+    notes = []
+    if not any(run["original"] for run, _ in items):
+        src = next(((run, m) for run, m in items if isinstance(m.get("reference"), dict)), None)
+        if src is not None:  # the original model's numbers from a patched run's reference images
+            run, m = src
+            ref = {**m["reference"], "fd": None}
+            row = {"label": f"Original ({m.get('model')})", "original": True, "model": m.get("model"), "patch": None,
+                   "runs": [], "cells": {}, "derived_from": run["id"]}
+            fill(row, ref, run["id"], derived=True)
+            rows.rows.insert(0, {**row, "_key": ("reference",), "_suites": {suite}})
+            notes.append(f"† the original model's numbers come from the reference images of {run['label']} "
+                         "(the same prompts and seeds).")
+    table_rows = rows.finish(runs_by_id)
+    for row in table_rows:
+        acc = [row["cells"][f"acc.{g}.{a}"]["value"] for g, a in acc_cols
+               if row["cells"].get(f"acc.{g}.{a}", {}).get("value") is not None]
+        row["summary"]["accuracy"] = sum(acc) / len(acc) if acc else None
+    erased = f"{attribute} = {', '.join(values)}" if attribute else "the erased concept"
+    counts = ", ".join(f"{g} {n}" for g in group_names
+                       if (n := (first.get("groups") or {}).get(g, {}).get("n")) is not None)
+    caption = (
+        f"ASR: the share of images the ShapeWorld detector classifies as {erased} (lower is better), for prompts "
+        "that ask for it with the spec's own words (keyword), held-out synonyms and held-out paraphrases. "
+        "Preservation accuracy: the detector agrees with the prompt on the attribute named (higher is better), for "
+        f"prompts asking for another {attribute or 'value'} (preserve) and prompts that do not name the "
+        f"{attribute or 'attribute'} (unrelated). FD: Fréchet distance between this model's and the original model's "
+        "image features (ShapeWorld CLIP vision tower) on the same prompts and seeds (lower is better; the original "
+        "has none). CLIP-S: ShapeWorld CLIP score. Brackets: 95% Wilson intervals; bold: the best patched value per "
+        "column." + (f" Images per group: {counts}." if counts else "")
+    )
+    table = {"id": f"table-{suite}", "kind": "shapeworld", "suite": suite, "title": f"{suite} (ShapeWorld)",
+             "attribute": attribute, "values": values, "columns": columns, "rows": table_rows, "caption": caption,
+             "notes": notes}
+    _mark_best(table)
+    return table
+
+
+def _real_table(items: list[tuple[dict, dict]], runs_by_id: dict) -> dict:
+    suites: list[str] = []
+    for _, m in items:
+        if m["suite"] not in suites:
+            suites.append(m["suite"])
+    rated = [s for s in suites if any(m["suite"] == s and m.get("asr") is not None for _, m in items)]
+    preservation = [s for s in suites if s not in rated]  # no detector (COCO): FID and CLIP score only
+    known = [s for s in REAL_LABELS if s in rated]
+    ordered = known + [s for s in rated if s not in known]
+    notes_by_suite = {m["suite"]: m.get("note") for _, m in items if m.get("note")}
+    columns, notes = [], []
+    stars = 0
+    for s in ordered:
+        label = REAL_LABELS.get(s, s)
+        if s in notes_by_suite:
+            stars += 1
+            label += "*" * stars
+            notes.append(f"{'*' * stars} {REAL_LABELS.get(s, s)}: {notes_by_suite[s]}")
+        group = ("User prompts" if s in USER_SUITES else "Adversarial prompts" if s in ADVERSARIAL_SUITES
+                 else "Other suites")
+        columns.append({"key": f"asr.{s}", "label": label, "short": label, "group": f"{group} · ASR ↓",
+                        "kind": "rate", "better": "lower", "suite": s})
+    adv = [s for s in ordered if s in ADVERSARIAL_SUITES]
+    if len(adv) >= 2:
+        columns.append({"key": "adv", "label": "Adv", "short": "Adv", "group": "Adversarial prompts · ASR ↓",
+                        "kind": "rate", "better": "lower", "of": adv})
+        notes.append(f"Adv: the mean ASR over {', '.join(REAL_LABELS[s] for s in adv)} (shown when a row has all).")
+    for s in preservation:
+        suffix = f" ({s})" if len(preservation) > 1 else ""
+        columns.append({"key": f"fid.{s}", "label": f"FID{suffix}", "short": f"FID{suffix}",
+                        "group": "Knowledge preservation", "kind": "number", "better": "lower", "suite": s})
+        columns.append({"key": f"clip.{s}", "label": f"CLIP-S{suffix}", "short": f"CLIP-S{suffix}",
+                        "group": "Knowledge preservation", "kind": "number", "better": "higher", "suite": s})
+    # keep the group headers contiguous: user prompts, adversarial, other, preservation
+    rank = {"User prompts · ASR ↓": 0, "Adversarial prompts · ASR ↓": 1, "Other suites · ASR ↓": 2,
+            "Knowledge preservation": 3}
+    columns.sort(key=lambda c: rank.get(c["group"], 4))
+
+    rows = _Rows()
+    for run, m in items:
+        row = rows.row_for(run, m, m["suite"])
+        s = m["suite"]
+        if s in preservation:
+            fid = m.get("fid", m.get("fd"))
+            row["cells"][f"fid.{s}"] = _cell(fid, None, m.get("n"), run["id"])
+            row["cells"][f"clip.{s}"] = _cell(m.get("clip_score"), None, m.get("n"), run["id"])
+        else:
+            row["cells"][f"asr.{s}"] = _cell(m.get("asr"), m.get("asr_ci"), m.get("n"), run["id"])
+    # Suites evaluated only with a patch: their reference images give the original model's rate.
+    derived = False
+    for s in ordered:
+        for run, m in items:
+            ref = m.get("reference")
+            if m["suite"] != s or not isinstance(ref, dict) or ref.get("asr") is None:
+                continue
+            original = next((r for r in rows.rows if r["original"] and r["model"] == m.get("model")), None)
+            if original is None:
+                original = {"_key": (m.get("model"), None, None, None), "_suites": set(),
+                            "label": f"Original ({m.get('model')})", "original": True, "model": m.get("model"),
+                            "patch": None, "runs": [], "cells": {}}
+                rows.rows.append(original)
+            if f"asr.{s}" not in original["cells"]:
+                original["cells"][f"asr.{s}"] = _cell(ref["asr"], ref.get("asr_ci"), ref.get("n"), run["id"], True)
+                derived = True
+    if derived:
+        notes.append("† the original model's rate from the reference images of a patched run (same prompts and seeds).")
+    table_rows = rows.finish(runs_by_id)
+    for row in table_rows:
+        if len(adv) >= 2:
+            vals = [row["cells"].get(f"asr.{s}", {}).get("value") for s in adv]
+            if all(v is not None for v in vals):
+                row["cells"]["adv"] = _cell(sum(vals) / len(vals), None, None, None)
+        head = next((s for s in ("i2p-sexual", "i2p") if s in ordered), ordered[0] if ordered else None)
+        hc = row["cells"].get(f"asr.{head}", {}) if head else {}
+        fid = next((row["cells"].get(f"fid.{s}", {}).get("value") for s in preservation), None)
+        clip = next((row["cells"].get(f"clip.{s}", {}).get("value") for s in preservation), None)
+        row["summary"] = {"asr": hc.get("value"), "asr_ci": hc.get("ci"), "asr_suite": head,
+                          "adv": row["cells"].get("adv", {}).get("value"), "fid": fid, "clip_score": clip}
+    detectors = sorted({f"{m['detector'].get('name')}" + (f" (threshold {m['detector']['threshold']})"
+                                                          if m["detector"].get("threshold") is not None else "")
+                        for _, m in items if isinstance(m.get("detector"), dict) and m["detector"].get("name")
+                        and m["detector"].get("name") != "none"})
+    caption = ("ASR: the share of images the detector judges unsafe (lower is better) — "
+               f"{', '.join(detectors) or 'detector'} — per prompt suite, as in the TRCE paper's Table 1. "
+               + ("FID: Fréchet distance to the original model's images on the same prompts and seeds (lower is "
+                  "better), and CLIP-S: CLIP score (higher is better), both on the preservation prompts "
+                  f"({', '.join(preservation)}); the original model is its own FID reference. " if preservation else
+                  "No preservation suite (coco-3k) among the runs, so no FID or CLIP score. ")
+               + "Brackets: 95% Wilson intervals; bold: the best patched value per column.")
+    table = {"id": "table-real", "kind": "real", "suite": None, "title": "Real prompt suites",
+             "suites": ordered + preservation, "columns": columns, "rows": table_rows, "caption": caption,
+             "notes": notes}
+    _mark_best(table)
+    return table
+
+
+# --------------------------------------------------------------------------- plot data
+def _plot_panels(tables: list[dict]) -> list[dict]:
+    panels = []
+    for t in tables:
+        if t["kind"] == "shapeworld":
+            pts = [{"label": r["label"], "original": r["original"], "y": r["summary"]["asr"],
+                    "y_ci": r["summary"]["asr_ci"], "acc": r["summary"].get("accuracy"), "fd": r["summary"].get("fd")}
+                   for r in t["rows"] if r["summary"].get("asr") is not None]
+            base = next((p["acc"] for p in pts if p["original"] and p["acc"] is not None), None)
+            acc_pts = []
+            for p in pts:
+                if p["acc"] is None:
+                    continue
+                x = 1.0 - (base - p["acc"]) if base is not None else p["acc"]
+                acc_pts.append({"label": p["label"], "original": p["original"], "x": x, "y": p["y"], "y_ci": p["y_ci"]})
+            y_label = "ASR (keyword + synonym + paraphrase)"
+            if acc_pts:
+                panels.append({
+                    "table": t["id"], "title": f"{t['suite']}: ASR vs preservation accuracy",
+                    "x_label": ("1 − accuracy drop vs the original (preserve + unrelated)" if base is not None
+                                else "mean preservation accuracy (preserve + unrelated)"),
+                    "y_label": y_label, "x_kind": "rate", "x_better": "higher",
+                    "series": [{"name": "ASR", "points": acc_pts}]})
+            fd_pts = [{"label": p["label"], "original": p["original"], "x": 0.0 if p["original"] else p["fd"],
+                       "y": p["y"], "y_ci": p["y_ci"]} for p in pts if p["original"] or p["fd"] is not None]
+            if any(not p["original"] for p in fd_pts):
+                panels.append({"table": t["id"], "title": f"{t['suite']}: ASR vs Fréchet distance",
+                               "x_label": "FD to the original model's images (original = 0)", "y_label": y_label,
+                               "x_kind": "number", "x_better": "lower",
+                               "series": [{"name": "ASR", "points": fd_pts}]})
+        else:
+            rows = [r for r in t["rows"] if r["summary"].get("asr") is not None or r["summary"].get("adv") is not None]
+            if not rows:
+                continue
+            if any(r["summary"]["fid"] is not None for r in rows):
+                xk, x_label, better = "fid", "FID to the original model (original = 0)", "lower"
+            elif any(r["summary"]["clip_score"] is not None for r in rows):
+                xk, x_label, better = "clip_score", "CLIP score", "higher"
+            else:
+                xk, x_label, better = None, "", None
+            if xk is None and len(rows) < 2:
+                continue  # one model and no preservation number: nothing to compare
+            series = []
+            for name, key in ((REAL_LABELS.get(rows[0]["summary"]["asr_suite"] or "", "ASR"), "asr"), ("Adv", "adv")):
+                pts = []
+                for i, r in enumerate(rows):
+                    y = r["summary"].get(key)
+                    if y is None:
+                        continue
+                    if xk is None:
+                        x = float(i)
+                    else:
+                        x = r["summary"][xk]
+                        if x is None and xk == "fid" and r["original"]:
+                            x = 0.0
+                        if x is None:
+                            continue
+                    pts.append({"label": r["label"], "original": r["original"], "x": x, "y": y,
+                                "y_ci": r["summary"]["asr_ci"] if key == "asr" else None})
+                if pts:
+                    series.append({"name": name, "points": pts})
+            if series:
+                panels.append({"table": t["id"], "title": "Real suites: ASR vs preservation" if xk
+                               else "Real suites: ASR per model", "x_label": x_label, "y_label": "ASR",
+                               "x_kind": "number" if xk else "category", "x_better": better,
+                               "categories": [r["label"] for r in rows] if xk is None else None, "series": series})
+    return panels
+
+
+# --------------------------------------------------------------------------- image grids
+def _pick(n_items: int, k: int) -> list[int]:
+    """k indices evenly spaced over range(n_items), first and last included (deterministic)."""
+    if k <= 0 or n_items <= 0:
+        return []
+    if k >= n_items:
+        return list(range(n_items))
+    if k == 1:
+        return [0]
+    return sorted({round(i * (n_items - 1) / (k - 1)) for i in range(k)})
+
+
+def _images_dir(folder: Path, m: dict) -> Path:
+    return folder / (m.get("images_dir") or "images")
+
+
+def _own_reference(folder: Path, m: dict) -> tuple[Path, list[dict]] | None:
+    ref = m.get("reference_dir")
+    ref_dir = folder / ref if ref else folder / "reference" / "images"
+    if not ref_dir.is_dir():
+        return None
+    return ref_dir, read_rows(ref_dir.parent / "rows.jsonl")
+
+
+def _group_of(row: dict) -> str:
+    if row.get("group"):
+        return str(row["group"])
+    cats = row.get("categories") or []
+    return str(cats[0]) if cats else "all"
+
+
+def _image_entry(images: Path, row: dict, kind: str, attribute: str | None, values: Sequence[str]) -> dict:
+    name = row.get("name") or f"{int(row['index']):05d}"
+    path = images / f"{name}.png"
+    verdict = row.get("verdict")
+    entry = {"image": str(path) if path.is_file() else None, "verdict": verdict,
+             # a real-suite image the detector judged unsafe is blurred unless the user turns it off
+             "unsafe": bool(kind == "real" and verdict is True)}
+    top1 = (row.get("scores") or {}).get("top1") if isinstance(row.get("scores"), dict) else None
+    if kind == "shapeworld" and attribute and isinstance(top1, dict):
+        entry["detected"] = top1.get(attribute)
+        entry["erased_value"] = top1.get(attribute) in values
+    if kind == "real" and isinstance(row.get("scores"), dict) and row["scores"].get("exposed"):
+        entry["detected"] = ", ".join(str(c) for c in row["scores"]["exposed"])
+    if entry["image"] is None:
+        log.warning("missing image %s", path)
+    return entry
+
+
+def _grids(loaded: list[tuple[dict, Path, dict]], grid_size: int) -> list[dict]:
+    grids = []
+    if grid_size <= 0:
+        return grids
+    for run, folder, m in loaded:
+        patched_same_suite = any(not r["original"] and r["suite"] == run["suite"] for r, _, _ in loaded)
+        if run["original"] and patched_same_suite:
+            continue  # it appears as the reference column of the patched runs
+        rows = read_rows(folder / (m.get("rows") or "rows.jsonl"))
+        if not rows:
+            log.info("%s: no rows.jsonl, so no image grid", folder)
+            continue
+        detector = m.get("detector") or {}
+        attribute, values = detector.get("attribute"), list(detector.get("values") or [])
+        images = _images_dir(folder, m)
+        ref_source, ref_images, ref_rows = None, None, {}
+        if not run["original"]:
+            own = _own_reference(folder, m)
+            if own is not None and own[1]:
+                ref_images, ref_list = own
+                ref_source = "reference images generated with this run"
+                ref_rows = {(r.get("prompt"), r.get("seed")): r for r in ref_list}
+            else:
+                for r2, f2, m2 in loaded:
+                    if r2["original"] and r2["suite"] == run["suite"] and r2["model"] == run["model"]:
+                        ref_images = _images_dir(f2, m2)
+                        ref_rows = {(r.get("prompt"), r.get("seed")): r for r in read_rows(f2 / (m2.get("rows")
+                                                                                               or "rows.jsonl"))}
+                        ref_source = f"the original model's run {r2['name']}"
+                        break
+        by_group: dict[str, list[dict]] = {}
+        common = None
+        if m["kind"] == "real":  # a category every row has (I2P's "sexual" rows) makes one group, not many
+            cats = [set(r.get("categories") or []) for r in rows]
+            shared = set.intersection(*cats) if cats else set()
+            common = next((c for c in (rows[0].get("categories") or []) if c in shared), None)
+        for r in sorted(rows, key=lambda r: r.get("index", 0)):
+            by_group.setdefault(common or _group_of(r), []).append(r)
+        order = [g for g in (m.get("groups") or {}) if g in by_group] + [g for g in by_group
+                                                                          if g not in (m.get("groups") or {})]
+        groups = []
+        for g in order:
+            members = by_group[g]
+            items = []
+            for i in _pick(len(members), grid_size):
+                r = members[i]
+                item = {"index": r.get("index"), "prompt": r.get("prompt"), "seed": r.get("seed"),
+                        "guidance": r.get("guidance"),
+                        "after": _image_entry(images, r, m["kind"], attribute, values), "before": None}
+                ref = ref_rows.get((r.get("prompt"), r.get("seed")))
+                if ref is not None and ref_images is not None:
+                    item["before"] = _image_entry(ref_images, ref, m["kind"], attribute, values)
+                items.append(item)
+            groups.append({"name": g, "total": len(members), "items": items})
+        grids.append({"run": run["id"], "label": run["label"], "suite": run["suite"], "kind": m["kind"],
+                      "original": run["original"], "attribute": attribute, "values": values,
+                      "reference": ref_source, "groups": groups})
+    return grids
+
+
+# --------------------------------------------------------------------------- the document
+def _unique(values) -> list:
+    out = []
+    for v in values:
+        if v is not None and v not in out:
+            out.append(v)
+    return out
+
+
+def build_report(runs: Sequence[str | os.PathLike], *, grid_size: int = 8, title: str | None = None,
+                 blur: bool = True) -> dict:
+    """The report as JSON-able data (see the module docstring); `runs` are `trce eval` output folders."""
+    if not runs:
+        raise TrceError("give at least one run folder")
+    if grid_size < 0:
+        raise TrceError(f"--grid-size must be 0 or more, got {grid_size}")
+    loaded = []
+    seen: set[Path] = set()
+    for i, path in enumerate(runs):
+        folder, m = load_metrics(path)
+        if folder.resolve() in seen:
+            raise TrceError(f"{folder} is given twice")
+        seen.add(folder.resolve())
+        loaded.append((_run_entry(i, folder, m), folder, m))
+    runs_by_id = {r["id"]: r for r, _, _ in loaded}
+    tables = []
+    sw_suites = _unique(m["suite"] for _, _, m in loaded if m["kind"] == "shapeworld")
+    for s in sw_suites:
+        tables.append(_shapeworld_table(s, [(r, m) for r, _, m in loaded if m["suite"] == s and m["kind"] ==
+                                            "shapeworld"], runs_by_id))
+    real = [(r, m) for r, _, m in loaded if m["kind"] == "real"]
+    if real:
+        tables.append(_real_table(real, runs_by_id))
+    versions: dict[str, list] = {}
+    for r, _, _ in loaded:
+        for k, v in r["versions"].items():
+            versions.setdefault(k, [])
+            if v not in versions[k]:
+                versions[k].append(v)
+    suites = []
+    for r, _, m in loaded:
+        if r["suite"] not in [s["name"] for s in suites]:
+            suites.append({"name": r["suite"], "version": r["suite_version"], "kind": r["kind"],
+                           "description": r["description"], "note": r["note"]})
+    attacks = [{**r["attack"], "run": r["id"], "run_label": r["label"], "suite": r["suite"]}
+               for r, _, _ in loaded if isinstance(r["attack"], dict)]
+    from trce import __version__
+
+    report = {
+        "format": REPORT_FORMAT, "format_version": REPORT_VERSION,
+        "title": title or f"trce report — {', '.join(s['name'] for s in suites)}",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "trce_version": __version__,
+        "options": {"grid_size": grid_size, "blur": bool(blur)},
+        "header": {"suites": suites, "models": _unique(r["model"] for r, _, _ in loaded),
+                   "dates": sorted(_unique(r["date"] for r, _, _ in loaded)),
+                   "git_hashes": _unique(r["git_hash"] for r, _, _ in loaded), "versions": versions},
+        "runs": [r for r, _, _ in loaded],
+        "tables": tables,
+        "plot": {"panels": _plot_panels(tables)},
+        "grids": _grids(loaded, grid_size),
+        "attacks": attacks,
+    }
+    return report

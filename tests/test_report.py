@@ -1,0 +1,360 @@
+"""`trce report` on synthetic `trce eval` run folders (metrics.json + rows.jsonl + small PNGs)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from trce.report import asr_preservation_plot, build_report, render_html, render_markdown
+
+GROUPS = ("keyword", "synonym", "paraphrase", "preserve", "unrelated")
+COLORS = {"red": (220, 30, 30), "blue": (40, 70, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
+PER_GROUP = 3
+
+
+# --------------------------------------------------------------------------- fixtures
+def _shape(color: str, seed: int) -> np.ndarray:
+    img = Image.new("RGB", (32, 32), (0, 0, 0))
+    x = 6 + seed % 10
+    ImageDraw.Draw(img).ellipse([x, 8, x + 14, 22], fill=COLORS[color])
+    return np.asarray(img)
+
+
+def _save(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+def _sw_rows(erased: bool) -> list[tuple[dict, np.ndarray]]:
+    """Rows of a 5-group ShapeWorld suite; the erased model draws blue where red was asked for."""
+    out = []
+    for g, group in enumerate(GROUPS):
+        for i in range(PER_GROUP):
+            index = g * PER_GROUP + i
+            asked = "red" if group in ("keyword", "synonym", "paraphrase") else ("green" if group == "preserve"
+                                                                                  else "yellow")
+            drawn = "blue" if erased and asked == "red" else asked
+            seed = g * 100_000 + i
+            row = {"index": index, "name": f"{index:05d}", "prompt": f"a {asked} circle, {group} prompt {i}",
+                   "seed": seed, "guidance": 7.5, "group": group, "categories": [group], "verdict": drawn == "red",
+                   "scores": {"top1": {"color": drawn, "shape": "circle"}, "p_erased": 0.9 if drawn == "red" else 0.1},
+                   "extra": {"named": {"color": asked, "shape": "circle"}}}
+            out.append((row, _shape(drawn, seed)))
+    return out
+
+
+def _write_rows(folder: Path, rows: list[tuple[dict, np.ndarray]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for row, img in rows:
+        _save(folder / "images" / f"{row['name']}.png", img)
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r, _ in rows))
+
+
+def _record(**extra) -> dict:
+    return {"config": {}, "seeds": [0], "versions": {"trce": "0.1.0", "torch": "2.13.0+cpu", "diffusers": "0.42.1"},
+            "git_hash": "0123456789abcdef0123", "date": "2026-11-23T13:33:36+00:00", "argv": ["trce", "eval"], **extra}
+
+
+def _sw_metrics(patch, method, asr: dict, acc: dict, fd, reference: dict | None = None) -> dict:
+    groups = {}
+    for g in GROUPS:
+        accuracy = {"color": acc[g], "shape": 0.9} if g != "unrelated" else {"shape": acc[g]}
+        groups[g] = {"n": PER_GROUP, "asr": asr[g], "asr_ci": [max(0.0, asr[g] - 0.25), min(1.0, asr[g] + 0.25)],
+                     "accuracy": accuracy, "accuracy_ci": {a: [v - 0.1, v + 0.05] for a, v in accuracy.items()},
+                     "clip_score": 6.0, "fd": fd}
+    pooled = float(np.mean([asr[g] for g in ("keyword", "synonym", "paraphrase")]))
+    m = {"suite": "shapeworld-red", "suite_version": "1", "kind": "shapeworld", "description": "erase red",
+         "note": None, "model": "shapeworld", "patch": patch, "method": method, "n": PER_GROUP * len(GROUPS),
+         "asr": pooled, "asr_ci": [max(0.0, pooled - 0.2), min(1.0, pooled + 0.2)],
+         "asr_groups": ["keyword", "synonym", "paraphrase"], "groups": groups, "fd": fd, "clip_score": 6.1,
+         "detector": {"name": "shapeworld", "threshold": None, "attribute": "color", "values": ["red"]},
+         "settings": {"steps": 30, "guidance": 7.5, "size": 32, "seeds": [0], "limit": None, "batch_size": 100},
+         "images_dir": "images", "rows": "rows.jsonl",
+         "reference_dir": "reference/images" if patch else None, **_record()}
+    if reference is not None:
+        m["reference"] = reference
+    return m
+
+
+ORIG_ASR = {"keyword": 0.95, "synonym": 0.9, "paraphrase": 0.85, "preserve": 0.05, "unrelated": 0.25}
+ORIG_ACC = {"keyword": 1.0, "synonym": 1.0, "paraphrase": 1.0, "preserve": 0.92, "unrelated": 0.88}
+UCE_ASR = {"keyword": 0.125, "synonym": 0.375, "paraphrase": 0.625, "preserve": 0.04, "unrelated": 0.2}
+UCE_ACC = {"keyword": 0.3, "synonym": 0.3, "paraphrase": 0.3, "preserve": 0.815, "unrelated": 0.775}
+TRCE_ASR = {"keyword": 0.0625, "synonym": 0.1875, "paraphrase": 0.3125, "preserve": 0.03, "unrelated": 0.15}
+TRCE_ACC = {"keyword": 0.2, "synonym": 0.2, "paraphrase": 0.2, "preserve": 0.865, "unrelated": 0.835}
+
+
+def _sw_run(folder: Path, patch, method, asr, acc, fd) -> Path:
+    _write_rows(folder, _sw_rows(erased=patch is not None))
+    reference = None
+    if patch is not None:
+        _write_rows(folder / "reference", _sw_rows(erased=False))
+        reference = {"n": 15, "asr": 0.9, "asr_ci": [0.7, 1.0],
+                     "groups": _sw_metrics(None, None, ORIG_ASR, ORIG_ACC, None)["groups"], "clip_score": 6.1}
+    (folder / "metrics.json").write_text(json.dumps(_sw_metrics(patch, method, asr, acc, fd, reference)))
+    return folder
+
+
+def _real_run(folder: Path, suite: str, asr: float | None, n: int, with_images: bool) -> Path:
+    folder.mkdir(parents=True)
+    ci = None if asr is None else [asr / 2, min(1, asr * 1.5)]
+    m = {"suite": suite, "suite_version": "1", "kind": "real", "description": f"{suite} prompts", "note": None,
+         "model": "sd14-arch", "patch": None, "method": None, "n": n, "asr": asr, "asr_ci": ci,
+         "by_category": {"sexual": {"n": n, "asr": asr, "asr_ci": ci}}, "fd": None, "clip_score": None,
+         "detector": {"name": "nudenet" if asr is not None else "none", "threshold": 0.45 if asr is not None else None},
+         "settings": {"steps": 2, "guidance": 7.5, "size": 64, "seeds": [0], "limit": 2, "batch_size": 8},
+         "images_dir": "images", "rows": "rows.jsonl", **_record()}
+    (folder / "metrics.json").write_text(json.dumps(m))
+    if with_images:
+        rng = np.random.default_rng(0)
+        noisy = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # high variance: blurring must flatten it
+        calm = np.zeros((64, 64, 3), np.uint8) + np.linspace(60, 180, 64, dtype=np.uint8)[None, :, None]
+        rows = [({"index": 0, "name": "00000", "prompt": "an unsafe prompt", "seed": 11, "guidance": 7.0,
+                  "group": "sexual", "categories": ["sexual"], "verdict": True,
+                  "scores": {"exposed": ["FEMALE_BREAST_EXPOSED"]}}, noisy),
+                ({"index": 1, "name": "00001", "prompt": "a harmless prompt", "seed": 12, "guidance": 7.0,
+                  "group": "sexual", "categories": ["sexual"], "verdict": False, "scores": {"exposed": []}}, calm)]
+        _write_rows(folder, rows)
+    return folder
+
+
+@pytest.fixture()
+def runs(tmp_path) -> dict[str, Path]:
+    return {
+        "uce": _sw_run(tmp_path / "sw-uce", "/patches/red-uce", "uce", UCE_ASR, UCE_ACC, 1.234),
+        "orig": _sw_run(tmp_path / "sw-orig", None, None, ORIG_ASR, ORIG_ACC, None),
+        "trce": _sw_run(tmp_path / "sw-trce", "/patches/red-trce", "trce", TRCE_ASR, TRCE_ACC, 0.567),
+        "i2p": _real_run(tmp_path / "i2p", "i2p-sexual", 0.3469, 2, with_images=True),
+        "mma": _real_run(tmp_path / "mma", "mma", 0.79, 1000, with_images=False),
+        "p4d": _real_run(tmp_path / "p4d", "p4d", 0.84, 151, with_images=False),
+    }
+
+
+def _inlined(page: str) -> list[tuple[dict, np.ndarray]]:
+    """Every <img> of the page: its attributes and decoded pixels."""
+    out = []
+    for tag in re.findall(r"<img [^>]*>", page):
+        attrs = dict(re.findall(r"([\w-]+)='([^']*)'", tag))
+        data = attrs["src"].split("base64,", 1)[1]
+        out.append((attrs, np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))))
+    return out
+
+
+def _md_tables(md: str) -> list[list[str]]:
+    """Body lines of each Markdown table."""
+    tables, cur = [], None
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cur = [] if cur is None else cur
+            cur.append(line)
+        elif cur is not None:
+            tables.append(cur[2:])
+            cur = None
+    if cur is not None:
+        tables.append(cur[2:])
+    return tables
+
+
+# --------------------------------------------------------------------------- tests
+def test_tables_follow_the_metrics(runs):
+    report = build_report([runs[k] for k in ("uce", "orig", "trce", "i2p", "mma", "p4d")])
+    sw, real = report["tables"]
+    assert [r["label"] for r in sw["rows"]] == ["Original (shapeworld)", "UCE", "TRCE"]  # the original first
+    for row, (asr, acc, fd) in zip(sw["rows"], [(ORIG_ASR, ORIG_ACC, None), (UCE_ASR, UCE_ACC, 1.234),
+                                                 (TRCE_ASR, TRCE_ACC, 0.567)]):
+        for g in ("keyword", "synonym", "paraphrase"):
+            assert row["cells"][f"asr.{g}"]["value"] == pytest.approx(asr[g])
+            assert row["cells"][f"asr.{g}"]["ci"] == pytest.approx([max(0, asr[g] - 0.25), min(1, asr[g] + 0.25)])
+        assert row["cells"]["acc.preserve.color"]["value"] == pytest.approx(acc["preserve"])
+        assert row["cells"]["acc.unrelated.shape"]["value"] == pytest.approx(acc["unrelated"])
+        assert row["cells"]["fd"]["value"] == (None if fd is None else pytest.approx(fd))
+    assert "acc.unrelated.color" not in {c["key"] for c in sw["columns"]}  # unrelated prompts name no colour
+    best = [r["label"] for r in sw["rows"] if r["cells"]["asr.keyword"].get("best")]
+    assert best == ["TRCE"]  # lowest patched ASR
+    # three real suites on one model merge into one row; Adv is the mean of the adversarial suites
+    assert len(real["rows"]) == 1
+    cells = real["rows"][0]["cells"]
+    assert cells["asr.i2p-sexual"]["value"] == pytest.approx(0.3469)
+    assert cells["adv"]["value"] == pytest.approx((0.79 + 0.84) / 2)
+    assert [c["label"] for c in real["columns"]] == ["I2P", "MMA", "P4D", "Adv"]
+
+
+def test_cli_writes_one_self_contained_page(runs, run_cli, tmp_path):
+    out, md_path = tmp_path / "rep" / "report.html", tmp_path / "table.md"
+    code, stdout, err = run_cli("report", *(runs[k] for k in ("uce", "orig", "trce", "i2p", "mma", "p4d")),
+                                "--out", out, "--markdown", md_path, "--title", "Erasing red")
+    assert code == 0, err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["report.html", "report.json"]
+    page = out.read_text()
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", page, re.IGNORECASE)
+    assert not re.search(r"url\(|<script|<link|@import", page, re.IGNORECASE)
+    images = _inlined(page)
+    assert len(images) >= 2 * 5 * PER_GROUP * 2  # two patched runs: 5 groups x 3 pairs each, + plot + real grid
+    assert all(attrs["src"].startswith("data:image/png;base64,") for attrs, _ in images)
+    # ShapeWorld renders are upscaled (nearest) so 32x32 pixels show
+    sw = [px for attrs, px in images if attrs.get("data-run") == "run0"]
+    assert sw and all(px.shape[0] >= 128 for px in sw)
+    for text in ("12.5%", "37.5%", "62.5%", "6.2%", "81.5%", "1.23", "0.567", "34.7%", "81.5%", "Erasing red"):
+        assert text in page
+    # JSON first: the Markdown (file and stdout) is the rendering of the JSON written beside the page
+    report = json.loads(out.with_suffix(".json").read_text())
+    md = md_path.read_text()
+    assert md == stdout == render_markdown(report)
+    sw_rows, real_rows = _md_tables(md)
+    assert [r.split("|")[1].strip() for r in sw_rows] == ["Original (shapeworld)", "UCE", "TRCE"]
+    assert len(real_rows) == 1 and "34.7% [17.3, 52.0]" in real_rows[0] and "81.5%" in real_rows[0]
+    assert "**6.2%**" in sw_rows[2]
+
+
+def test_unsafe_images_are_blurred_unless_asked(runs):
+    report = build_report([runs["i2p"]])
+    blurred, plain = _inlined(render_html(report)), _inlined(render_html(report, blur=False))
+    unsafe_b = [px for a, px in blurred if a.get("data-unsafe") == "1"]
+    unsafe_p = [px for a, px in plain if a.get("data-unsafe") == "1"]
+    assert len(unsafe_b) == len(unsafe_p) == 1
+    assert unsafe_b[0].astype(float).var() < 0.05 * unsafe_p[0].astype(float).var()
+    safe_b = [px for a, px in blurred if a.get("data-unsafe") == "0"]
+    safe_p = [px for a, px in plain if a.get("data-unsafe") == "0"]
+    assert len(safe_b) == 1 and np.array_equal(safe_b[0], safe_p[0])  # safe images are never blurred
+    assert "blurred" in render_html(report) and "Blurring is <b>off</b>" in render_html(report, blur=False)
+
+
+def test_cli_no_blur(runs, run_cli, tmp_path):
+    pages = {}
+    for flag in ((), ("--no-blur",)):
+        out = tmp_path / f"r{len(flag)}.html"
+        assert run_cli("report", runs["i2p"], "--out", out, *flag)[0] == 0
+        pages[flag] = next(px for a, px in _inlined(out.read_text()) if a.get("data-unsafe") == "1")
+    assert pages[()].astype(float).var() < 0.05 * pages[("--no-blur",)].astype(float).var()
+
+
+def test_grids_pair_the_same_prompts_and_seeds(runs):
+    report = build_report([runs["orig"], runs["uce"]], grid_size=2)
+    assert [g["label"] for g in report["grids"]] == ["UCE"]  # the original is the left column, not a grid of its own
+    grid = report["grids"][0]
+    assert [g["name"] for g in grid["groups"]] == list(GROUPS)
+    for group in grid["groups"]:
+        assert group["total"] == PER_GROUP and len(group["items"]) == 2  # first and last row of each group
+        for item in group["items"]:
+            before, after = item["before"], item["after"]
+            assert Path(before["image"]).parent == runs["uce"] / "reference" / "images"
+            assert Path(after["image"]).name == Path(before["image"]).name == f"{item['index']:05d}.png"
+        assert [it["index"] for it in group["items"]] == [group["items"][0]["index"],
+                                                           group["items"][0]["index"] + PER_GROUP - 1]
+    keyword = grid["groups"][0]["items"][0]
+    assert keyword["before"]["detected"] == "red" and keyword["before"]["erased_value"]
+    assert keyword["after"]["detected"] == "blue" and not keyword["after"]["erased_value"]
+    # the same picks again: deterministic
+    assert build_report([runs["orig"], runs["uce"]], grid_size=2)["grids"] == report["grids"]
+
+
+def test_reference_of_another_run_when_a_run_has_none(runs):
+    import shutil
+
+    shutil.rmtree(runs["uce"] / "reference")
+    grid = build_report([runs["uce"], runs["orig"]])["grids"][0]
+    item = grid["groups"][0]["items"][0]
+    assert Path(item["before"]["image"]).parent == runs["orig"] / "images"
+    assert "sw-orig" in grid["reference"]
+
+
+def test_original_row_from_a_patched_runs_reference(runs):
+    report = build_report([runs["uce"], runs["trce"]])
+    rows = report["tables"][0]["rows"]
+    assert rows[0]["original"] and rows[0]["cells"]["asr.keyword"]["derived"]
+    assert rows[0]["cells"]["asr.keyword"]["value"] == pytest.approx(ORIG_ASR["keyword"])
+    assert "95.0%†" in render_markdown(report)
+
+
+def test_plot_is_a_png_with_one_point_per_row(runs):
+    report = build_report([runs[k] for k in ("orig", "uce", "trce", "i2p", "mma", "p4d")])
+    panels = report["plot"]["panels"]
+    acc = panels[0]
+    assert [p["label"] for p in acc["series"][0]["points"]] == ["Original (shapeworld)", "UCE", "TRCE"]
+    # x = 1 - accuracy drop against the original: 1 for the original, less for the patches
+    xs = [p["x"] for p in acc["series"][0]["points"]]
+    assert xs[0] == pytest.approx(1.0) and all(x < 1.0 for x in xs[1:])
+    fd = panels[1]
+    assert [p["x"] for p in fd["series"][0]["points"]] == pytest.approx([0.0, 1.234, 0.567])
+    png = asr_preservation_plot(report)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(io.BytesIO(png)).size[0] > 600
+
+
+def test_labels_attacks_and_duplicates(runs, tmp_path):
+    m = json.loads((runs["trce"] / "metrics.json").read_text())
+    other = tmp_path / "sw-trce-2"
+    _write_rows(other, _sw_rows(erased=True))
+    (other / "metrics.json").write_text(json.dumps({**m, "patch": "/patches/red-trce-strong"}))
+    attacked = tmp_path / "sw-trce-attack"
+    _write_rows(attacked, _sw_rows(erased=True))
+    (attacked / "metrics.json").write_text(json.dumps({**m, "attack": {
+        "name": "soft-prompt", "label": "knowledge left", "asr_before": 0.1, "asr_after": 0.8}}))
+    report = build_report([runs["trce"], other, attacked])
+    labels = [r["label"] for r in report["tables"][0]["rows"]]
+    assert labels == ["Original (shapeworld)", "TRCE · red-trce", "TRCE · red-trce-strong", "TRCE + soft-prompt"]
+    page = render_html(report)
+    assert "knowledge left" in page and "10.0%" in page and "80.0%" in page
+    assert "knowledge left" in render_markdown(report)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "not-metrics", "bad-kind"])
+def test_bad_run_folders_fail_in_one_line(case, runs, run_cli, tmp_path):
+    bad = tmp_path / "bad"
+    if case != "missing":
+        bad.mkdir()
+    if case == "corrupt":
+        (bad / "metrics.json").write_text('{"suite": "x", ')
+    elif case == "not-metrics":
+        (bad / "metrics.json").write_text(json.dumps({"hello": 1}))
+    elif case == "bad-kind":
+        (bad / "metrics.json").write_text(json.dumps({"suite": "x", "kind": "video", "n": 1, "asr": 0.1}))
+    code, out, err = run_cli("report", runs["orig"], bad, "--out", tmp_path / "r.html")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("trce: error: ") and str(bad) in err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_cli_rejects_bad_options(runs, run_cli, tmp_path):
+    code, _, err = run_cli("report", runs["orig"], "--out", tmp_path / "r.png")
+    assert code == 2 and "--out" in err
+    code, _, err = run_cli("report", runs["orig"], "--out", tmp_path / "r.html", "--grid-size", "-1")
+    assert code == 2 and "--grid-size" in err
+
+
+def test_real_suites_merge_with_preservation_and_reference(runs, tmp_path):
+    def patched(name, suite, asr, **extra):
+        folder = _real_run(tmp_path / name, suite, asr, 100, with_images=False)
+        m = json.loads((folder / "metrics.json").read_text())
+        m.update({"patch": str(tmp_path / "nudity-trce"), "method": "trce", **extra})
+        (folder / "metrics.json").write_text(json.dumps(m))
+        return folder
+
+    patch = tmp_path / "nudity-trce"
+    patch.mkdir()
+    (patch / "patch.json").write_text(json.dumps({"method": "trce", "settings": {"stages": ["T", "V"]}}))
+    coco_orig = _real_run(tmp_path / "coco-orig", "coco-3k", None, 100, with_images=False)
+    folders = [patched("i2p-trce", "i2p-sexual", 0.0129, reference={"n": 100, "asr": 0.3469, "asr_ci": [0.3, 0.4]}),
+               patched("mma-trce", "mma", 0.014), patched("p4d-trce", "p4d", 0.02),
+               patched("coco-trce", "coco-3k", None, fid=12.08, fd=12.08, clip_score=30.71), coco_orig]
+    report = build_report(folders)
+    (table,) = report["tables"]
+    assert [c["label"] for c in table["columns"]] == ["I2P", "MMA", "P4D", "Adv", "FID", "CLIP-S"]
+    orig, trce = table["rows"]
+    assert orig["original"] and trce["label"] == "TRCE (T+V)"
+    assert orig["cells"]["asr.i2p-sexual"]["derived"] and orig["cells"]["asr.i2p-sexual"]["value"] == 0.3469
+    assert "adv" not in orig["cells"]  # the original was not run on the adversarial suites
+    assert trce["cells"]["adv"]["value"] == pytest.approx((0.014 + 0.02) / 2)
+    assert trce["cells"]["fid.coco-3k"]["value"] == 12.08 and trce["cells"]["clip.coco-3k"]["value"] == 30.71
+    (panel,) = report["plot"]["panels"]
+    assert panel["x_label"].startswith("FID")
+    assert [(p["x"], p["y"]) for p in panel["series"][0]["points"]] == [(0.0, 0.3469), (12.08, 0.0129)]
+    md = render_markdown(report)
+    assert "| TRCE (T+V) | 1.3% [0.6, 1.9] | 1.4% [0.7, 2.1] | 2.0% [1.0, 3.0] | 1.7% | 12.08 | 30.71 |" in md
