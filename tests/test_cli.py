@@ -92,3 +92,12 @@ def test_shapeworld_check_json(run_cli, tiny_dir):
         assert all(0.0 <= row[a] <= 1.0 for a in ("color", "shape", "pattern", "background"))
     assert -1.0 <= result["eot_keyword_cosine"]["mean"] <= 1.0
     assert result["passed"] == (code == 0)
+
+
+def test_shapeworld_train_can_be_extended(run_cli, tmp_path):
+    out = tmp_path / "sw"
+    assert run_cli("shapeworld", "train", "--out", out, "--tiny")[0] == 0
+    code, _, err = run_cli("shapeworld", "train", "--out", out, "--tiny", "--unet-steps", 6)
+    assert code == 0, err
+    assert json.loads((out / "unet" / "last.json").read_text())["step"] == 6
+    assert json.loads((out / "train.json").read_text())["extended"] == [{"from": 4, "to": 6}]

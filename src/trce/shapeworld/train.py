@@ -103,12 +103,24 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         record_path = self.out / "train.json"
         if record_path.exists():
-            previous = io.read_json(record_path)["config"]
+            record = io.read_json(record_path)
+            previous = record["config"]
             if previous != asdict(config):
                 changed = sorted(k for k in previous if previous.get(k) != asdict(config).get(k))
-                raise TrceError(
-                    f"{self.out} holds a run with other settings ({', '.join(changed)}); use a new --out or the same settings"
-                )
+                if changed == ["unet_steps"] and config.unet_steps > previous["unet_steps"]:
+                    # Training longer is the one change a finished run can take: the UNet resumes from its
+                    # last checkpoint and follows the cosine schedule of the new length from there on.
+                    log.info("extending UNet training from %d to %d steps", previous["unet_steps"], config.unet_steps)
+                    for stage in ("unet", "export"):
+                        (self.out / stage / "DONE").unlink(missing_ok=True)
+                    record["config"] = asdict(config)
+                    record.setdefault("extended", []).append({"from": previous["unet_steps"], "to": config.unet_steps})
+                    io.write_json(record_path, record)
+                else:
+                    raise TrceError(
+                        f"{self.out} holds a run with other settings ({', '.join(changed)}); use a new --out or the "
+                        "same settings (only --unet-steps may grow, to train longer)"
+                    )
         else:
             io.write_json(record_path, io.run_record(asdict(config), {"seed": config.seed}, device=str(self.device)))
 
