@@ -41,7 +41,7 @@ def test_info_json(run_cli, tiny_dir):
 @pytest.mark.parametrize("command", [["info"], ["generate", "--prompt", "x", "--out", "x.png"],
                                      ["shapeworld", "check", "--n", "3"]])
 def test_bad_model_name_is_one_line_error(run_cli, command):
-    code, out, err = run_cli(*command, "--model", "no-such-model")
+    code, _out, err = run_cli(*command, "--model", "no-such-model")
     assert code == 2
     assert "Traceback" not in err
     assert err.strip().count("\n") == 0 and "no-such-model" in err
@@ -78,7 +78,7 @@ def test_shapeworld_train_tiny_resumes_and_refuses_other_settings(run_cli, tmp_p
     assert code == 0 and (out / "unet" / "ema.safetensors").stat().st_mtime_ns == before
     code, _, err = run_cli("shapeworld", "train", "--out", out, "--tiny", "--seed", "3")
     assert code == 2 and "seed" in err
-    code, out_json, err = run_cli("info", "--model", out / "export", "--json")
+    code, _out_json, err = run_cli("info", "--model", out / "export", "--json")
     assert code == 0, err
 
 

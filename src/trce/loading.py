@@ -130,22 +130,22 @@ def _from_hub(model_id: str, dtype: torch.dtype):
 
 
 # --------------------------------------------------------------------------- SD v1.4 architecture
-SD14_UNET: dict[str, Any] = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
-SD14_TEXT: dict[str, Any] = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, eos_token_id=2,
-    pad_token_id=1,
-)
-SD14_VAE: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=[128, 256, 512, 512],
-    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, sample_size=512,
-    norm_num_groups=32, scaling_factor=0.18215,
-)
+SD14_UNET: dict[str, Any] = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
+}
+SD14_TEXT: dict[str, Any] = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+SD14_VAE: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 512,
+    "norm_num_groups": 32, "scaling_factor": 0.18215,
+}
 
 
 def sd14_arch_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -194,7 +194,7 @@ def fingerprint(pipe) -> dict:
     probe = []
     with torch.no_grad():
         for prefix, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
-            for name, tensor in module.state_dict().items():
+            for tensor in module.state_dict().values():
                 probe.append(float(tensor.flatten()[:4096].float().abs().mean()))
     digest = hashlib.sha256(json.dumps([round(p, 3) for p in probe]).encode()).hexdigest()[:16]
     return {"model": getattr(pipe, "trce_model_name", None), "arch": arch_hash, "id": f"{arch_hash}-{digest}",

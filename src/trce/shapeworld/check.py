@@ -79,9 +79,9 @@ def keyword_eot_cosine(pipe, n_per_color: int = 24, seed: int = 0) -> dict[str, 
     return out
 
 
-def run_check(pipe, n: int = 600, seed: int = 0, settings: GenSettings = GenSettings(steps=30, guidance=7.5, batch_size=100),
-              progress: bool = True) -> dict:
+def run_check(pipe, n: int = 600, seed: int = 0, settings: GenSettings | None = None, progress: bool = True) -> dict:
     """Generate n images split over the three groups and score them; returns the JSON-ready result."""
+    settings = settings or GenSettings(steps=30, guidance=7.5, batch_size=100)
     t0 = time.time()
     per_group = max(1, n // len(GROUPS))
     groups = {}

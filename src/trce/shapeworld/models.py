@@ -24,28 +24,28 @@ LATENT_SIZE = 8
 def clip_model(tokenizer, seed: int = 0) -> CLIPModel:
     """A small CLIP (causal text transformer + ViT) trained contrastively on renders and captions."""
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=4 * TEXT_WIDTH,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=128,
-        ),
-        vision_config=dict(
-            image_size=vocab().image_size,
-            patch_size=4,
-            num_channels=3,
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            projection_dim=128,
-        ),
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": TEXT_WIDTH,
+            "intermediate_size": 4 * TEXT_WIDTH,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "max_position_embeddings": MAX_LENGTH,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "projection_dim": 128,
+        },
+        vision_config={
+            "image_size": vocab().image_size,
+            "patch_size": 4,
+            "num_channels": 3,
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "projection_dim": 128,
+        },
         projection_dim=128,
     )
     torch.manual_seed(seed)

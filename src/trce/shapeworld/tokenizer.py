@@ -8,6 +8,7 @@ single bytes, so multi-token words exist exactly as they do in real CLIP.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from transformers import CLIPTokenizer
@@ -37,7 +38,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE on one word: repeatedly merge the lowest-ranked adjacent pair."""
     parts = list(word[:-1]) + [word[-1] + "</w>"]
     while len(parts) > 1:
-        pairs = [(ranks.get((a, b), None), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        pairs = [(ranks.get((a, b), None), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
         pairs = [(r, i) for r, i in pairs if r is not None]
         if not pairs:
             break

@@ -161,9 +161,8 @@ class Trainer:
             images[i] = world.render(scene)
             labels[i] = [values[a].index(scene.attribute(a)) for a in world.ATTRIBUTES]
         (self.out / "pool").mkdir(exist_ok=True)
-        with io.atomic_path(self.out / "pool" / "pool.npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, images=images, labels=labels)
+        with io.atomic_path(self.out / "pool" / "pool.npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, images=images, labels=labels)
         self._mark("pool", {"n": n})
 
     def _scene(self, labels_row: np.ndarray) -> world.Scene:
@@ -293,9 +292,8 @@ class Trainer:
         d = self.out / "cache"
         d.mkdir(exist_ok=True)
         io.save_tensors(d / "latents.safetensors", {"latents": latents * scaling, "uncond": uncond})
-        with io.atomic_path(d / "embeds.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, embeds)
+        with io.atomic_path(d / "embeds.npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, embeds)
         self._mark("cache", {"scaling_factor": scaling, "captions": len(captions)})
 
     def stage_unet(self) -> None:
