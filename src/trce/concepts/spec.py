@@ -1,0 +1,533 @@
+"""`ConceptSpec`: what to erase, what to map it to, and what to keep, read from YAML.
+
+A spec file (see `builtin/*.yaml`; every key is optional except `name`, `erase` and `templates`)::
+
+    name: sexual
+    aliases: [nudity]
+    description: nudity and sexual content
+    erase:                                  # one group, or a list of groups
+      target: a person wearing clothes      # the safe counterpart of every expression in the group
+      expressions: [nudity, naked woman, {text: erotic, target: a person in a coat}]
+    templates: ["a photo of {}", "{concept}, oil painting"]   # one `{}` / `{concept}` slot each
+    preserve: {source: coco, n: 1000, seed: 0}   # prompts | file | coco | shapeworld-captions | none
+    eta: 0.01                                    # weight of the preservation term (Eq. 4)
+    ridge: 0.0001                                # relative ridge, see trce.methods.stage_t
+    token_role: eot                              # see trce.tokens
+
+ShapeWorld specs add `attribute` and `value` (or `values`), may say `expressions: from-vocab`
+(the value's keyword and its `spec`-group synonyms and paraphrases from the world's vocabulary,
+never the held-out ones) and `templates: from-world` (the world's caption templates, filled with
+`contexts` random scenes each; see `trce.concepts.shapeworld`).
+
+A malicious prompt is a template with an expression in its slot; its safe counterpart is the same
+template with the expression's target. `ConceptSpec.pairs()` lists them with the character span
+of the slot on both sides, which `trce.tokens` turns into token positions.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trce.errors import TrceError, choose
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("prompts", "file", "coco", "shapeworld-captions", "none")
+COCO_FILE = Path("prompts") / "coco_30k.csv"
+_SLOT = re.compile(r"\{(?:concept)?\}")
+_START, _END = "\x01", "\x02"  # marks the slot while a prompt is assembled
+_TOP_KEYS = ("name", "aliases", "description", "erase", "templates", "preserve", "eta", "ridge", "token_role",
+             "attribute", "value", "values", "contexts", "seed")
+
+
+@dataclass(frozen=True)
+class Expression:
+    """One way of naming the concept, and the safe text that replaces it.
+
+    `target == ""` leaves the attribute unnamed (ShapeWorld: "a red circle" -> "a circle").
+    `value`/`form` say which ShapeWorld value it names and how (keyword, synonym, paraphrase);
+    `group` is a free label (the I2P category, for instance).
+    """
+
+    text: str
+    target: str
+    group: str | None = None
+    value: str | None = None
+    form: str | None = None
+
+
+@dataclass(frozen=True)
+class Preservation:
+    """Where the prompts whose projections must not move come from."""
+
+    source: str = "none"
+    prompts: tuple[str, ...] = ()
+    file: str | None = None
+    column: str = "prompt"
+    n: int | None = None  # at most this many prompts (a seeded random subset of a file)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A malicious prompt and its safe counterpart, with the slot's character span on each side."""
+
+    malicious: str
+    safe: str
+    m_span: tuple[int, int]
+    s_span: tuple[int, int]
+    expression: str
+    target: str
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    name: str
+    expressions: tuple[Expression, ...]
+    templates: tuple[str, ...]
+    preservation: Preservation = Preservation()
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    eta: float = 0.01
+    ridge: float = 1e-4
+    token_role: str = "eot"
+    attribute: str | None = None  # ShapeWorld only: color, shape or pattern
+    values: tuple[str, ...] = ()  # ShapeWorld only: the erased values of `attribute`
+    contexts: int = 4  # ShapeWorld only: random scenes per (expression, template)
+    seed: int = 0  # ShapeWorld only: seed of those scenes
+    source: str | None = field(default=None, compare=False)  # the YAML file it came from
+
+    @property
+    def shapeworld(self) -> bool:
+        return self.attribute is not None
+
+    @property
+    def value(self) -> str | None:
+        """The erased ShapeWorld value when there is exactly one (None for text specs or several values)."""
+        return self.values[0] if len(self.values) == 1 else None
+
+    def pairs(self) -> list[Pair]:
+        """Every (malicious, safe) prompt pair: expressions x templates (x contexts for ShapeWorld)."""
+        if self.shapeworld:
+            from trce.concepts.shapeworld import shapeworld_pairs
+
+            return shapeworld_pairs(self)
+        out = []
+        for expr in self.expressions:
+            for template in self.templates:
+                m_text, m_span = fill(template, expr.text)
+                s_text, s_span = fill(template, expr.target)
+                out.append(Pair(m_text, s_text, m_span, s_span, expr.text, expr.target))
+        return out
+
+    def preservation_prompts(self, data_dir: str | Path | None = None) -> list[str]:
+        """The preservation prompts (`data_dir` holds `prompts/coco_30k.csv` for `source: coco`)."""
+        return preservation_prompts(self, data_dir)
+
+    def to_dict(self) -> dict:
+        """A JSON-able record of the resolved spec (expressions expanded), as stored in patches."""
+        d = asdict(self)
+        d["expressions"] = [{k: v for k, v in e.items() if v is not None} for e in d["expressions"]]
+        d["preserve"] = {k: v for k, v in d.pop("preservation").items() if v not in (None, ())}
+        d["value"] = self.value
+        for key in ("attribute", "values", "value", "contexts", "seed"):
+            if not self.shapeworld:
+                d.pop(key, None)
+        return d
+
+
+def as_specs(spec: ConceptSpec | Sequence[ConceptSpec]) -> list[ConceptSpec]:
+    """One spec or several -> a list (several specs are erased together, by one solve)."""
+    return [spec] if isinstance(spec, ConceptSpec) else list(spec)
+
+
+def spec_record(spec: ConceptSpec | Sequence[ConceptSpec]) -> dict:
+    """What a patch records as its spec: the spec's dict, or {name: "a+b", concepts: [...]} for several."""
+    specs = as_specs(spec)
+    if len(specs) == 1:
+        return specs[0].to_dict()
+    return {"name": "+".join(s.name for s in specs), "concepts": [s.to_dict() for s in specs]}
+
+
+def fill(template: str, text: str) -> tuple[str, tuple[int, int]]:
+    """Put `text` in the template's slot: (prompt, character span of `text` in it).
+
+    An empty `text` leaves a zero-width span where the slot was, without doubled spaces.
+    """
+    pre, post = _SLOT.split(template, maxsplit=1)
+    return _assemble(pre + _START + text + _END + post)
+
+
+def _assemble(marked: str) -> tuple[str, tuple[int, int]]:
+    """`... \\x01slot\\x02 ...` -> (text with whitespace collapsed, span of the slot)."""
+    pre, rest = marked.split(_START, 1)
+    mid, post = rest.split(_END, 1)
+    pre = re.sub(r"\s+", " ", pre).lstrip()
+    post = re.sub(r"\s+", " ", post).rstrip()
+    mid = re.sub(r"\s+", " ", mid).strip()
+    if not mid:
+        pre, post = pre.rstrip(), post.lstrip()
+        sep = " " if pre and post and not post.startswith((",", ".")) else ""
+        return pre + sep + post, (len(pre), len(pre))
+    if pre and not pre.endswith(" "):
+        pre += " " if pre[-1].isalnum() and mid[0].isalnum() else ""
+    return pre + mid + post, (len(pre), len(pre) + len(mid))
+
+
+# --------------------------------------------------------------------------- reading YAML
+class _Reader:
+    """Typed access to a YAML mapping; every error names the field and the file."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, key: str, problem: str) -> TrceError:
+        return TrceError(f"concept spec {self.where}: field {key!r} {problem}")
+
+    def string(self, raw: Any, key: str, allow_empty: bool = False) -> str:
+        if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+            raise self.fail(key, f"must be a string, got {type(raw).__name__} {raw!r}")
+        text = str(raw).strip()
+        if not text and not allow_empty:
+            raise self.fail(key, "must not be empty")
+        return text
+
+    def strings(self, raw: Any, key: str) -> tuple[str, ...]:
+        if raw is None:
+            return ()
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list):
+            raise self.fail(key, f"must be a list of strings, got {type(raw).__name__}")
+        return tuple(self.string(x, f"{key}[{i}]") for i, x in enumerate(raw))
+
+    def number(self, raw: Any, key: str, low: float = 0.0) -> float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise self.fail(key, f"must be a number, got {raw!r}")
+        if raw < low:
+            raise self.fail(key, f"must be at least {low}, got {raw}")
+        return float(raw)
+
+    def integer(self, raw: Any, key: str, low: int = 0) -> int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise self.fail(key, f"must be an integer, got {raw!r}")
+        if raw < low:
+            raise self.fail(key, f"must be at least {low}, got {raw}")
+        return int(raw)
+
+    def mapping(self, raw: Any, key: str, allowed: tuple[str, ...]) -> dict:
+        if not isinstance(raw, dict):
+            raise self.fail(key, f"must be a mapping, got {type(raw).__name__}")
+        for k in raw:
+            if k not in allowed:
+                close = difflib.get_close_matches(str(k), allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.fail(f"{key}.{k}" if key else str(k),
+                                f"is not a known field{hint}; known: {', '.join(allowed)}")
+        return raw
+
+
+def spec_from_dict(raw: Any, where: str = "<dict>", base_dir: Path | None = None) -> ConceptSpec:
+    """Validate a parsed YAML mapping into a `ConceptSpec` (errors name the bad field and `where`)."""
+    r = _Reader(where)
+    raw = r.mapping(raw, "", _TOP_KEYS)
+    for key in ("name", "erase", "templates"):
+        if key not in raw:
+            raise r.fail(key, "is missing")
+    name = r.string(raw["name"], "name")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_.+-]*", name):
+        raise r.fail("name", f"must be lower-case letters, digits, '-', '_', '.' or '+', got {name!r}")
+    attribute = raw.get("attribute")
+    values: tuple[str, ...] = ()
+    if attribute is not None:
+        attribute, values = _shapeworld_target(r, raw)
+    elif "value" in raw or "values" in raw:
+        raise r.fail("value", "needs `attribute` (ShapeWorld specs only)")
+
+    expressions = _expressions(r, raw["erase"], attribute, values)
+    templates = _templates(r, raw["templates"], attribute is not None)
+    from trce.tokens import parse_role
+
+    token_role = r.string(raw.get("token_role", "eot"), "token_role")
+    try:
+        parse_role(token_role)
+    except TrceError as exc:
+        raise r.fail("token_role", str(exc)) from None
+    return ConceptSpec(
+        name=name,
+        aliases=r.strings(raw.get("aliases"), "aliases"),
+        description=r.string(raw.get("description", ""), "description", allow_empty=True),
+        expressions=expressions,
+        templates=templates,
+        preservation=_preservation(r, raw.get("preserve", {"source": "none"}), attribute, base_dir),
+        eta=r.number(raw.get("eta", 0.01), "eta"),
+        ridge=r.number(raw.get("ridge", 1e-4), "ridge"),
+        token_role=token_role,
+        attribute=attribute,
+        values=values,
+        contexts=r.integer(raw.get("contexts", 4), "contexts", low=1),
+        seed=r.integer(raw.get("seed", 0), "seed"),
+        source=where,
+    )
+
+
+def _shapeworld_target(r: _Reader, raw: dict) -> tuple[str, tuple[str, ...]]:
+    from trce.shapeworld import world
+
+    attribute = r.string(raw["attribute"], "attribute")
+    if attribute not in ("color", "shape", "pattern"):
+        raise r.fail("attribute", f"must be one of color, shape, pattern, got {attribute!r}")
+    if ("value" in raw) == ("values" in raw):
+        raise r.fail("value", "give exactly one of `value` (one value) or `values` (a list)")
+    values = r.strings(raw["value"], "value") if "value" in raw else r.strings(raw["values"], "values")
+    known = world.vocab().values(attribute)
+    for i, v in enumerate(values):
+        if v not in known:
+            raise r.fail(f"values[{i}]", f"{v!r} is not a ShapeWorld {attribute}; choose from {', '.join(known)}")
+    if not values:
+        raise r.fail("values", "must name at least one value")
+    return attribute, values
+
+
+def _expressions(r: _Reader, raw: Any, attribute: str | None, values: tuple[str, ...]) -> tuple[Expression, ...]:
+    groups = raw if isinstance(raw, list) else [raw]
+    out: list[Expression] = []
+    for gi, group in enumerate(groups):
+        key = f"erase[{gi}]" if isinstance(raw, list) else "erase"
+        g = r.mapping(group, key, ("target", "expressions", "forms", "group"))
+        target = r.string(g["target"], f"{key}.target", allow_empty=True) if "target" in g else None
+        label = r.string(g["group"], f"{key}.group") if "group" in g else None
+        items = g.get("expressions")
+        if items is None:
+            raise r.fail(f"{key}.expressions", "is missing")
+        if items == "from-vocab":
+            if attribute is None:
+                raise r.fail(f"{key}.expressions", "`from-vocab` needs `attribute` and `value` (ShapeWorld specs)")
+            if target is None:
+                raise r.fail(f"{key}.target", "is missing (use \"\" to leave the attribute unnamed)")
+            forms = r.strings(g.get("forms", ["keyword", "synonym", "paraphrase"]), f"{key}.forms")
+            out.extend(_from_vocab(r, f"{key}.forms", attribute, values, forms, target, label))
+            continue
+        if "forms" in g:
+            raise r.fail(f"{key}.forms", "only applies to `expressions: from-vocab`")
+        if not isinstance(items, list):
+            raise r.fail(f"{key}.expressions", f"must be a list or `from-vocab`, got {items!r}")
+        for i, item in enumerate(items):
+            ikey = f"{key}.expressions[{i}]"
+            if isinstance(item, dict):
+                item = r.mapping(item, ikey, ("text", "target"))
+                if "text" not in item:
+                    raise r.fail(f"{ikey}.text", "is missing")
+                text = r.string(item["text"], f"{ikey}.text")
+                tgt = r.string(item["target"], f"{ikey}.target", allow_empty=True) if "target" in item else target
+            else:
+                text, tgt = r.string(item, ikey), target
+            if tgt is None:
+                raise r.fail(f"{key}.target", f"is missing and expression {text!r} has no target of its own")
+            if _SLOT.search(text) or "{" in text or "}" in text:
+                raise r.fail(ikey, f"must not contain braces, got {text!r}")
+            value, form = _vocab_form(attribute, text)
+            out.append(Expression(text=text, target=tgt, group=label, value=value, form=form))
+    seen: set[str] = set()
+    unique = []
+    for e in out:  # the same expression twice would only double its weight in Eq. 5
+        if e.text.lower() not in seen:
+            seen.add(e.text.lower())
+            unique.append(e)
+    return tuple(unique)
+
+
+def _from_vocab(r: _Reader, key: str, attribute: str, values: tuple[str, ...], forms: tuple[str, ...], target: str,
+                label: str | None) -> list[Expression]:
+    from trce.shapeworld import world
+
+    out = []
+    for form in forms:
+        if form not in world.FORMS:
+            raise r.fail(key, f"has unknown form {form!r}; choose from {', '.join(world.FORMS)}")
+        for value in values:
+            # `spec` group only: the `heldout` synonyms and paraphrases stay unseen by the eraser.
+            for text in world.vocab().expressions(attribute, value, form, "spec"):
+                out.append(Expression(text=text, target=target, group=label, value=value, form=form))
+    return out
+
+
+def _vocab_form(attribute: str | None, text: str) -> tuple[str | None, str | None]:
+    """(value, form) of a ShapeWorld expression written out by hand, or (None, None)."""
+    if attribute is None:
+        return None, None
+    from trce.shapeworld import world
+
+    v = world.vocab()
+    for value in v.values(attribute):
+        for form in world.FORMS:
+            if text in v.expressions(attribute, value, form, "all"):
+                return value, form
+    return None, None
+
+
+def _templates(r: _Reader, raw: Any, shapeworld: bool) -> tuple[str, ...]:
+    if raw == "from-world":
+        if not shapeworld:
+            raise r.fail("templates", "`from-world` needs `attribute` and `value` (ShapeWorld specs)")
+        from trce.shapeworld import world
+
+        return tuple(world.vocab().templates)
+    templates = r.strings(raw, "templates")
+    if not templates:
+        raise r.fail("templates", "must list at least one template")
+    for i, t in enumerate(templates):
+        if shapeworld:
+            if "{np}" not in t:
+                raise r.fail(f"templates[{i}]", f"must contain the world's {{np}} slot, got {t!r}")
+            continue
+        slots = _SLOT.findall(t)
+        if len(slots) != 1 or t.count("{") != 1:
+            raise r.fail(f"templates[{i}]", f"must contain exactly one {{}} or {{concept}} slot, got {t!r}")
+    return templates
+
+
+def _preservation(r: _Reader, raw: Any, attribute: str | None, base_dir: Path | None) -> Preservation:
+    if raw in (None, "none"):
+        return Preservation("none")
+    if isinstance(raw, str):
+        raw = {"source": raw}
+    raw = r.mapping(raw, "preserve", ("source", "prompts", "file", "column", "n", "seed"))
+    source = r.string(raw.get("source", "prompts" if "prompts" in raw else "file" if "file" in raw else ""),
+                      "preserve.source")
+    if source not in SOURCES:
+        close = difflib.get_close_matches(source, SOURCES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise r.fail("preserve.source", f"is {source!r}{hint}; choose from {', '.join(SOURCES)}")
+    n = r.integer(raw["n"], "preserve.n", low=1) if "n" in raw else None
+    seed = r.integer(raw.get("seed", 0), "preserve.seed")
+    prompts: tuple[str, ...] = ()
+    file = None
+    if source == "prompts":
+        prompts = r.strings(raw.get("prompts"), "preserve.prompts")
+        if not prompts:
+            raise r.fail("preserve.prompts", "must list at least one prompt")
+    if source == "file":
+        file = r.string(raw.get("file", ""), "preserve.file")
+        path = Path(file).expanduser()
+        if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+            file = str(base_dir / path)
+    if source == "shapeworld-captions" and attribute is None:
+        raise r.fail("preserve.source", "`shapeworld-captions` needs `attribute` and `value` (ShapeWorld specs)")
+    if source == "shapeworld-captions" and n is None:
+        n = 1000
+    column = r.string(raw.get("column", "prompt"), "preserve.column")
+    return Preservation(source=source, prompts=prompts, file=file, column=column, n=n, seed=seed)
+
+
+# --------------------------------------------------------------------------- preservation prompts
+def data_dir(explicit: str | Path | None = None) -> Path | None:
+    """The shared data folder: `explicit`, else $TRCE_DATA, else None."""
+    value = explicit if explicit is not None else os.environ.get("TRCE_DATA")
+    return Path(value).expanduser() if value else None
+
+
+def preservation_prompts(spec: ConceptSpec, data: str | Path | None = None) -> list[str]:
+    p = spec.preservation
+    if p.source == "none":
+        return []
+    if p.source == "prompts":
+        return _subset(list(p.prompts), p.n, p.seed)
+    if p.source == "shapeworld-captions":
+        from trce.concepts.shapeworld import shapeworld_captions
+
+        return shapeworld_captions(spec.attribute or "", spec.values, p.n or 1000, p.seed)
+    if p.source == "coco":
+        folder = data_dir(data)
+        if folder is None:
+            raise TrceError(f"concept {spec.name!r} preserves COCO captions: pass --data DIR (a folder holding "
+                            f"{COCO_FILE}) or set TRCE_DATA")
+        path = folder / COCO_FILE
+        if not path.exists():
+            raise TrceError(f"concept {spec.name!r} preserves COCO captions, but {path} does not exist; "
+                            "pass --data DIR with a folder holding prompts/coco_30k.csv")
+        return _subset(read_prompt_file(path, "prompt"), p.n, p.seed)
+    path = Path(p.file or "").expanduser()
+    if not path.is_absolute() and not path.exists() and data_dir(data) is not None:
+        path = data_dir(data) / path  # type: ignore[operator]
+    return _subset(read_prompt_file(path, p.column), p.n, p.seed)
+
+
+def read_prompt_file(path: str | Path, column: str = "prompt") -> list[str]:
+    """Prompts from a CSV file (one column) or a text file (one prompt a line)."""
+    path = Path(path)
+    if not path.exists():
+        raise TrceError(f"preservation prompt file {path} does not exist")
+    if path.suffix.lower() != ".csv":
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if column not in (reader.fieldnames or []):
+            columns = ", ".join(f for f in reader.fieldnames or [] if f)
+            raise TrceError(f"{path} has no column {column!r}; columns: {columns}")
+        return [row[column].strip() for row in reader if (row.get(column) or "").strip()]
+
+
+def _subset(prompts: list[str], n: int | None, seed: int) -> list[str]:
+    """A seeded random subset of `n` prompts, in file order (all of them when n is None or larger)."""
+    if n is None or n >= len(prompts):
+        return prompts
+    import numpy as np
+
+    keep = np.sort(np.random.default_rng(seed).choice(len(prompts), size=n, replace=False))
+    return [prompts[i] for i in keep]
+
+
+# --------------------------------------------------------------------------- registry
+def builtin_dir() -> Path:
+    return Path(str(resources.files("trce.concepts").joinpath("builtin")))
+
+
+def read_spec_file(path: str | Path) -> ConceptSpec:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise TrceError(f"concept spec file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise TrceError(f"concept spec {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return spec_from_dict(raw, where=str(path), base_dir=path.parent)
+
+
+def builtin_specs() -> dict[str, ConceptSpec]:
+    """Built-in specs by name (in name order)."""
+    specs = [read_spec_file(p) for p in sorted(builtin_dir().glob("*.yaml"))]
+    return {s.name: s for s in sorted(specs, key=lambda s: s.name)}
+
+
+def load_spec(name_or_path: str | Path) -> ConceptSpec:
+    """A built-in spec by name or alias, or a spec YAML file by path."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")) or os.sep in text:
+        return read_spec_file(text)
+    specs = builtin_specs()
+    aliases = {alias: s for s in specs.values() for alias in s.aliases}
+    if text in specs:
+        return specs[text]
+    if text in aliases:
+        return aliases[text]
+    if Path(text).is_file():
+        return read_spec_file(text)
+    return specs[choose("concept", text, specs)]
+
+
+def concept_yaml(name_or_path: str | Path) -> str:
+    """The YAML text of a spec (built-in name, alias or path)."""
+    spec = load_spec(name_or_path)
+    return Path(spec.source or "").read_text(encoding="utf-8")

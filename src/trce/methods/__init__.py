@@ -1,0 +1,141 @@
+"""Erasure methods by name: `get_method(name)` and `erase(pipe, spec, method, stages, configs)`.
+
+Each method is a list of stages; each stage is one plain function `f(pipe, spec, config) -> Edit`
+in its own module, named here as "module:function" so that importing the registry imports no
+method. A multi-stage method runs its stages in order, each on the model edited by the ones
+before (TRCE's stage V trains the visual layers of the stage-T model), and returns one Edit whose
+base is the fingerprint of the unedited model. New methods plug in by adding an entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trce.errors import TrceError, choose
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    stages: Mapping[str, str]  # stage name -> "module:function", in the order they run
+    default_stages: tuple[str, ...]
+
+    def stage_function(self, stage: str):
+        module_name, _, function = self.stages[stage].partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            raise TrceError(f"stage {stage} is not available yet in method {self.name!r} "
+                            f"(use --stages {','.join(self.default_stages)})") from exc
+        if not hasattr(module, function):
+            raise TrceError(f"stage {stage} is not available yet in method {self.name!r} ({module_name} has no "
+                            f"{function}); use --stages {','.join(self.default_stages)}")
+        return getattr(module, function)
+
+
+METHODS: dict[str, Method] = {
+    "trce": Method(
+        name="trce",
+        description="TRCE (Chen et al. 2025): T = closed-form [EoT] edit of cross-attention K/V (Eq. 5); "
+                    "V = denoising-trajectory steering of the visual layers (Eq. 6-9)",
+        stages={"T": "trce.methods.stage_t:erase", "V": "trce.methods:erase_stage_v"},
+        default_stages=("T",),
+    ),
+    "uce": Method(
+        name="uce",
+        description="UCE-style baseline: the same closed-form edit on the keyword tokens (token role 'key')",
+        stages={"T": "trce.methods.stage_t:erase_uce"},
+        default_stages=("T",),
+    ),
+}
+
+
+def get_method(name: str) -> Method:
+    return METHODS[choose("method", name, METHODS)]
+
+
+def parse_stages(method: Method, stages: str | Sequence[str] | None) -> tuple[str, ...]:
+    """"T", "V", "T,V" or a sequence -> stage names in the method's order, validated."""
+    if stages is None:
+        return method.default_stages
+    items = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages)]
+    if not items or any(not s for s in items):
+        raise TrceError(f"bad --stages {stages!r}; use a comma-separated list of {', '.join(method.stages)}")
+    for s in items:
+        if s not in method.stages:
+            raise TrceError(f"method {method.name!r} has no stage {s!r}; its stages: {', '.join(method.stages)}")
+    return tuple(s for s in method.stages if s in items)
+
+
+def erase(pipe, spec, method: str = "trce", stages: str | Sequence[str] | None = None,
+          configs: Mapping[str, Any] | None = None, options: Mapping[str, Mapping[str, Any]] | None = None):
+    """Run `method`'s `stages` on `pipe` for `spec` (a ConceptSpec or a list): one Edit.
+
+    `configs` maps stage name -> that stage's config object (absent: the stage's default);
+    `options` maps stage name -> extra keyword arguments of that stage's function (for instance
+    `{"V": {"cache_dir": ...}}`). The pipeline is left as it was: intermediate edits are reverted.
+    """
+    from trce.edit import Edit
+    from trce.loading import fingerprint
+
+    m = get_method(method)
+    chosen = parse_stages(m, stages)
+    functions = {s: m.stage_function(s) for s in chosen}  # fail before any work when a stage is missing
+    configs = dict(configs or {})
+    options = {s: dict((options or {}).get(s, {})) for s in chosen}
+
+    def run(stage: str, **extra: Any):
+        fn, kwargs = functions[stage], {**options[stage], **extra}
+        return fn(pipe, spec, configs[stage], **kwargs) if stage in configs else fn(pipe, spec, **kwargs)
+
+    if len(chosen) == 1:
+        return run(chosen[0])
+    base = fingerprint(pipe)
+    # Later stages take their targets from the ORIGINAL model (TRCE stage V, Eq. 6-7): keep a copy.
+    reference = copy.deepcopy(pipe.unet).requires_grad_(False)
+    done: list[tuple[str, Edit]] = []
+    try:
+        for i, stage in enumerate(chosen):
+            edit = run(stage, **({"reference": reference} if i else {}))
+            edit.apply(pipe, check_base=False)
+            done.append((stage, edit))
+    finally:
+        for _, edit in reversed(done):
+            edit.revert(pipe)
+        del reference
+    weights: dict = {}
+    extras: dict = {}
+    for _, edit in done:
+        weights.update(edit.weights)
+        extras.update(edit.extras)
+    return Edit(weights=weights, method=m.name, spec=done[-1][1].spec, base=base, extras=extras,
+                settings={"stages": list(chosen), **{s: e.settings for s, e in done}},
+                info={s: e.info for s, e in done})
+
+
+def erase_stage_v(pipe, spec, config=None, *, reference=None, cache_dir=None, progress: bool = True):
+    """TRCE stage V for a ConceptSpec (or a list): its (malicious, safe) prompt pairs go to
+    `trce.methods.stage_v.erase_v`, with `reference` the original model when stage T ran first."""
+    from trce.concepts import as_specs, spec_record
+    from trce.methods.prior import cache_dir as default_cache
+
+    try:
+        from trce.methods.stage_v import StageVConfig, erase_v
+    except ModuleNotFoundError as exc:
+        if exc.name != "trce.methods.stage_v":
+            raise
+        raise TrceError("stage V is not available yet in method 'trce' (use --stages T)") from exc
+    pairs = [(p.malicious, p.safe) for s in as_specs(spec) for p in s.pairs()]
+    folder = default_cache(cache_dir) / "stage-v"
+    return erase_v(pipe, pairs, config if config is not None else StageVConfig(), reference=reference,
+                   cache_dir=folder, spec=spec_record(spec), progress=progress)

@@ -1,0 +1,266 @@
+"""TRCE stage T (paper Sec. 4.1, Eq. 4-5) and the UCE-style baseline: a closed-form edit of every
+cross-attention key and value projection (`attn2.to_k`, `attn2.to_v`).
+
+For each such W, with the sums normalised by their counts (App. C.1), η weighting the
+preservation prior C = Σ e_k e_kᵀ / n_k (see `trce.methods.prior`) and a ridge λ:
+
+    W' = (Σ W e_s e_mᵀ/n_m + η W C + λ W) (Σ e_m e_mᵀ/n_m + η C + λ I)⁻¹            (Eq. 5)
+
+Every term of the first factor is W times a matrix that does not depend on the layer, so
+W' = W·T with T = B M⁻¹, B = Σ e_s e_mᵀ/n_m + ηC + λI and M = Σ e_m e_mᵀ/n_m + ηC + λI: one
+D x D solve (float64, `torch.linalg.solve`) serves all layers, and each layer costs one product.
+
+e_m / e_s are the malicious / safe embeddings at the spec's token role (`eot` for TRCE, the
+paper's choice; `key` for UCE, the keyword tokens). The ridge is relative: λ = ridge · tr(Σ e_m e_mᵀ/n_m
++ ηC) / D, so one default suits text encoders of any scale; the absolute λ is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from trce.concepts import ConceptSpec, Pair, as_specs, spec_record
+from trce.edit import Edit, resolve
+from trce.errors import TrceError
+from trce.methods.prior import preservation_prior
+from trce.tokens import (
+    PRESERVE_ROLES,
+    ROLES,
+    encode,
+    needs_padding,
+    pair_positions,
+    parse_role,
+    token_span,
+    tokenize,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageTConfig:
+    """Overrides of the spec's settings (None: the spec's value) and how to run the solve."""
+
+    eta: float | None = None
+    ridge: float | None = None
+    token_role: str | None = None
+    preserve_role: str = "all"  # a role over the preservation prompts, or "same" (the mapped role minus key)
+    data_dir: str | None = None  # folder holding prompts/coco_30k.csv, for `preserve: coco`
+    cache_dir: str | None = None  # prior cache (default $TRCE_CACHE or ~/.cache/trce)
+    use_cache: bool = True
+    batch_size: int = 64
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("eta", "ridge"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise TrceError(f"--{name} must be a number >= 0, got {value}")
+        if self.token_role is not None:
+            parse_role(self.token_role, ROLES)
+        if self.preserve_role != "same":
+            parse_role(self.preserve_role, PRESERVE_ROLES)
+        if self.batch_size < 1:
+            raise TrceError(f"batch size must be at least 1, got {self.batch_size}")
+
+
+def erase(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig = StageTConfig()) -> Edit:
+    """TRCE stage T: the Edit that maps the spec's malicious embeddings onto the safe ones.
+
+    Several specs are erased together by one solve over all their pairs.
+    """
+    return _erase(pipe, spec, config, method="trce")
+
+
+def erase_uce(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig = StageTConfig()) -> Edit:
+    """The UCE-style baseline: the same solve on the expression's own tokens (token role `key`)."""
+    if config.token_role not in (None, "key"):
+        raise TrceError(f"UCE maps the keyword tokens (token role 'key'), not {config.token_role!r}; "
+                        "use --method trce for other token roles")
+    return _erase(pipe, spec, replace(config, token_role="key"), method="uce")
+
+
+# --------------------------------------------------------------------------- the solve
+def projection_paths(pipe) -> list[str]:
+    """Exact paths of every cross-attention key/value weight, in module order."""
+    paths = [f"unet.{name}.{proj}.weight" for name, module in pipe.unet.named_modules() if name.endswith("attn2")
+             for proj in ("to_k", "to_v") if hasattr(module, proj)]
+    if not paths:
+        raise TrceError("the UNet has no cross-attention layers (attn2); is this a Stable Diffusion UNet?")
+    return paths
+
+
+def solve_transform(em: torch.Tensor, es: torch.Tensor, cov: torch.Tensor, eta: float, ridge: float,
+                    ) -> tuple[torch.Tensor, dict]:
+    """T (D x D, float64) with W' = W·T for every projection W (Eq. 5), and diagnostics.
+
+    em, es: (n, D) malicious / safe embeddings (row i of one maps to row i of the other);
+    cov: (D, D) preservation prior Σ e eᵀ / n_k.
+    """
+    width = cov.shape[0]
+    eye = torch.eye(width, dtype=torch.float64)
+    n = em.shape[0]
+    if n == 0:
+        # Nothing to map: the minimiser of η Σ||W'e - We||² + λ||W' - W||² is W itself.
+        return eye, {"lambda": 0.0, "condition": 1.0, "erase_residual": 0.0, "preserve_drift": 0.0}
+    em, es, cov = em.double(), es.double(), cov.double()
+    mm = em.T @ em / n  # (D, D) Σ e_m e_mᵀ / n_m
+    sm = es.T @ em / n  # (D, D) Σ e_s e_mᵀ / n_m
+    a = mm + eta * cov
+    lam = ridge * float(torch.trace(a)) / width
+    m = a + lam * eye  # (D, D), symmetric
+    b = sm + eta * cov + lam * eye  # (D, D)
+    try:
+        # W' = W B M⁻¹ and M is symmetric, so (B M⁻¹)ᵀ = M⁻¹ Bᵀ = solve(M, Bᵀ).
+        t = torch.linalg.solve(m, b.T).T
+    except torch.linalg.LinAlgError as exc:
+        raise TrceError("the stage-T system is singular (too few embeddings and no preservation prior); "
+                        "set --ridge above 0 or add preservation prompts") from exc
+    if not torch.isfinite(t).all():
+        raise TrceError("the stage-T solve produced NaN/inf; set a larger --ridge")
+    eig = torch.linalg.eigvalsh(m)
+    condition = float(eig[-1] / eig[0]) if eig[0] > 0 else float("inf")
+    if condition > 1e12:
+        log.warning("stage T: the system is ill-conditioned (condition number %.1e); consider a larger --ridge",
+                    condition)
+    gap = torch.linalg.norm(em - es)
+    # Embedding-space diagnostics (layer independent): how much of the malicious -> safe gap the edit
+    # closes (0 = exact), and the mean squared relative change of the preserved embeddings.
+    residual = float(torch.linalg.norm(em @ t.T - es) / gap) if gap > 0 else 0.0
+    d = t - eye
+    drift = float(torch.trace(d @ cov @ d.T) / torch.trace(cov)) if torch.trace(cov) > 0 else 0.0
+    return t, {"lambda": lam, "condition": condition, "erase_residual": residual, "preserve_drift": drift}
+
+
+def apply_transform(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """W' = W·T in float64 on W's device (CPU for devices without float64), cast back; returned on CPU."""
+    device = weight.device if weight.device.type in ("cpu", "cuda") else torch.device("cpu")
+    w = weight.detach().to(device, torch.float64)  # (out, D)
+    new = w @ t.to(device)  # (out, D)
+    if not torch.isfinite(new).all():
+        raise TrceError("the stage-T edit produced NaN/inf weights; set a larger --ridge")
+    return new.to(weight.dtype).cpu()
+
+
+# --------------------------------------------------------------------------- embeddings of the pairs
+def pair_embeddings(pipe, pairs: Sequence[Pair], role: str, batch_size: int = 64, progress: bool = True,
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(e_m, e_s, dropped): aligned (n, D) float64 embeddings at `role` (see trce.tokens).
+
+    `dropped` counts pairs that gave no position (an expression cut off by truncation, for `key`).
+    """
+    parts = parse_role(role, ROLES)
+    tok, text = pipe.tokenizer, pipe.text_encoder
+    width = text.config.hidden_size
+    if not pairs:
+        empty = torch.zeros(0, width, dtype=torch.float64)
+        return empty, empty.clone(), 0
+    prompts = list(dict.fromkeys([p.malicious for p in pairs] + [p.safe for p in pairs]))
+    index = {p: i for i, p in enumerate(prompts)}
+    ids = tokenize(tok, prompts)  # (N, L)
+    cut = None if needs_padding(parts) else tok.eos_token_id
+    h = torch.zeros(len(prompts), ids.shape[1], width, dtype=text.dtype)  # (N, L, D); unread padding stays 0
+    for s in tqdm(range(0, len(prompts), batch_size), desc="encode pairs", disable=not progress, mininterval=1):
+        out = encode(text, ids[s : s + batch_size], cut).cpu()  # (B, L', D), L' <= L
+        h[s : s + out.shape[0], : out.shape[1]] = out
+    rows_m: list[tuple[int, int]] = []
+    rows_s: list[tuple[int, int]] = []
+    dropped = 0
+    for pair in pairs:
+        im, is_ = index[pair.malicious], index[pair.safe]
+        m_span = s_span = None
+        if "key" in parts:
+            m_span = token_span(tok, pair.malicious, pair.m_span, ids[im])
+            s_span = token_span(tok, pair.safe, pair.s_span, ids[is_])
+        positions = pair_positions(tok, ids[im], ids[is_], parts, m_span, s_span)
+        if not positions:
+            dropped += 1
+            continue
+        rows_m.extend((im, p) for p, _ in positions)
+        rows_s.extend((is_, q) for _, q in positions)
+    if dropped:
+        log.warning("stage T: %d of %d pairs have no %s tokens (cut off by truncation) and were skipped",
+                    dropped, len(pairs), role)
+    if not rows_m:
+        empty = torch.zeros(0, width, dtype=torch.float64)
+        return empty, empty.clone(), dropped
+    im_t, pm_t = torch.tensor(rows_m).T
+    is_t, ps_t = torch.tensor(rows_s).T
+    em = h[im_t, pm_t].double()  # (n, D)
+    es = h[is_t, ps_t].double()  # (n, D)
+    if not (torch.isfinite(em).all() and torch.isfinite(es).all()):
+        raise TrceError("the text encoder produced NaN/inf embeddings for the concept prompts (try --dtype fp32)")
+    return em, es, dropped
+
+
+# --------------------------------------------------------------------------- the method
+def _setting(specs: Sequence[ConceptSpec], config: StageTConfig, name: str):
+    value = getattr(config, name)
+    if value is not None:
+        return value
+    values = list(dict.fromkeys(getattr(s, name) for s in specs))
+    if len(values) > 1:
+        names = ", ".join(s.name for s in specs)
+        raise TrceError(f"concepts {names} disagree on {name} ({', '.join(map(str, values))}); "
+                        f"set it for all of them with --{name.replace('_', '-')}")
+    return values[0]
+
+
+def _preserve_role(config: StageTConfig, token_role: str) -> str:
+    if config.preserve_role != "same":
+        return "+".join(parse_role(config.preserve_role, PRESERVE_ROLES))
+    parts = [p for p in parse_role(token_role, ROLES) if p != "key"]
+    return "+".join(parts) if parts else "all"
+
+
+def _erase(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig, method: str) -> Edit:
+    from trce.loading import fingerprint
+
+    t0 = time.perf_counter()
+    specs = as_specs(spec)
+    if not specs:
+        raise TrceError("no concept to erase")
+    base = fingerprint(pipe)  # before any edit: the patch's base model
+    eta, ridge = float(_setting(specs, config, "eta")), float(_setting(specs, config, "ridge"))
+    role = "+".join(parse_role(_setting(specs, config, "token_role"), ROLES))
+    preserve_role = _preserve_role(config, role)
+
+    pairs = [p for s in specs for p in s.pairs()]
+    prompts = list(dict.fromkeys(p for s in specs for p in s.preservation_prompts(config.data_dir)))
+    t1 = time.perf_counter()
+    em, es, dropped = pair_embeddings(pipe, pairs, role, config.batch_size, config.progress)
+    t2 = time.perf_counter()
+    prior = preservation_prior(pipe, prompts, preserve_role, base["id"], config.cache_dir, config.use_cache,
+                               config.batch_size, config.progress)
+    t3 = time.perf_counter()
+    if em.shape[0] == 0:
+        log.warning("stage T: %s has no embeddings to map; the edit changes nothing", "+".join(s.name for s in specs))
+    t, diag = solve_transform(em, es, prior.cov, eta, ridge)
+    weights = {}
+    for path in tqdm(projection_paths(pipe), desc=f"{method} stage T", unit="layer", disable=not config.progress):
+        weights[path] = apply_transform(resolve(pipe, path), t)
+    t4 = time.perf_counter()
+
+    record = spec_record(specs)
+    settings = {
+        "stage": "T", "eta": eta, "ridge": ridge, "lambda": diag["lambda"], "token_role": role,
+        "preserve_role": preserve_role, "key_alignment": "last target token", "dtype": "float64",
+    }
+    info = {
+        "pairs": len(pairs), "pairs_dropped": dropped, "embeddings": int(em.shape[0]),
+        "preserve_prompts": len(prompts), "preserve_embeddings": prior.count, "prior_cache": prior.key,
+        "prior_cached": prior.cached, "condition": diag["condition"], "erase_residual": diag["erase_residual"],
+        "preserve_drift": diag["preserve_drift"], "tensors": len(weights),
+        "seconds": {"prompts": t1 - t0, "encode": t2 - t1, "prior": t3 - t2, "solve": t4 - t3,
+                    "total": time.perf_counter() - t0},
+    }
+    log.info("%s stage T: %s, %d pairs -> %d embeddings at %s, %d preservation prompts (prior %s), "
+             "%d tensors in %.2f s", method, record["name"], len(pairs), em.shape[0], role, len(prompts),
+             "cached" if prior.cached else "computed", len(weights), info["seconds"]["total"])
+    return Edit(weights=weights, method=method, spec=record, settings=settings, base=base, info=info)

@@ -1,0 +1,153 @@
+"""Concept specs: built-ins, validation errors, prompt pairs, preservation sources."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trce.concepts import builtin_specs, load_spec, preservation_prompts
+from trce.errors import TrceError
+from trce.shapeworld import world
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHAPEWORLD = ("shapeworld-red", "shapeworld-star", "shapeworld-striped", "shapeworld-3shapes")
+
+
+def _write(tmp_path, raw, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw) if not isinstance(raw, str) else raw)
+    return path
+
+
+def _minimal(**over):
+    raw = {"name": "mine", "erase": {"target": "a dog", "expressions": ["a cat", "a kitten"]},
+           "templates": ["a photo of {}", "{concept} in a garden"]}
+    raw.update(over)
+    return raw
+
+
+def test_builtins_load_and_match_the_issue():
+    specs = builtin_specs()
+    for name in ("sexual", "i2p", "van-gogh", "kelly-mckernan", "church", "garbage-truck", "parachute", *SHAPEWORLD):
+        assert name in specs
+    sexual = specs["sexual"]
+    assert len(sexual.expressions) == 20 and len(sexual.templates) == 15
+    assert {e.target for e in sexual.expressions} == {"a person wearing clothes"}
+    assert len(sexual.pairs()) == 300
+    i2p = specs["i2p"]
+    assert len(i2p.expressions) >= 40
+    assert {e.group for e in i2p.expressions} == {"hate", "harassment", "violence", "self-harm", "sexual", "shocking",
+                                                  "illegal activity"}
+    for s in specs.values():
+        assert Path(s.source).stem == s.name  # file name = spec name
+        assert all(e.text != e.target for e in s.expressions)
+    assert load_spec("nudity") is not None and load_spec("nudity").name == "sexual"
+
+
+@pytest.mark.parametrize("name", SHAPEWORLD)
+def test_shapeworld_specs_use_only_spec_group_expressions(name):
+    spec = load_spec(name)
+    v = world.vocab()
+    assert spec.attribute in ("color", "shape", "pattern") and spec.values
+    allowed, heldout = set(), set()
+    for value in spec.values:
+        allowed |= {value} | set(v.expressions(spec.attribute, value, "synonym", "spec"))
+        allowed |= set(v.expressions(spec.attribute, value, "paraphrase", "spec"))
+        heldout |= set(v.expressions(spec.attribute, value, "synonym", "heldout"))
+        heldout |= set(v.expressions(spec.attribute, value, "paraphrase", "heldout"))
+    assert {e.text for e in spec.expressions} == allowed
+    pairs = spec.pairs()
+    assert len(pairs) == len(spec.expressions) * len(spec.templates) * spec.contexts
+    for p in pairs:
+        assert p.malicious[p.m_span[0] : p.m_span[1]] == p.expression
+        assert p.safe[p.s_span[0] : p.s_span[1]] == p.target
+        words = f" {p.malicious} "
+        assert not any(f" {h} " in words for h in heldout), p.malicious  # held-out words never reach the eraser
+        safe = f" {p.safe} "
+        assert not any(f" {a} " in safe for a in allowed | heldout), p.safe  # the safe side names no erased value
+
+
+def test_shapeworld_preservation_captions_never_name_the_value():
+    spec = load_spec("shapeworld-red")
+    prompts = preservation_prompts(spec)
+    assert len(prompts) >= 900
+    red = set(world.vocab().expressions("color", "red", "synonym")) | set(
+        world.vocab().expressions("color", "red", "paraphrase")) | {"red"}
+    for p in prompts:
+        assert not any(f" {r} " in f" {p} " for r in red), p
+    assert prompts == preservation_prompts(spec)  # deterministic
+
+
+def test_unknown_name_suggests_and_lists(tmp_path):
+    with pytest.raises(TrceError, match=r"unknown concept 'sexul' \(did you mean 'sexual'\?\); available: .*church"):
+        load_spec("sexul")
+    with pytest.raises(TrceError, match="does not exist"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"name": "Bad Name"}, "field 'name' must be lower-case"),
+    ({"templates": ["a photo of a cat"]}, r"field 'templates\[0\]' must contain exactly one"),
+    ({"templates": ["{} and {}"]}, r"field 'templates\[0\]'"),
+    ({"eta": "high"}, "field 'eta' must be a number"),
+    ({"eta": -1}, "field 'eta' must be at least 0"),
+    ({"token_role": "eos"}, "field 'token_role'.*did you mean 'eot'"),
+    ({"colour": "red"}, "field 'colour' is not a known field"),
+    ({"erase": {"expressions": ["a cat"]}}, r"field 'erase.target' is missing"),
+    ({"erase": {"target": "a dog", "expressions": [3.5, {"txt": "x"}]}}, r"erase.expressions\[1\].txt"),
+    ({"erase": {"target": "a dog", "expressions": "from-vocab"}}, "needs `attribute`"),
+    ({"preserve": {"source": "cocoa"}}, r"field 'preserve.source' is 'cocoa' \(did you mean 'coco'\?\)"),
+    ({"preserve": {"source": "prompts"}}, "field 'preserve.prompts' must list"),
+    ({"attribute": "color", "value": "crimsonish"}, "is not a ShapeWorld color"),
+])
+def test_validation_errors_name_the_field_and_file(tmp_path, change, message):
+    path = _write(tmp_path, _minimal(**change))
+    with pytest.raises(TrceError, match=message) as info:
+        load_spec(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_fields_and_bad_yaml(tmp_path):
+    raw = _minimal()
+    del raw["templates"]
+    with pytest.raises(TrceError, match="field 'templates' is missing"):
+        load_spec(_write(tmp_path, raw))
+    with pytest.raises(TrceError, match="not valid YAML"):
+        load_spec(_write(tmp_path, "name: [unclosed", "bad.yaml"))
+
+
+def test_user_spec_pairs_and_per_expression_targets(tmp_path):
+    raw = _minimal(erase=[{"target": "a dog", "expressions": ["a cat", {"text": "a lion", "target": "a horse"}],
+                           "group": "animals"}])
+    spec = load_spec(_write(tmp_path, raw))
+    pairs = spec.pairs()
+    assert len(pairs) == 4
+    assert ("a photo of a lion", "a photo of a horse") in {(p.malicious, p.safe) for p in pairs}
+    assert ("a cat in a garden", "a dog in a garden") in {(p.malicious, p.safe) for p in pairs}
+    assert spec.to_dict()["expressions"][1] == {"text": "a lion", "target": "a horse", "group": "animals"}
+
+
+def test_preservation_sources(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRCE_DATA", raising=False)
+    spec = load_spec(_write(tmp_path, _minimal(preserve={"prompts": ["a car", "a tree", "a boat"], "n": 2})))
+    assert len(preservation_prompts(spec)) == 2
+    (tmp_path / "keep.csv").write_text("id,text\n1,a red house\n2,a green field\n")
+    spec = load_spec(_write(tmp_path, _minimal(preserve={"file": "keep.csv", "column": "text"})))
+    assert preservation_prompts(spec) == ["a red house", "a green field"]
+    spec = load_spec(_write(tmp_path, _minimal(preserve={"file": "keep.csv", "column": "prompt"})))
+    with pytest.raises(TrceError, match="no column 'prompt'; columns: id, text"):
+        preservation_prompts(spec)
+    coco = load_spec("sexual")
+    with pytest.raises(TrceError, match="pass --data DIR"):
+        preservation_prompts(coco)
+    with pytest.raises(TrceError, match="does not exist"):
+        preservation_prompts(coco, tmp_path)
+    assert preservation_prompts(load_spec(_write(tmp_path, _minimal(preserve="none")))) == []
+
+
+def test_coco_from_the_shared_data():
+    if not (DATA / "prompts" / "coco_30k.csv").exists():
+        pytest.skip("shared data folder absent")
+    prompts = preservation_prompts(load_spec("sexual"), DATA)
+    assert len(prompts) == 1000 and len(set(prompts)) > 990
+    assert prompts == preservation_prompts(load_spec("sexual"), DATA)
