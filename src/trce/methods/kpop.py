@@ -1,0 +1,500 @@
+"""KPOP: erasing a concept with a learnable prompt (Bui et al., "Removing Undesirable Concepts in
+Text-to-Image Diffusion Models with Learnable Prompts"; equations in METHOD_NOTES.md).
+
+A prompt p (m_p tokens x text width) is injected into cross-attention (`trce.prompt_injection`)
+and two objectives alternate, one Adam step each per iteration:
+
+- knowledge transfer (Eq. 5-6): p <- p - eta_p grad_p || eps_theta'(z_t, c_e, p) - eps_theta(z_t, c_e) ||^2
+  (the current model plus p must still draw the concept: its knowledge moves into p);
+- knowledge removal (Eq. 7): theta' <- theta' - eta grad_theta' [ || eps_theta'(z_t, c_e) - eps_theta(z_t, c_n) ||^2
+  + lam || eps_theta'(z_t, c_e, p) - eps_theta(z_t, c_e) ||^2 ]
+  (without p the erase prompt c_e behaves like the neutral prompt c_n; with p it keeps the original output).
+
+theta is the frozen original UNet, theta' the one being erased; ||.||^2 is the mean squared error.
+Only one parameter group of the UNet trains: `cross-attn` (every `attn2.*`: objects, styles) or
+`non-cross-attn` (everything but `attn2.*`, the time embedding and the output layers, as ESD's
+"noxattn": nudity). The original outputs eps_theta come from the same module through
+`torch.func.functional_call` with the saved original values of the trained tensors, so no second
+UNet is held in memory for the cross-attention group.
+
+Noisy latents z_t (`latents`):
+- `current` (default, ESD's recipe that KPOP's training follows): each iteration, fresh seeded
+  noise is denoised with the *current* model (no p), the erase prompts and classifier-free
+  guidance `sample_guidance` for a random number k of the `ddim_steps` DDIM steps; z_t is the
+  latent after k steps and t its timestep. The latents follow what the erased model would draw.
+- `cached`: `cache_trajectories` DDIM trajectories per erase prompt are drawn once with the
+  original model and kept; each iteration takes a random (prompt, trajectory, step). About 8x
+  cheaper per iteration; z_t always shows the concept as the original model draws it.
+
+The pipeline is left as it was (weights, dtype, processors, requires_grad): the result is an
+`Edit` whose weights are the trained tensors and whose extras hold the hidden prompt, which
+`hidden_prompt_installed(pipe, edit)` puts back to recover the concept (paper Fig. 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from trce.edit import Edit
+from trce.errors import TrceError, choose
+from trce.prompt_injection import MODES, SITES, Mode, Sites, injected, site_layers
+from trce.utils import io
+
+log = logging.getLogger(__name__)
+
+Group = Literal["cross-attn", "non-cross-attn"]
+Latents = Literal["current", "cached"]
+PromptInit = Literal["auto", "erase", "zeros", "random"]
+DEFAULT_K = 10  # the paper's prompt size: m_p = k * m_c (Sec. 4.3, Sec. 5.1)
+# ESD's "noxattn" leaves these out too: the time embedding and the final output layers.
+_NON_CROSS_EXCLUDED = ("time_embedding.", "conv_norm_out.", "conv_out.")
+
+
+@dataclass(frozen=True)
+class KPOPConfig:
+    """Every KPOP setting; recorded in the patch's `settings`.
+
+    prompt_size is k (m_p = k * m_c text tokens, paper default 10) for `concat`; prompt_tokens
+    gives m_p directly instead. The additive mode takes neither k nor a free m_p: its prompt has
+    m_c tokens (added position by position) or, with prompt_tokens=1, one vector added to all.
+    """
+
+    iterations: int = 1000
+    lr: float = 1e-5  # eta, Adam, model parameters (paper Sec. 5.1)
+    prompt_lr: float = 1e-3  # eta_p, Adam, the prompt (not given by the paper; embeddings have unit scale)
+    lam: float = 0.1  # lambda of Eq. 7 (paper default 0.1; must be > 0)
+    params: Group = "cross-attn"
+    mode: Mode = "concat"
+    sites: Sites = "mid"
+    prompt_size: int | None = None
+    prompt_tokens: int | None = None
+    prompt_init: PromptInit = "auto"  # auto: concat -> erase (exact no-op for one prompt), add -> zeros (no-op)
+    batch_size: int = 1
+    neutral_prompt: str = ""
+    seed: int = 0
+    latents: Latents = "current"
+    ddim_steps: int = 50
+    sample_guidance: float = 3.0
+    cache_trajectories: int = 4
+
+    def __post_init__(self) -> None:
+        for name, kind in (("params", Group), ("mode", Mode), ("sites", Sites), ("latents", Latents),
+                           ("prompt_init", PromptInit)):
+            choose(f"KPOP {name}", getattr(self, name), get_args(kind))
+        for name in ("iterations", "batch_size", "ddim_steps", "cache_trajectories"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TrceError(f"KPOP {name} must be a positive integer, got {value!r}")
+        for name in ("lr", "prompt_lr", "lam"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise TrceError(f"KPOP {name} must be a positive number, got {value!r}")
+        if not isinstance(self.sample_guidance, (int, float)) or not math.isfinite(self.sample_guidance) \
+                or self.sample_guidance < 0:
+            raise TrceError(f"KPOP sample_guidance must be a number >= 0, got {self.sample_guidance!r}")
+        for name in ("prompt_size", "prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise TrceError(f"KPOP {name} must be a positive integer, got {value!r}")
+        if self.prompt_size is not None and self.prompt_tokens is not None:
+            raise TrceError(f"give KPOP prompt_size ({self.prompt_size}) or prompt_tokens ({self.prompt_tokens}), "
+                            "not both")
+        if self.mode == "add" and self.prompt_size is not None:
+            raise TrceError(f"KPOP prompt_size (k={self.prompt_size}) is for mode 'concat'; an additive prompt has as "
+                            "many tokens as the text (or prompt_tokens=1 for one vector added to every token)")
+        if not isinstance(self.neutral_prompt, str):
+            raise TrceError(f"KPOP neutral_prompt must be a string, got {self.neutral_prompt!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> KPOPConfig:
+        """A config from a mapping (a spec's `kpop:` section, CLI options); unknown keys are refused."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            choose("KPOP setting", key, fields)
+        return cls(**values)
+
+    def prompt_shape_tokens(self, text_tokens: int) -> int:
+        """m_p for text embeddings of `text_tokens` tokens (m_c)."""
+        if self.mode == "add":
+            m_p = self.prompt_tokens or text_tokens
+            if m_p not in (1, text_tokens):
+                raise TrceError(f"an additive KPOP prompt has 1 token or as many as the text ({text_tokens}), "
+                                f"got prompt_tokens={m_p}")
+            return m_p
+        return self.prompt_tokens or (self.prompt_size or DEFAULT_K) * text_tokens
+
+
+def trainable_parameters(unet, group: str) -> dict[str, torch.nn.Parameter]:
+    """The UNet parameters of a group, by name inside the UNet (Sec. 5.1: objects cross-attn, nudity non-cross-attn)."""
+    group = choose("KPOP parameter group", group, get_args(Group))
+    out = {}
+    for name, param in unet.named_parameters():
+        cross = ".attn2." in f".{name}"
+        keep = cross if group == "cross-attn" else not cross and not name.startswith(_NON_CROSS_EXCLUDED)
+        if keep:
+            out[name] = param
+    if not out:
+        raise TrceError(f"the UNet has no parameters in KPOP group {group!r}")
+    return out
+
+
+@torch.no_grad()
+def _encode(pipe, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+    """Text embeddings (n, m_c, d) in fp32, exactly as the pipeline conditions on them."""
+    emb, _ = pipe.encode_prompt(list(prompts), device, 1, False)
+    return emb.float()
+
+
+def _initial_prompt(config: KPOPConfig, erase_emb: torch.Tensor, m_p: int, gen: torch.Generator) -> torch.Tensor:
+    """p_0, (m_p, d)."""
+    init = config.prompt_init
+    if init == "auto":
+        init = "erase" if config.mode == "concat" else "zeros"
+    m_c, d = erase_emb.shape[1:]
+    if init == "zeros":
+        return torch.zeros(m_p, d)
+    mean = erase_emb.mean(0).cpu()  # (m_c, d): the erase prompts' embeddings, averaged
+    if init == "erase":
+        if config.mode == "add":
+            return (mean if m_p == m_c else mean.mean(0, keepdim=True)).clone()
+        # concat: the text's own tokens repeated k times; for one erase prompt, softmax over the
+        # duplicated keys gives back the original output, so the transfer starts from a no-op
+        return mean.repeat(-(-m_p // m_c), 1)[:m_p].clone()
+    return torch.randn(m_p, d, generator=gen) * erase_emb.std().item()  # random, at the embeddings' scale
+
+
+class _Latents:
+    """Seeded noisy latents z_t and timesteps t for a batch of erase-prompt indices (see module doc)."""
+
+    def __init__(self, pipe, unet, config: KPOPConfig, erase_emb: torch.Tensor, uncond: torch.Tensor,
+                 gen: torch.Generator, originals: dict[str, torch.Tensor]):
+        # gen draws the per-iteration samples (its state is checkpointed); the cache has its own
+        # seed, so a resumed run rebuilds the very same cache
+        from diffusers import DDIMScheduler
+
+        self.unet, self.config, self.gen = unet, config, gen
+        self.erase_emb, self.uncond = erase_emb, uncond  # (n, m_c, d), (1, m_c, d)
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler.set_timesteps(config.ddim_steps)
+        self.device = erase_emb.device
+        size = unet.config.sample_size
+        self.shape = (unet.config.in_channels, size, size)
+        self.cache: torch.Tensor | None = None
+        if config.latents == "cached":
+            self.cache = self._trajectories(originals, torch.Generator("cpu").manual_seed(config.seed + 1))
+
+    def _denoise(self, idx: torch.Tensor, steps: int, params: dict | None, gen: torch.Generator, keep: bool = False):
+        """DDIM from fresh noise for `steps` steps with CFG; params: tensors to substitute (the original model)."""
+        z = (torch.randn((len(idx), *self.shape), generator=gen) * self.scheduler.init_noise_sigma).to(self.device)
+        cond = torch.cat([self.uncond.expand(len(idx), -1, -1), self.erase_emb[idx]])  # (2b, m_c, d)
+        g = self.config.sample_guidance
+        kept = []
+        for t in self.scheduler.timesteps[:steps]:
+            if keep:
+                kept.append(z)
+            x = self.scheduler.scale_model_input(torch.cat([z, z]), t)
+            eps = _unet_out(self.unet, x, t, cond, params)
+            e_u, e_c = eps.chunk(2)
+            z = self.scheduler.step(e_u + g * (e_c - e_u), t, z).prev_sample
+        return torch.stack(kept, 1) if keep else z  # (b, steps, c, h, w) or (b, c, h, w)
+
+    @torch.no_grad()
+    def _trajectories(self, originals: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        """(n, trajectories, ddim_steps, c, h, w): the latent before each DDIM step, original model."""
+        n, k = len(self.erase_emb), self.config.cache_trajectories
+        idx = torch.arange(n).repeat_interleave(k)
+        traj = self._denoise(idx, self.config.ddim_steps, originals, gen, keep=True)
+        return traj.view(n, k, self.config.ddim_steps, *self.shape)
+
+    @torch.no_grad()
+    def sample(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_t (b, c, h, w), t (b,)) for erase-prompt indices idx (b,)."""
+        steps = self.config.ddim_steps
+        timesteps = self.scheduler.timesteps
+        if self.cache is not None:
+            traj = torch.randint(self.config.cache_trajectories, (len(idx),), generator=self.gen)
+            k = torch.randint(steps, (len(idx),), generator=self.gen)
+            return self.cache[idx, traj, k], timesteps[k].to(self.device)
+        k = int(torch.randint(steps, (1,), generator=self.gen))
+        z = self._denoise(idx, k, None, self.gen)  # the current model, no prompt: what the erased model would draw
+        return z, timesteps[k].repeat(len(idx)).to(self.device)
+
+
+def _unet_out(unet, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+    """The UNet's output; with `params`, with those tensors substituted (the frozen original theta)."""
+    if params is None:
+        return unet(z, t, encoder_hidden_states=emb).sample
+    return torch.func.functional_call(unet, params, (z, t), {"encoder_hidden_states": emb}).sample
+
+
+def _finite(value: torch.Tensor, what: str, iteration: int, config: KPOPConfig) -> float:
+    number = float(value.detach())
+    if not math.isfinite(number):
+        raise TrceError(f"KPOP diverged at iteration {iteration}: the {what} loss is {number}; "
+                        f"lower lr ({config.lr}) or prompt_lr ({config.prompt_lr})")
+    return number
+
+
+@contextlib.contextmanager
+def _training_state(unet, trainable: dict[str, torch.nn.Parameter]) -> Iterator[dict[str, torch.Tensor]]:
+    """fp32 UNet with only `trainable` requiring grad; yields the original values; restores everything after.
+
+    fp16/bf16 -> fp32 -> fp16/bf16 is exact, so untouched tensors come back bit for bit.
+    """
+    if getattr(unet, "is_quantized", False):
+        raise TrceError("KPOP cannot train a quantized UNet; load the model in fp32, fp16 or bf16")
+    flags = {name: p.requires_grad for name, p in unet.named_parameters()}
+    # Adam steps of 1e-5 vanish in half precision: train in fp32, tensor by tensor (as Module.to
+    # does), remembering each tensor's dtype so that mixed-precision models come back as they were
+    half = {t: t.dtype for t in [*unet.parameters(), *unet.buffers()] if t.is_floating_point() and t.dtype != torch.float32}
+    params = dict(unet.named_parameters())
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for t in half:
+            t.data = t.data.float()
+        originals.update({name: params[name].detach().clone() for name in trainable})
+        for name, p in params.items():
+            p.requires_grad_(name in trainable)
+        yield originals
+    finally:
+        with torch.no_grad():
+            for name, value in originals.items():
+                params[name].copy_(value)
+        for name, p in params.items():
+            p.requires_grad_(flags[name])
+        for t, dtype in half.items():
+            t.data = t.data.to(dtype)
+
+
+def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig(), *, neutral_prompt: str | None = None,
+               spec: dict | None = None, progress: bool = True, checkpoint_dir: str | Path | None = None,
+               checkpoint_every: int = 100) -> Edit:
+    """Erase the concept of `erase_prompts` with KPOP; returns the Edit (the pipeline is left unchanged).
+
+    neutral_prompt overrides config.neutral_prompt (c_n). With `checkpoint_dir`, the state is saved
+    every `checkpoint_every` iterations and a rerun with the same settings continues from there.
+    """
+    if isinstance(erase_prompts, str) or not erase_prompts or not all(isinstance(p, str) and p.strip()
+                                                                       for p in erase_prompts):
+        raise TrceError(f"KPOP needs a non-empty list of non-empty erase prompts, got {erase_prompts!r}")
+    if checkpoint_every < 1:
+        raise TrceError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    erase_prompts = list(erase_prompts)
+    if neutral_prompt is not None:
+        config = dataclasses.replace(config, neutral_prompt=neutral_prompt)
+    from trce.loading import fingerprint
+
+    t_start = time.time()
+    base = fingerprint(pipe)
+    unet = pipe.unet
+    device = unet.device
+    layers = site_layers(unet, config.sites)
+    erase_emb = _encode(pipe, erase_prompts, device)  # (n, m_c, d)
+    neutral_emb = _encode(pipe, [config.neutral_prompt], device)  # (1, m_c, d)
+    uncond = _encode(pipe, [""], device)  # (1, m_c, d): CFG's unconditional branch when drawing z_t
+    _, m_c, d = erase_emb.shape
+    m_p = config.prompt_shape_tokens(m_c)
+    trainable = trainable_parameters(unet, config.params)
+    settings = {
+        **dataclasses.asdict(config),
+        "erase_prompts": erase_prompts,
+        "injection": {"mode": config.mode, "sites": config.sites, "layers": layers, "prompt_tokens": m_p,
+                      "text_tokens": m_c, "width": d},
+        "trainable": {"group": config.params, "tensors": len(trainable),
+                      "parameters": sum(p.numel() for p in trainable.values())},
+    }
+    gen = torch.Generator("cpu").manual_seed(config.seed)
+    with _training_state(unet, trainable) as originals, injected(unet, None, config.mode, config.sites) as slot:
+        params = dict(unet.named_parameters())
+        train = [params[name] for name in trainable]
+        prompt = torch.nn.Parameter(_initial_prompt(config, erase_emb, m_p, gen).to(device))  # (m_p, d)
+        opt_p = torch.optim.Adam([prompt], lr=config.prompt_lr)
+        opt = torch.optim.Adam(train, lr=config.lr)
+        history: dict[str, list[float]] = {"transfer": [], "removal": [], "l1": [], "l2": []}
+        start = 0
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if ckpt is not None and (ckpt / "state.json").exists():
+            start, history = _resume(ckpt, settings, base, train, prompt, opt, opt_p, gen, list(trainable))
+        t_cache = time.time()
+        latents = _Latents(pipe, unet, config, erase_emb, uncond, gen, originals)
+        t_cache = time.time() - t_cache
+        t_loop = time.time()
+        with tqdm(total=config.iterations, initial=start, desc="kpop", disable=not progress, mininterval=1) as bar:
+            for it in range(start, config.iterations):
+                values = _iteration(unet, slot, latents, erase_emb, neutral_emb, originals, prompt, train, opt_p, opt,
+                                    config, gen, it)
+                for key, value in values.items():
+                    history[key].append(value)
+                bar.update(1)
+                bar.set_postfix(transfer=f"{values['transfer']:.4f}", removal=f"{values['removal']:.4f}", refresh=False)
+                if ckpt is not None and (it + 1) % checkpoint_every == 0 and it + 1 < config.iterations:
+                    _save_checkpoint(ckpt, it + 1, settings, base, train, prompt, opt, opt_p, gen, history,
+                                     list(trainable))
+        t_loop = time.time() - t_loop
+        weights = {f"unet.{name}": params[name].detach().cpu().clone() for name in trainable}  # fp32
+        hidden = prompt.detach().cpu().float().clone()  # (m_p, d)
+    done = config.iterations - start
+    info = {
+        "iterations": config.iterations,
+        "resumed_from": start,
+        "loss": _endpoints(history),
+        "history": {k: v[:: max(1, len(v) // 100)] for k, v in history.items()},
+        "history_every": max(1, len(history["transfer"]) // 100),
+        "seconds": round(time.time() - t_start, 3),
+        "seconds_cache": round(t_cache, 3),
+        "seconds_per_iteration": round(t_loop / max(1, done), 5),
+        "device": str(device),
+        "hidden_prompt_norm": float(hidden.norm()),
+    }
+    log.info("KPOP: %d iterations in %.1f s; transfer loss %s, removal loss %s", done, info["seconds"],
+             info["loss"]["transfer"], info["loss"]["removal"])
+    return Edit(weights=weights, method="kpop", spec=spec or {"erase": erase_prompts, "neutral": config.neutral_prompt},
+                settings=settings, base=base, extras={"hidden_prompt": hidden}, info=info)
+
+
+def _iteration(unet, slot, latents: _Latents, erase_emb, neutral_emb, originals, prompt, train, opt_p, opt,
+               config: KPOPConfig, gen: torch.Generator, it: int) -> dict[str, float]:
+    """One KPOP iteration: a transfer step on p, then a removal step on theta'; returns the losses."""
+    idx = torch.randint(len(erase_emb), (config.batch_size,), generator=gen)  # (b,) erase prompts of this step
+    z, t = latents.sample(idx)  # (b, c, h, w), (b,)
+    c_e = erase_emb[idx]  # (b, m_c, d)
+    with torch.no_grad():
+        slot.prompt = None
+        # the frozen original theta: eps_theta(z_t, c_e) and eps_theta(z_t, c_n), in one batch
+        target = _unet_out(unet, torch.cat([z, z]), torch.cat([t, t]),
+                           torch.cat([c_e, neutral_emb.expand(len(idx), -1, -1)]), originals)
+        eps_e, eps_n = target.chunk(2)  # (b, c, h, w) each
+
+    # knowledge transfer, Eq. 5-6: one step on p only (theta' fixed)
+    slot.prompt = prompt
+    loss_t = F.mse_loss(_unet_out(unet, z, t, c_e), eps_e)
+    transfer = _finite(loss_t, "transfer", it + 1, config)
+    (grad,) = torch.autograd.grad(loss_t, [prompt])
+    prompt.grad = grad
+    opt_p.step()
+    opt_p.zero_grad(set_to_none=True)
+
+    # knowledge removal, Eq. 7: one step on theta' with p_{k+1} fixed
+    slot.prompt = None
+    l1 = F.mse_loss(_unet_out(unet, z, t, c_e), eps_n)
+    slot.prompt = prompt.detach()
+    l2 = F.mse_loss(_unet_out(unet, z, t, c_e), eps_e)
+    slot.prompt = None
+    loss_r = l1 + config.lam * l2
+    removal = _finite(loss_r, "removal", it + 1, config)
+    grads = torch.autograd.grad(loss_r, train)
+    for p, g in zip(train, grads):
+        p.grad = g
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(prompt).all():
+        raise TrceError(f"KPOP diverged at iteration {it + 1}: the prompt holds NaN/inf; "
+                        f"lower prompt_lr ({config.prompt_lr})")
+    return {"transfer": transfer, "removal": removal, "l1": float(l1.detach()), "l2": float(l2.detach())}
+
+
+def _endpoints(history: dict[str, list[float]], window: int = 10) -> dict[str, dict[str, float | None]]:
+    """Mean of each loss over the first and the last `window` iterations."""
+    out = {}
+    for key, values in history.items():
+        w = min(window, len(values))
+        out[key] = {"first": sum(values[:w]) / w if w else None, "last": sum(values[-w:]) / w if w else None}
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _checkpoint_key(settings: dict, base: dict) -> dict:
+    return json.loads(json.dumps({"settings": settings, "base": base["id"]}, default=str))
+
+
+def _save_checkpoint(folder: Path, iteration: int, settings: dict, base: dict, train, prompt, opt, opt_p, gen,
+                     history: dict, names: list[str]) -> None:
+    tensors = {f"param.{name}": p.detach() for name, p in zip(names, train)}
+    tensors["prompt"] = prompt.detach()
+    tensors["rng"] = gen.get_state()
+    opt_t, opt_s = io.optimizer_state(opt)
+    optp_t, optp_s = io.optimizer_state(opt_p)
+    tensors.update({f"opt.{k}": v for k, v in opt_t.items()})
+    tensors.update({f"opt_p.{k}": v for k, v in optp_t.items()})
+    with io.atomic_dir(folder) as tmp:
+        io.save_tensors(tmp / "state.safetensors", tensors)
+        io.write_json(tmp / "state.json", {"iteration": iteration, "key": _checkpoint_key(settings, base),
+                                           "opt": opt_s, "opt_p": optp_s, "history": history})
+    log.debug("KPOP checkpoint at iteration %d in %s", iteration, folder)
+
+
+def _resume(folder: Path, settings: dict, base: dict, train, prompt, opt, opt_p, gen, names: list[str]):
+    state = io.read_json(folder / "state.json")
+    key = _checkpoint_key(settings, base)
+    if state.get("key") != key:
+        old = (state.get("key") or {}).get("settings", {})
+        diff = sorted(k for k in set(old) | set(key["settings"]) if old.get(k) != key["settings"].get(k))
+        raise TrceError(f"the KPOP checkpoint in {folder} was made with other settings or another base model "
+                        f"(differs in: {', '.join(diff) or 'base model'}); use another folder or delete it")
+    tensors = io.load_tensors(folder / "state.safetensors")
+    with torch.no_grad():
+        for name, p in zip(names, train):
+            p.copy_(tensors[f"param.{name}"])
+        prompt.copy_(tensors["prompt"])
+    gen.set_state(tensors["rng"])
+    io.load_optimizer_state(opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, state["opt"])
+    io.load_optimizer_state(opt_p, {k[6:]: v for k, v in tensors.items() if k.startswith("opt_p.")}, state["opt_p"])
+    log.info("KPOP: resuming from iteration %d (%s)", state["iteration"], folder)
+    return int(state["iteration"]), {k: list(v) for k, v in state["history"].items()}
+
+
+# --------------------------------------------------------------------------- the hidden prompt
+def hidden_prompt(edit: Edit) -> tuple[torch.Tensor, dict]:
+    """The hidden prompt of a KPOP edit (also inside combined edits) and its injection settings."""
+    settings = edit.settings
+    if "injection" not in settings and isinstance(settings.get("kpop"), dict):
+        settings = settings["kpop"]  # Edit.combine nests each method's settings under its name
+    if "hidden_prompt" not in edit.extras or "injection" not in settings:
+        raise TrceError(f"this {edit.method} patch has no hidden prompt; only KPOP patches carry one")
+    injection = settings["injection"]
+    mode = choose("prompt injection mode", str(injection.get("mode")), MODES)
+    sites = choose("prompt injection site", str(injection.get("sites")), SITES)
+    return edit.extras["hidden_prompt"], {**injection, "mode": mode, "sites": sites}
+
+
+@contextlib.contextmanager
+def hidden_prompt_installed(pipe, edit: Edit, apply: bool = False) -> Iterator[Any]:
+    """`with hidden_prompt_installed(pipe, edit): pipe(...)` draws with the KPOP hidden prompt injected.
+
+    The edit's weights are expected to be applied already (`load_pipeline(..., patch=DIR)`); with
+    `apply=True` they are applied here and reverted on exit. The prompt recovers the erased
+    concept (paper Sec. 5.6.4, Fig. 6).
+    """
+    prompt, injection = hidden_prompt(edit)
+    width = pipe.text_encoder.config.hidden_size
+    if prompt.ndim != 2 or prompt.shape[-1] != width:
+        raise TrceError(f"the hidden prompt has shape {tuple(prompt.shape)}, which does not fit this model's text "
+                        f"width {width}")
+    prompt = prompt.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    with contextlib.ExitStack() as stack:
+        if apply:
+            stack.enter_context(edit.applied(pipe))
+        stack.enter_context(injected(pipe, prompt, injection["mode"], injection["sites"]))
+        yield pipe
+
+
+def generate_with_hidden_prompt(pipe, edit: Edit, prompts: Sequence[str], seeds: Sequence[int], settings=None,
+                                progress: bool = True, apply: bool = False):
+    """`trce.generate.generate` with the edit's hidden prompt injected: uint8 (N, H, W, 3)."""
+    from trce.generate import GenSettings, generate
+
+    with hidden_prompt_installed(pipe, edit, apply=apply):
+        return generate(pipe, prompts, seeds, settings or GenSettings(), progress=progress)

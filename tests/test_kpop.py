@@ -1,0 +1,159 @@
+"""KPOP (knowledge transfer and removal with a learnable prompt) on the tiny pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from trce.edit import Edit, load_patch
+from trce.errors import TrceError
+from trce.generate import GenSettings, generate
+from trce.methods.kpop import (
+    KPOPConfig,
+    erase_kpop,
+    generate_with_hidden_prompt,
+    hidden_prompt,
+    hidden_prompt_installed,
+    trainable_parameters,
+)
+from trce.prompt_injection import PromptInjectionProcessor
+
+ERASE = ["a red circle", "a crimson disc"]
+FAST = {"iterations": 4, "ddim_steps": 4, "lr": 1e-3, "prompt_lr": 1e-2}
+
+
+def _state(pipe) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder", "vae")
+            for k, v in getattr(pipe, c).state_dict().items()}
+
+
+@pytest.mark.parametrize("group", ["cross-attn", "non-cross-attn"])
+def test_only_the_selected_group_changes_and_the_pipeline_is_left_as_it_was(tiny_pipe, group):
+    before = _state(tiny_pipe)
+    processors = dict(tiny_pipe.unet.attn_processors)
+    edit = erase_kpop(tiny_pipe, ERASE, KPOPConfig(params=group, **FAST), progress=False)
+    assert edit.method == "kpop"
+    expected = {f"unet.{n}" for n in trainable_parameters(tiny_pipe.unet, group)}
+    assert set(edit.weights) == expected
+    if group == "cross-attn":
+        assert all(".attn2." in p for p in expected)
+    else:
+        assert not any(".attn2." in p or p.startswith(("unet.time_embedding", "unet.conv_out")) for p in expected)
+    assert any(not torch.equal(edit.weights[p], before[p]) for p in expected)
+    # erase_kpop restores the pipeline exactly: weights, processors, requires_grad
+    assert all(torch.equal(v, before[k]) for k, v in _state(tiny_pipe).items())
+    assert all(tiny_pipe.unet.attn_processors[k] is v for k, v in processors.items())
+    assert all(p.requires_grad for p in tiny_pipe.unet.parameters())
+    with edit.applied(tiny_pipe):
+        after = _state(tiny_pipe)
+    assert all(torch.equal(v, before[k]) for k, v in after.items() if k not in expected)
+    assert all(torch.equal(after[k], edit.weights[k]) for k in expected)
+    assert edit.extras["hidden_prompt"].shape == (10 * 32, 32)  # m_p = k m_c, k = 10 by default
+
+
+def test_transfer_steps_lower_the_transfer_loss(tiny_pipe):
+    # one prompt, one cached trajectory, one DDIM step: the same (z_t, t, c_e) every iteration, and
+    # theta' practically frozen, so the history shows the transfer steps alone (Eq. 6)
+    cfg = KPOPConfig(iterations=8, lr=1e-12, prompt_lr=0.05, prompt_init="random", prompt_size=1,
+                     latents="cached", ddim_steps=1, cache_trajectories=1)
+    losses = erase_kpop(tiny_pipe, ERASE[:1], cfg, progress=False).info["history"]["transfer"]
+    assert len(losses) == 8 and losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("mode,tokens", [("concat", 3 * 32), ("add", 32)])
+def test_the_patch_round_trips_with_its_hidden_prompt(tiny_pipe, tmp_path, mode, tokens):
+    cfg = KPOPConfig(mode=mode, prompt_size=3 if mode == "concat" else None, latents="cached", cache_trajectories=1,
+                     sites="mid+up", **FAST)
+    edit = erase_kpop(tiny_pipe, ERASE, cfg, progress=False)
+    assert edit.extras["hidden_prompt"].shape == (tokens, 32)
+    assert edit.settings["injection"]["mode"] == mode and edit.settings["lam"] == cfg.lam
+    settings = GenSettings(steps=2, guidance=5.0, batch_size=2)
+    prompts, seeds = ERASE, [0, 1]
+    with edit.applied(tiny_pipe):
+        erased = generate(tiny_pipe, prompts, seeds, settings, progress=False)
+    recovered = generate_with_hidden_prompt(tiny_pipe, edit, prompts, seeds, settings, progress=False, apply=True)
+    assert not (recovered == erased).all()  # the hidden prompt acts
+
+    loaded = load_patch(edit.save(tmp_path / "patch", config=dataclasses.asdict(cfg)))
+    assert torch.equal(loaded.extras["hidden_prompt"], edit.extras["hidden_prompt"])
+    with loaded.applied(tiny_pipe):
+        assert (generate(tiny_pipe, prompts, seeds, settings, progress=False) == erased).all()
+        with hidden_prompt_installed(tiny_pipe, loaded):
+            assert (generate(tiny_pipe, prompts, seeds, settings, progress=False) == recovered).all()
+    assert not any(isinstance(p, PromptInjectionProcessor) for p in tiny_pipe.unet.attn_processors.values())
+    # combined with another method's edit, the hidden prompt is still found
+    combined = Edit(weights={}, method="uce").combine(loaded)
+    assert torch.equal(hidden_prompt(combined)[0], edit.extras["hidden_prompt"])
+
+
+def test_checkpoints_resume_to_the_same_result(tiny_pipe, tmp_path):
+    cfg = KPOPConfig(iterations=6, ddim_steps=3, lr=1e-3, prompt_lr=1e-2)
+    ckpt = tmp_path / "ckpt"
+    first = erase_kpop(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
+    assert (ckpt / "state.json").exists()  # written at iteration 3
+    resumed = erase_kpop(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
+    assert resumed.info["resumed_from"] == 3
+    assert all(torch.equal(resumed.weights[k], v) for k, v in first.weights.items())
+    assert torch.equal(resumed.extras["hidden_prompt"], first.extras["hidden_prompt"])
+    assert resumed.info["history"] == first.info["history"]
+    with pytest.raises(TrceError, match="differs in: lam"):
+        erase_kpop(tiny_pipe, ERASE, dataclasses.replace(cfg, lam=0.5), progress=False, checkpoint_dir=ckpt)
+
+
+def test_nan_stops_with_a_clear_error_and_restores_the_pipeline(tiny_pipe):
+    weight = tiny_pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_k.weight
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    before = _state(tiny_pipe)
+    with pytest.raises(TrceError, match="diverged at iteration 1"):
+        erase_kpop(tiny_pipe, ERASE, KPOPConfig(**FAST), progress=False)
+    assert all(torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all() for k, v in _state(tiny_pipe).items())
+    assert not any(isinstance(p, PromptInjectionProcessor) for p in tiny_pipe.unet.attn_processors.values())
+
+
+@pytest.mark.parametrize("values,bad", [
+    ({"params": "attention"}, "'attention'"),
+    ({"mode": "prefix"}, "'prefix'"),
+    ({"sites": "down"}, "'down'"),
+    ({"latents": "fresh"}, "'fresh'"),
+    ({"prompt_init": "ones"}, "'ones'"),
+    ({"lr": -1.0}, "-1.0"),
+    ({"lam": 0}, "lam must be a positive number, got 0"),
+    ({"iterations": 0}, "iterations must be a positive integer, got 0"),
+    ({"prompt_size": 2, "prompt_tokens": 5}, "prompt_size \\(2\\) or prompt_tokens \\(5\\)"),
+    ({"mode": "add", "prompt_size": 3}, "k=3"),
+    ({"lamda": 0.1}, "'lamda' \\(did you mean 'lam'\\?\\)"),
+])
+def test_bad_config_values_are_named(values, bad):
+    with pytest.raises(TrceError, match=bad):
+        KPOPConfig.from_dict(values)
+
+
+def test_bad_inputs_are_named(tiny_pipe):
+    with pytest.raises(TrceError, match="prompt_tokens=7"):
+        erase_kpop(tiny_pipe, ERASE, KPOPConfig(mode="add", prompt_tokens=7, **FAST), progress=False)
+    with pytest.raises(TrceError, match="non-empty list"):
+        erase_kpop(tiny_pipe, "a red circle", KPOPConfig(**FAST), progress=False)
+    with pytest.raises(TrceError, match="no hidden prompt"), hidden_prompt_installed(tiny_pipe, Edit({}, "uce")):
+        pass
+
+
+@pytest.mark.parametrize("mode", ["concat", "add"])
+def test_the_default_prompt_starts_as_a_no_op(tiny_pipe, mode):
+    # concat: p_0 = the erase prompt's own embeddings repeated k times; add: p_0 = 0 (Table 1)
+    cfg = KPOPConfig(iterations=1, mode=mode, ddim_steps=2)
+    first = erase_kpop(tiny_pipe, ERASE[:1], cfg, progress=False).info["history"]["transfer"][0]
+    random = erase_kpop(tiny_pipe, ERASE[:1], dataclasses.replace(cfg, prompt_init="random"),
+                        progress=False).info["history"]["transfer"][0]
+    assert first < 1e-6 * random, (first, random)
+
+
+def test_a_half_precision_unet_trains_in_fp32_and_comes_back_bit_identical(tiny_pipe):
+    torch.nn.Module.to(tiny_pipe.unet, torch.bfloat16)
+    before = _state(tiny_pipe)
+    edit = erase_kpop(tiny_pipe, ERASE, KPOPConfig(**FAST), progress=False)
+    after = _state(tiny_pipe)
+    assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in after.items())
+    assert {v.dtype for v in edit.weights.values()} == {torch.float32}
