@@ -1,6 +1,6 @@
 """KPOP on ShapeWorld: erase three shapes at once (circle, star, triangle; the `shapeworld-3shapes` setting).
 
-Writes a patch (with its hidden prompt) that `trce evaluate` / `trce generate --patch DIR
+Writes a patch (with its hidden prompt) that `trce eval` / `trce generate --patch DIR
 --with-hidden-prompt` can use, and a picture of the recovery effect (paper Fig. 6): for every
 shape, images of the original model | the erased model | the erased model with the hidden prompt,
 with the detector's top-1 shape agreement for each panel (a quick readout, not the suite's

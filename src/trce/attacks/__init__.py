@@ -1,0 +1,36 @@
+"""Red-team attacks that run against the model under test (`trce attack`).
+
+Each attack is one module with one plain function
+`attack(pipe, targets, config, *, reference=None, progress=True) -> list[AttackResult]`,
+a `Budget` dataclass (its search budget, recorded in every result), and `NAME`, `LABEL`,
+`TYPED` (whether results are prompts anyone can type) and `NEEDS_REFERENCE` (whether it needs the
+original model's images of the concept):
+
+- `ring-a-bell`  Tsai et al. 2023: concept vector + genetic search over real tokens (text encoder only);
+- `mma-text`     Yang et al. 2024: greedy coordinate gradient over real tokens, concept words banned;
+- `unlearndiff`  Zhang et al. 2024: a k-token prefix optimised through the model under test;
+- `soft-prompt`  the same objective with free embeddings: "knowledge left", not a typed threat.
+
+`get_attack(name)` returns the module; shared pieces are in `trce.attacks.base`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from trce.errors import choose
+
+ATTACKS: dict[str, str] = {
+    "ring-a-bell": "trce.attacks.ring_a_bell",
+    "mma-text": "trce.attacks.mma_text",
+    "unlearndiff": "trce.attacks.unlearndiff",
+    "soft-prompt": "trce.attacks.soft_prompt",
+}
+
+__all__ = ["ATTACKS", "get_attack"]
+
+
+def get_attack(name: str) -> ModuleType:
+    """The attack module called `name`; a typo lists the available names."""
+    return importlib.import_module(ATTACKS[choose("attack", name, ATTACKS)])

@@ -1,0 +1,501 @@
+"""What every attack shares: configs and budgets, targets and results, the real-token vocabulary,
+text encoding with free token slots, and the per-target driver (resume, shards, progress).
+
+Real tokens. A typed adversarial prompt must be text a user can type that the model reads back as
+the very tokens the attack chose. `real_tokens(tokenizer)` keeps the whole-word tokens (CLIP's
+`...</w>`) whose decoded word re-tokenises, on its own, to exactly that one id; words joined by
+spaces then re-tokenise to the same ids, because CLIP's pre-tokeniser splits on whitespace
+before BPE. Sub-word pieces, special tokens and byte tokens that are not valid text on their own
+and words with control characters are left out (an attack over them would find prompts nobody
+can type back).
+
+Banned words. The concept's own words (`Vocabulary(banned=...)`; see `shapeworld_banned` and
+`spec_banned`) are removed from the candidate vocabulary, by exact word, case-insensitive, as
+MMA-Diffusion removes its sensitive words: an attack that types "red" to get red proves nothing.
+
+Free slots. `encode_with(text_encoder, ids, slots, embeds)` runs the text encoder with the token
+embeddings at `slots` replaced by `embeds` (a forward hook on the input-embedding layer, removed
+in `finally`), so gradients reach `embeds`. GCG's one-hot gradient, PEZ-style projected
+gradients and soft prompts all go through it.
+
+Driver. `run_targets` solves targets one by one with a tqdm bar; with `AttackConfig.results` it
+appends one JSON line per finished target (fsynced), and a rerun skips targets whose line matches
+(same target prompt, seed and configuration digest). Under `accelerate launch` the unfinished
+targets are split with `PartialState.split_between_processes`; each rank appends to its own
+`NAME.rank{r}.jsonl` and rank 0 merges the shards into the results file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from trce.errors import TrceError, choose
+
+log = logging.getLogger(__name__)
+
+METRICS = ("cosine", "l2")
+
+
+# --------------------------------------------------------------------------- configs
+def check_budget(budget: Any, attack: str, positive: Sequence[str] = (), unit: Sequence[str] = ()) -> None:
+    """Every number finite and >= 0; `positive` ones > 0; `unit` ones in [0, 1]; TrceError names the key."""
+    for f in fields(budget):
+        value = getattr(budget, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value) or value < 0 or (f.name in positive and value <= 0):
+            need = "a positive" if f.name in positive else "a non-negative"
+            raise TrceError(f"{attack} budget {f.name} must be {need} number, got {value}")
+        if f.name in unit and value > 1:
+            raise TrceError(f"{attack} budget {f.name} must be in [0, 1], got {value}")
+
+
+def parse_budget(budget_cls: type, items: Sequence[str], attack: str, base: Any = None) -> Any:
+    """`["steps=40", "lr=0.01"]` -> a `budget_cls` (from `base`, else its defaults); keys may use - or _."""
+    current = base if base is not None else budget_cls()
+    names = {f.name for f in fields(budget_cls)}
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise TrceError(f"--budget takes key=value pairs, got {item!r}")
+        choose(f"{attack} budget key", key, names)
+        default = getattr(current, key)
+        raw = raw.strip()
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(raw)
+                value: Any = raw.lower() in ("1", "true", "yes")
+            elif isinstance(default, int):
+                value = int(raw)
+            elif isinstance(default, float):
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError as exc:
+            kind = type(default).__name__
+            raise TrceError(f"{attack} budget {key} must be {kind}, got {raw!r}") from exc
+        values[key] = value
+    return dataclasses.replace(current, **values)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """What every attack takes besides its targets.
+
+    budget   the attack module's `Budget` (None: its defaults); recorded in every result line
+    seed     seeds the search of target i as SeedSequence([seed, target seed, i])
+    banned   words no adversarial token may be (the concept's own words)
+    pairs    (with concept, without concept) prompt pairs: Ring-A-Bell's concept vector
+    results  JSONL of finished targets (resume; required for several processes); soft prompts'
+             embeddings go to `embeddings/` beside it
+    size     image size of the reference images (white-box attacks; None: the model's)
+    """
+
+    budget: Any = None
+    seed: int = 0
+    banned: tuple[str, ...] = ()
+    pairs: tuple[tuple[str, str], ...] = ()
+    results: str | Path | None = None
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "banned", tuple(sorted({w.strip().lower() for w in self.banned if w.strip()})))
+        object.__setattr__(self, "pairs", tuple((str(a), str(b)) for a, b in self.pairs))
+        if self.size is not None and (self.size < 8 or self.size % 8):
+            raise TrceError(f"--size must be a positive multiple of 8, got {self.size}")
+
+    def with_budget(self, budget_cls: type, attack: str) -> AttackConfig:
+        """This config with its budget resolved to `budget_cls` (a budget of another attack is refused)."""
+        if self.budget is None:
+            return dataclasses.replace(self, budget=budget_cls())
+        if isinstance(self.budget, dict):
+            return dataclasses.replace(self, budget=budget_cls(**self.budget))
+        if not isinstance(self.budget, budget_cls):
+            raise TrceError(f"{attack} got a budget of type {type(self.budget).__name__}; "
+                            f"use trce.attacks.get_attack({attack!r}).Budget")
+        return self
+
+    def digest(self, attack: str) -> str:
+        """What a finished result line must have been made with to be reused (everything but `results`)."""
+        key = {"attack": attack, "budget": dataclasses.asdict(self.budget) if self.budget is not None else None,
+               "seed": self.seed, "banned": list(self.banned), "pairs": [list(p) for p in self.pairs],
+               "size": self.size}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A prompt to attack: its position, text, and the seed its images are made with."""
+
+    index: int
+    prompt: str
+    seed: int
+    guidance: float | None = None
+    case_number: int | str | None = None
+
+
+def as_targets(targets: Sequence[Target | str]) -> list[Target]:
+    """Strings become Target(index=i, prompt, seed=i); indices must be unique."""
+    out = [t if isinstance(t, Target) else Target(index=i, prompt=str(t), seed=i) for i, t in enumerate(targets)]
+    if len({t.index for t in out}) != len(out):
+        raise TrceError("attack targets must have unique indices")
+    return out
+
+
+@dataclass
+class AttackResult:
+    """One target's outcome.
+
+    prompt     the adversarial text (None for soft prompts: not typed text)
+    tokens     the adversarial token ids (the K searched tokens, or the prefix)
+    ids        every content token id the model reads (between start and end of text), i.e. what
+               re-tokenising `prompt` gives
+    objective  the attack's objective at the returned prompt (lower is better), `objective_start`
+               at its starting point, `objective_plain` for the target prompt typed as it is
+    embeds     soft prompts: {"prompt_embeds": (L, D), "token_embeds": (k, D)}; `embeddings` is
+               their file, relative to the results file's folder
+    """
+
+    index: int
+    target: str
+    seed: int
+    attack: str
+    attack_seed: int
+    prompt: str | None
+    tokens: list[int]
+    ids: list[int]
+    objective: float
+    objective_start: float
+    objective_plain: float | None
+    steps: int
+    seconds: float
+    digest: str = ""
+    embeddings: str | None = None
+    extra: dict = field(default_factory=dict)
+    embeds: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("embeds")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> AttackResult:
+        names = {f.name for f in fields(cls)} - {"embeds"}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# --------------------------------------------------------------------------- the real-token vocabulary
+def real_tokens(tokenizer, limit: int | None = None) -> dict[int, str]:
+    """id -> word of every whole-word token that re-tokenises to itself alone (see the module doc).
+
+    `limit`: ids at or above it are left out (the text encoder's embedding rows).
+    """
+    special = set(tokenizer.all_special_ids)
+    vocab = tokenizer.get_vocab()  # token -> id
+    n = len(tokenizer) if limit is None else min(len(tokenizer), limit)
+    cands = sorted(i for tok, i in vocab.items() if tok.endswith("</w>") and i < n and i not in special)
+    words = [w.strip() for w in tokenizer.batch_decode([[i] for i in cands])]
+    keep = [(i, w) for i, w in zip(cands, words) if w and w.isprintable() and not any(c.isspace() for c in w)]
+    back = tokenizer([w for _, w in keep], add_special_tokens=False).input_ids
+    return {i: w for (i, w), b in zip(keep, back) if list(b) == [i]}
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The candidate tokens of an attack: real tokens minus the banned words.
+
+    ids (A,) token ids; words their text; banned the words removed; index maps a token id to its
+    row in `ids` (-1 where it is not a candidate).
+    """
+
+    ids: torch.Tensor
+    words: tuple[str, ...]
+    banned: tuple[str, ...]
+    removed: tuple[str, ...]
+
+    @classmethod
+    def build(cls, tokenizer, banned: Sequence[str] = (), limit: int | None = None) -> Vocabulary:
+        real = real_tokens(tokenizer, limit)
+        ban = {w.strip().lower() for w in banned if w.strip()}
+        keep = {i: w for i, w in real.items() if w.lower() not in ban}
+        removed = tuple(sorted(w for w in real.values() if w.lower() in ban))
+        if not keep:
+            raise TrceError("no candidate tokens left: the tokenizer has no whole-word tokens outside the banned words")
+        ids = sorted(keep)
+        return cls(ids=torch.tensor(ids, dtype=torch.long), words=tuple(keep[i] for i in ids),
+                   banned=tuple(sorted(ban)), removed=removed)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def index(self, vocab_size: int) -> torch.Tensor:
+        """(vocab_size,) row in `ids` of each token id, -1 for non-candidates."""
+        out = torch.full((vocab_size,), -1, dtype=torch.long)
+        out[self.ids] = torch.arange(len(self.ids))
+        return out
+
+    def text(self, rows: Sequence[int] | torch.Tensor) -> str:
+        """The typed text of candidate rows (positions in `ids`), words joined by spaces."""
+        return " ".join(self.words[int(r)] for r in rows)
+
+    def sample(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        """Uniformly random candidate rows of `shape`."""
+        return torch.randint(len(self.ids), shape, generator=gen)
+
+
+def shapeworld_banned(attribute: str, values: Sequence[str]) -> tuple[str, ...]:
+    """A ShapeWorld concept's own words: each erased value's keyword and every synonym (spec and held out).
+
+    Paraphrases are phrases of common words ("the color of blood") and are not banned word by word.
+    """
+    from trce.shapeworld import world
+
+    v = world.vocab()
+    words = set()
+    for value in values:
+        words.update(v.expressions(attribute, value, "keyword"))
+        words.update(v.expressions(attribute, value, "synonym", "all"))
+    return tuple(sorted(w.lower() for w in words))
+
+
+def spec_banned(spec) -> tuple[str, ...]:
+    """A concept spec's own words: every single-word expression (ShapeWorld specs: see `shapeworld_banned`)."""
+    if spec.attribute is not None:
+        return shapeworld_banned(spec.attribute, spec.values)
+    return tuple(sorted({e.text.strip().lower() for e in spec.expressions if len(e.text.split()) == 1}))
+
+
+# --------------------------------------------------------------------------- token geometry
+def project(embeds: torch.Tensor, table: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
+    """Nearest candidate row for each vector: embeds (k, D), table (A, D) -> (k,) rows.
+
+    cosine: largest cosine similarity (PEZ, Wen et al. 2023); l2: smallest Euclidean distance.
+    """
+    choose("projection metric", metric, METRICS)
+    e, t = embeds.detach().float(), table.float()
+    if metric == "cosine":
+        return (F.normalize(e, dim=-1) @ F.normalize(t, dim=-1).T).argmax(-1)  # (k, A) -> (k,)
+    return torch.cdist(e, t).argmin(-1)
+
+
+def compose(tokenizer, tokens: Sequence[int], prompt: str | None = None) -> tuple[torch.Tensor, slice, list[int]]:
+    """(ids (L,), slot of `tokens`, content ids): [start] tokens [prompt tokens] [end] [padding].
+
+    Exactly what the tokenizer gives for `text(tokens) + " " + prompt` (padded and truncated to its
+    context length): the prompt's end is cut when it does not fit.
+    """
+    length = tokenizer.model_max_length
+    tokens = [int(t) for t in tokens]
+    if len(tokens) > length - 2:
+        raise TrceError(f"{len(tokens)} adversarial tokens do not fit the text encoder's {length} positions "
+                        f"(at most {length - 2})")
+    body = tokens + (tokenizer(prompt, add_special_tokens=False).input_ids if prompt else [])
+    if len(body) > length - 2:
+        log.debug("prompt cut to %d tokens: %r", length - 2, prompt)
+        body = body[: length - 2]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id] + [pad] * (length - 2 - len(body))
+    return torch.tensor(ids, dtype=torch.long), slice(1, 1 + len(tokens)), body
+
+
+def encode_with(text_encoder, ids: torch.Tensor, slots: slice | None = None,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) ids -> (B, L, D) last hidden state, with token embeddings at `slots` replaced by
+    `embeds` ((B or 1, k, D), differentiable)."""
+    layer = text_encoder.get_input_embeddings()
+
+    def swap(module, args, out):  # out: (B, L, D) token embeddings, before position embeddings
+        out = out.clone()
+        out[:, slots] = embeds.to(out.dtype).expand(out.shape[0], -1, -1)
+        return out
+
+    handle = layer.register_forward_hook(swap) if embeds is not None else None
+    try:
+        return text_encoder(ids.to(text_encoder.device)).last_hidden_state
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def frozen(*modules) -> Iterator[None]:
+    """Modules without parameter gradients (only the attack's inputs get them); flags restored after."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def finite(value: torch.Tensor | float, attack: str, target: Target, step: int, hint: str = "") -> float:
+    """The value as a float; NaN/inf stops the attack with a message naming where and what to change."""
+    number = float(value.detach() if isinstance(value, torch.Tensor) else value)
+    if not math.isfinite(number):
+        raise TrceError(f"{attack}: the objective became {number} at step {step} of target {target.index} "
+                        f"({target.prompt!r}){'; ' + hint if hint else ''}")
+    return number
+
+
+def target_seed(config: AttackConfig, target: Target) -> int:
+    """The search seed of one target: independent of the other targets and of sharding."""
+    return int(np.random.SeedSequence([int(config.seed), int(target.seed), int(target.index)])
+               .generate_state(1, dtype=np.uint32)[0])
+
+
+# --------------------------------------------------------------------------- processes and files
+class _SingleState:
+    """PartialState's interface for one process, without touching accelerate's global state."""
+
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def split_between_processes(self, items):
+        yield items
+
+
+def process_state():
+    """accelerate's PartialState when launched with several processes, else a single-process stand-in."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _SingleState()
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Complete JSON lines of `path` (missing file: none; a line cut short by a kill is dropped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_bytes().split(b"\n"):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                log.info("%s: dropping an incomplete line (an interrupted run); its target is redone", path)
+    return out
+
+
+def _shards(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
+
+
+def merge_results(path: Path) -> dict[int, dict]:
+    """Fold per-rank shards into `path` (one line per target index, the latest wins)."""
+    records: dict[int, dict] = {}
+    shards = _shards(path)
+    for f in [path, *shards]:
+        for rec in read_jsonl(f):
+            if "index" in rec:
+                records[int(rec["index"])] = rec
+    text = "".join(json.dumps(records[i]) + "\n" for i in sorted(records))
+    if shards or (path.exists() and path.read_text(encoding="utf-8", errors="replace") != text):
+        from trce.utils import io
+
+        io.write_text(path, text)  # rewritten only when it changes: a finished run's files stay untouched
+    for f in shards:
+        f.unlink()
+    return records
+
+
+def load_result(rec: dict, folder: Path) -> AttackResult:
+    result = AttackResult.from_json(rec)
+    if result.embeddings is not None:
+        from trce.utils import io
+
+        result.embeds = io.load_tensors(folder / result.embeddings)
+    return result
+
+
+def _finished(rec: dict | None, target: Target, digest: str, folder: Path) -> bool:
+    return (rec is not None and rec.get("digest") == digest and rec.get("target") == target.prompt
+            and rec.get("seed") == target.seed
+            and (rec.get("embeddings") is None or (folder / rec["embeddings"]).exists()))
+
+
+def run_targets(attack: str, targets: Sequence[Target | str], config: AttackConfig,
+                solve: Callable[[Target], AttackResult], progress: bool = True) -> list[AttackResult]:
+    """Solve every unfinished target (see the module doc); returns every target's result, in order."""
+    targets = as_targets(targets)
+    digest = config.digest(attack)
+    path = Path(config.results) if config.results is not None else None
+    state = process_state()
+    if path is None and state.num_processes > 1:
+        raise TrceError("attacks sharded over several processes need a results file (AttackConfig.results)")
+    done: dict[int, dict] = {}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if state.is_main_process:
+            merge_results(path)
+        state.wait_for_everyone()
+        done = {int(r["index"]): r for r in read_jsonl(path) if "index" in r}
+    todo = [t for t in targets if not _finished(done.get(t.index), t, digest, path.parent if path else Path("."))]
+    if len(todo) < len(targets) and state.is_main_process:
+        log.info("%s: %d of %d targets already done, attacking %d", attack, len(targets) - len(todo), len(targets),
+                 len(todo))
+    fresh: dict[int, AttackResult] = {}
+    shard = None
+    if path is not None:
+        shard = path if state.num_processes == 1 else path.with_name(f"{path.stem}.rank{state.process_index}{path.suffix}")
+    with state.split_between_processes(todo) as mine, contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(mine, desc=attack, unit="target", mininterval=1,
+                                       disable=not progress or not state.is_main_process))
+        fh = stack.enter_context(open(shard, "a", encoding="utf-8")) if shard is not None and mine else None
+        for target in bar:
+            t0 = time.time()
+            result = solve(target)
+            result.seconds = round(time.time() - t0, 3)
+            result.digest = digest
+            fresh[target.index] = result
+            bar.set_postfix(objective=f"{result.objective:.4g}")
+            if fh is not None:
+                fh.write(json.dumps(result.to_json()) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+    if path is None:
+        return [fresh[t.index] for t in targets]
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_results(path)
+    state.wait_for_everyone()
+    records = {int(r["index"]): r for r in read_jsonl(path)}
+    missing = [t.index for t in targets if t.index not in records]
+    if missing:
+        raise TrceError(f"{path}: targets {missing[:5]} were not written; rerun the same command to finish")
+    return [fresh[t.index] if t.index in fresh else load_result(records[t.index], path.parent) for t in targets]
+
+
+def embeddings_file(config: AttackConfig, target: Target) -> tuple[Path | None, str | None]:
+    """(absolute path, path relative to the results folder) where a soft prompt's tensors go."""
+    if config.results is None:
+        return None, None
+    rel = f"embeddings/{target.index:05d}.safetensors"
+    return Path(config.results).parent / rel, rel

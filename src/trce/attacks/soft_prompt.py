@@ -1,0 +1,143 @@
+"""Soft prompt: UnlearnDiffAtk's objective with free continuous embeddings (no projection).
+
+The k prefix vectors before the target prompt are any vectors at all (Adam, `lr`), not token
+embeddings, so the result is not a prompt anyone can type: it measures how much of the concept is
+still in the weights ("knowledge left"; cf. Pham et al. 2024, concept inversion), the worst case
+for an erasure, not a threat from typed prompts. Reports label it so (`LABEL`).
+
+Objective, samples and reference images: exactly those of `trce.attacks.unlearndiff` (Eq. 3
+there). The prefix starts at the embeddings of k random candidate tokens; the best prefix seen is
+returned. Each result carries `embeds`: `prompt_embeds` (L, D), the text encoding of
+[prefix; prompt] that `pipe(prompt_embeds=...)` generates from (see `generate`), and
+`token_embeds` (k, D), the prefix itself; with a results file they are saved to
+`embeddings/{index:05d}.safetensors` beside it. `extra["nearest"]` is the text of the tokens
+nearest to the prefix (cosine), for a look only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trce.attacks.base import (
+    AttackConfig,
+    AttackResult,
+    Target,
+    Vocabulary,
+    check_budget,
+    embeddings_file,
+    finite,
+    frozen,
+    project,
+    run_targets,
+)
+from trce.attacks.unlearndiff import WhiteBox, candidate_table
+from trce.utils import io
+
+log = logging.getLogger(__name__)
+
+NAME = "soft-prompt"
+LABEL = "knowledge left: free soft-prompt embeddings (not a typed prompt; the worst case, not a typed-prompt threat)"
+TYPED = False
+NEEDS_REFERENCE = True
+_HINT = "lower the budget's lr"
+
+
+@dataclass(frozen=True)
+class Budget:
+    tokens: int = 5  # k soft vectors before the prompt
+    steps: int = 100
+    lr: float = 0.01
+    samples: int = 8
+    images: int = 1
+    reference_steps: int = 30
+    reference_guidance: float = 7.5
+
+    def __post_init__(self) -> None:
+        check_budget(self, NAME, positive=("tokens", "lr", "samples", "images", "reference_steps"))
+
+
+def placeholder(index: int) -> str:
+    """The text that stands for soft prompt `index` in prompt files (it is not what the model sees)."""
+    return f"<soft-prompt {index:05d}>"
+
+
+def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, reference=None,
+           progress: bool = True) -> list[AttackResult]:
+    """Optimise a free k-vector prefix per target against `pipe` (see the module doc).
+
+    `reference`: the original model's images of each target's concept (as for unlearndiff).
+    """
+    config = config.with_budget(Budget, NAME)
+    budget: Budget = config.budget
+    te, tok = pipe.text_encoder, pipe.tokenizer
+    vocab = Vocabulary.build(tok, config.banned, limit=te.get_input_embeddings().num_embeddings)
+    table = candidate_table(pipe, vocab)
+
+    def solve(target: Target) -> AttackResult:
+        wb = WhiteBox(pipe, vocab, table, config, target, reference, NAME)
+        soft = table[wb.rows].clone().requires_grad_(True)  # (k, D)
+        opt = torch.optim.Adam([soft], lr=budget.lr)
+        start = best = float("inf")
+        best_soft = soft.detach().clone()
+        bar = tqdm(range(budget.steps + 1), desc=f"{NAME} #{target.index}", leave=False, disable=not progress,
+                   mininterval=1)
+        for step in bar:
+            last = step == budget.steps
+            with torch.set_grad_enabled(not last):
+                loss = wb.loss(soft)
+            value = finite(loss, NAME, target, step, _HINT)
+            if step == 0:
+                start = value
+            if value < best:
+                best, best_soft = value, soft.detach().clone()
+            bar.set_postfix(loss=f"{best:.4g}")
+            if last:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            prompt_embeds = wb.cond(best_soft)[0].float().cpu()  # (L, D)
+        embeds = {"prompt_embeds": prompt_embeds, "token_embeds": best_soft.float().cpu()}
+        path, rel = embeddings_file(config, target)
+        if path is not None:
+            io.save_tensors(path, embeds, {"target": target.prompt, "seed": str(target.seed), "attack": NAME})
+        return AttackResult(
+            index=target.index, target=target.prompt, seed=target.seed, attack=NAME, attack_seed=wb.seed,
+            prompt=None, tokens=[], ids=[], objective=best, objective_start=start, objective_plain=wb.plain,
+            steps=budget.steps, seconds=0.0, embeddings=rel, embeds=embeds,
+            extra={"nearest": vocab.text(project(best_soft, table)), "label": "knowledge left"},
+        )
+
+    with frozen(te, pipe.unet):
+        return run_targets(NAME, targets, config, solve, progress)
+
+
+@torch.no_grad()
+def generate(pipe, prompt_embeds: torch.Tensor, seeds: Sequence[int], guidances: Sequence[float], *, steps: int = 30,
+             size: int | None = None, batch_size: int = 8, progress: bool = True,
+             ) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Yield (indices, uint8 (B, H, W, 3) images) from (N, L, D) prompt embeddings, one CPU generator per
+    seed as `trce.generate` does; the unconditional half of guidance is the empty prompt."""
+    order: dict[float, list[int]] = {}
+    for i, g in enumerate(guidances):
+        order.setdefault(float(g), []).append(i)
+    bar = tqdm(total=len(seeds), desc=f"{NAME} images", unit="img", disable=not progress, mininterval=1)
+    try:
+        for guidance, idx_all in order.items():
+            for s in range(0, len(idx_all), batch_size):
+                idx = idx_all[s : s + batch_size]
+                gens = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in idx]
+                emb = prompt_embeds[idx].to(pipe.text_encoder.device, pipe.text_encoder.dtype)
+                out = pipe(prompt_embeds=emb, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                           height=size, width=size, output_type="np")
+                bar.update(len(idx))
+                yield idx, np.clip(np.round(out.images * 255), 0, 255).astype(np.uint8)
+    finally:
+        bar.close()
