@@ -6,6 +6,7 @@ User mistakes raise `TrceError` and end as one line on stderr with exit status 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -25,7 +26,7 @@ EXAMPLES = """examples:
 
 
 # Modules that add subcommands: each has `add_commands(sub, parser_kwargs, add_model_args)`.
-COMMAND_MODULES: list[str] = ["trce.cli_erase", "trce.cli_eval"]
+COMMAND_MODULES: list[str] = ["trce.cli_erase", "trce.cli_eval", "trce.cli_report", "trce.cli_attack"]
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", **_parser_kwargs(
         "Generate images from a prompt (one per seed).",
         '  trce generate --prompt "a crimson star on a black background" --seed 0 --out x.png\n'
-        '  trce generate --prompt "a red circle" --seed 0 --n 8 --out grid.png\n'))
+        '  trce generate --prompt "a red circle" --seed 0 --n 8 --out grid.png\n'
+        '  trce generate --patch runs/kpop --with-hidden-prompt --prompt "a red star" --n 8 --out recovered.png\n'))
     _add_model_args(p)
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k")
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
     p.add_argument("--patch", default=None, help="apply an erasure patch folder first")
+    p.add_argument("--with-hidden-prompt", action="store_true",
+                   help="also install the patch's hidden prompt (KPOP): shows whether the concept was moved, not destroyed")
     p.add_argument("--out", required=True, help="output PNG path")
     p.set_defaults(func=cmd_generate)
 
@@ -115,9 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shapeworld_check)
 
     p = sub.add_parser("demo", **_parser_kwargs(
-        "The quick start: ShapeWorld image grids for keyword, synonym and paraphrase prompts.",
-        "  trce demo\n  trce demo --out runs/demo\n"))
-    p.add_argument("--out", default="trce-demo", help="output folder")
+        "The quick start: erase red from ShapeWorld with UCE, TRCE (T and T+V) and KPOP, evaluate every model on "
+        "keyword, held-out synonym and paraphrase prompts and on what must be preserved, and write report.html.",
+        "  trce demo\n  trce demo --out runs/demo --limit 100 --steps 30\n  trce demo --methods uce,trce-T\n"))
+    p.add_argument("--out", default="trce-demo", help="output folder (rerun to resume)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of uce, trce-T, trce-T+V, kpop")
+    p.add_argument("--model", default="shapeworld", help="shapeworld, or another pipeline folder with its vocabulary")
+    p.add_argument("--limit", type=int, default=40, help="evaluation prompts per group")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps of the evaluation images")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
@@ -171,15 +180,23 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise TrceError(f"--out must end in .png, got {args.out!r}")
+    if args.with_hidden_prompt and not args.patch:
+        raise TrceError("--with-hidden-prompt needs --patch DIR (a KPOP patch)")
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, patch=args.patch)
     settings = GenSettings(steps=args.steps, guidance=args.guidance, height=args.size, width=args.size)
     seeds = [args.seed + k for k in range(args.n)]
-    images = generate(pipe, [args.prompt] * args.n, seeds, settings, progress=args.n > 1)
+    with contextlib.ExitStack() as stack:
+        if args.with_hidden_prompt:
+            from trce.edit import load_patch
+            from trce.methods.kpop import hidden_prompt_installed
+
+            stack.enter_context(hidden_prompt_installed(pipe, load_patch(args.patch)))
+        images = generate(pipe, [args.prompt] * args.n, seeds, settings, progress=args.n > 1)
     picture = images[0] if args.n == 1 else image_grid(images, cols=min(8, args.n))
     io.save_png(out, picture)
     io.write_json(out.with_suffix(".json"), io.run_record(
         {"model": args.model, "prompt": args.prompt, "steps": args.steps, "guidance": args.guidance,
-         "size": args.size, "patch": args.patch}, seeds))
+         "size": args.size, "patch": args.patch, "with_hidden_prompt": args.with_hidden_prompt}, seeds))
     log.info("wrote %s", out)
     return 0
 
@@ -219,10 +236,17 @@ def cmd_shapeworld_check(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from trce.demo import format_summary, run_demo
+    import time
 
-    summary = run_demo(Path(args.out), device=args.device, seed=args.seed)
-    print(format_summary(Path(args.out), summary))
+    from trce.demo import DemoConfig, run_demo
+
+    t0 = time.perf_counter()
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
+    cfg = DemoConfig(limit=args.limit, steps=args.steps, seed=args.seed, device=args.device, model=args.model,
+                     **({"methods": methods} if methods else {}))
+    table = run_demo(Path(args.out), cfg)
+    print(table, end="")
+    print(f"\nreport: {Path(args.out) / 'report.html'}  ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -6,6 +6,7 @@ does I/O and reports.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -17,7 +18,8 @@ from trce.errors import TrceError
 log = logging.getLogger("trce")
 
 # Keys a `--config run.yaml` may set (command-line flags win over the file).
-CONFIG_KEYS = ("concept", "method", "stages", "eta", "ridge", "token_role", "preserve_role", "data", "seed", "cache")
+CONFIG_KEYS = ("concept", "method", "stages", "eta", "ridge", "token_role", "preserve_role", "data", "seed", "cache",
+               "V", "kpop")
 
 
 def add_commands(sub, parser_kwargs, add_model_args) -> None:
@@ -28,12 +30,14 @@ def add_commands(sub, parser_kwargs, add_model_args) -> None:
         "  trce erase --model CompVis/stable-diffusion-v1-4 --concept sexual --data ../shared/data --out runs/nsfw\n"
         "  trce erase --concept my-concept.yaml --eta 0.05 --token-role eot-all --out runs/mine\n"
         "  trce erase --concept shapeworld-red --concept shapeworld-star --out runs/two   # one solve for both\n"
+        "  trce erase --concept shapeworld-red --stages T,V --set V.epochs=1 --out runs/red-tv   # TRCE T+V\n"
+        "  trce erase --concept shapeworld-3shapes --method kpop --set kpop.iterations=300 --out runs/kpop\n"
         "  trce generate --patch runs/red --prompt \"a crimson star on a black background\" --out x.png\n"))
     add_model_args(p)
     p.add_argument("--concept", action="append", default=argparse.SUPPRESS,
                    help="a built-in concept (see `trce concepts`) or a spec YAML path; repeat or comma-separate "
                         "to erase several at once")
-    p.add_argument("--method", default=argparse.SUPPRESS, help="trce or uce (default trce)")
+    p.add_argument("--method", default=argparse.SUPPRESS, help="trce, uce or kpop (default trce)")
     p.add_argument("--stages", default=argparse.SUPPRESS, help="stages of --method trce: T, V or T,V (default T)")
     p.add_argument("--out", required=True, help="patch folder to write (replaced atomically)")
     p.add_argument("--eta", type=float, default=argparse.SUPPRESS,
@@ -52,6 +56,9 @@ def add_commands(sub, parser_kwargs, add_model_args) -> None:
                    help="prior cache folder (default $TRCE_CACHE or ~/.cache/trce)")
     p.add_argument("--no-cache", action="store_true", help="recompute the preservation prior, write no cache")
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="random seed of the run (default 0; recorded)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="a setting of stage V or of kpop, e.g. V.epochs=1, V.n_trajectories=32, kpop.iterations=300 "
+                        "(also as sections `V:` / `kpop:` of --config)")
     p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("export", **parser_kwargs(
@@ -120,7 +127,7 @@ def cmd_erase(args) -> int:
 
     from trce.concepts import load_spec
     from trce.loading import load_pipeline
-    from trce.methods import erase, get_method, parse_stages
+    from trce.methods import erase, get_method, parse_stages, stage_config
     from trce.methods.stage_t import StageTConfig
 
     cfg = _run_config(getattr(args, "config", None))
@@ -146,17 +153,17 @@ def cmd_erase(args) -> int:
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     t0 = time.perf_counter()
     configs: dict[str, Any] = {"T": t_config}
+    sections = _stage_sections(cfg, args.set)
     if "V" in stages and method.name == "trce":
-        try:
-            from trce.methods.stage_v import StageVConfig
-        except ModuleNotFoundError as exc:
-            raise TrceError("stage V is not available yet in method 'trce' (use --stages T)") from exc
-        configs["V"] = StageVConfig(seed=seed)
+        configs["V"] = stage_config("trce", "V", sections.get("V"), seed=seed)
+    if method.name == "kpop":
+        configs["kpop"] = stage_config("kpop", "kpop", sections.get("kpop"), seed=seed)
     options = {"V": {"cache_dir": settings.get("cache")}} if "V" in configs else None
     edit = erase(pipe, specs if len(specs) > 1 else specs[0], method=method.name, stages=stages, configs=configs,
                  options=options)
     seconds = time.perf_counter() - t0
     record = {"command": "erase", "model": args.model, "concepts": names, "method": method.name,
+              "stage_settings": {k: dataclasses.asdict(v) for k, v in configs.items() if k != "T"},
               "stages": list(stages), **{k: settings.get(k) for k in ("eta", "ridge", "token_role", "preserve_role",
                                                                        "data", "cache")},
               "no_cache": args.no_cache, "device": str(pipe.device), "dtype": str(pipe.unet.dtype)}
@@ -164,6 +171,23 @@ def cmd_erase(args) -> int:
     print(f"erased {edit.spec.get('name')} with {method.name} stage {','.join(stages)} on {args.model}: "
           f"{len(edit.weights)} tensors in {seconds:.1f} s -> {out}")
     return 0
+
+
+def _stage_sections(cfg: dict[str, Any], assignments: list[str]) -> dict[str, dict[str, Any]]:
+    """Per-stage settings: `V:`/`kpop:` sections of --config, then `--set STAGE.KEY=VALUE` on top."""
+    sections: dict[str, dict[str, Any]] = {}
+    for stage in ("V", "kpop"):
+        value = cfg.get(stage) or {}
+        if not isinstance(value, dict):
+            raise TrceError(f"config section {stage!r} must be a mapping of settings, got {value!r}")
+        sections[stage] = dict(value)
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep or not dot or stage not in sections or not name:
+            raise TrceError(f"bad --set {item!r}; use V.KEY=VALUE or kpop.KEY=VALUE")
+        sections[stage][name] = value
+    return sections
 
 
 def _number(value: Any, name: str) -> float | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -31,25 +30,15 @@ def add_commands(sub, parser_kwargs, add_model_args) -> None:
 
 
 def cmd_report(args) -> int:
-    from trce.report import asr_preservation_plot, build_report, render_html, render_markdown
-    from trce.utils import io
+    from trce.report import write_report
 
     out = Path(args.out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise TrceError(f"--out must end in .html, got {args.out!r}")
     if args.grid_size < 0:
         raise TrceError(f"--grid-size must be 0 or more, got {args.grid_size}")
-    report = build_report([Path(r) for r in args.runs], grid_size=args.grid_size, title=args.title,
-                          blur=not args.no_blur)
-    # JSON first: the Markdown and the page are drawn from the document as written.
-    json_path = out.with_suffix(".json")
-    io.write_json(json_path, report)
-    report = json.loads(json_path.read_text(encoding="utf-8"))
-    markdown = render_markdown(report)
-    page = render_html(report, plot_png=asr_preservation_plot(report) if report["plot"]["panels"] else None)
-    io.write_text(out, page)
-    if args.markdown:
-        io.write_text(args.markdown, markdown)
-    log.info("wrote %s (%.1f MB) and %s", out, len(page.encode()) / 1e6, json_path)
+    markdown = write_report(args.runs, out, markdown=args.markdown, grid_size=args.grid_size, title=args.title,
+                            blur=not args.no_blur)
+    log.info("wrote %s (%.1f MB) and %s", out, out.stat().st_size / 1e6, out.with_suffix(".json"))
     print(markdown, end="")
     return 0

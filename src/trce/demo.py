@@ -1,61 +1,105 @@
-"""`trce demo`: what the quick start runs.
+"""`trce demo`: the quick start, end to end on ShapeWorld.
 
-For now it shows what ShapeWorld draws: one image per (colour, shape) pair for keyword, synonym
-and paraphrase prompts, as grids (rows: shapes, columns: colours), plus the detector's agreement.
-Erasure and evaluation join it as those commands land.
+Erase `shapeworld-red` with every method trce has (UCE, TRCE stage T, TRCE T+V, KPOP), evaluate the
+original model and each patch on the `shapeworld-red` suite (keyword, held-out synonym and
+paraphrase prompts; other colours; other attributes), and write one HTML report with before/after
+grids and the ASR-vs-preservation plot. Every step is resumable: rerunning the command skips
+patches and evaluations that are already finished.
+
+The demo's settings are scaled to finish in a few minutes on 2 CPU cores (fewer evaluation prompts
+and DDIM steps, a shorter stage V and KPOP); `trce erase` / `trce eval` run the full settings.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from trce.generate import GenSettings, generate, image_grid
-from trce.shapeworld import world
+from trce.errors import TrceError
 from trce.utils import io
 
 log = logging.getLogger(__name__)
 
-
-def grid_prompts(form: str, seed: int) -> tuple[list[str], list[world.Scene]]:
-    """One prompt per (shape, colour), shapes by row, colours by column."""
-    v = world.vocab()
-    rng = np.random.default_rng([seed, 31, world.FORMS.index(form)])
-    prompts, scenes = [], []
-    for shape in v.values("shape"):
-        for color in v.values("color"):
-            scene = world.sample_scene(rng, shape=shape, color=color)
-            prompts.append(world.caption(scene, rng, world.fixed_style(form, "heldout")))
-            scenes.append(scene)
-    return prompts, scenes
+CONCEPT = "shapeworld-red"
+SUITE = "shapeworld-red"
+# name -> (method, stages)
+METHODS: dict[str, tuple[str, str | None]] = {
+    "uce": ("uce", "T"),
+    "trce-T": ("trce", "T"),
+    "trce-T+V": ("trce", "T,V"),
+    "kpop": ("kpop", None),
+}
 
 
-def run_demo(out: Path, device: str | None = None, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class DemoConfig:
+    methods: tuple[str, ...] = tuple(METHODS)
+    limit: int = 40  # evaluation prompts per group
+    steps: int = 20  # DDIM steps of the evaluation images
+    seed: int = 0
+    device: str | None = None
+    model: str = "shapeworld"  # another ShapeWorld-vocabulary pipeline folder (tests use a tiny one)
+    # Stage V and KPOP, shortened for a CPU demo (the full settings are StageVConfig()/KPOPConfig()).
+    stage_v: dict = field(default_factory=lambda: {"n_trajectories": 32, "n_uncond": 128, "epochs": 1,
+                                                   "ddim_steps": 20, "cache_batch_size": 32})
+    kpop: dict = field(default_factory=lambda: {"iterations": 150, "latents": "cached", "ddim_steps": 20,
+                                                "cache_trajectories": 8})
+
+    def __post_init__(self) -> None:
+        for name in self.methods:
+            if name not in METHODS:
+                raise TrceError(f"unknown demo method {name!r}; available: {', '.join(METHODS)}")
+        if self.limit < 1 or self.steps < 1:
+            raise TrceError("--limit and --steps must be at least 1")
+
+
+def _erase(pipe, name: str, folder: Path, cfg: DemoConfig) -> Path:
+    from trce.concepts import load_spec
+    from trce.methods import erase, stage_config
+    from trce.methods.stage_t import StageTConfig
+
+    if (folder / "patch.json").exists():
+        log.info("patch %s already made, reusing %s", name, folder)
+        return folder
+    method, stages = METHODS[name]
+    configs: dict = {"T": StageTConfig(progress=False)}
+    if stages and "V" in stages:
+        configs["V"] = stage_config("trce", "V", cfg.stage_v, seed=cfg.seed)
+    if method == "kpop":
+        configs["kpop"] = stage_config("kpop", "kpop", cfg.kpop, seed=cfg.seed)
+    t0 = time.perf_counter()
+    edit = erase(pipe, load_spec(CONCEPT), method=method, stages=stages, configs=configs)
+    seconds = time.perf_counter() - t0
+    edit.save(folder, config={"command": "demo", "name": name, "method": method, "stages": stages,
+                              "seconds": round(seconds, 1), **{k: v for k, v in asdict(cfg).items() if k != "methods"}},
+              seeds={"seed": cfg.seed})
+    log.info("erased %s with %s in %.1f s", CONCEPT, name, seconds)
+    return folder
+
+
+def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> str:
+    """Erase, evaluate, report; returns the Markdown table (the report is `out/report.html`)."""
+    import torch
+
+    from trce.eval.runner import EvalConfig, run_eval
     from trce.loading import load_pipeline
-    from trce.shapeworld.check import classify
+    from trce.report import write_report
 
-    pipe = load_pipeline("shapeworld", device=device)
-    settings = GenSettings(steps=30, guidance=7.5, batch_size=48)
-    cols = len(world.vocab().values("color"))
-    summary = {}
-    for form in world.FORMS:
-        prompts, scenes = grid_prompts(form, seed)
-        seeds = [seed * 1000 + i for i in range(len(prompts))]
-        images = generate(pipe, prompts, seeds, settings, progress=True)
-        pred = classify(images)
-        acc = {a: float(np.mean([p == s.attribute(a) for p, s in zip(pred[a], scenes)])) for a in ("color", "shape")}
-        io.save_png(out / f"grid-{form}.png", image_grid(images, cols=cols, scale=3))
-        io.write_json(out / f"grid-{form}.json", {"prompts": prompts, "seeds": seeds, "detector_accuracy": acc})
-        summary[form] = acc
-    io.write_json(out / "run.json", io.run_record({"model": "shapeworld", "steps": 30, "guidance": 7.5}, {"seed": seed},
-                                                  summary=summary))
-    return summary
-
-
-def format_summary(out: Path, summary: dict) -> str:
-    lines = [f"ShapeWorld grids written to {out}/ (rows: shapes, columns: colours)",
-             "prompt group   colour  shape   (detector agreement with the prompt)"]
-    lines += [f"{form:<13}  {acc['color']:.3f}   {acc['shape']:.3f}" for form, acc in summary.items()]
-    return "\n".join(lines)
+    out = Path(out)
+    torch.manual_seed(cfg.seed)
+    pipe = load_pipeline(cfg.model, device=cfg.device)
+    patches = {name: _erase(pipe, name, out / "patches" / name, cfg) for name in cfg.methods}
+    del pipe
+    runs = []
+    for name, patch in [("original", None), *patches.items()]:
+        run_dir = out / "eval" / name
+        run_eval(EvalConfig(suite=SUITE, model=cfg.model, patch=str(patch) if patch else None, limit=cfg.limit,
+                            steps=cfg.steps, device=cfg.device, reference_cache=str(out / "reference-cache")),
+                 run_dir)
+        runs.append(run_dir)
+    table = write_report(runs, out / "report.html", markdown=out / "table.md",
+                         title="trce demo — erasing red from ShapeWorld")
+    io.write_json(out / "run.json", io.run_record(asdict(cfg), {"seed": cfg.seed}, runs=[str(r) for r in runs]))
+    return table

@@ -51,6 +51,13 @@ METHODS: dict[str, Method] = {
         stages={"T": "trce.methods.stage_t:erase", "V": "trce.methods:erase_stage_v"},
         default_stages=("T",),
     ),
+    "kpop": Method(
+        name="kpop",
+        description="KPOP: a learnable prompt in cross-attention absorbs the concept while the model forgets it "
+                    "(alternating knowledge transfer and removal, Eq. 5-7); the prompt ships in the patch",
+        stages={"kpop": "trce.methods:erase_kpop_spec"},
+        default_stages=("kpop",),
+    ),
     "uce": Method(
         name="uce",
         description="UCE-style baseline: the same closed-form edit on the keyword tokens (token role 'key')",
@@ -139,3 +146,56 @@ def erase_stage_v(pipe, spec, config=None, *, reference=None, cache_dir=None, pr
     folder = default_cache(cache_dir) / "stage-v"
     return erase_v(pipe, pairs, config if config is not None else StageVConfig(), reference=reference,
                    cache_dir=folder, spec=spec_record(spec), progress=progress)
+
+
+def erase_kpop_spec(pipe, spec, config=None, *, progress: bool = True):
+    """KPOP for a ConceptSpec (or a list): the spec's malicious prompts are the erase prompts c_e."""
+    from trce.concepts import as_specs, spec_record
+    from trce.methods.kpop import KPOPConfig, erase_kpop
+
+    prompts = list(dict.fromkeys(p.malicious for s in as_specs(spec) for p in s.pairs()))
+    return erase_kpop(pipe, prompts, config if config is not None else KPOPConfig(), spec=spec_record(spec),
+                      progress=progress)
+
+
+def stage_config(method: str, stage: str, values: Mapping[str, Any] | None = None, seed: int | None = None):
+    """The config object of one stage, from a mapping of its settings (unknown keys refused by name)."""
+    import dataclasses
+
+    values = dict(values or {})
+    if (method, stage) == ("trce", "V"):
+        from trce.methods.stage_v import StageVConfig as cls
+    elif method == "kpop":
+        from trce.methods.kpop import KPOPConfig as cls
+    else:
+        raise TrceError(f"stage {stage!r} of method {method!r} takes no settings section")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        choose(f"{method} {stage} setting", key, fields)
+    if seed is not None and "seed" in fields:
+        values.setdefault("seed", seed)
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        values[key] = _coerce(value, hints[key], key)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Strings from `--set key=value` to the field's type (int, float, bool, None); others pass through."""
+    if not isinstance(value, str):
+        return value
+    text = str(hint)
+    if value.lower() in ("none", "null") and "None" in text:
+        return None
+    try:
+        if text.startswith("int") or text == "<class 'int'>":
+            return int(value)
+        if text.startswith("float") or text == "<class 'float'>":
+            return float(value)
+        if text.startswith("bool") or text == "<class 'bool'>":
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+    except ValueError:
+        raise TrceError(f"setting {key}={value!r} is not a valid {text.split()[0]}") from None
+    return value

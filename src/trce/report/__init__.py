@@ -13,4 +13,27 @@ from trce.report.html import render_html
 from trce.report.plot import asr_preservation_plot
 from trce.report.tables import render_markdown
 
-__all__ = ["asr_preservation_plot", "build_report", "load_metrics", "render_html", "render_markdown"]
+__all__ = ["asr_preservation_plot", "build_report", "load_metrics", "render_html", "render_markdown", "write_report"]
+
+
+def write_report(runs, out, *, markdown=None, grid_size: int = 8, title: str | None = None, blur: bool = True) -> str:
+    """Write `out` (HTML) and its JSON beside it (report.html -> report.json); returns the Markdown table.
+
+    JSON first: the Markdown and the page are drawn from the document as written.
+    """
+    import json
+    from pathlib import Path
+
+    from trce.utils import io
+
+    out = Path(out)
+    report = build_report([Path(r) for r in runs], grid_size=grid_size, title=title, blur=blur)
+    json_path = out.with_suffix(".json")
+    io.write_json(json_path, report)
+    report = json.loads(json_path.read_text(encoding="utf-8"))
+    table = render_markdown(report)
+    page = render_html(report, plot_png=asr_preservation_plot(report) if report["plot"]["panels"] else None)
+    io.write_text(out, page)
+    if markdown:
+        io.write_text(markdown, table)
+    return table
