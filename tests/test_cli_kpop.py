@@ -6,7 +6,7 @@ from PIL import Image
 
 def test_kpop_erase_and_hidden_prompt_end_to_end(run_cli, tiny_dir, tmp_path):
     patch = tmp_path / "kpop"
-    code, out, err = run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-red", "--method", "kpop",
+    code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-red", "--method", "kpop",
                              "--set", "kpop.iterations=2", "--set", "kpop.latents=cached", "--set",
                              "kpop.ddim_steps=2", "--set", "kpop.cache_trajectories=1", "--out", patch)
     assert code == 0, err
