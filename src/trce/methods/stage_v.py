@@ -1,0 +1,494 @@
+"""TRCE stage V: denoising trajectory steering (paper Sec. 4.2, Eq. 6-9).
+
+`erase_v(pipe, pairs, config)` fine-tunes the "visual" layers of `pipe`'s UNet (every `attn1.*`
+parameter and `attn2.to_q.*`, nothing else) so that, on the early half of the original model's
+DDIM trajectories for the malicious prompts, its predictions move toward the original model's
+guidance-enhanced *safe* prediction and away from the *unsafe* one (Eq. 8), while an
+unconditional preservation loss (Eq. 9) keeps the rest of its behaviour. It returns an `Edit` with
+the trained tensors; `pipe` itself is not modified (training runs on a float32 copy of its UNet).
+
+The reference: every target comes from the frozen ORIGINAL model. When stage T ran first, `pipe`
+carries T's edit and the caller must pass the original model (before T) as `reference` (a
+pipeline or its UNet). Without `reference`, `pipe` itself is the reference: that is TRCE(V) alone.
+
+Speed: the reference is never called in the training loop. `trajectories.py` runs DDIM with the
+reference once, batched, keeps z_t^m for steps 0..keep-1 and computes f_unsafe / f_safe (Eq. 6/7)
+and the Eq. 9 targets while sampling; the caches live on disk and are shared across runs.
+
+Faults and scale: the same code path runs in one process or under `accelerate launch` (data
+parallel: each process takes its slice of every global batch, gradients are averaged). Batch order
+is a pure function of (seed, epoch), so a run killed at any point and rerun resumes from its last
+checkpoint (trainable tensors + Adam state, safetensors; step and losses in JSON, written last,
+folder renamed atomically) and ends bit for bit where an uninterrupted run ends (CPU, same seed).
+A non-finite loss stops every process with a `TrceError`; the last good checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+from tqdm.auto import tqdm
+
+from trce.edit import Edit
+from trce.errors import TrceError
+from trce.methods.trajectories import (
+    ConceptTrajectories,
+    Reference,
+    UncondTrajectories,
+    concept_trajectories,
+    mix_seed,
+    uncond_trajectories,
+)
+from trce.utils import io
+
+log = logging.getLogger(__name__)
+
+METHOD = "trce-v"
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+# Trainable: self-attention (attn1, every parameter) and the query of cross-attention (attn2.to_q).
+TRAINABLE = re.compile(r"(?:^|\.)attn1\.|(?:^|\.)attn2\.to_q\.")
+# Settings that change how a run is carried out but not its result: excluded from the run key so
+# that a rerun with, say, another checkpoint interval still resumes.
+_OPERATIONAL = ("checkpoint_every", "cache_batch_size", "gradient_checkpointing")
+
+
+@dataclass(frozen=True)
+class StageVConfig:
+    """Every setting of stage V; defaults are the paper's (Sec. 5, App. A.3)."""
+
+    beta: float = 15.0  # guidance enhancement of the targets, Eq. 6/7 (Table 8: 10-20 work, 15 best)
+    lambda_preserve: float = 100.0  # weight λ of Eq. 9
+    margin: float = 0.01  # triplet margin, Eq. 8
+    lr: float = 1e-6  # Adam learning rate
+    epochs: int = 3
+    n_trajectories: int = 100  # concept trajectories (the paper: 100 for one concept, 300 multi-concept)
+    n_uncond: int = 2000  # unconditional points for Eq. 9, cached once per base model
+    ddim_steps: int = 50  # DDIM steps of the cached trajectories
+    keep_fraction: float = 0.5  # the noisy first part of the trajectory used for Eq. 8 (steps 0-24 of 50)
+    sample_guidance: float = 7.5  # classifier-free guidance of the cached sampling (SD's sampler setting)
+    batch_size: int = 1  # concept samples per process and micro-batch
+    preserve_batch: int = 4  # unconditional points per concept sample (the official code uses 4)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    mixed_precision: MixedPrecision = "auto"  # autocast on GPU: auto = bf16 on GPU, fp32 ("no") on CPU
+    checkpoint_every: int = 100  # optimizer steps between checkpoints (0: none)
+    seed: int = 0  # concept trajectories and batch order
+    uncond_seed: int = 0  # unconditional trajectories (kept apart so every concept reuses one cache)
+    image_size: int | None = None  # pixels (square); None = the model's default
+    cache_batch_size: int = 16  # concept trajectories per reference batch while caching
+    gradient_checkpointing: bool = False  # trade compute for memory in the trained UNet
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in get_args(MixedPrecision):
+            raise TrceError(f"unknown mixed_precision {self.mixed_precision!r}; "
+                            f"choose one of {', '.join(get_args(MixedPrecision))}")
+        for name in ("epochs", "n_trajectories", "n_uncond", "ddim_steps", "batch_size", "grad_accum",
+                     "cache_batch_size", "preserve_batch"):
+            if int(getattr(self, name)) < 1:
+                raise TrceError(f"stage V setting {name} must be at least 1, got {getattr(self, name)!r}")
+        if not 0 < self.keep_fraction <= 1:
+            raise TrceError(f"stage V keep_fraction must be in (0, 1], got {self.keep_fraction!r}")
+        if not self.lr > 0:
+            raise TrceError(f"stage V lr must be positive, got {self.lr!r}")
+        for name in ("margin", "lambda_preserve", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise TrceError(f"stage V setting {name} must not be negative, got {getattr(self, name)!r}")
+        if self.image_size is not None and self.image_size < 8:
+            raise TrceError(f"stage V image_size must be at least 8 pixels, got {self.image_size!r}")
+
+    @property
+    def keep_steps(self) -> int:
+        """How many of the first DDIM steps feed Eq. 8 (25 of 50 by default)."""
+        return max(1, int(self.ddim_steps * self.keep_fraction))
+
+
+# --------------------------------------------------------------------------- the loss (Eq. 8, 9)
+def triplet_loss(pred: torch.Tensor, f_safe: torch.Tensor, f_unsafe: torch.Tensor, margin: float) -> torch.Tensor:
+    """Eq. 8 per sample: max(||ε̂ − f_safe||² − ||ε̂ − f_unsafe||² + margin, 0), shape (B,).
+
+    The squared norms are means over (C, h, w) ("mean-squared norms", as F.mse_loss), so the margin
+    does not depend on the latent size.
+    """
+    d_safe = (pred - f_safe).pow(2).flatten(1).mean(1)  # (B,)
+    d_unsafe = (pred - f_unsafe).pow(2).flatten(1).mean(1)  # (B,)
+    return torch.relu(d_safe - d_unsafe + margin)
+
+
+def stage_v_loss(pred_c: torch.Tensor, pred_u: torch.Tensor, pred_p: torch.Tensor, f_safe: torch.Tensor,
+                 f_unsafe: torch.Tensor, target_p: torch.Tensor, *, margin: float,
+                 lambda_preserve: float) -> dict[str, torch.Tensor]:
+    """L = ½(L_erase(ε̂(z,c^m,t)) + L_erase(ε̂(z,∅,t))) + λ·L_preserve.
+
+    pred_c, pred_u: (B, C, h, w) predictions of the trained model at z_t^m with c^m and with ∅;
+    pred_p: (B·U, C, h, w) at unconditional points, target_p their Eq. 9 targets. Eq. 8 is applied
+    to both predictions and averaged (as the authors' code does); Eq. 9 is a plain MSE.
+    """
+    hinge_c = triplet_loss(pred_c, f_safe, f_unsafe, margin)
+    hinge_u = triplet_loss(pred_u, f_safe, f_unsafe, margin)
+    erase = 0.5 * (hinge_c.mean() + hinge_u.mean())
+    preserve = (pred_p - target_p).pow(2).mean()
+    active = ((hinge_c > 0).float().mean() + (hinge_u > 0).float().mean()) / 2
+    return {"total": erase + lambda_preserve * preserve, "erase": erase, "preserve": preserve,
+            "active": active.detach()}
+
+
+def trainable_parameters(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Select by name every `attn1.*` and `attn2.to_q.*` parameter; freeze everything else."""
+    chosen = {}
+    for name, param in unet.named_parameters():
+        keep = bool(TRAINABLE.search(name))
+        param.requires_grad_(keep)
+        if keep:
+            chosen[name] = param
+    if not chosen:
+        raise TrceError("the UNet has no attn1 / attn2.to_q parameters; stage V needs a Stable Diffusion UNet")
+    stray = [n for n, p in unet.named_parameters() if p.requires_grad and n not in chosen]
+    if stray:  # a tied or re-registered parameter would make this fire
+        raise TrceError(f"stage V would also train {stray[:3]}; only attn1.* and attn2.to_q.* may change")
+    return chosen
+
+
+# --------------------------------------------------------------------------- batch order
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which samples each optimizer step uses: a pure function of (seed, epoch) and the sizes."""
+
+    trajectory: torch.Tensor  # (S, A, W, B) index into the concept trajectories
+    step: torch.Tensor  # (S, A, W, B) trajectory step in [0, keep)
+    uncond: torch.Tensor  # (S, A, W, B·U) index into the unconditional points
+
+    @property
+    def steps(self) -> int:
+        return self.trajectory.shape[0]
+
+
+def epoch_plan(seed: int, epoch: int, n_trajectories: int, keep: int, n_uncond: int, *, batch_size: int,
+               grad_accum: int, world: int, preserve_batch: int) -> EpochPlan:
+    """Shuffle the trajectories (each once per epoch), draw a step uniform in [0, keep) for each and
+    `preserve_batch` unconditional points per sample. The shuffled order is padded cyclically to a
+    whole number of optimizer steps so that every process always has a full batch."""
+    gen = torch.Generator("cpu").manual_seed(mix_seed("stage-v-plan", seed, epoch))
+    per_step = batch_size * grad_accum * world
+    steps = math.ceil(n_trajectories / per_step)
+    order = torch.randperm(n_trajectories, generator=gen)
+    order = order.repeat(math.ceil(steps * per_step / n_trajectories))[:steps * per_step]
+    k = torch.randint(0, keep, (steps * per_step,), generator=gen)
+    u = torch.randint(0, n_uncond, (steps * per_step, preserve_batch), generator=gen)
+    shape = (steps, grad_accum, world, batch_size)
+    return EpochPlan(trajectory=order.view(shape), step=k.view(shape),
+                     uncond=u.view(steps, grad_accum, world, batch_size * preserve_batch))
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in folder.glob("step-*") if (p / "state.json").exists()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(folder: Path, step: int, run_key: str, params: dict[str, torch.Tensor], optimizer,
+                     scaler, losses: list[list[float]]) -> Path:
+    target = folder / f"step-{step:08d}"
+    opt_tensors, opt_scalars = io.optimizer_state(optimizer)
+    with io.atomic_dir(target) as tmp:
+        io.save_tensors(tmp / "params.safetensors", params)
+        io.save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+        io.write_json(tmp / "state.json", {  # last: a folder without it is not a checkpoint
+            "run_key": run_key, "step": step, "optimizer": opt_scalars,
+            "scaler": scaler.state_dict() if scaler is not None else None, "losses": losses,
+            "batch_order": "pure function of (seed, epoch): nothing else to restore",
+        })
+    for old in _checkpoints(folder):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _load_checkpoint(folder: Path, run_key: str | None):
+    found = _checkpoints(folder)
+    if not found:
+        return None
+    last = found[-1]
+    state = io.read_json(last / "state.json")
+    if state.get("run_key") != run_key:
+        raise TrceError(f"checkpoint {last} belongs to another stage V run (other settings, prompts or model); "
+                        "delete it or choose another checkpoint folder")
+    return (state, io.load_tensors(last / "params.safetensors"), io.load_tensors(last / "optimizer.safetensors"),
+            last)
+
+
+def _weights_digest(unet: torch.nn.Module) -> str:
+    """A digest of the starting weights, so that a checkpoint resumes only the run it came from
+    (stage T changes attn2.to_k/to_v, which the fingerprint's coarse probe may not see)."""
+    with torch.no_grad():
+        sums = [f"{float(p.sum(dtype=torch.float64)):.9e}/{float(p.abs().sum(dtype=torch.float64)):.9e}"
+                for p in unet.parameters()]
+    return hashlib.sha256("|".join(sums).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- helpers
+def _accelerator(config: StageVConfig, device: torch.device, accelerator):
+    mp = config.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if mp != "no" and device.type != "cuda":
+        raise TrceError(f"mixed_precision {mp!r} needs a CUDA GPU; use 'no' (fp32) on the {device.type}")
+    if accelerator is not None:
+        if accelerator.mixed_precision != mp:
+            raise TrceError(f"the accelerator passed to stage V uses mixed precision "
+                            f"{accelerator.mixed_precision!r} but the config asks for {mp!r}")
+        return accelerator, mp
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(mixed_precision=mp, cpu=device.type == "cpu"), mp
+    except ValueError as exc:  # accelerate's process-wide state was set up differently
+        raise TrceError(f"cannot set up accelerate for stage V with mixed_precision={mp!r}: {exc}") from exc
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _encode(pipe, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+    with torch.no_grad():
+        out = [pipe.encode_prompt(list(prompts[i:i + 64]), pipe.text_encoder.device, 1, False)[0]
+               for i in range(0, len(prompts), 64)]
+    return torch.cat(out).to(device=device, dtype=torch.float32)  # (N, L, D)
+
+
+def _curve(losses: list[list[float]], points: int = 100) -> list[list[float]]:
+    if len(losses) <= points:
+        return losses
+    idx = sorted({round(i * (len(losses) - 1) / (points - 1)) for i in range(points)})
+    return [losses[i] for i in idx]
+
+
+# --------------------------------------------------------------------------- the stage
+def erase_v(
+    pipe,
+    pairs: Sequence[tuple[str, str]],
+    config: StageVConfig = StageVConfig(),
+    *,
+    reference=None,
+    cache_dir: str | Path | None = None,
+    spec: dict | None = None,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    accelerator=None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> Edit:
+    """Run TRCE stage V on `pipe` for the (malicious prompt, safe prompt) `pairs`; return the Edit.
+
+    reference: the frozen ORIGINAL model (pipeline or UNet) that makes trajectories and targets.
+        Pass it when `pipe` already carries stage T's edit; None uses `pipe` (TRCE(V) alone).
+    cache_dir: where trajectory caches live (shared by every concept of a base model) and, unless
+        `checkpoint_dir` is given, where checkpoints go (`stage-v-runs/<run key>`). None: no disk.
+    checkpoint_dir: checkpoints of this run; a rerun with the same inputs resumes from the last one.
+    accelerator: an `accelerate.Accelerator` to use (default: one made for `config`). Under
+        `accelerate launch` (torchrun path: `--multi_gpu --num_processes N`) load `pipe` on
+        `accelerate.PartialState().device` in every process; for CPU processes create
+        `PartialState(cpu=True)` first (accelerate fixes its process state on first use).
+    on_step(step, losses): called in every process after each optimizer step (and its checkpoint).
+    """
+    pairs = [(str(m), str(s)) for m, s in pairs]
+    if not pairs:
+        raise TrceError("stage V needs at least one (malicious prompt, safe prompt) pair")
+    t_start = time.perf_counter()
+    acc, mp = _accelerator(config, pipe.unet.device, accelerator)
+    device = acc.device
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    ref = Reference.from_pipe(pipe, reference, autocast_dtype=autocast_dtype)
+    cache_dir = Path(cache_dir) if cache_dir is not None else None
+
+    # 1. trajectories and reference targets (Eq. 6, 7, 9), computed once, batched, cached.
+    concept = concept_trajectories(
+        ref, pairs, config.n_trajectories, steps=config.ddim_steps, keep=config.keep_steps,
+        guidance=config.sample_guidance, beta=config.beta, image_size=config.image_size, seed=config.seed,
+        batch_size=config.cache_batch_size, cache_dir=cache_dir, dist=acc, progress=progress)
+    t_concept = _sync(ref.device)
+    uncond = uncond_trajectories(
+        ref, config.n_uncond, steps=config.ddim_steps, image_size=config.image_size, seed=config.uncond_seed,
+        batch_size=config.cache_batch_size, cache_dir=cache_dir, dist=acc, progress=progress)
+    t_cache = _sync(ref.device)
+
+    # 2. training: only the trainable copy runs from here on.
+    ckpt, run_key = None, None
+    if config.checkpoint_every and (checkpoint_dir is not None or cache_dir is not None):
+        run_key = _run_key(config, pairs, ref, pipe, acc.num_processes, mp)
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else cache_dir / "stage-v-runs" / run_key[:16]
+    weights, losses, resumed = _train(pipe, pairs, concept, uncond, config, acc, mp, ckpt, run_key, progress,
+                                      on_step)
+    t_end = _sync(device)
+
+    info = {
+        "steps": len(losses),
+        "resumed_from_step": resumed,
+        "loss_first": _named(losses[0]) if losses else None,
+        "loss_last": _named(losses[-1]) if losses else None,
+        "loss_first10_mean": _named(_mean_rows(losses[:10])) if losses else None,
+        "loss_last10_mean": _named(_mean_rows(losses[-10:])) if losses else None,
+        "loss_curve_columns": ["step", "total", "erase", "preserve", "active"],
+        "loss_curve": _curve([[i + 1, *row] for i, row in enumerate(losses)]),
+        "timings_s": {"cache_concept": round(t_concept - t_start, 3), "cache_uncond": round(t_cache - t_concept, 3),
+                      "train": round(t_end - t_cache, 3), "total": round(t_end - t_start, 3)},
+        "cache": {"concept": {"file": concept.path.name if concept.path else None, "key": concept.key},
+                  "uncond": {"file": uncond.path.name if uncond.path else None, "key": uncond.key}},
+        "reference": ref.fingerprint["id"],
+        "device": str(device),
+        "num_processes": acc.num_processes,
+        "mixed_precision": mp,
+        "keep_steps": config.keep_steps,
+        "pairs": len(pairs),
+        "trainable_tensors": len(weights),
+        "trainable_parameters": sum(v.numel() for v in weights.values()),
+        "run_key": run_key,
+    }
+    log.info("stage V: %d steps, loss %s -> %s, %.1fs (cache %.1fs, train %.1fs)", len(losses),
+             info["loss_first"], info["loss_last"], t_end - t_start, t_cache - t_start, t_end - t_cache)
+    return Edit(weights={f"unet.{name}": t for name, t in weights.items()}, method=METHOD, spec=dict(spec or {}),
+                settings=asdict(config), base=ref.fingerprint, info=info)
+
+
+_COLUMNS = ("total", "erase", "preserve", "active")
+
+
+def _named(row: Sequence[float]) -> dict[str, float]:
+    return dict(zip(_COLUMNS, (float(v) for v in row)))
+
+
+def _mean_rows(rows: list[list[float]]) -> list[float]:
+    return [sum(col) / len(col) for col in zip(*rows)]
+
+
+def _run_key(config: StageVConfig, pairs, ref: Reference, pipe, world: int, mp: str) -> str:
+    settings = {k: v for k, v in asdict(config).items() if k not in _OPERATIONAL}
+    payload = {"method": METHOD, "settings": settings, "mixed_precision": mp, "world": world,
+               "pairs": pairs, "reference": ref.fingerprint["id"], "start": _weights_digest(pipe.unet)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _train(pipe, pairs, concept: ConceptTrajectories, uncond: UncondTrajectories, config: StageVConfig, acc,
+           mp: str, ckpt: Path | None, run_key: str | None, progress: bool, on_step):
+    device = acc.device
+    rank, world = acc.process_index, acc.num_processes
+    model = copy.deepcopy(pipe.unet).to(device)
+    if model.dtype != torch.float32:
+        model = model.to(dtype=torch.float32)  # fp32 master weights: Adam steps of 1e-6 vanish in half precision
+    model.train()
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    params = trainable_parameters(model)
+    names = list(params)
+    optimizer = torch.optim.Adam(list(params.values()), lr=config.lr)
+
+    losses: list[list[float]] = []
+    start, resumed, state = 0, None, None
+    if ckpt is not None:
+        if acc.is_main_process and ckpt.is_dir():
+            for stale in ckpt.glob(".step-*"):  # temporary folders of a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
+        found = _load_checkpoint(ckpt, run_key)
+        if found is not None:
+            state, saved, opt_tensors, where = found
+            if set(saved) != set(names):
+                raise TrceError(f"checkpoint {where} holds other tensors than this UNet trains; delete it")
+            with torch.no_grad():
+                for name in names:
+                    params[name].copy_(saved[name].to(device))
+            io.load_optimizer_state(optimizer, {k: v.to(device) for k, v in opt_tensors.items()}, state["optimizer"])
+            start, resumed, losses = int(state["step"]), int(state["step"]), [list(r) for r in state["losses"]]
+            log.info("stage V: resuming from %s (step %d)", where, start)
+    prepared, optimizer = acc.prepare(model, optimizer)
+    if state is not None and acc.scaler is not None and state.get("scaler"):
+        acc.scaler.load_state_dict(state["scaler"])
+    optimizer.zero_grad(set_to_none=True)
+
+    # Training data on the training device: cached latents, targets, text embeddings.
+    lat, f_safe, f_unsafe = (x.to(device) for x in (concept.latents, concept.f_safe, concept.f_unsafe))
+    t_concept, pair_index = concept.timesteps.to(device), concept.pair_index.to(device)
+    u_lat, u_t, u_tgt = uncond.latents.to(device), uncond.timesteps.to(device), uncond.target.to(device)
+    emb_m = _encode(pipe, [m for m, _ in pairs], device)  # (P, L, D)
+    emb_null = _encode(pipe, [""], device)  # (1, L, D)
+
+    n_traj, keep = len(concept), concept.timesteps.shape[0]
+    plan_args = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "world": world,
+                 "preserve_batch": config.preserve_batch}
+    per_epoch = epoch_plan(config.seed, 0, n_traj, keep, len(uncond), **plan_args).steps
+    total = per_epoch * config.epochs
+    last_saved = start if resumed is not None else None
+    bar = tqdm(total=total, initial=start, desc="stage V training", unit="step",
+               disable=not (progress and acc.is_main_process), mininterval=1)
+    plan, plan_epoch = None, -1
+    try:
+        for step in range(start, total):
+            epoch, pos = divmod(step, per_epoch)
+            if epoch != plan_epoch:
+                plan, plan_epoch = epoch_plan(config.seed, epoch, n_traj, keep, len(uncond), **plan_args), epoch
+            sums = torch.zeros(len(_COLUMNS), device=device)
+            for micro in range(config.grad_accum):
+                ti = plan.trajectory[pos, micro, rank].to(device)  # (B,)
+                ki = plan.step[pos, micro, rank].to(device)  # (B,)
+                ui = plan.uncond[pos, micro, rank].to(device)  # (B·U,)
+                b, bu = ti.shape[0], ui.shape[0]
+                z = lat[ti, ki]  # (B, C, h, w)
+                x = torch.cat([z, z, u_lat[ui]])  # (2B + B·U, C, h, w): c^m, ∅ at z_t^m; ∅ at z^u
+                t = torch.cat([t_concept[ki], t_concept[ki], u_t[ui]])
+                e = torch.cat([emb_m[pair_index[ti]], emb_null.expand(b + bu, -1, -1)])
+                sync = micro == config.grad_accum - 1
+                with (acc.no_sync(prepared) if not sync else contextlib.nullcontext()):
+                    with acc.autocast():
+                        out = prepared(x, t, encoder_hidden_states=e).sample.float()
+                    parts = stage_v_loss(out[:b], out[b:2 * b], out[2 * b:], f_safe[ti, ki], f_unsafe[ti, ki],
+                                         u_tgt[ui], margin=config.margin, lambda_preserve=config.lambda_preserve)
+                    values = acc.reduce(torch.stack([parts[c].detach() for c in _COLUMNS]), reduction="mean")
+                    if not torch.isfinite(values[0]):
+                        raise _diverged(float(values[0]), step, total, epoch, last_saved, ckpt, config)
+                    acc.backward(parts["total"] / config.grad_accum)
+                sums += values
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # every step (the authors' code never zeroed them)
+            row = (sums / config.grad_accum).tolist()
+            losses.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row[0]:.4g}", erase=f"{row[1]:.3g}", preserve=f"{row[2]:.3g}")
+            done = step + 1
+            if ckpt is not None and done % config.checkpoint_every == 0 and done < total:
+                if acc.is_main_process:
+                    _save_checkpoint(ckpt, done, run_key, {n: params[n] for n in names}, optimizer, acc.scaler,
+                                     losses)
+                last_saved = done
+            if on_step is not None:
+                on_step(done, _named(row))
+    finally:
+        bar.close()
+    acc.wait_for_everyone()
+    weights = {n: params[n].detach().float().cpu().clone() for n in names}
+    if ckpt is not None and acc.is_main_process:
+        shutil.rmtree(ckpt, ignore_errors=True)  # finished: the Edit holds the result
+        with contextlib.suppress(OSError):
+            ckpt.parent.rmdir()  # the default `stage-v-runs` folder, when no other run is in it
+    return weights, losses, resumed
+
+
+def _diverged(value: float, step: int, total: int, epoch: int, last_saved: int | None, ckpt: Path | None,
+              config: StageVConfig) -> TrceError:
+    if ckpt is not None and last_saved is not None:
+        kept = f"the last good checkpoint (step {last_saved}) is kept in {ckpt}"
+    else:
+        kept = "no checkpoint was written before it"
+    return TrceError(f"stage V loss is {value} (not finite) at step {step + 1} of {total} (epoch {epoch + 1}); "
+                     f"training stopped and {kept}; lower lr (now {config.lr:g}) or use mixed_precision='no'")
