@@ -45,7 +45,7 @@ class DemoConfig:
     stage_v: dict = field(default_factory=lambda: {"n_trajectories": 32, "n_uncond": 128, "epochs": 1,
                                                    "ddim_steps": 20, "cache_batch_size": 32})
     kpop: dict = field(default_factory=lambda: {"iterations": 150, "latents": "cached", "ddim_steps": 20,
-                                                "cache_trajectories": 8})
+                                                "cache_trajectories": 1})
 
     def __post_init__(self) -> None:
         for name in self.methods:
