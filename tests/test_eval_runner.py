@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from trce.eval.detectors import make_detector
-from trce.eval.runner import EvalConfig, generate_rows, read_jsonl, run_eval
+from trce.eval.runner import EvalConfig, generate_rows, run_eval
 from trce.eval.suites import load_suite
 from trce.generate import GenSettings
+from trce.utils.io import read_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -172,8 +172,9 @@ def _soft_rows(pipe, prompt_embeds, rows, seeds, guidances, folder: Path, settin
     import numpy as np
 
     from trce.attacks.soft_prompt import generate
-    from trce.eval.runner import IMAGES, ROWS, consolidate, read_jsonl
+    from trce.eval.runner import IMAGES, ROWS, consolidate
     from trce.utils import io
+    from trce.utils.io import read_jsonl
 
     names = [f"{i:05d}" for i in range(len(rows))]
     if state.is_main_process:
@@ -294,11 +295,12 @@ def cmd_attack(args) -> int:
     from trce.edit import load_patch
     from trce.eval.detectors import make_detector
     from trce.eval.prompts import PromptRow
-    from trce.eval.runner import IMAGES, ROWS, generate_rows, process_state
+    from trce.eval.runner import IMAGES, ROWS, generate_rows
     from trce.eval.suites import load_suite
     from trce.generate import GenSettings
     from trce.loading import fingerprint, load_pipeline, resolve_device
     from trce.utils import io
+    from trce.utils.processes import process_state
 
     t0 = time.time()
     mod = get_attack(args.attack)

@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from trce.errors import TrceError, choose
+from trce.utils.io import read_jsonl
+from trce.utils.processes import process_state
 
 log = logging.getLogger(__name__)
 
@@ -366,44 +368,6 @@ def target_seed(config: AttackConfig, target: Target) -> int:
 
 
 # --------------------------------------------------------------------------- processes and files
-class _SingleState:
-    """PartialState's interface for one process, without touching accelerate's global state."""
-
-    num_processes = 1
-    process_index = 0
-    is_main_process = True
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-    @contextlib.contextmanager
-    def split_between_processes(self, items):
-        yield items
-
-
-def process_state():
-    """accelerate's PartialState when launched with several processes, else a single-process stand-in."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _SingleState()
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Complete JSON lines of `path` (missing file: none; a line cut short by a kill is dropped)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_bytes().split(b"\n"):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                log.info("%s: dropping an incomplete line (an interrupted run); its target is redone", path)
-    return out
-
-
 def _shards(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
 

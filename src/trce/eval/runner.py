@@ -41,6 +41,8 @@ from trce.eval.prompts import PromptRow, load_prompts
 from trce.eval.suites import ERASURE_GROUPS, Defaults, Suite, load_suite
 from trce.generate import GenSettings, generate_iter
 from trce.utils import io
+from trce.utils.io import read_jsonl
+from trce.utils.processes import SingleState, process_state
 
 log = logging.getLogger(__name__)
 
@@ -97,21 +99,6 @@ def offset_seed(seed: int, offset: int) -> int:
 
 
 # --------------------------------------------------------------------------- rows on disk
-def read_jsonl(path: Path) -> list[dict]:
-    """Every complete JSON line of `path` (a missing file is empty; a truncated line is skipped)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_bytes().split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            log.info("%s: dropping an incomplete line (an interrupted run); its row is redone", path)
-    return out
-
-
 def consolidate(folder: Path) -> dict[str, dict]:
     """Merge rows.jsonl and per-rank shards into one clean rows.jsonl (one line per image name)."""
     shards = sorted(folder.glob("rows.rank*.jsonl"))
@@ -147,7 +134,7 @@ def generate_rows(pipe, rows: Sequence[PromptRow], seeds: Sequence[int], guidanc
     Images go to folder/images/{name}.png (name defaults to the zero-padded row index), records to
     folder/rows.jsonl (or a per-rank shard), appended and fsynced as each batch finishes.
     """
-    state = state if state is not None else _single_state()
+    state = state if state is not None else SingleState()
     names = list(names) if names is not None else [f"{i:05d}" for i in range(len(rows))]
     folder = Path(folder)
     if state.is_main_process:
@@ -183,35 +170,6 @@ def generate_rows(pipe, rows: Sequence[PromptRow], seeds: Sequence[int], guidanc
     if missing:
         raise TrceError(f"{folder}: rows {', '.join(missing[:5])} were not written; rerun the same command to finish")
     return [by_name[n] for n in names]
-
-
-class _SingleState:
-    """PartialState's interface for one process, without touching accelerate's global state."""
-
-    num_processes = 1
-    process_index = 0
-    is_main_process = True
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-    @contextlib.contextmanager
-    def split_between_processes(self, items):
-        yield items
-
-
-def _single_state():
-    return _SingleState()
-
-
-def process_state(cpu: bool):
-    """accelerate's PartialState when launched with several processes, else a single-process stand-in."""
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
-    if not launched:
-        return _single_state()
-    from accelerate import PartialState
-
-    return PartialState(cpu=cpu)
 
 
 # --------------------------------------------------------------------------- the run

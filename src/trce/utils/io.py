@@ -194,3 +194,21 @@ def save_png(path: str | os.PathLike, image) -> None:
 
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every complete JSON line of `path` (a missing file is empty; a line cut short by a kill is dropped)."""
+    import logging
+
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            logging.getLogger(__name__).info("%s: dropping an incomplete line (an interrupted run); it is redone", path)
+    return out
