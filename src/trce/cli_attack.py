@@ -342,7 +342,7 @@ def cmd_attack(args) -> int:
            "seed": args.seed, "banned": concept_record["banned"], "pairs": concept_record.get("pairs_source"),
            "reference_model": args.reference_model, "steps": settings.steps, "size": size, "guidance": args.guidance,
            "detector": detector.info(), "dtype": str(pipe.unet.dtype)}
-    _check_key(out, key, state)
+    io.check_run_key(out / "attack.json", key, state, "an attack")
 
     reference = None
     if mod.NEEDS_REFERENCE:
@@ -403,22 +403,6 @@ def _original_latents(pipe, edit, budget, size):
             edit.apply(pipe, check_base=False)
 
     return draw
-
-
-def _check_key(out: Path, key: dict, state) -> None:
-    """Refuse to mix results made with other settings into a resumed run."""
-    from trce.utils import io
-
-    path = out / "attack.json"
-    if path.exists():
-        old = io.read_json(path).get("key", {})
-        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-        if diff:
-            raise TrceError(f"{out} holds an attack made with other {', '.join(diff)}; use another --out "
-                            "or delete that folder")
-    state.wait_for_everyone()
-    if state.is_main_process and not path.exists():
-        io.write_json(path, {"key": key})
 
 
 def _metrics(args, mod, budget, suite, targets, results, before, after, detector, settings, size, pipe, device, state,

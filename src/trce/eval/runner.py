@@ -204,20 +204,6 @@ def _patch_meta(patch: str | None) -> dict | None:
     return {"method": meta.get("method"), "files": meta.get("files"), "spec": meta.get("spec")}
 
 
-def _check_key(out: Path, key: dict, state) -> None:
-    """Refuse to mix images made with other settings into a resumed run."""
-    path = out / "eval.json"
-    if path.exists():
-        old = io.read_json(path).get("key", {})
-        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-        if diff:
-            raise TrceError(f"{out} holds an evaluation made with other {', '.join(diff)}; use another --out "
-                            "or delete that folder")
-    state.wait_for_everyone()
-    if state.is_main_process and not path.exists():
-        io.write_json(path, {"key": key})
-
-
 def run_eval(config: EvalConfig, out: str | Path) -> dict | None:
     """Run an evaluation into `out` and return its metrics (None on non-main processes)."""
     from trce.loading import fingerprint, load_pipeline, resolve_device
@@ -258,7 +244,7 @@ def run_eval(config: EvalConfig, out: str | Path) -> dict | None:
     key = {"model": config.model, "base": base["id"], "patch": (patch_meta or {}).get("files"), "steps": steps,
            "size": size, "guidance": config.guidance, "suite": f"{suite.name}@{suite.version}",
            "detector": detector.info(), "dtype": str(pipe.unet.dtype)}
-    _check_key(out, key, state)
+    io.check_run_key(out / "eval.json", key, state, "an evaluation")
 
     base_seeds = [r.seed if r.seed is not None else d.seed + i for i, r in enumerate(rows)]
     guidances = [float(config.guidance if config.guidance is not None else r.guidance if r.guidance is not None

@@ -212,3 +212,21 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             logging.getLogger(__name__).info("%s: dropping an incomplete line (an interrupted run); it is redone", path)
     return out
+
+
+def check_run_key(path: str | os.PathLike, key: dict, state, what: str) -> None:
+    """Refuse to mix results made with other settings into a resumed run folder.
+
+    `path` (e.g. `out/eval.json`) records the settings the folder's results depend on; the first run
+    writes it, every later run must match it. `what` names the run in the error ("an evaluation").
+    """
+    path = Path(path)
+    if path.exists():
+        old = read_json(path).get("key", {})
+        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        if diff:
+            raise TrceError(f"{path.parent} holds {what} made with other {', '.join(diff)}; use another --out "
+                            "or delete that folder")
+    state.wait_for_everyone()
+    if state.is_main_process and not path.exists():
+        write_json(path, {"key": key})
