@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector-steps", type=int, default=None)
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--unet-batch", type=int, default=None)
+    p.add_argument("--clip-lr", type=float, default=None)
+    p.add_argument("--clip-aux-weight", type=float, default=None,
+                   help="weight of the attribute heads added to the contrastive CLIP loss (default 1.0; 0 = pure CLIP)")
+    p.add_argument("--warm-start", default=None, metavar="RUN",
+                   help="a finished run folder whose CLIP and UNet initialise this one (fine-tune, not from scratch)")
     p.add_argument("--ship", action="store_true", help="copy the exported pipeline into the installed package")
     p.set_defaults(func=cmd_shapeworld_train)
 
@@ -208,7 +213,7 @@ def cmd_shapeworld_train(args) -> int:
 
     cfg = TrainConfig.tiny(seed=args.seed) if args.tiny else TrainConfig(seed=args.seed)
     overrides = {k: getattr(args, k) for k in ("pool_size", "clip_steps", "vae_steps", "detector_steps", "unet_steps",
-                                               "unet_batch") if getattr(args, k) is not None}
+                                               "unet_batch", "clip_lr", "clip_aux_weight", "warm_start") if getattr(args, k) is not None}
     cfg = replace(cfg, device=args.device, **overrides)
     export = Trainer(args.out, cfg).run()
     log.info("ShapeWorld pipeline written to %s", export)
