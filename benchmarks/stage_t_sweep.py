@@ -1,6 +1,7 @@
 """The η x token-role sweep of TRCE stage T on ShapeWorld (issue "Done when"), with the UCE baseline.
 
     nice -n 19 .venv/bin/python benchmarks/stage_t_sweep.py --out runs/stage-t-sweep
+    .venv/bin/python benchmarks/stage_t_sweep.py --out runs/sweep --eval-limit 200 --eval-steps 20   # images
 
 `sweep(...)` erases `shapeworld-red` (or any concept) once per setting, writes each patch under
 `out/<label>/`, calls `evaluate(patch_folder, setting)` when given (it returns a JSON-able dict,
@@ -86,6 +87,61 @@ def sweep(evaluate: Callable[[Path, dict], dict] | None = None, *, model: str = 
         io.write_json(results_path, list(done.values()))
         log.info("%s: residual %.3f, drift %.4f", label, row["info"]["erase_residual"], row["info"]["preserve_drift"])
     return rows
+
+
+# --------------------------------------------------------------------------- images
+EVAL_GROUPS = ("keyword", "synonym", "paraphrase", "preserve")
+
+
+def image_evaluator(out: str | Path, limit: int, steps: int | None, concept: str = "shapeworld-red",
+                    model: str = "shapeworld", device: str | None = None) -> Callable[[Path | None, dict], dict]:
+    """`evaluate(patch, setting)` for `sweep`: `trce eval` on the concept's ShapeWorld suite, reduced to the
+    groups the table needs (erased value in every form, and the other values of its attribute),
+    `limit` prompts per group, the original model's images shared through one reference cache."""
+    import yaml
+
+    from trce.eval.runner import EvalConfig, run_eval
+    from trce.eval.suites import builtin_suites
+
+    out = Path(out)
+    raw = yaml.safe_load(builtin_suites()[concept].read_text(encoding="utf-8"))
+    raw.update(name=f"{raw['name']}-table", groups=list(EVAL_GROUPS))
+    suite_file = out / "suite.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_text(suite_file, yaml.safe_dump(raw, sort_keys=False))
+
+    def evaluate(patch: Path | None, setting: dict) -> dict:
+        run = out / "eval" / (setting["label"] if patch is not None else "original")
+        m = run_eval(EvalConfig(suite=str(suite_file), model=model, patch=str(patch) if patch else None, limit=limit,
+                                steps=steps, device=device, reference_cache=str(out / "reference-cache"),
+                                progress=False), run)
+        def groups(block: dict) -> dict:
+            return {g: {"n": v["n"], "asr": v["asr"], "asr_ci": v["asr_ci"], "accuracy": v["accuracy"]}
+                    for g, v in block["groups"].items()}
+
+        # The original model's images on the same prompts and seeds come with every patch's evaluation.
+        return {"groups": groups(m), "fd": m["fd"], "run": str(run), "reference": {"groups": groups(m["reference"])}}
+
+    return evaluate
+
+
+def table(rows: list[dict], original: dict) -> str:
+    """Markdown: red rate per erasure group, preservation accuracies, with the original model first."""
+    head = ("| setting | η | role | keyword | synonym | paraphrase | other colours: colour acc | shape acc | FD |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+
+    def line(label: str, eta: str, role: str, ev: dict) -> str:
+        g = ev["groups"]
+        rate = " | ".join(f"{100 * g[k]['asr']:.1f}" for k in ("keyword", "synonym", "paraphrase"))
+        acc = g["preserve"]["accuracy"]
+        fd = "–" if ev.get("fd") is None else f"{ev['fd']:.1f}"
+        return f"| {label} | {eta} | {role} | {rate} | {100 * acc['color']:.1f} | {100 * acc['shape']:.1f} | {fd} |"
+
+    lines.append(line("original", "–", "–", original))
+    for r in rows:
+        lines.append(line(r["method"], f"{r['eta']:g}", r["token_role"], r["eval"]))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- a text-only proxy
@@ -179,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default=None,
                    help='comma-separated safe targets to compare, e.g. ",blue" ("" = unnamed)')
     p.add_argument("--device", default=None)
+    p.add_argument("--eval-limit", type=int, default=None, metavar="N",
+                   help="evaluate every patch on N prompts per group of the concept's ShapeWorld suite")
+    p.add_argument("--eval-steps", type=int, default=None, help="DDIM steps of the evaluation images (default: suite's)")
     p.add_argument("--proxy", default=None, metavar="CLIP_DIR",
                    help="only the text-encoder proxy (`embedding_proxy`) with the CLIP text model in this folder "
                         "(a trained ShapeWorld run's clip/ folder, or a pipeline's text_encoder/ + tokenizer/)")
@@ -200,8 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"{r['label']:<{width}} " + " ".join(f"{r.get(c, float('nan')):>14.3f}" for c in cols))
         return 0
-    rows = sweep(None, model=args.model, concept=args.concept, out=args.out, device=args.device, targets=targets,
+    evaluate = None
+    if args.eval_limit:
+        evaluate = image_evaluator(args.out, args.eval_limit, args.eval_steps, args.concept, args.model, args.device)
+    rows = sweep(evaluate, model=args.model, concept=args.concept, out=args.out, device=args.device, targets=targets,
                  etas=etas, roles=roles)
+    if evaluate is not None:
+        text = table(rows, rows[0]["eval"]["reference"])
+        io.write_text(Path(args.out) / "table.md", text + "\n")
+        print(text)
+        return 0
     print(json.dumps([{k: r[k] for k in ("label", "info", "seconds")} for r in rows], indent=1))
     return 0
 

@@ -29,7 +29,7 @@ def red_patch(tiny_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("patch")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRCE_CACHE", str(folder / "cache"))
-        assert main(["erase", "--model", str(tiny_dir), "--concept", "shapeworld-red", "--out", str(folder / "red")]) == 0
+        assert main(["erase", "--model", str(tiny_dir), "--concept", "shapeworld-red", "--stages", "T", "--out", str(folder / "red")]) == 0
     return folder / "red"
 
 

@@ -25,7 +25,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture()
 def red_patch(tiny_dir, tmp_path, run_cli, cache):
     out = tmp_path / "red"
-    code, out_text, err = run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-red", "--out", out)
+    code, out_text, err = run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-red", "--stages", "T", "--out", out)
     assert code == 0, err
     assert "erased shapeworld-red with trce stage T" in out_text
     return out
@@ -73,7 +73,8 @@ def test_uce_config_file_and_flag_precedence(tiny_dir, tmp_path, run_cli, cache)
                                     "templates": ["a photo of {}"], "preserve": {"prompts": ["a red circle"]}}))
     run = tmp_path / "run.yaml"
     run.write_text(yaml.safe_dump({"concept": str(spec), "eta": 0.2, "token-role": "eot-all", "seed": 3}))
-    code, out, err = run_cli("erase", "--model", tiny_dir, "--config", run, "--eta", "0.05", "--out", tmp_path / "c")
+    code, out, err = run_cli("erase", "--model", tiny_dir, "--config", run, "--eta", "0.05", "--stages", "T",
+                             "--out", tmp_path / "c")
     assert code == 0, err
     meta = io.read_json(tmp_path / "c" / "patch.json")
     assert meta["settings"]["eta"] == 0.05 and meta["settings"]["token_role"] == "eot-all"  # flag > file > spec
@@ -91,7 +92,7 @@ def test_uce_config_file_and_flag_precedence(tiny_dir, tmp_path, run_cli, cache)
 
 def test_two_concepts_in_one_patch(tiny_dir, tmp_path, run_cli, cache):
     code, out, err = run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-red,shapeworld-star",
-                             "--out", tmp_path / "two")
+                             "--stages", "T", "--out", tmp_path / "two")
     assert code == 0, err
     assert "shapeworld-red+shapeworld-star" in out
     meta = io.read_json(tmp_path / "two" / "patch.json")

@@ -27,7 +27,7 @@ def test_hidden_prompt_needs_a_kpop_patch(run_cli, tiny_dir, tmp_path):
                            "--out", tmp_path / "x.png")
     assert code == 2 and "--patch" in err
     patch = tmp_path / "t"
-    assert run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-red", "--out", patch)[0] == 0
+    assert run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-red", "--stages", "T", "--out", patch)[0] == 0
     code, _, err = run_cli("generate", "--model", tiny_dir, "--patch", patch, "--with-hidden-prompt", "--prompt", "x",
                            "--out", tmp_path / "x.png")
     assert code == 2 and "no hidden prompt" in err

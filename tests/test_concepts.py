@@ -99,6 +99,9 @@ def test_unknown_name_suggests_and_lists(tmp_path):
     ({"preserve": {"source": "cocoa"}}, r"field 'preserve.source' is 'cocoa' \(did you mean 'coco'\?\)"),
     ({"preserve": {"source": "prompts"}}, "field 'preserve.prompts' must list"),
     ({"attribute": "color", "value": "crimsonish"}, "is not a ShapeWorld color"),
+    ({"settings": {"W": {"lr": 1}}}, r"field 'settings.W' is not a known field"),
+    ({"settings": {"V": {"learning_rate": 1}}}, r"settings.V.*learning_rate"),
+    ({"settings": {"kpop": {"iterations": 0}}}, r"settings.kpop.*iterations"),
 ])
 def test_validation_errors_name_the_field_and_file(tmp_path, change, message):
     path = _write(tmp_path, _minimal(**change))
@@ -151,3 +154,13 @@ def test_coco_from_the_shared_data():
     prompts = preservation_prompts(load_spec("sexual"), DATA)
     assert len(prompts) == 1000 and len(set(prompts)) > 990
     assert prompts == preservation_prompts(load_spec("sexual"), DATA)
+
+
+def test_spec_settings_are_defaults_under_config_and_set(tmp_path):
+    from trce.methods import spec_settings, stage_config
+
+    spec = load_spec(_write(tmp_path, _minimal(settings={"V": {"lr": 1e-4, "epochs": 2}})))
+    assert spec_settings(spec, "V") == {"lr": 1e-4, "epochs": 2}
+    assert spec_settings(spec, "V", {"epochs": 5}, {"lr": "3e-4"}) == {"lr": "3e-4", "epochs": 5}
+    assert stage_config("trce", "V", spec_settings(spec, "V", None, {"lr": "3e-4"})).lr == 3e-4
+    assert spec_settings(spec, "kpop") == {}

@@ -127,7 +127,7 @@ def cmd_erase(args) -> int:
 
     from trce.concepts import load_spec
     from trce.loading import load_pipeline
-    from trce.methods import erase, get_method, parse_stages, stage_config
+    from trce.methods import erase, get_method, parse_stages, spec_settings, stage_config
     from trce.methods.stage_t import StageTConfig
 
     cfg = _run_config(getattr(args, "config", None))
@@ -155,9 +155,9 @@ def cmd_erase(args) -> int:
     configs: dict[str, Any] = {"T": t_config}
     sections = _stage_sections(cfg, args.set)
     if "V" in stages and method.name == "trce":
-        configs["V"] = stage_config("trce", "V", sections.get("V"), seed=seed)
+        configs["V"] = stage_config("trce", "V", spec_settings(specs, "V", sections.get("V")), seed=seed)
     if method.name == "kpop":
-        configs["kpop"] = stage_config("kpop", "kpop", sections.get("kpop"), seed=seed)
+        configs["kpop"] = stage_config("kpop", "kpop", spec_settings(specs, "kpop", sections.get("kpop")), seed=seed)
     options = {"V": {"cache_dir": settings.get("cache")}} if "V" in configs else None
     edit = erase(pipe, specs if len(specs) > 1 else specs[0], method=method.name, stages=stages, configs=configs,
                  options=options)

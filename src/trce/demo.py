@@ -57,20 +57,21 @@ class DemoConfig:
 
 def _erase(pipe, name: str, folder: Path, cfg: DemoConfig) -> Path:
     from trce.concepts import load_spec
-    from trce.methods import erase, stage_config
+    from trce.methods import erase, spec_settings, stage_config
     from trce.methods.stage_t import StageTConfig
 
     if (folder / "patch.json").exists():
         log.info("patch %s already made, reusing %s", name, folder)
         return folder
     method, stages = METHODS[name]
+    spec = load_spec(CONCEPT)
     configs: dict = {"T": StageTConfig(progress=False)}
     if stages and "V" in stages:
-        configs["V"] = stage_config("trce", "V", cfg.stage_v, seed=cfg.seed)
+        configs["V"] = stage_config("trce", "V", spec_settings(spec, "V", cfg.stage_v), seed=cfg.seed)
     if method == "kpop":
-        configs["kpop"] = stage_config("kpop", "kpop", cfg.kpop, seed=cfg.seed)
+        configs["kpop"] = stage_config("kpop", "kpop", spec_settings(spec, "kpop", cfg.kpop), seed=cfg.seed)
     t0 = time.perf_counter()
-    edit = erase(pipe, load_spec(CONCEPT), method=method, stages=stages, configs=configs)
+    edit = erase(pipe, spec, method=method, stages=stages, configs=configs)
     seconds = time.perf_counter() - t0
     edit.save(folder, config={"command": "demo", "name": name, "method": method, "stages": stages,
                               "seconds": round(seconds, 1), **{k: v for k, v in asdict(cfg).items() if k != "methods"}},

@@ -13,6 +13,7 @@ A spec file (see `builtin/*.yaml`; every key is optional except `name`, `erase` 
     eta: 0.01                                    # weight of the preservation term (Eq. 4)
     ridge: 0.0001                                # relative ridge, see trce.methods.stage_t
     token_role: eot                              # see trce.tokens
+    settings: {V: {lr: 1.0e-4}, kpop: {lr: 1.0e-4}}   # method defaults for this concept (flags win)
 
 ShapeWorld specs add `attribute` and `value` (or `values`), may say `expressions: from-vocab`
 (the value's keyword and its `spec`-group synonyms and paraphrases from the world's vocabulary,
@@ -48,7 +49,8 @@ COCO_FILE = Path("prompts") / "coco_30k.csv"
 _SLOT = re.compile(r"\{(?:concept)?\}")
 _START, _END = "\x01", "\x02"  # marks the slot while a prompt is assembled
 _TOP_KEYS = ("name", "aliases", "description", "erase", "templates", "preserve", "eta", "ridge", "token_role",
-             "attribute", "value", "values", "contexts", "seed")
+             "attribute", "value", "values", "contexts", "seed", "settings")
+SETTING_SECTIONS = ("V", "kpop")  # stages whose settings a spec may recommend (checked against their configs)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ class ConceptSpec:
     values: tuple[str, ...] = ()  # ShapeWorld only: the erased values of `attribute`
     contexts: int = 4  # ShapeWorld only: random scenes per (expression, template)
     seed: int = 0  # ShapeWorld only: seed of those scenes
+    # Recommended settings of later stages for this concept, e.g. {"V": {"lr": 1e-4}}: ShapeWorld's
+    # 3.5M-parameter UNet needs larger steps than the paper's SD settings. --config / --set win.
+    settings: dict = field(default_factory=dict, compare=False, hash=False)
     source: str | None = field(default=None, compare=False)  # the YAML file it came from
 
     @property
@@ -278,8 +283,26 @@ def spec_from_dict(raw: Any, where: str = "<dict>", base_dir: Path | None = None
         values=values,
         contexts=r.integer(raw.get("contexts", 4), "contexts", low=1),
         seed=r.integer(raw.get("seed", 0), "seed"),
+        settings=_settings(r, raw.get("settings", {})),
         source=where,
     )
+
+
+def _settings(r: _Reader, raw: Any) -> dict:
+    sections = r.mapping(raw, "settings", SETTING_SECTIONS)
+    out = {}
+    for stage, values in sections.items():
+        if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+            raise r.fail(f"settings.{stage}", f"must be a mapping of setting names to values, got {values!r}")
+        from trce.methods import stage_config
+
+        method = "trce" if stage == "V" else "kpop"
+        try:
+            stage_config(method, stage, values)  # unknown names and bad values fail here, not mid-run
+        except TrceError as exc:
+            raise r.fail(f"settings.{stage}", str(exc)) from None
+        out[stage] = dict(values)
+    return out
 
 
 def _shapeworld_target(r: _Reader, raw: dict) -> tuple[str, tuple[str, ...]]:

@@ -49,7 +49,7 @@ METHODS: dict[str, Method] = {
         description="TRCE (Chen et al. 2025): T = closed-form [EoT] edit of cross-attention K/V (Eq. 5); "
                     "V = denoising-trajectory steering of the visual layers (Eq. 6-9)",
         stages={"T": "trce.methods.stage_t:erase", "V": "trce.methods:erase_stage_v"},
-        default_stages=("T",),
+        default_stages=("T", "V"),  # the paper's TRCE; --stages T for the closed-form edit alone
     ),
     "kpop": Method(
         name="kpop",
@@ -178,6 +178,19 @@ def stage_config(method: str, stage: str, values: Mapping[str, Any] | None = Non
     for key, value in values.items():
         values[key] = _coerce(value, hints[key], key)
     return cls(**values)
+
+
+def spec_settings(spec, stage: str, *overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Settings of `stage`: the spec's recommended `settings` (each spec of a list in turn), then
+    each of `overrides` on top (a --config section, then --set)."""
+    from trce.concepts import as_specs
+
+    merged: dict[str, Any] = {}
+    for s in as_specs(spec):
+        merged.update(s.settings.get(stage, {}))
+    for layer in overrides:
+        merged.update(layer or {})
+    return merged
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
