@@ -157,3 +157,15 @@ def test_a_half_precision_unet_trains_in_fp32_and_comes_back_bit_identical(tiny_
     after = _state(tiny_pipe)
     assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in after.items())
     assert {v.dtype for v in edit.weights.values()} == {torch.float32}
+
+
+def test_safe_neutral_maps_each_erase_prompt_to_its_own_safe_prompt(tiny_pipe):
+    cfg = KPOPConfig(neutral="safe", **FAST)
+    with pytest.raises(TrceError, match="one safe prompt per erase prompt"):
+        erase_kpop(tiny_pipe, ERASE, cfg, progress=False)
+    safe = ["a circle", "a disc"]
+    edit = erase_kpop(tiny_pipe, ERASE, cfg, safe_prompts=safe, progress=False)
+    assert edit.settings["safe_prompts"] == safe and edit.settings["neutral"] == "safe"
+    # A different c_n gives a different removal target, so different weights from the same seed.
+    plain = erase_kpop(tiny_pipe, ERASE, KPOPConfig(**FAST), progress=False)
+    assert any(not torch.equal(edit.weights[k], plain.weights[k]) for k in edit.weights)

@@ -153,9 +153,10 @@ def erase_kpop_spec(pipe, spec, config=None, *, progress: bool = True):
     from trce.concepts import as_specs, spec_record
     from trce.methods.kpop import KPOPConfig, erase_kpop
 
-    prompts = list(dict.fromkeys(p.malicious for s in as_specs(spec) for p in s.pairs()))
+    safe = {p.malicious: p.safe for s in as_specs(spec) for p in s.pairs()}  # each erase prompt's safe counterpart
+    prompts = list(safe)
     return erase_kpop(pipe, prompts, config if config is not None else KPOPConfig(), spec=spec_record(spec),
-                      progress=progress)
+                      safe_prompts=[safe[m] for m in prompts], progress=progress)
 
 
 def stage_config(method: str, stage: str, values: Mapping[str, Any] | None = None, seed: int | None = None):

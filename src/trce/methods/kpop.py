@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 Group = Literal["cross-attn", "non-cross-attn"]
 Latents = Literal["current", "cached"]
 PromptInit = Literal["auto", "erase", "zeros", "random"]
+Neutral = Literal["prompt", "safe"]
 DEFAULT_K = 10  # the paper's prompt size: m_p = k * m_c (Sec. 4.3, Sec. 5.1)
 # ESD's "noxattn" leaves these out too: the time embedding and the final output layers.
 _NON_CROSS_EXCLUDED = ("time_embedding.", "conv_norm_out.", "conv_out.")
@@ -84,6 +85,10 @@ class KPOPConfig:
     prompt_init: PromptInit = "auto"  # auto: concat -> erase (exact no-op for one prompt), add -> zeros (no-op)
     batch_size: int = 1
     neutral_prompt: str = ""
+    # c_n of Eq. 7: "prompt" = neutral_prompt for every erase prompt (the paper); "safe" = each erase
+    # prompt's safe counterpart from the concept spec ("a red circle" -> "a red shape"), so only the
+    # erased words lose their effect and the rest of the prompt keeps its meaning.
+    neutral: Neutral = "prompt"
     seed: int = 0
     latents: Latents = "current"
     ddim_steps: int = 50
@@ -92,7 +97,7 @@ class KPOPConfig:
 
     def __post_init__(self) -> None:
         for name, kind in (("params", Group), ("mode", Mode), ("sites", Sites), ("latents", Latents),
-                           ("prompt_init", PromptInit)):
+                           ("prompt_init", PromptInit), ("neutral", Neutral)):
             choose(f"KPOP {name}", getattr(self, name), get_args(kind))
         for name in ("iterations", "batch_size", "ddim_steps", "cache_trajectories"):
             value = getattr(self, name)
@@ -280,11 +285,12 @@ def _training_state(unet, trainable: dict[str, torch.nn.Parameter]) -> Iterator[
 
 
 def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig(), *, neutral_prompt: str | None = None,
-               spec: dict | None = None, progress: bool = True, checkpoint_dir: str | Path | None = None,
+               safe_prompts: list[str] | None = None, spec: dict | None = None, progress: bool = True, checkpoint_dir: str | Path | None = None,
                checkpoint_every: int = 100) -> Edit:
     """Erase the concept of `erase_prompts` with KPOP; returns the Edit (the pipeline is left unchanged).
 
-    neutral_prompt overrides config.neutral_prompt (c_n). With `checkpoint_dir`, the state is saved
+    neutral_prompt overrides config.neutral_prompt (c_n); with config.neutral == "safe", c_n of erase
+    prompt i is safe_prompts[i] (required then). With `checkpoint_dir`, the state is saved
     every `checkpoint_every` iterations and a rerun with the same settings continues from there.
     """
     if isinstance(erase_prompts, str) or not erase_prompts or not all(isinstance(p, str) and p.strip()
@@ -303,7 +309,12 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
     device = unet.device
     layers = site_layers(unet, config.sites)
     erase_emb = _encode(pipe, erase_prompts, device)  # (n, m_c, d)
-    neutral_emb = _encode(pipe, [config.neutral_prompt], device)  # (1, m_c, d)
+    if config.neutral == "safe":
+        if safe_prompts is None or len(safe_prompts) != len(erase_prompts):
+            raise TrceError("KPOP neutral=safe needs one safe prompt per erase prompt (a concept spec gives them)")
+        neutral_emb = _encode(pipe, list(safe_prompts), device)  # (n, m_c, d), row i for erase prompt i
+    else:
+        neutral_emb = _encode(pipe, [config.neutral_prompt], device)  # (1, m_c, d)
     uncond = _encode(pipe, [""], device)  # (1, m_c, d): CFG's unconditional branch when drawing z_t
     _, m_c, d = erase_emb.shape
     m_p = config.prompt_shape_tokens(m_c)
@@ -311,6 +322,7 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
     settings = {
         **dataclasses.asdict(config),
         "erase_prompts": erase_prompts,
+        **({"safe_prompts": list(safe_prompts)} if config.neutral == "safe" else {}),
         "injection": {"mode": config.mode, "sites": config.sites, "layers": layers, "prompt_tokens": m_p,
                       "text_tokens": m_c, "width": d},
         "trainable": {"group": config.params, "tensors": len(trainable),
@@ -374,8 +386,8 @@ def _iteration(unet, slot, latents: _Latents, erase_emb, neutral_emb, originals,
     with torch.no_grad():
         slot.prompt = None
         # the frozen original theta: eps_theta(z_t, c_e) and eps_theta(z_t, c_n), in one batch
-        target = _unet_out(unet, torch.cat([z, z]), torch.cat([t, t]),
-                           torch.cat([c_e, neutral_emb.expand(len(idx), -1, -1)]), originals)
+        c_n = neutral_emb[idx] if len(neutral_emb) > 1 else neutral_emb.expand(len(idx), -1, -1)  # (b, m_c, d)
+        target = _unet_out(unet, torch.cat([z, z]), torch.cat([t, t]), torch.cat([c_e, c_n]), originals)
         eps_e, eps_n = target.chunk(2)  # (b, c, h, w) each
 
     # knowledge transfer, Eq. 5-6: one step on p only (theta' fixed)
