@@ -482,7 +482,14 @@ def export_pipeline(run: Path, dest: Path, cfg: TrainConfig) -> None:
         io.write_json(tmp / "detector" / "detector.json", det)
         stages = {s: io.read_json(run / s / "DONE") for s in STAGES if (run / s / "DONE").exists()}
         record = io.read_json(run / "train.json")
-        io.write_json(tmp / "made.json", {**record, "stages": stages, "exported": io.run_record()["date"]})
+        made = {**record, "stages": stages, "exported": io.run_record()["date"]}
+        if cfg.warm_start:
+            # A fine-tuned run is only reproducible with the run it started from: keep its record too.
+            src = Path(cfg.warm_start)
+            made["warm_start_run"] = {**io.read_json(src / "train.json"),
+                                      "stages": {s: io.read_json(src / s / "DONE") for s in STAGES
+                                                 if (src / s / "DONE").exists()}}
+        io.write_json(tmp / "made.json", made)
 
 
 def ship(export: Path) -> Path:
