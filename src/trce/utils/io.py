@@ -91,6 +91,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def jsonable(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (tuples become lists, other objects strings): comparable to read_json."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
