@@ -81,6 +81,8 @@ def test_shapeworld_preservation_captions_never_name_the_value():
 def test_unknown_name_suggests_and_lists(tmp_path):
     with pytest.raises(TrceError, match=r"unknown concept 'sexul' \(did you mean 'sexual'\?\); available: .*church"):
         load_spec("sexul")
+    with pytest.raises(TrceError, match=r"unknown concept 'nudty' \(did you mean 'nudity'\?\); available: .*sexual"):
+        load_spec("nudty")
     with pytest.raises(TrceError, match="does not exist"):
         load_spec(tmp_path / "missing.yaml")
 

@@ -547,6 +547,9 @@ def load_spec(name_or_path: str | Path) -> ConceptSpec:
         return aliases[text]
     if Path(text).is_file():
         return read_spec_file(text)
+    close = difflib.get_close_matches(text, [*specs, *aliases], n=1)
+    if close and close[0] in aliases:  # a typo of an alias ("nudty"): suggest the alias, list the names
+        raise TrceError(f"unknown concept {text!r} (did you mean {close[0]!r}?); available: {', '.join(sorted(specs))}")
     return specs[choose("concept", text, specs)]
 
 
