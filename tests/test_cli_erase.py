@@ -43,7 +43,7 @@ def test_erase_writes_a_complete_patch(red_patch, tiny_dir):
     meta = io.read_json(red_patch / "patch.json")
     assert meta["method"] == "trce" and meta["spec"]["name"] == "shapeworld-red"
     assert meta["spec"]["attribute"] == "color" and meta["spec"]["value"] == "red"
-    assert meta["settings"]["stage"] == "T" and meta["settings"]["eta"] == 0.01
+    assert meta["settings"]["stage"] == "T" and meta["settings"]["eta"] == 0.003  # the spec's default
     assert meta["settings"]["token_role"] == "eot"
     for key in ("versions", "git_hash", "date", "seeds", "config", "base"):
         assert key in meta
