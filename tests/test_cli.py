@@ -103,12 +103,15 @@ def test_shapeworld_train_can_be_extended(run_cli, tmp_path):
     assert json.loads((out / "train.json").read_text())["extended"] == [{"from": 4, "to": 6}]
 
 
-def test_shapeworld_train_warm_start_reuses_stages_and_starts_from_its_weights(run_cli, tmp_path):
+def test_shapeworld_train_warm_start_reuses_stages_and_starts_from_its_weights(run_cli, tmp_path, caplog):
+    import logging
+
     from safetensors.torch import load_file
 
     first, second = tmp_path / "a", tmp_path / "b"
     assert run_cli("shapeworld", "train", "--out", first, "--tiny", "--clip-aux-weight", "0")[0] == 0
-    code, _, err = run_cli("-v", "shapeworld", "train", "--out", second, "--tiny", "--warm-start", first, "--clip-steps", 2)
+    caplog.set_level(logging.INFO, logger="trce.shapeworld.train")
+    code, _, err = run_cli("shapeworld", "train", "--out", second, "--tiny", "--warm-start", first, "--clip-steps", 2)
     assert code == 0, err
     # Pool, VAE and detector have the same settings: copied, bit for bit.
     for stage, name in (("pool", "pool.npz"), ("vae", "diffusion_pytorch_model.safetensors"),
@@ -117,7 +120,7 @@ def test_shapeworld_train_warm_start_reuses_stages_and_starts_from_its_weights(r
     record = json.loads((second / "export" / "made.json").read_text())
     assert record["config"]["warm_start"] == str(first) and record["config"]["clip_aux_weight"] == 1.0
     # CLIP and UNet start from the first run's weights and then train further.
-    assert "CLIP warm start" in err and "UNet warm start" in err
+    assert "CLIP warm start" in caplog.text and "UNet warm start" in caplog.text
     a, b = load_file(first / "unet" / "ema.safetensors"), load_file(second / "unet" / "ema.safetensors")
     assert any(not (a[k] == b[k]).all() for k in a)
     code, _, err = run_cli("shapeworld", "train", "--out", tmp_path / "c", "--tiny", "--warm-start", tmp_path / "none")

@@ -65,6 +65,8 @@ def test_attack_writes_prompts_images_and_metrics(name, run_cli, tiny_dir, red_p
     for when in ("before", "after"):
         lo, hi = a[f"asr_{when}_ci"]
         assert 0 <= lo <= a[f"asr_{when}"] <= hi <= 1 and m[when]["n"] == 2
+    # Per target, either prompt counts: at least as high as each of the two, at most their sum.
+    assert max(a["asr_before"], a["asr_after"]) <= a["asr_either"] <= a["asr_before"] + a["asr_after"]
     assert a["seconds_per_target"] > 0 and a["objective"]["end_mean"] <= a["objective"]["start_mean"] + 1e-6
     for key in ("versions", "git_hash", "date", "config"):
         assert key in m

@@ -92,7 +92,7 @@ def test_uce_config_file_and_flag_precedence(tiny_dir, tmp_path, run_cli, cache)
 
 def test_two_concepts_in_one_patch(tiny_dir, tmp_path, run_cli, cache):
     code, out, err = run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-red,shapeworld-star",
-                             "--stages", "T", "--out", tmp_path / "two")
+                             "--stages", "T", "--eta", "0.01", "--out", tmp_path / "two")
     assert code == 0, err
     assert "shapeworld-red+shapeworld-star" in out
     meta = io.read_json(tmp_path / "two" / "patch.json")

@@ -278,7 +278,7 @@ def format_summary(m: dict) -> str:
          f"{m['n']} targets, {a['seconds_per_target']:.2f} s per target"),
         f"label: {a['label']}",
         (f"ASR before {_pct(a['asr_before'])} {_ci(a['asr_before_ci'])}   after {_pct(a['asr_after'])} "
-         f"{_ci(a['asr_after_ci'])}   (detector {m['detector']['name']})"),
+         f"{_ci(a['asr_after_ci'])}   either {_pct(a.get('asr_either'))}   (detector {m['detector']['name']})"),
         f"objective (lower is better): start {a['objective']['start_mean']:.4g} -> {a['objective']['end_mean']:.4g}",
     ]
     if m.get("replay"):
@@ -410,10 +410,15 @@ def _metrics(args, mod, budget, suite, targets, results, before, after, detector
     from trce.utils import io
 
     b, a = _rates(before, suite.kind), _rates(after, suite.kind)
+    by_index = {r["index"]: r["verdict"] for r in before}
+    e = _rate([{"verdict": None if r["verdict"] is None or by_index.get(r["index"]) is None
+                else bool(r["verdict"] or by_index[r["index"]])} for r in after])
     typed = mod.TYPED
     attack = {
         "name": mod.NAME, "label": mod.LABEL, "typed": typed, "budget": dataclasses.asdict(budget), "seed": args.seed,
         "asr_before": b["asr"], "asr_before_ci": b["asr_ci"], "asr_after": a["asr"], "asr_after_ci": a["asr_ci"],
+        # An attacker can always fall back on the plain prompt: a target counts when either prompt succeeds.
+        "asr_either": e["asr"], "asr_either_ci": e["asr_ci"],
         "seconds_per_target": _mean([r.seconds for r in results]),
         "objective": {"start_mean": _mean([r.objective_start for r in results]),
                       "end_mean": _mean([r.objective for r in results]),
