@@ -236,6 +236,11 @@ class Vocabulary:
     removed: tuple[str, ...]
 
     @classmethod
+    def for_pipeline(cls, pipe, banned: Sequence[str] = ()) -> Vocabulary:
+        """The whole-word tokens the pipeline's text encoder has embeddings for, banned words removed."""
+        return cls.build(pipe.tokenizer, banned, limit=pipe.text_encoder.get_input_embeddings().num_embeddings)
+
+    @classmethod
     def build(cls, tokenizer, banned: Sequence[str] = (), limit: int | None = None) -> Vocabulary:
         real = real_tokens(tokenizer, limit)
         ban = {w.strip().lower() for w in banned if w.strip()}

@@ -91,7 +91,7 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
     budget: Budget = config.budget
     te, tok = pipe.text_encoder, pipe.tokenizer
     layer = te.get_input_embeddings()
-    vocab = Vocabulary.build(tok, config.banned, limit=layer.num_embeddings)
+    vocab = Vocabulary.for_pipeline(pipe, config.banned)
     table = layer.weight.detach()[vocab.ids.to(layer.weight.device)].float()  # (A, D)
     base, slots, _ = compose(tok, [int(vocab.ids[0])] * budget.tokens)
     eos = torch.tensor([slots.stop])  # the [EoT] position right after the K tokens

@@ -206,7 +206,7 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
     config = config.with_budget(Budget, NAME)
     budget: Budget = config.budget
     te = pipe.text_encoder
-    vocab = Vocabulary.build(pipe.tokenizer, config.banned, limit=te.get_input_embeddings().num_embeddings)
+    vocab = Vocabulary.for_pipeline(pipe, config.banned)
     c = concept_vector(pipe, config.pairs, budget.batch_size).to(te.device)  # (L, D)
     fitness = _Fitness(pipe, vocab, budget.tokens, budget.metric, budget.batch_size)
     log.info("%s: %d pairs, |c| = %.4g, %d candidate tokens (%d banned)", NAME, len(config.pairs),

@@ -75,8 +75,8 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
     """
     config = config.with_budget(Budget, NAME)
     budget: Budget = config.budget
-    te, tok = pipe.text_encoder, pipe.tokenizer
-    vocab = Vocabulary.build(tok, config.banned, limit=te.get_input_embeddings().num_embeddings)
+    te = pipe.text_encoder
+    vocab = Vocabulary.for_pipeline(pipe, config.banned)
     table = candidate_table(pipe, vocab)
 
     def solve(target: Target) -> AttackResult:

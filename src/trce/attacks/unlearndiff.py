@@ -192,7 +192,7 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
     config = config.with_budget(Budget, NAME)
     budget: Budget = config.budget
     te, tok = pipe.text_encoder, pipe.tokenizer
-    vocab = Vocabulary.build(tok, config.banned, limit=te.get_input_embeddings().num_embeddings)
+    vocab = Vocabulary.for_pipeline(pipe, config.banned)
     table = candidate_table(pipe, vocab)
 
     def solve(target: Target) -> AttackResult:
