@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from trce.eval.detectors import make_detector
 from trce.eval.runner import EvalConfig, generate_rows, run_eval
@@ -153,7 +154,9 @@ def test_two_processes_equal_one(tmp_path, tiny_dir, run_cli):
     code, _, err = run_cli(*args, "--out", tmp_path / "one")
     assert code == 0, err
     accelerate = Path(sys.executable).parent / "accelerate"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Each process computes with as many threads as the in-process run above: a different thread count sums
+    # floats in another order, and the CLIP scores compared exactly below would differ in the last bits.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     with socket.socket() as sock:  # a free port, so parallel test runs do not collide on accelerate's default
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
