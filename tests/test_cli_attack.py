@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import trce.eval.runner  # noqa: F401  (the CLI is built on it: no eval package, no attack command)
+from trce.testing import assert_one_line_error
 from trce.utils import io
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -36,14 +37,6 @@ def red_patch(tiny_dir, tmp_path_factory):
 def _attack(run_cli, tiny_dir, out, name, *extra):
     return run_cli("attack", "--model", tiny_dir, "--suite", "shapeworld-red", "--attack", name, "--out", out,
                    "--limit", "2", "--steps", "1", "--no-progress", "--budget", *BUDGETS[name], *extra)
-
-
-def _one_line_error(code, err, *needles):
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line.startswith("trce: error:")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def _csv(path):
@@ -116,7 +109,7 @@ def test_rerun_resumes_and_refuses_other_settings(run_cli, tiny_dir, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing searched or drawn again
     code, _, err = run_cli("attack", "--model", tiny_dir, "--suite", "shapeworld-red", "--attack", "ring-a-bell",
                            "--out", out, "--limit", "2", "--steps", "1", "--budget", "generations=3")
-    _one_line_error(code, err, "other budget")
+    assert_one_line_error(code, err, "other budget")
 
 
 def test_real_suite_uses_ring_a_bell_pairs_and_nudity_words(run_cli, tiny_dir, tmp_path):
@@ -136,15 +129,15 @@ def test_real_suite_uses_ring_a_bell_pairs_and_nudity_words(run_cli, tiny_dir, t
 
 def test_user_mistakes_are_one_line_errors(run_cli, tiny_dir, tmp_path):
     base = ["attack", "--model", tiny_dir, "--out", tmp_path / "x"]
-    _one_line_error(*run_cli(*base, "--suite", "shapeworld-red", "--attack", "ringabell")[::2],
+    assert_one_line_error(*run_cli(*base, "--suite", "shapeworld-red", "--attack", "ringabell")[::2],
                     "unknown attack 'ringabell'", "ring-a-bell")
-    _one_line_error(*run_cli(*base, "--suite", "shapeworld-red", "--attack", "mma-text", "--budget", "step=1")[::2],
+    assert_one_line_error(*run_cli(*base, "--suite", "shapeworld-red", "--attack", "mma-text", "--budget", "step=1")[::2],
                     "did you mean 'steps'")
-    _one_line_error(*run_cli(*base, "--suite", "shapeworld-red", "--attack", "mma-text", "--groups", "preserve")[::2],
+    assert_one_line_error(*run_cli(*base, "--suite", "shapeworld-red", "--attack", "mma-text", "--groups", "preserve")[::2],
                     "unknown attack group 'preserve'")
-    _one_line_error(*run_cli(*base, "--suite", "shapeworld-red", "--attack", "mma-text", "--limit", "0")[::2],
+    assert_one_line_error(*run_cli(*base, "--suite", "shapeworld-red", "--attack", "mma-text", "--limit", "0")[::2],
                     "--limit")
-    _one_line_error(*run_cli(*base, "--suite", "shapeworld-nope", "--attack", "mma-text")[::2], "unknown suite")
+    assert_one_line_error(*run_cli(*base, "--suite", "shapeworld-nope", "--attack", "mma-text")[::2], "unknown suite")
 
 
 def test_two_processes_shard_the_targets_and_merge(tiny_dir, tmp_path):

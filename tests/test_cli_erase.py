@@ -9,7 +9,7 @@ import yaml
 
 from trce.edit import _sha256, load_patch, resolve
 from trce.loading import fingerprint, load_pipeline
-from trce.testing import tiny_pipeline_dir
+from trce.testing import assert_one_line_error, tiny_pipeline_dir
 from trce.utils import io
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -29,14 +29,6 @@ def red_patch(tiny_dir, tmp_path, run_cli, cache):
     assert code == 0, err
     assert "erased shapeworld-red with trce stage T" in out_text
     return out
-
-
-def _one_line_error(code, err, *needles):
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line.startswith("trce: error:")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_erase_writes_a_complete_patch(red_patch, tiny_dir):
@@ -86,7 +78,7 @@ def test_uce_config_file_and_flag_precedence(tiny_dir, tmp_path, run_cli, cache)
     assert meta["method"] == "uce" and meta["settings"]["token_role"] == "key"
     bad = tmp_path / "bad.yaml"
     bad.write_text("concept: cats\nlearning_rate: 3\n")
-    _one_line_error(*run_cli("erase", "--model", tiny_dir, "--config", bad, "--out", tmp_path / "b")[::2],
+    assert_one_line_error(*run_cli("erase", "--model", tiny_dir, "--config", bad, "--out", tmp_path / "b")[::2],
                     "unknown setting 'learning_rate'", str(bad))
 
 
@@ -115,7 +107,7 @@ def test_two_concepts_in_one_patch(tiny_dir, tmp_path, run_cli, cache):
 def test_erase_mistakes_are_one_line(tiny_dir, tmp_path, run_cli, cache, monkeypatch, args, needles):
     monkeypatch.delenv("TRCE_DATA", raising=False)
     code, _, err = run_cli("erase", "--model", tiny_dir, *args, "--out", tmp_path / "p")
-    _one_line_error(code, err, *needles)
+    assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "p").exists()
 
 
@@ -123,7 +115,7 @@ def test_erase_refuses_to_replace_a_foreign_folder(tiny_dir, tmp_path, run_cli, 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", "red", "--out", tmp_path / "mine")
-    _one_line_error(code, err, "is not a trce patch folder")
+    assert_one_line_error(code, err, "is not a trce patch folder")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
@@ -162,7 +154,7 @@ def test_refused_patches(red_patch, tiny_dir, tmp_path, run_cli, command):
         return run_cli(command, "--model", model, "--patch", patch, *target)
 
     code, _, err = run(other, red_patch)
-    _one_line_error(code, err, "made for base model", "fingerprint")
+    assert_one_line_error(code, err, "made for base model", "fingerprint")
 
     wrong = tmp_path / "wrong-shape"
     wrong.mkdir()
@@ -171,7 +163,7 @@ def test_refused_patches(red_patch, tiny_dir, tmp_path, run_cli, command):
     first = min(io.read_json(wrong / "patch.json")["tensors"])
     _rewrite_weights(wrong, lambda w: w.__setitem__(first, torch.zeros(3, 5)))
     code, _, err = run(tiny_dir, wrong)
-    _one_line_error(code, err, first, "shape (3, 5)")
+    assert_one_line_error(code, err, first, "shape (3, 5)")
 
     truncated = tmp_path / "truncated"
     truncated.mkdir()
@@ -180,10 +172,10 @@ def test_refused_patches(red_patch, tiny_dir, tmp_path, run_cli, command):
     data = (truncated / "weights.safetensors").read_bytes()
     (truncated / "weights.safetensors").write_bytes(data[: len(data) // 2])
     code, _, err = run(tiny_dir, truncated)
-    _one_line_error(code, err, "corrupt or truncated")
+    assert_one_line_error(code, err, "corrupt or truncated")
 
     code, _, err = run(tiny_dir, tmp_path / "nowhere")
-    _one_line_error(code, err, "does not exist")
+    assert_one_line_error(code, err, "does not exist")
     assert not (tmp_path / "exported").exists() and not (tmp_path / "x.png").exists()
 
 
@@ -200,8 +192,8 @@ def test_concepts_list_show_and_unknown(run_cli, tmp_path):
     assert code == 0 and yaml.safe_load(out)["name"] == "sexual"
     code, out2, _ = run_cli("concepts", "--show", "sexual")
     assert code == 0 and out2 == out
-    _one_line_error(*run_cli("concepts", "show", "vangog")[::2], "unknown concept 'vangog'", "van-gogh")
-    _one_line_error(*run_cli("concepts", "list", "all")[::2], "trce concepts show NAME")
+    assert_one_line_error(*run_cli("concepts", "show", "vangog")[::2], "unknown concept 'vangog'", "van-gogh")
+    assert_one_line_error(*run_cli("concepts", "list", "all")[::2], "trce concepts show NAME")
 
 
 def test_real_text_spec_with_shared_coco(tiny_dir, tmp_path, run_cli, cache):

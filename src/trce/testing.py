@@ -48,3 +48,12 @@ def tiny_pipeline_dir(folder: str | Path, seed: int = 0) -> Path:
     if not (folder / "model_index.json").exists():
         tiny_pipeline(seed).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """A user mistake ended as the CLI promises: exit status 2 and one `trce: error:` line holding every needle."""
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("trce: error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
