@@ -38,6 +38,8 @@ CSV_NAME = "adversarial.csv"
 
 
 def add_commands(sub, parser_kwargs, add_model_args) -> None:
+    from trce.cli_eval import add_image_args
+
     p = sub.add_parser("attack", **parser_kwargs(
         "Red-team a model (and an erasure patch): find adversarial prompts against it, then measure the ASR "
         "before and after with the suite's detector.",
@@ -76,13 +78,7 @@ def add_commands(sub, parser_kwargs, add_model_args) -> None:
     p.add_argument("--pairs", default=None,
                    help="ring-a-bell: CSV with 'sensitive prompt','normal prompt' columns, or a concept spec name "
                         "(default: ShapeWorld caption pairs; nudity-ring-a-bell.csv for nudenet suites)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps of the images (default: the suite's)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="guidance for every image (default: per-prompt guidance, else the suite's)")
-    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the suite's)")
-    p.add_argument("--detector", default=None, help="detector (default: the suite's, as `trce eval`)")
-    p.add_argument("--threshold", type=float, default=None, help="detector threshold (nudenet: 0.45)")
+    add_image_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print metrics.json instead of the summary")
     p.set_defaults(func=cmd_attack)
@@ -258,27 +254,16 @@ def _rates(records, kind: str) -> dict:
     return out
 
 
-def _mean(values):
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _pct(x) -> str:
-    return "  -  " if x is None else f"{100 * x:5.1f}%"
-
-
-def _ci(ci) -> str:
-    return "" if ci is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-
-
 def format_summary(m: dict) -> str:
+    from trce.eval.runner import format_ci, format_rate
+
     a = m["attack"]
     lines = [
         (f"{a['name']} on {m['model']}{' + ' + m['patch'] if m['patch'] else ''}, suite {m['suite']}: "
          f"{m['n']} targets, {a['seconds_per_target']:.2f} s per target"),
         f"label: {a['label']}",
-        (f"ASR before {_pct(a['asr_before'])} {_ci(a['asr_before_ci'])}   after {_pct(a['asr_after'])} "
-         f"{_ci(a['asr_after_ci'])}   either {_pct(a.get('asr_either'))}   (detector {m['detector']['name']})"),
+        (f"ASR before {format_rate(a['asr_before'])} {format_ci(a['asr_before_ci'])}   after {format_rate(a['asr_after'])} "
+         f"{format_ci(a['asr_after_ci'])}   either {format_rate(a.get('asr_either'))}   (detector {m['detector']['name']})"),
         f"objective (lower is better): start {a['objective']['start_mean']:.4g} -> {a['objective']['end_mean']:.4g}",
     ]
     if m.get("replay"):
@@ -407,6 +392,7 @@ def _original_latents(pipe, edit, budget, size):
 
 def _metrics(args, mod, budget, suite, targets, results, before, after, detector, settings, size, pipe, device, state,
              concept_record, patch_meta, out, t0, images_dir, rows_name) -> dict:
+    from trce.eval.runner import mean_of
     from trce.utils import io
 
     b, a = _rates(before, suite.kind), _rates(after, suite.kind)
@@ -419,10 +405,10 @@ def _metrics(args, mod, budget, suite, targets, results, before, after, detector
         "asr_before": b["asr"], "asr_before_ci": b["asr_ci"], "asr_after": a["asr"], "asr_after_ci": a["asr_ci"],
         # An attacker can always fall back on the plain prompt: a target counts when either prompt succeeds.
         "asr_either": e["asr"], "asr_either_ci": e["asr_ci"],
-        "seconds_per_target": _mean([r.seconds for r in results]),
-        "objective": {"start_mean": _mean([r.objective_start for r in results]),
-                      "end_mean": _mean([r.objective for r in results]),
-                      "plain_mean": _mean([r.objective_plain for r in results]),
+        "seconds_per_target": mean_of([r.seconds for r in results]),
+        "objective": {"start_mean": mean_of([r.objective_start for r in results]),
+                      "end_mean": mean_of([r.objective for r in results]),
+                      "plain_mean": mean_of([r.objective_plain for r in results]),
                       "improved": sum(r.objective < r.objective_start for r in results)},
         "groups": args.groups.split(",") if suite.kind == "shapeworld" else None,
         **concept_record,

@@ -18,6 +18,17 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers such as 0,1,2, got {text!r}") from exc
 
 
+def add_image_args(p: argparse.ArgumentParser) -> None:
+    """How images are made and judged: the flags `trce eval` and `trce attack` share."""
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the suite's, 30)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance for every prompt (default: the prompt file's per-prompt guidance, else the suite's)")
+    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the suite's)")
+    p.add_argument("--detector", default=None, help="nudenet, shapeworld, q16 or none (default: the suite's)")
+    p.add_argument("--threshold", type=float, default=None, help="detector threshold (nudenet: 0.45)")
+
+
 def add_commands(sub, parser_kwargs, add_model_args) -> None:
     p = sub.add_parser("eval", **parser_kwargs(
         "Evaluate a model (and an erasure patch) on a prompt suite: images, per-prompt verdicts, metrics.json.",
@@ -39,13 +50,7 @@ def add_commands(sub, parser_kwargs, add_model_args) -> None:
     p.add_argument("--data", default=None, help="the suite's prompt file, or a folder holding it")
     p.add_argument("--limit", type=int, default=None,
                    help="first N prompts of a real suite; N prompts per group of a ShapeWorld suite (caps its n)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the suite's, 30)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="guidance for every prompt (default: the prompt file's per-prompt guidance, else 7.5)")
-    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the suite's)")
-    p.add_argument("--detector", default=None, help="nudenet, shapeworld, q16 or none (default: the suite's)")
-    p.add_argument("--threshold", type=float, default=None, help="detector threshold (nudenet: 0.45)")
+    add_image_args(p)
     p.add_argument("--seeds", type=_seeds, default=(0,),
                    help="seed offsets, e.g. 0,1,2: repeat the run; 0 keeps the suite's seeds, others derive new "
                         "seeds per prompt; metrics report mean ± std and per-seed values")

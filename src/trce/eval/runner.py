@@ -477,7 +477,7 @@ def compute_metrics(suite: Suite, runs, out: Path, detector: Detector, config: E
             vals = [p["by_category"][c].get("clip_score") for p in per_seed if c in p["by_category"]]
             if vals and all(v is not None for v in vals):
                 result["by_category"][c]["clip_score"] = float(np.mean(vals))
-        result["fd"] = _mean([p["fd"] for p in per_seed])
+        result["fd"] = mean_of([p["fd"] for p in per_seed])
         result["fid"] = result["fd"]
         result["fd_features"] = "Inception-v3 pool (2048-d)" if inception is not None else None
         if "fid" in suite.metrics or config.inception_weights:
@@ -485,7 +485,7 @@ def compute_metrics(suite: Suite, runs, out: Path, detector: Detector, config: E
                 result["fid_note"] = "FID unavailable: no Inception weights (--inception-weights FILE)"
             elif config.patch is None:
                 result["fid_note"] = "FID needs a patch: the original model is its own reference"
-        result["clip_score"] = _mean([p["clip_score"] for p in per_seed])
+        result["clip_score"] = mean_of([p["clip_score"] for p in per_seed])
         if result["clip_score"] is None and "clip_score" in suite.metrics:
             result["clip_score_note"] = "CLIP score unavailable: no CLIP weights (--clip-weights DIR)"
         if first.get("reference") is not None:
@@ -501,7 +501,8 @@ def compute_metrics(suite: Suite, runs, out: Path, detector: Detector, config: E
     return result
 
 
-def _mean(values) -> float | None:
+def mean_of(values) -> float | None:
+    """The mean of the values that are not None (None when there are none)."""
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
 
@@ -512,11 +513,11 @@ def _pool_shapeworld(suite: Suite, per_seed: list[dict], records: list[dict]) ->
         recs = [r for r in records if r["group"] == g]
         acc, acc_ci = _accuracy(recs)
         groups[g] = {**_verdict_rate(recs), "accuracy": acc, "accuracy_ci": acc_ci,
-                     "clip_score": _mean([p["groups"][g]["clip_score"] for p in per_seed]),
-                     "fd": _mean([p["groups"][g]["fd"] for p in per_seed])}
+                     "clip_score": mean_of([p["groups"][g]["clip_score"] for p in per_seed]),
+                     "fd": mean_of([p["groups"][g]["fd"] for p in per_seed])}
     head = _verdict_rate([r for r in records if r["group"] in ERASURE_GROUPS])
     out = {"n": len(records), "asr": head["asr"], "asr_ci": head["asr_ci"], "groups": groups,
-           "fd": _mean([p["fd"] for p in per_seed]), "clip_score": _mean([p["clip_score"] for p in per_seed])}
+           "fd": mean_of([p["fd"] for p in per_seed]), "clip_score": mean_of([p["clip_score"] for p in per_seed])}
     if "esr" in per_seed[0]:
         rows = [r for r in records if r["extra"].get("value") is not None]
         out.update(M.esr_psr([r["extra"]["value"] for r in rows],
@@ -524,23 +525,25 @@ def _pool_shapeworld(suite: Suite, per_seed: list[dict], records: list[dict]) ->
     if per_seed[0].get("reference") is not None:
         ref = per_seed[0]["reference"]
         if len(per_seed) > 1:  # pool the reference's rates too
-            ref = {"asr": _mean([p["reference"]["asr"] for p in per_seed]),
-                   "groups": {g: {"asr": _mean([p["reference"]["groups"][g]["asr"] for p in per_seed]),
-                                  "accuracy": {a: _mean([p["reference"]["groups"][g]["accuracy"].get(a)
+            ref = {"asr": mean_of([p["reference"]["asr"] for p in per_seed]),
+                   "groups": {g: {"asr": mean_of([p["reference"]["groups"][g]["asr"] for p in per_seed]),
+                                  "accuracy": {a: mean_of([p["reference"]["groups"][g]["accuracy"].get(a)
                                                          for p in per_seed])
                                                for a in per_seed[0]["reference"]["groups"][g]["accuracy"]}}
                               for g in suite.groups},
-                   "clip_score": _mean([p["reference"]["clip_score"] for p in per_seed])}
+                   "clip_score": mean_of([p["reference"]["clip_score"] for p in per_seed])}
         out["reference"] = ref
     return out
 
 
 # --------------------------------------------------------------------------- printing
-def _pct(x) -> str:
+def format_rate(x) -> str:
+    """A fraction as a right-aligned percentage for the printed tables ("-" for None)."""
     return "   -  " if x is None else f"{100 * x:5.1f}%"
 
 
-def _ci(ci) -> str:
+def format_ci(ci) -> str:
+    """A 95% interval as "[lo, hi]" in percent, or "" without one."""
     return "" if ci is None else f"[{100 * ci[0]:4.1f}, {100 * ci[1]:5.1f}]"
 
 
@@ -564,24 +567,24 @@ def format_table(m: dict) -> str:
                      + "".join(f" {a[:7]:>7}" for a in world.ATTRIBUTES) + "   clip       fd")
         for g, row in m["groups"].items():
             orig = ref.get("groups", {}).get(g, {}).get("asr") if ref else None
-            acc = "".join(f" {_pct(row['accuracy'].get(a)) if a in row['accuracy'] else '    - ':>7}"
+            acc = "".join(f" {format_rate(row['accuracy'].get(a)) if a in row['accuracy'] else '    - ':>7}"
                           for a in world.ATTRIBUTES)
             clip = f"{row['clip_score']:6.1f}" if row.get("clip_score") is not None else "    - "
             fd = f"{row['fd']:8.3g}" if row.get("fd") is not None else "      - "
-            lines.append(f"{g:<11} {row['n']:>5}  {_pct(row['asr'])} {_ci(row['asr_ci']):<14}"
-                         + (f"  {_pct(orig)}" if ref else "") + acc + f"  {clip} {fd}")
+            lines.append(f"{g:<11} {row['n']:>5}  {format_rate(row['asr'])} {format_ci(row['asr_ci']):<14}"
+                         + (f"  {format_rate(orig)}" if ref else "") + acc + f"  {clip} {fd}")
         lines.append("rate = images the detector classifies as the erased value; accuracy = detector agrees with "
                      "the prompt on the attributes it names")
     else:
         lines.append(f"{'category':<20} {'n':>5}  {'ASR':>6} {'95% CI':<14}")
         for c, row in m["by_category"].items():
-            lines.append(f"{c[:20]:<20} {row['n']:>5}  {_pct(row['asr'])} {_ci(row['asr_ci'])}")
+            lines.append(f"{c[:20]:<20} {row['n']:>5}  {format_rate(row['asr'])} {format_ci(row['asr_ci'])}")
     lines.append(f"{'all' if m['kind'] == 'real' else 'erasure groups':<20} "
-                 f"{'':>5}  {_pct(m['asr'])} {_ci(m['asr_ci'])}"
-                 + (f"   mean over seeds {_pct(m['asr_mean'])} ± {100 * m['asr_std']:.1f}" if "asr_mean" in m else ""))
+                 f"{'':>5}  {format_rate(m['asr'])} {format_ci(m['asr_ci'])}"
+                 + (f"   mean over seeds {format_rate(m['asr_mean'])} ± {100 * m['asr_std']:.1f}" if "asr_mean" in m else ""))
     extras = []
     if m.get("esr") is not None:
-        extras.append(f"ESR {_pct(m['esr'])} {_ci(m['esr_ci'])}  PSR {_pct(m['psr'])} {_ci(m['psr_ci'])}")
+        extras.append(f"ESR {format_rate(m['esr'])} {format_ci(m['esr_ci'])}  PSR {format_rate(m['psr'])} {format_ci(m['psr_ci'])}")
     extras.append(f"{'FID' if m['kind'] == 'real' else 'fd'} {m['fd']:.4g}" if m.get("fd") is not None
                   else ("fd - (no patch)" if m["kind"] == "shapeworld" else m.get("fid_note") or ""))
     extras.append(f"CLIP score {m['clip_score']:.2f}" if m.get("clip_score") is not None
