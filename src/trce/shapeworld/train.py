@@ -206,16 +206,18 @@ class Trainer:
     def stage_clip(self) -> None:
         cfg = self.cfg
         images, labels = self._pool()
-        model = models.clip_model(self.tokenizer, seed=cfg.seed)
         if cfg.warm_start:
             from transformers import CLIPModel
 
             model = CLIPModel.from_pretrained(Path(cfg.warm_start) / "clip")
             log.info("CLIP warm start from %s", cfg.warm_start)
+        else:
+            model = models.clip_model(self.tokenizer, seed=cfg.seed)
         model = model.to(self.device)
         values = {a: world.vocab().values(a) for a in world.ATTRIBUTES}
         torch.manual_seed(cfg.seed + 17)
-        # Heads read the pooled (unnormalised) outputs: the text one is the [EoT] hidden state the UNet sees.
+        # The image head reads the image embedding at the scale the logits see it; the text head reads the
+        # first-[EoT] hidden state, the one the UNet cross-attends to.
         dims = {"image": model.config.projection_dim, "text": model.config.text_config.hidden_size}
         heads = torch.nn.ModuleDict(
             {f"{side}_{a}": torch.nn.Linear(dims[side], len(values[a])) for side in dims for a in world.ATTRIBUTES}
@@ -480,16 +482,17 @@ def export_pipeline(run: Path, dest: Path, cfg: TrainConfig) -> None:
         (tmp / "detector").mkdir()
         io.save_tensors(tmp / "detector" / "detector.safetensors", io.load_tensors(run / "detector" / "detector.safetensors"))
         io.write_json(tmp / "detector" / "detector.json", det)
-        stages = {s: io.read_json(run / s / "DONE") for s in STAGES if (run / s / "DONE").exists()}
-        record = io.read_json(run / "train.json")
-        made = {**record, "stages": stages, "exported": io.run_record()["date"]}
+        made = {**_run_record(run), "exported": io.run_record()["date"]}
         if cfg.warm_start:
             # A fine-tuned run is only reproducible with the run it started from: keep its record too.
-            src = Path(cfg.warm_start)
-            made["warm_start_run"] = {**io.read_json(src / "train.json"),
-                                      "stages": {s: io.read_json(src / s / "DONE") for s in STAGES
-                                                 if (src / s / "DONE").exists()}}
+            made["warm_start_run"] = _run_record(Path(cfg.warm_start))
         io.write_json(tmp / "made.json", made)
+
+
+def _run_record(run: Path) -> dict:
+    """A run folder's train.json with what each finished stage reported."""
+    stages = {s: io.read_json(run / s / "DONE") for s in STAGES if (run / s / "DONE").exists()}
+    return {**io.read_json(run / "train.json"), "stages": stages}
 
 
 def ship(export: Path) -> Path:
