@@ -289,13 +289,13 @@ def spec_from_dict(raw: Any, where: str = "<dict>", base_dir: Path | None = None
 
 
 def _settings(r: _Reader, raw: Any) -> dict:
+    from trce.methods import stage_config
+
     sections = r.mapping(raw, "settings", SETTING_SECTIONS)
     out = {}
     for stage, values in sections.items():
         if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
             raise r.fail(f"settings.{stage}", f"must be a mapping of setting names to values, got {values!r}")
-        from trce.methods import stage_config
-
         method = "trce" if stage == "V" else "kpop"
         try:
             stage_config(method, stage, values)  # unknown names and bad values fail here, not mid-run
