@@ -109,6 +109,8 @@ class Trainer:
         self.tokenizer = build_tokenizer()
         if config.warm_start:
             src = Path(config.warm_start)
+            if not src.is_dir():
+                raise TrceError(f"--warm-start {src} is not a finished ShapeWorld run: no such folder")
             missing = [s for s in ("clip", "unet") if not (src / s / "DONE").exists()]
             if not (src / "train.json").exists() or missing:
                 raise TrceError(f"--warm-start {src} is not a finished ShapeWorld run (no train.json or unfinished: "
