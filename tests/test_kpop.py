@@ -169,3 +169,39 @@ def test_safe_neutral_maps_each_erase_prompt_to_its_own_safe_prompt(tiny_pipe):
     # A different c_n gives a different removal target, so different weights from the same seed.
     plain = erase_kpop(tiny_pipe, ERASE, KPOPConfig(**FAST), progress=False)
     assert any(not torch.equal(edit.weights[k], plain.weights[k]) for k in edit.weights)
+
+
+def test_negative_guidance_pushes_the_removal_target_away_from_the_concept(tiny_pipe):
+    # At iteration 1 theta' is still theta, so eps_theta'(c_e) = eps_theta(c_e) and L1 is the distance to the
+    # target: eps_n - eta_n (eps_e - eps_n) is (1 + eta_n) times farther from eps_e than eps_n (ESD's target)
+    cfg = KPOPConfig(iterations=1, ddim_steps=2, neutral_prompt="a photo")
+    plain = erase_kpop(tiny_pipe, ERASE, cfg, progress=False).info["history"]["l1"][0]
+    guided = erase_kpop(tiny_pipe, ERASE, dataclasses.replace(cfg, negative_guidance=2.0),
+                        progress=False).info["history"]["l1"][0]
+    assert plain > 0 and guided == pytest.approx(9 * plain, rel=1e-4)
+
+
+def _drift(pipe, edit: Edit, prompts: list[str]) -> float:
+    """Mean squared change of the UNet's output on `prompts` (fixed z_t, t) that the edit makes."""
+    emb, _ = pipe.encode_prompt(prompts, pipe.device, 1, False)
+    z = torch.randn((len(prompts), 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    t = torch.full((len(prompts),), 500)
+    with torch.no_grad():
+        before = pipe.unet(z, t, encoder_hidden_states=emb).sample
+        with edit.applied(pipe):
+            after = pipe.unet(z, t, encoder_hidden_states=emb).sample
+    return float((after - before).pow(2).mean())
+
+
+def test_the_preservation_term_keeps_the_preserved_prompts_outputs(tiny_pipe):
+    keep = ["a blue square", "a green cross", "a yellow diamond"]
+    cfg = KPOPConfig(iterations=6, ddim_steps=2, lr=3e-3, neutral_prompt="a photo", negative_guidance=1.0)
+    with pytest.raises(TrceError, match="preserve_weight=1.0 needs preservation prompts"):
+        erase_kpop(tiny_pipe, ERASE, dataclasses.replace(cfg, preserve_weight=1.0), progress=False)
+    free = erase_kpop(tiny_pipe, ERASE, cfg, progress=False)
+    kept = erase_kpop(tiny_pipe, ERASE, dataclasses.replace(cfg, preserve_weight=10.0), preserve_prompts=keep,
+                      progress=False)
+    assert kept.settings["preserve_prompts"]["n"] == 3 and "preserve_prompts" not in free.settings
+    assert kept.info["history"]["l3"][0] == pytest.approx(0.0, abs=1e-10)  # theta' = theta at iteration 1
+    assert _drift(tiny_pipe, kept, keep) < 0.5 * _drift(tiny_pipe, free, keep)
+    assert _drift(tiny_pipe, kept, ERASE) > 0  # and the erase prompts still move

@@ -158,7 +158,9 @@ def cmd_erase(args) -> int:
         configs["V"] = stage_config("trce", "V", spec_settings(specs, "V", sections.get("V")), seed=seed)
     if method.name == "kpop":
         configs["kpop"] = stage_config("kpop", "kpop", spec_settings(specs, "kpop", sections.get("kpop")), seed=seed)
-    options = {"V": {"cache_dir": settings.get("cache")}} if "V" in configs else None
+    options = {"V": {"cache_dir": settings.get("cache")}} if "V" in configs else {}
+    if "kpop" in configs:
+        options["kpop"] = {"data_dir": settings.get("data")}
     edit = erase(pipe, specs if len(specs) > 1 else specs[0], method=method.name, stages=stages, configs=configs,
                  options=options)
     seconds = time.perf_counter() - t0

@@ -148,15 +148,21 @@ def erase_stage_v(pipe, spec, config=None, *, reference=None, cache_dir=None, pr
                    cache_dir=folder, spec=spec_record(spec), progress=progress)
 
 
-def erase_kpop_spec(pipe, spec, config=None, *, progress: bool = True):
-    """KPOP for a ConceptSpec (or a list): the spec's malicious prompts are the erase prompts c_e."""
+def erase_kpop_spec(pipe, spec, config=None, *, data_dir=None, progress: bool = True):
+    """KPOP for a ConceptSpec (or a list): the spec's malicious prompts are the erase prompts c_e, their safe
+    counterparts the neutral prompts of `neutral: safe`, its preservation prompts those of `preserve_weight`."""
     from trce.concepts import as_specs, spec_record
     from trce.methods.kpop import KPOPConfig, erase_kpop
 
-    safe = {p.malicious: p.safe for s in as_specs(spec) for p in s.pairs()}  # each erase prompt's safe counterpart
+    config = config if config is not None else KPOPConfig()
+    specs = as_specs(spec)
+    safe = {p.malicious: p.safe for s in specs for p in s.pairs()}  # each erase prompt's safe counterpart
     prompts = list(safe)
-    return erase_kpop(pipe, prompts, config if config is not None else KPOPConfig(), spec=spec_record(spec),
-                      safe_prompts=[safe[m] for m in prompts], progress=progress)
+    keep = None
+    if config.preserve_weight > 0:  # read only when used: COCO captions need the data folder
+        keep = list(dict.fromkeys(p for s in specs for p in s.preservation_prompts(data_dir)))
+    return erase_kpop(pipe, prompts, config, spec=spec_record(spec), safe_prompts=[safe[m] for m in prompts],
+                      preserve_prompts=keep, progress=progress)
 
 
 def stage_config(method: str, stage: str, values: Mapping[str, Any] | None = None, seed: int | None = None):

@@ -10,6 +10,16 @@ and two objectives alternate, one Adam step each per iteration:
   + lam || eps_theta'(z_t, c_e, p) - eps_theta(z_t, c_e) ||^2 ]
   (without p the erase prompt c_e behaves like the neutral prompt c_n; with p it keeps the original output).
 
+Two optional terms, both off by default (Eq. 7 as the paper writes it):
+- `negative_guidance` eta_n: the removal target becomes ESD's negatively guided
+  eps_theta(c_n) - eta_n (eps_theta(c_e) - eps_theta(c_n)) instead of eps_theta(c_n). KPOP's removal loss is ESD's
+  with the prompt added, and ESD trains against this target (eta_n = 1). It matters when the neutral prompt can
+  itself draw the concept: in ShapeWorld "a red shape" draws a circle one time in six, so mapping "a red
+  circle" onto it can never erase circles more than ~5 times in 6.
+- `preserve_weight` mu: + mu || eps_theta'(z_t, c_k) - eps_theta(z_t, c_k) ||^2 over prompts c_k of concepts to keep
+  (the concept spec's preservation prompts), the variant the paper marks with a star ("Ours*", Sec. 5.2: the
+  same setting with knowledge of the to-be-preserved concepts).
+
 theta is the frozen original UNet, theta' the one being erased; ||.||^2 is the mean squared error.
 Only one parameter group of the UNet trains: `cross-attn` (every `attn2.*`: objects, styles) or
 `non-cross-attn` (everything but `attn2.*`, the time embedding and the output layers, as ESD's
@@ -94,6 +104,8 @@ class KPOPConfig:
     ddim_steps: int = 50
     sample_guidance: float = 3.0
     cache_trajectories: int = 4
+    negative_guidance: float = 0.0  # eta_n: ESD's target eps(c_n) - eta_n (eps(c_e) - eps(c_n)); 0 = Eq. 7 as written
+    preserve_weight: float = 0.0  # mu: weight of the preservation term on the spec's preservation prompts (Ours*)
 
     def __post_init__(self) -> None:
         for name, kind in (("params", Group), ("mode", Mode), ("sites", Sites), ("latents", Latents),
@@ -107,9 +119,10 @@ class KPOPConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise TrceError(f"KPOP {name} must be a positive number, got {value!r}")
-        if not isinstance(self.sample_guidance, (int, float)) or not math.isfinite(self.sample_guidance) \
-                or self.sample_guidance < 0:
-            raise TrceError(f"KPOP sample_guidance must be a number >= 0, got {self.sample_guidance!r}")
+        for name in ("sample_guidance", "negative_guidance", "preserve_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise TrceError(f"KPOP {name} must be a number >= 0, got {value!r}")
         for name in ("prompt_size", "prompt_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -285,12 +298,14 @@ def _training_state(unet, trainable: dict[str, torch.nn.Parameter]) -> Iterator[
 
 
 def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig(), *, neutral_prompt: str | None = None,
-               safe_prompts: list[str] | None = None, spec: dict | None = None, progress: bool = True, checkpoint_dir: str | Path | None = None,
+               safe_prompts: list[str] | None = None, preserve_prompts: Sequence[str] | None = None,
+               spec: dict | None = None, progress: bool = True, checkpoint_dir: str | Path | None = None,
                checkpoint_every: int = 100) -> Edit:
     """Erase the concept of `erase_prompts` with KPOP; returns the Edit (the pipeline is left unchanged).
 
     neutral_prompt overrides config.neutral_prompt (c_n); with config.neutral == "safe", c_n of erase
-    prompt i is safe_prompts[i] (required then). With `checkpoint_dir`, the state is saved
+    prompt i is safe_prompts[i] (required then). With config.preserve_weight > 0, `preserve_prompts` are the
+    prompts c_k whose outputs the preservation term keeps (required then). With `checkpoint_dir`, the state is saved
     every `checkpoint_every` iterations and a rerun with the same settings continues from there.
     """
     if isinstance(erase_prompts, str) or not erase_prompts or not all(isinstance(p, str) and p.strip()
@@ -316,6 +331,13 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
     else:
         neutral_emb = _encode(pipe, [config.neutral_prompt], device)  # (1, m_c, d)
     uncond = _encode(pipe, [""], device)  # (1, m_c, d): CFG's unconditional branch when drawing z_t
+    keep_emb = None
+    if config.preserve_weight > 0:
+        keep = [p for p in (preserve_prompts or []) if isinstance(p, str) and p.strip()]
+        if not keep:
+            raise TrceError(f"KPOP preserve_weight={config.preserve_weight} needs preservation prompts (the concept "
+                            "spec's `preserve:` section gives them); none were given")
+        keep_emb = torch.cat([_encode(pipe, keep[i:i + 256], device) for i in range(0, len(keep), 256)])  # (n_k, m_c, d)
     _, m_c, d = erase_emb.shape
     m_p = config.prompt_shape_tokens(m_c)
     trainable = trainable_parameters(unet, config.params)
@@ -323,6 +345,7 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
         **dataclasses.asdict(config),
         "erase_prompts": erase_prompts,
         **({"safe_prompts": list(safe_prompts)} if config.neutral == "safe" else {}),
+        **({"preserve_prompts": {"n": len(keep), "sha256": _digest(keep)}} if keep_emb is not None else {}),
         "injection": {"mode": config.mode, "sites": config.sites, "layers": layers, "prompt_tokens": m_p,
                       "text_tokens": m_c, "width": d},
         "trainable": {"group": config.params, "tensors": len(trainable),
@@ -335,7 +358,7 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
         prompt = torch.nn.Parameter(_initial_prompt(config, erase_emb, m_p, gen).to(device))  # (m_p, d)
         opt_p = torch.optim.Adam([prompt], lr=config.prompt_lr)
         opt = torch.optim.Adam(train, lr=config.lr)
-        history: dict[str, list[float]] = {"transfer": [], "removal": [], "l1": [], "l2": []}
+        history: dict[str, list[float]] = {"transfer": [], "removal": [], "l1": [], "l2": [], "l3": []}
         start = 0
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if ckpt is not None and (ckpt / "state.json").exists():
@@ -346,8 +369,8 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
         t_loop = time.time()
         with tqdm(total=config.iterations, initial=start, desc="kpop", disable=not progress, mininterval=1) as bar:
             for it in range(start, config.iterations):
-                values = _iteration(unet, slot, latents, erase_emb, neutral_emb, originals, prompt, train, opt_p, opt,
-                                    config, gen, it)
+                values = _iteration(unet, slot, latents, erase_emb, neutral_emb, keep_emb, originals, prompt, train,
+                                    opt_p, opt, config, gen, it)
                 for key, value in values.items():
                     history[key].append(value)
                 bar.update(1)
@@ -377,18 +400,24 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
                 settings=settings, base=base, extras={"hidden_prompt": hidden}, info=info)
 
 
-def _iteration(unet, slot, latents: _Latents, erase_emb, neutral_emb, originals, prompt, train, opt_p, opt,
+def _iteration(unet, slot, latents: _Latents, erase_emb, neutral_emb, keep_emb, originals, prompt, train, opt_p, opt,
                config: KPOPConfig, gen: torch.Generator, it: int) -> dict[str, float]:
     """One KPOP iteration: a transfer step on p, then a removal step on theta'; returns the losses."""
     idx = torch.randint(len(erase_emb), (config.batch_size,), generator=gen)  # (b,) erase prompts of this step
     z, t = latents.sample(idx)  # (b, c, h, w), (b,)
     c_e = erase_emb[idx]  # (b, m_c, d)
+    c_n = neutral_emb[idx] if len(neutral_emb) > 1 else neutral_emb.expand(len(idx), -1, -1)  # (b, m_c, d)
+    conds = [c_e, c_n]
+    if keep_emb is not None:  # the preservation prompts c_k of this step, on the same z_t
+        conds.append(keep_emb[torch.randint(len(keep_emb), (config.batch_size,), generator=gen)])  # (b, m_c, d)
     with torch.no_grad():
         slot.prompt = None
-        # the frozen original theta: eps_theta(z_t, c_e) and eps_theta(z_t, c_n), in one batch
-        c_n = neutral_emb[idx] if len(neutral_emb) > 1 else neutral_emb.expand(len(idx), -1, -1)  # (b, m_c, d)
-        target = _unet_out(unet, torch.cat([z, z]), torch.cat([t, t]), torch.cat([c_e, c_n]), originals)
-        eps_e, eps_n = target.chunk(2)  # (b, c, h, w) each
+        # the frozen original theta on every condition at once: eps_theta(z_t, c_e), eps_theta(z_t, c_n)[, (z_t, c_k)]
+        n = len(conds)
+        target = _unet_out(unet, z.repeat(n, 1, 1, 1), t.repeat(n), torch.cat(conds), originals).chunk(n)
+        eps_e, eps_n = target[0], target[1]  # (b, c, h, w) each
+        # ESD's negatively guided neutral target (eta_n = 0: Eq. 7's eps_theta(c_n) itself)
+        eps_n = eps_n - config.negative_guidance * (eps_e - eps_n)
 
     # knowledge transfer, Eq. 5-6: one step on p only (theta' fixed)
     slot.prompt = prompt
@@ -406,6 +435,10 @@ def _iteration(unet, slot, latents: _Latents, erase_emb, neutral_emb, originals,
     l2 = F.mse_loss(_unet_out(unet, z, t, c_e), eps_e)
     slot.prompt = None
     loss_r = l1 + config.lam * l2
+    l3 = torch.zeros(())
+    if keep_emb is not None:  # Ours*: the kept concepts' outputs stay the original model's
+        l3 = F.mse_loss(_unet_out(unet, z, t, conds[2]), target[2])
+        loss_r = loss_r + config.preserve_weight * l3
     removal = _finite(loss_r, "removal", it + 1, config)
     grads = torch.autograd.grad(loss_r, train)
     for p, g in zip(train, grads):
@@ -415,7 +448,14 @@ def _iteration(unet, slot, latents: _Latents, erase_emb, neutral_emb, originals,
     if not torch.isfinite(prompt).all():
         raise TrceError(f"KPOP diverged at iteration {it + 1}: the prompt holds NaN/inf; "
                         f"lower prompt_lr ({config.prompt_lr})")
-    return {"transfer": transfer, "removal": removal, "l1": float(l1.detach()), "l2": float(l2.detach())}
+    return {"transfer": transfer, "removal": removal, "l1": float(l1.detach()), "l2": float(l2.detach()),
+            "l3": float(l3.detach())}
+
+
+def _digest(prompts: Sequence[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
 def _endpoints(history: dict[str, list[float]], window: int = 10) -> dict[str, dict[str, float | None]]:
