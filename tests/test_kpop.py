@@ -119,6 +119,9 @@ def test_nan_stops_with_a_clear_error_and_restores_the_pipeline(tiny_pipe):
     ({"sites": "down"}, "'down'"),
     ({"latents": "fresh"}, "'fresh'"),
     ({"prompt_init": "ones"}, "'ones'"),
+    ({"preserve_latents": "keep"}, "'keep'"),
+    ({"negative_guidance": -1}, "negative_guidance must be a number >= 0, got -1"),
+    ({"preserve_weight": float("nan")}, "preserve_weight must be a number >= 0, got nan"),
     ({"lr": -1.0}, "-1.0"),
     ({"lam": 0}, "lam must be a positive number, got 0"),
     ({"iterations": 0}, "iterations must be a positive integer, got 0"),
@@ -193,9 +196,11 @@ def _drift(pipe, edit: Edit, prompts: list[str]) -> float:
     return float((after - before).pow(2).mean())
 
 
-def test_the_preservation_term_keeps_the_preserved_prompts_outputs(tiny_pipe):
+@pytest.mark.parametrize("where,latents", [("erase", "current"), ("own", "current"), ("own", "cached")])
+def test_the_preservation_term_keeps_the_preserved_prompts_outputs(tiny_pipe, where, latents):
     keep = ["a blue square", "a green cross", "a yellow diamond"]
-    cfg = KPOPConfig(iterations=6, ddim_steps=2, lr=3e-3, neutral_prompt="a photo", negative_guidance=1.0)
+    cfg = KPOPConfig(iterations=6, ddim_steps=2, lr=3e-3, neutral_prompt="a photo", negative_guidance=1.0,
+                     preserve_latents=where, latents=latents, cache_trajectories=1)
     with pytest.raises(TrceError, match="preserve_weight=1.0 needs preservation prompts"):
         erase_kpop(tiny_pipe, ERASE, dataclasses.replace(cfg, preserve_weight=1.0), progress=False)
     free = erase_kpop(tiny_pipe, ERASE, cfg, progress=False)

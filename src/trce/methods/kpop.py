@@ -18,7 +18,9 @@ Two optional terms, both off by default (Eq. 7 as the paper writes it):
   circle" onto it can never erase circles more than ~5 times in 6.
 - `preserve_weight` mu: + mu || eps_theta'(z_t, c_k) - eps_theta(z_t, c_k) ||^2 over prompts c_k of concepts to keep
   (the concept spec's preservation prompts), the variant the paper marks with a star ("Ours*", Sec. 5.2: the
-  same setting with knowledge of the to-be-preserved concepts).
+  same setting with knowledge of the to-be-preserved concepts). Its z_t are the erase prompts' latents of the
+  same step (`preserve_latents: erase`, free) or the preservation prompts' own (`own`: what the model draws
+  for them, which keeps their other attributes better).
 
 theta is the frozen original UNet, theta' the one being erased; ||.||^2 is the mean squared error.
 Only one parameter group of the UNet trains: `cross-attn` (every `attn2.*`: objects, styles) or
@@ -69,6 +71,7 @@ Group = Literal["cross-attn", "non-cross-attn"]
 Latents = Literal["current", "cached"]
 PromptInit = Literal["auto", "erase", "zeros", "random"]
 Neutral = Literal["prompt", "safe"]
+PreserveLatents = Literal["erase", "own"]
 DEFAULT_K = 10  # the paper's prompt size: m_p = k * m_c (Sec. 4.3, Sec. 5.1)
 # ESD's "noxattn" leaves these out too: the time embedding and the final output layers.
 _NON_CROSS_EXCLUDED = ("time_embedding.", "conv_norm_out.", "conv_out.")
@@ -106,10 +109,14 @@ class KPOPConfig:
     cache_trajectories: int = 4
     negative_guidance: float = 0.0  # eta_n: ESD's target eps(c_n) - eta_n (eps(c_e) - eps(c_n)); 0 = Eq. 7 as written
     preserve_weight: float = 0.0  # mu: weight of the preservation term on the spec's preservation prompts (Ours*)
+    # z_t of the preservation term: "erase" = the erase prompts' latents of the same step (no extra work); "own" =
+    # latents of the preservation prompts themselves (cached: trajectories of as many of them as there are erase
+    # prompts, drawn once; current: one more denoising per iteration)
+    preserve_latents: PreserveLatents = "erase"
 
     def __post_init__(self) -> None:
         for name, kind in (("params", Group), ("mode", Mode), ("sites", Sites), ("latents", Latents),
-                           ("prompt_init", PromptInit), ("neutral", Neutral)):
+                           ("prompt_init", PromptInit), ("neutral", Neutral), ("preserve_latents", PreserveLatents)):
             choose(f"KPOP {name}", getattr(self, name), get_args(kind))
         for name in ("iterations", "batch_size", "ddim_steps", "cache_trajectories"):
             value = getattr(self, name)
@@ -195,29 +202,30 @@ def _initial_prompt(config: KPOPConfig, erase_emb: torch.Tensor, m_p: int, gen: 
 
 
 class _Latents:
-    """Seeded noisy latents z_t and timesteps t for a batch of erase-prompt indices (see module doc)."""
+    """Seeded noisy latents z_t and timesteps t for a batch of indices into `emb` (see module doc):
+    the erase prompts, or the preservation prompts with `preserve_latents: own`."""
 
-    def __init__(self, pipe, unet, config: KPOPConfig, erase_emb: torch.Tensor, uncond: torch.Tensor,
-                 gen: torch.Generator, originals: dict[str, torch.Tensor]):
+    def __init__(self, pipe, unet, config: KPOPConfig, emb: torch.Tensor, uncond: torch.Tensor,
+                 gen: torch.Generator, originals: dict[str, torch.Tensor], cache_seed: int = 1):
         # gen draws the per-iteration samples (its state is checkpointed); the cache has its own
         # seed, so a resumed run rebuilds the very same cache
         from diffusers import DDIMScheduler
 
         self.unet, self.config, self.gen = unet, config, gen
-        self.erase_emb, self.uncond = erase_emb, uncond  # (n, m_c, d), (1, m_c, d)
+        self.emb, self.uncond = emb, uncond  # (n, m_c, d), (1, m_c, d)
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.scheduler.set_timesteps(config.ddim_steps)
-        self.device = erase_emb.device
+        self.device = emb.device
         size = unet.config.sample_size
         self.shape = (unet.config.in_channels, size, size)
         self.cache: torch.Tensor | None = None
         if config.latents == "cached":
-            self.cache = self._trajectories(originals, torch.Generator("cpu").manual_seed(config.seed + 1))
+            self.cache = self._trajectories(originals, torch.Generator("cpu").manual_seed(config.seed + cache_seed))
 
     def _denoise(self, idx: torch.Tensor, steps: int, params: dict | None, gen: torch.Generator, keep: bool = False):
         """DDIM from fresh noise for `steps` steps with CFG; params: tensors to substitute (the original model)."""
         z = (torch.randn((len(idx), *self.shape), generator=gen) * self.scheduler.init_noise_sigma).to(self.device)
-        cond = torch.cat([self.uncond.expand(len(idx), -1, -1), self.erase_emb[idx]])  # (2b, m_c, d)
+        cond = torch.cat([self.uncond.expand(len(idx), -1, -1), self.emb[idx]])  # (2b, m_c, d)
         g = self.config.sample_guidance
         kept = []
         for t in self.scheduler.timesteps[:steps]:
@@ -232,14 +240,14 @@ class _Latents:
     @torch.no_grad()
     def _trajectories(self, originals: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
         """(n, trajectories, ddim_steps, c, h, w): the latent before each DDIM step, original model."""
-        n, k = len(self.erase_emb), self.config.cache_trajectories
+        n, k = len(self.emb), self.config.cache_trajectories
         idx = torch.arange(n).repeat_interleave(k)
         traj = self._denoise(idx, self.config.ddim_steps, originals, gen, keep=True)
         return traj.view(n, k, self.config.ddim_steps, *self.shape)
 
     @torch.no_grad()
     def sample(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z_t (b, c, h, w), t (b,)) for erase-prompt indices idx (b,)."""
+        """(z_t (b, c, h, w), t (b,)) for prompt indices idx (b,)."""
         steps = self.config.ddim_steps
         timesteps = self.scheduler.timesteps
         if self.cache is not None:
@@ -365,12 +373,18 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
             start, history = _resume(ckpt, settings, base, train, prompt, opt, opt_p, gen, list(trainable))
         t_cache = time.time()
         latents = _Latents(pipe, unet, config, erase_emb, uncond, gen, originals)
+        keep_latents = None
+        if keep_emb is not None and config.preserve_latents == "own":
+            if config.latents == "cached":  # a seeded subset, as many as the erase prompts: the cache stays small
+                pick = torch.randperm(len(keep_emb), generator=torch.Generator("cpu").manual_seed(config.seed + 2))
+                keep_emb = keep_emb[pick[: len(erase_emb)].sort().values.to(device)]
+            keep_latents = _Latents(pipe, unet, config, keep_emb, uncond, gen, originals, cache_seed=2)
         t_cache = time.time() - t_cache
         t_loop = time.time()
         with tqdm(total=config.iterations, initial=start, desc="kpop", disable=not progress, mininterval=1) as bar:
             for it in range(start, config.iterations):
-                values = _iteration(unet, slot, latents, erase_emb, neutral_emb, keep_emb, originals, prompt, train,
-                                    opt_p, opt, config, gen, it)
+                values = _iteration(unet, slot, latents, keep_latents, erase_emb, neutral_emb, keep_emb, originals,
+                                    prompt, train, opt_p, opt, config, gen, it)
                 for key, value in values.items():
                     history[key].append(value)
                 bar.update(1)
@@ -400,21 +414,26 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
                 settings=settings, base=base, extras={"hidden_prompt": hidden}, info=info)
 
 
-def _iteration(unet, slot, latents: _Latents, erase_emb, neutral_emb, keep_emb, originals, prompt, train, opt_p, opt,
-               config: KPOPConfig, gen: torch.Generator, it: int) -> dict[str, float]:
+def _iteration(unet, slot, latents: _Latents, keep_latents: _Latents | None, erase_emb, neutral_emb, keep_emb,
+               originals, prompt, train, opt_p, opt, config: KPOPConfig, gen: torch.Generator,
+               it: int) -> dict[str, float]:
     """One KPOP iteration: a transfer step on p, then a removal step on theta'; returns the losses."""
     idx = torch.randint(len(erase_emb), (config.batch_size,), generator=gen)  # (b,) erase prompts of this step
     z, t = latents.sample(idx)  # (b, c, h, w), (b,)
     c_e = erase_emb[idx]  # (b, m_c, d)
     c_n = neutral_emb[idx] if len(neutral_emb) > 1 else neutral_emb.expand(len(idx), -1, -1)  # (b, m_c, d)
-    conds = [c_e, c_n]
-    if keep_emb is not None:  # the preservation prompts c_k of this step, on the same z_t
-        conds.append(keep_emb[torch.randint(len(keep_emb), (config.batch_size,), generator=gen)])  # (b, m_c, d)
+    conds, zs, ts = [c_e, c_n], [z, z], [t, t]
+    if keep_emb is not None:  # the preservation prompts c_k of this step, on the erase z_t or on their own
+        kidx = torch.randint(len(keep_emb), (config.batch_size,), generator=gen)  # (b,)
+        z_k, t_k = keep_latents.sample(kidx) if keep_latents is not None else (z, t)
+        conds.append(keep_emb[kidx])  # (b, m_c, d)
+        zs.append(z_k)
+        ts.append(t_k)
     with torch.no_grad():
         slot.prompt = None
-        # the frozen original theta on every condition at once: eps_theta(z_t, c_e), eps_theta(z_t, c_n)[, (z_t, c_k)]
+        # the frozen original theta on every condition at once: eps_theta(z_t, c_e), eps_theta(z_t, c_n)[, (z_k, c_k)]
         n = len(conds)
-        target = _unet_out(unet, z.repeat(n, 1, 1, 1), t.repeat(n), torch.cat(conds), originals).chunk(n)
+        target = _unet_out(unet, torch.cat(zs), torch.cat(ts), torch.cat(conds), originals).chunk(n)
         eps_e, eps_n = target[0], target[1]  # (b, c, h, w) each
         # ESD's negatively guided neutral target (eta_n = 0: Eq. 7's eps_theta(c_n) itself)
         eps_n = eps_n - config.negative_guidance * (eps_e - eps_n)
@@ -437,7 +456,7 @@ def _iteration(unet, slot, latents: _Latents, erase_emb, neutral_emb, keep_emb, 
     loss_r = l1 + config.lam * l2
     l3 = torch.zeros(())
     if keep_emb is not None:  # Ours*: the kept concepts' outputs stay the original model's
-        l3 = F.mse_loss(_unet_out(unet, z, t, conds[2]), target[2])
+        l3 = F.mse_loss(_unet_out(unet, zs[2], ts[2], conds[2]), target[2])
         loss_r = loss_r + config.preserve_weight * l3
     removal = _finite(loss_r, "removal", it + 1, config)
     grads = torch.autograd.grad(loss_r, train)
