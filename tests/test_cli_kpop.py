@@ -3,6 +3,8 @@ import json
 import numpy as np
 from PIL import Image
 
+from trce.testing import assert_one_line_error
+
 
 def test_kpop_erase_and_hidden_prompt_end_to_end(run_cli, tiny_dir, tmp_path):
     patch = tmp_path / "kpop"
@@ -13,6 +15,11 @@ def test_kpop_erase_and_hidden_prompt_end_to_end(run_cli, tiny_dir, tmp_path):
     meta = json.loads((patch / "patch.json").read_text())
     assert meta["method"] == "kpop" and meta["extras"] == ["hidden_prompt"]
     assert meta["config"]["stage_settings"]["kpop"]["iterations"] == 2
+    # the spec's settings apply under --set: ESD's target and the preservation term on the spec's captions
+    settings = meta["settings"]
+    assert settings["negative_guidance"] == 1.0 and settings["preserve_weight"] == 0.5 and settings["sites"] == "all"
+    # shapeworld-red: preserve {source: shapeworld-captions, n: 1000}, the distinct ones of them
+    assert 900 < settings["preserve_prompts"]["n"] <= 1000
     images = {}
     for name, extra in (("plain", []), ("hidden", ["--with-hidden-prompt"])):
         code, _, err = run_cli("generate", "--model", tiny_dir, "--patch", patch, *extra, "--prompt", "a red star",
@@ -20,6 +27,26 @@ def test_kpop_erase_and_hidden_prompt_end_to_end(run_cli, tiny_dir, tmp_path):
         assert code == 0, err
         images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
     assert not np.array_equal(images["plain"], images["hidden"])
+
+    # trce eval --with-hidden-prompt: the same suite and seeds with the hidden prompt, a row of its own in the report
+    runs = {}
+    for name, extra in (("plain", []), ("hidden", ["--with-hidden-prompt"])):
+        runs[name] = tmp_path / f"eval-{name}"
+        code, out, err = run_cli("eval", "--model", tiny_dir, "--patch", patch, *extra, "--suite", "shapeworld-red",
+                                 "--limit", 2, "--steps", 2, "--no-progress", "--out", runs[name])
+        assert code == 0, err
+    assert "(kpop + hidden prompt)" in out
+    metrics = {k: json.loads((v / "metrics.json").read_text()) for k, v in runs.items()}
+    assert metrics["hidden"]["hidden_prompt"] is True and "hidden_prompt" not in metrics["plain"]
+    rows = {k: [(r["prompt"], r["seed"]) for r in map(json.loads, (v / "rows.jsonl").read_text().splitlines())]
+            for k, v in runs.items()}
+    assert rows["hidden"] == rows["plain"] and len(rows["plain"]) >= 4  # same prompts, same seeds
+    pixels = {k: np.asarray(Image.open(next((v / "images").rglob("*.png")))) for k, v in runs.items()}
+    assert not np.array_equal(pixels["plain"], pixels["hidden"])
+    code, _, err = run_cli("report", str(runs["plain"]), str(runs["hidden"]), "--out", tmp_path / "r.html")
+    assert code == 0, err
+    html = (tmp_path / "r.html").read_text()
+    assert "KPOP + hidden prompt" in html and "KPOP</td>" in html.replace(" ", "")
 
 
 def test_hidden_prompt_needs_a_kpop_patch(run_cli, tiny_dir, tmp_path):
@@ -31,6 +58,10 @@ def test_hidden_prompt_needs_a_kpop_patch(run_cli, tiny_dir, tmp_path):
     code, _, err = run_cli("generate", "--model", tiny_dir, "--patch", patch, "--with-hidden-prompt", "--prompt", "x",
                            "--out", tmp_path / "x.png")
     assert code == 2 and "no hidden prompt" in err
+    for extra in (["--patch", patch], []):  # eval: a TRCE patch has none; no patch at all
+        code, _, err = run_cli("eval", "--model", tiny_dir, *extra, "--with-hidden-prompt", "--suite", "shapeworld-red",
+                               "--limit", 1, "--steps", 1, "--out", tmp_path / "e")
+        assert_one_line_error(code, err, "no hidden prompt" if extra else "--patch")
 
 
 def test_bad_stage_settings_are_one_line_errors(run_cli, tiny_dir, tmp_path):

@@ -34,6 +34,7 @@ def add_commands(sub, parser_kwargs, add_model_args) -> None:
         "Evaluate a model (and an erasure patch) on a prompt suite: images, per-prompt verdicts, metrics.json.",
         "  trce eval --model shapeworld --suite shapeworld-red --out runs/eval-orig\n"
         "  trce eval --model shapeworld --patch runs/red-uce --suite shapeworld-red --seeds 0,1,2 --out runs/eval-uce\n"
+        "  trce eval --patch runs/red-kpop --with-hidden-prompt --suite shapeworld-red --out runs/eval-kpop-hidden\n"
         "  trce eval --model CompVis/stable-diffusion-v1-4 --patch runs/nudity --suite i2p-sexual \\\n"
         "      --data ../shared/data/prompts --out runs/i2p\n"
         "  trce eval --model sd14-arch --suite i2p-sexual --data ../shared/data/prompts/I2P_prompts_sexual.csv \\\n"
@@ -44,6 +45,8 @@ def add_commands(sub, parser_kwargs, add_model_args) -> None:
         "  trce suites                                  # the suite names\n"))
     add_model_args(p)
     p.add_argument("--patch", default=None, help="erasure patch folder to evaluate (the model alone when omitted)")
+    p.add_argument("--with-hidden-prompt", action="store_true",
+                   help="draw with the KPOP patch's hidden prompt injected: how much of the concept it brings back")
     p.add_argument("--suite", default=None, help="a suite name (see `trce suites`) or a suite YAML file")
     p.add_argument("--prompts", default=None, help="evaluate this prompt file instead of a suite (CSV of any "
                    "known layout or TXT, one prompt per line)")
@@ -87,6 +90,7 @@ def cmd_eval(args) -> int:
         threshold=args.threshold, seeds=args.seeds, concept=args.concept, clip_weights=args.clip_weights,
         inception_weights=args.inception_weights, q16_weights=args.q16_weights, reference=args.reference,
         reference_cache=args.reference_cache, device=args.device, dtype=args.dtype, progress=not args.no_progress,
+        hidden_prompt=args.with_hidden_prompt,
     )
     metrics = run_eval(config, args.out)
     if metrics is None:  # a non-main process of a sharded run: rank 0 reports

@@ -105,17 +105,21 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> str:
     patches = {}
     for name in cfg.methods:
         patches[name], remade = _erase(pipe, name, out / "patches" / name, cfg)
-        if remade and (out / "eval" / name).exists():
+        if remade:
             import shutil
 
-            shutil.rmtree(out / "eval" / name)  # the demo's own evaluation of the old patch: stale now
+            for stale in (name, f"{name}-hidden-prompt"):  # the demo's own evaluations of the old patch
+                shutil.rmtree(out / "eval" / stale, ignore_errors=True)
     del pipe
     runs = []
-    for name, patch in [("original", None), *patches.items()]:
+    jobs = [("original", None, False), *((name, patch, False) for name, patch in patches.items())]
+    if "kpop" in patches:  # KPOP's hidden prompt on the erased model: how much of red it brings back (Fig. 6)
+        jobs.append(("kpop-hidden-prompt", patches["kpop"], True))
+    for name, patch, hidden in jobs:
         run_dir = out / "eval" / name
         run_eval(EvalConfig(suite=SUITE, model=cfg.model, patch=str(patch) if patch else None, limit=cfg.limit,
-                            steps=cfg.steps, device=cfg.device, reference_cache=str(out / "reference-cache")),
-                 run_dir)
+                            steps=cfg.steps, device=cfg.device, reference_cache=str(out / "reference-cache"),
+                            hidden_prompt=hidden), run_dir)
         runs.append(run_dir)
     table = write_report(runs, out / "report.html", markdown=out / "table.md",
                          title="trce demo — erasing red from ShapeWorld")

@@ -72,6 +72,7 @@ class EvalConfig:
     q16_weights: str | None = None
     reference: bool = False  # also generate the original model's images for a real suite
     reference_cache: str | None = None  # share reference images between runs (keyed by base model + settings)
+    hidden_prompt: bool = False  # draw with the KPOP patch's hidden prompt injected (the recovery check, Fig. 6)
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
@@ -85,6 +86,8 @@ class EvalConfig:
             raise TrceError(f"--seeds has repeated values: {','.join(map(str, self.seeds))}")
         if any(s < 0 for s in self.seeds):
             raise TrceError(f"--seeds must be non-negative, got {','.join(map(str, self.seeds))}")
+        if self.hidden_prompt and self.patch is None:
+            raise TrceError("--with-hidden-prompt needs --patch DIR (a KPOP patch)")
 
 
 def offset_seed(seed: int, offset: int) -> int:
@@ -240,10 +243,15 @@ def run_eval(config: EvalConfig, out: str | Path) -> dict | None:
         from trce.edit import load_patch
 
         edit = load_patch(config.patch)
+        if config.hidden_prompt:
+            from trce.methods.kpop import hidden_prompt
+
+            hidden_prompt(edit)  # a patch without one fails here, before any image
     patch_meta = _patch_meta(config.patch)
     key = {"model": config.model, "base": base["id"], "patch": (patch_meta or {}).get("files"), "steps": steps,
            "size": size, "guidance": config.guidance, "suite": f"{suite.name}@{suite.version}",
-           "detector": detector.info(), "dtype": str(pipe.unet.dtype)}
+           "detector": detector.info(), "dtype": str(pipe.unet.dtype),
+           **({"hidden_prompt": True} if config.hidden_prompt else {})}
     io.check_run_key(out / "eval.json", key, state, "an evaluation")
 
     base_seeds = [r.seed if r.seed is not None else d.seed + i for i, r in enumerate(rows)]
@@ -261,8 +269,13 @@ def run_eval(config: EvalConfig, out: str | Path) -> dict | None:
         if need_reference:
             ref_records = _reference(pipe, rows, seeds, guidances, run_dir, settings, detector, state, config, suite,
                                      key)
-        ctx = edit.applied(pipe) if edit is not None else contextlib.nullcontext()
-        with ctx:
+        with contextlib.ExitStack() as ctx:
+            if edit is not None:
+                ctx.enter_context(edit.applied(pipe))
+            if config.hidden_prompt:
+                from trce.methods.kpop import hidden_prompt_installed
+
+                ctx.enter_context(hidden_prompt_installed(pipe, edit))
             desc = f"eval {suite.name}" + (f" seed+{offset}" if len(config.seeds) > 1 else "")
             records = generate_rows(pipe, rows, seeds, guidances, run_dir, settings, detector, state,
                                     progress=config.progress, desc=desc)
@@ -279,6 +292,7 @@ def run_eval(config: EvalConfig, out: str | Path) -> dict | None:
     result = compute_metrics(suite, runs, out, detector, config, settings_record, inception, device)
     result.update({
         "model": config.model, "patch": config.patch, "method": (patch_meta or {}).get("method"),
+        **({"hidden_prompt": True} if config.hidden_prompt else {}),
         "base_fingerprint": base["id"], "processes": state.num_processes, "seconds": round(time.time() - t0, 1),
     })
     ordered = {k: result[k] for k in _KEY_ORDER if k in result} | {k: v for k, v in result.items() if k not in _KEY_ORDER}
@@ -288,7 +302,8 @@ def run_eval(config: EvalConfig, out: str | Path) -> dict | None:
     return metrics
 
 
-_KEY_ORDER = ("suite", "suite_version", "kind", "description", "note", "model", "patch", "method", "n", "asr",
+_KEY_ORDER = ("suite", "suite_version", "kind", "description", "note", "model", "patch", "method", "hidden_prompt",
+              "n", "asr",
               "asr_ci", "asr_groups", "by_category", "groups", "fd", "fd_features", "fd_note", "fid", "fid_note", "clip_score",
               "clip_score_note", "esr", "esr_ci", "psr", "psr_ci", "reference", "detector", "settings", "per_seed",
               "asr_mean", "asr_std", "images_dir", "rows", "reference_dir")
@@ -551,7 +566,7 @@ def format_table(m: dict) -> str:
     """The per-group (ShapeWorld) or per-category (real suites) table `trce eval` prints."""
     s = m["settings"]
     head = (f"{m['suite']} v{m['suite_version']}  model {m['model']}  patch {m['patch'] or '-'}"
-            f"{'  (' + m['method'] + ')' if m.get('method') else ''}\n"
+            f"{'  (' + m['method'] + (' + hidden prompt' if m.get('hidden_prompt') else '') + ')' if m.get('method') else ''}\n"
             f"{m['n']} images, {s['steps']} steps, "
             f"guidance {'per prompt, else ' if s.get('per_prompt_guidance') else ''}{s['guidance']}, size {s['size']}"
             f", seed offsets {','.join(map(str, s['seeds']))}, detector {m['detector']['name']}"

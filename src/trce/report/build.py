@@ -113,6 +113,8 @@ def run_label(metrics: dict) -> str:
         stages = _patch_stages(metrics["patch"])
         if stages and (len(stages) > 1 or str(method).lower() in STAGED_METHODS):
             base += f" ({'+'.join(stages)})"
+        if metrics.get("hidden_prompt"):
+            base += " + hidden prompt"
     attack = metrics.get("attack")
     if isinstance(attack, dict) and attack.get("name"):
         base += f" + {attack['name']}"
@@ -123,7 +125,7 @@ def _row_key(metrics: dict) -> tuple:
     patch = metrics.get("patch")
     attack = metrics.get("attack") if isinstance(metrics.get("attack"), dict) else {}
     return (metrics.get("model"), os.path.normpath(patch) if patch else None, metrics.get("method") if patch else None,
-            attack.get("name"))
+            attack.get("name"), bool(metrics.get("hidden_prompt")))
 
 
 def _is_original(metrics: dict) -> bool:
@@ -171,6 +173,8 @@ class _Rows:
                 break
         else:
             row = {"_key": key, "_suites": set(), "label": run["label"], "original": run["original"],
+                   # a check, not an eraser: the KPOP patch with its hidden prompt put back
+                   "diagnostic": bool(metrics.get("hidden_prompt")),
                    "model": run["model"], "patch": run["patch"], "runs": [], "cells": {}}
             self.rows.append(row)
         row["_suites"].add(suite)
@@ -193,12 +197,13 @@ class _Rows:
 
 
 def _mark_best(table: dict) -> None:
-    """Bold the best patched value per column (lower ASR/FD, higher accuracy/CLIP), when two or more compete."""
+    """Bold the best patched value per column (lower ASR/FD, higher accuracy/CLIP), when two or more compete;
+    the original model and diagnostic rows (a hidden prompt put back) do not compete."""
     for col in table["columns"]:
         better = col.get("better")
         if better not in ("lower", "higher"):
             continue
-        cells = [r["cells"].get(col["key"]) for r in table["rows"] if not r["original"]]
+        cells = [r["cells"].get(col["key"]) for r in table["rows"] if not r["original"] and not r.get("diagnostic")]
         cells = [c for c in cells if c and c.get("value") is not None]
         if len(cells) < 2:
             continue
