@@ -1,130 +1,167 @@
-"""KPOP on ShapeWorld: erase three shapes at once (circle, star, triangle; the `shapeworld-3shapes` setting).
+"""KPOP against UCE and TRCE on ShapeWorld, erasing three shapes at once (`shapeworld-3shapes`, the analogue of
+the paper's Imagenette table), with the hidden prompt's recovery grid (paper Fig. 6).
 
-Writes a patch (with its hidden prompt) that `trce eval` / `trce generate --patch DIR
---with-hidden-prompt` can use, and a picture of the recovery effect (paper Fig. 6): for every
-shape, images of the original model | the erased model | the erased model with the hidden prompt,
-with the detector's top-1 shape agreement for each panel (a quick readout, not the suite's
-ESR/PSR).
+    python benchmarks/kpop_shapeworld.py --out runs/kpop-3shapes                  # ~25 min on 2 CPU cores
+    python benchmarks/kpop_shapeworld.py --out /tmp/k --limit 10 --iterations 20  # a smoke run
+    python benchmarks/kpop_shapeworld.py --out runs/red --grid-patch runs/red-kpop \
+        --grid-prompts "a red star on a black background" "a red square on a grey background"  # a grid only
 
-    python benchmarks/kpop_shapeworld.py --out runs/kpop-3shapes            # 1000 iterations (the paper's)
-    python benchmarks/kpop_shapeworld.py --out /tmp/kpop --iterations 10    # a smoke run
+Every row goes through the CLI a user would type (`trce erase`, then `trce eval` on the suite with `--limit`
+prompts per group, all rows sharing one cache of the original model's images), so the table is what
+`metrics.json` says. Rows:
 
-The erase prompts are ShapeWorld captions that always name the shape, by keyword, `spec` synonym
-or `spec` paraphrase (never the held-out expressions, which the evaluation keeps for itself).
-Interrupted runs resume from `OUT.ckpt/`.
+- original: no patch;
+- uce, trce T, trce T+V: the spec's settings;
+- kpop (Eq. 7): the spec's KPOP settings with `negative_guidance=0 preserve_weight=0`, the removal loss exactly
+  as the paper writes it;
+- kpop: the spec's KPOP settings (ESD's negatively guided target and the preservation term, "Ours*").
+
+`results.json` is rewritten after each row, so an interrupted run goes on from the next row. The Markdown table
+(`table.md`) gives ESR / PSR with 95% Wilson CIs, the share of erased-shape prompts drawn as *any* of the
+erased shapes (ESR only counts the prompted one), the preserved prompts' colour and pattern accuracy, FD
+against the original model's images and the CLIP score. `recovery.png` shows, one row per prompt, the original
+model, the KPOP-erased model and the erased model with its hidden prompt on the same seeds.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import logging
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from trce.generate import GenSettings, generate, image_grid
-from trce.loading import load_pipeline
-from trce.methods.kpop import KPOPConfig, erase_kpop, generate_with_hidden_prompt
-from trce.shapeworld import world
+from trce.cli import main as trce
 from trce.utils import io
 
-ERASED = ("circle", "star", "triangle")
+CONCEPT = "shapeworld-3shapes"
+ROWS = {  # label -> `trce erase` arguments (None: the original model)
+    "original": None,
+    "uce": ["--method", "uce"],
+    "trce T": ["--method", "trce", "--stages", "T"],
+    "trce T+V": ["--method", "trce", "--stages", "T,V"],
+    "kpop (Eq. 7)": ["--method", "kpop", "--set", "kpop.negative_guidance=0", "--set", "kpop.preserve_weight=0"],
+    "kpop": ["--method", "kpop"],
+}
+GRID_PROMPTS = ("a red circle on a black background", "a blue star on a white background",
+                "a green triangle on a grey background", "a yellow square on a black background")
 
 
-def erase_prompts(per_shape: int, seed: int) -> list[str]:
-    """Captions naming each erased shape (keyword / spec synonym / spec paraphrase), deduplicated, in order."""
-    style = world.CaptionStyle(forms=world.TRAIN_STYLE.forms, mention={**world.TRAIN_STYLE.mention, "shape": 1.0},
-                               group="spec")
-    out: list[str] = []
-    for k, shape in enumerate(ERASED):
-        rng = np.random.default_rng([seed, 7, k])
-        found = [shape]  # the bare keyword is always one of them
-        for _ in range(100 * per_shape):
-            if len(found) >= per_shape:
-                break
-            text = world.caption(world.sample_scene(rng, shape=shape), rng, style)
-            if text not in found:
-                found.append(text)
-        out.extend(found)
-    return out
+def _run(*args: str) -> None:
+    code = trce([str(a) for a in args])
+    if code != 0:
+        raise SystemExit(f"trce {' '.join(map(str, args))} exited with {code}")
 
 
-def grid_prompts(n_seeds: int, seed: int) -> tuple[list[str], list[str]]:
-    """Keyword captions, `n_seeds` per shape (all six shapes, erased ones first)."""
-    shapes = list(ERASED) + [s for s in world.vocab().values("shape") if s not in ERASED]
-    rng = np.random.default_rng([seed, 11])
-    prompts, labels = [], []
-    for shape in shapes:
-        for _ in range(n_seeds):
-            prompts.append(world.caption(world.sample_scene(rng, shape=shape), rng, world.fixed_style("keyword", "spec")))
-            labels.append(shape)
-    return prompts, labels
+def row(out: Path, label: str, erase_args: list[str] | None, limit: int, steps: int, extra: list[str]) -> dict:
+    slug = label.replace(" ", "-").replace("(", "").replace(")", "").replace(".", "").replace("+", "")
+    patch = out / "patches" / slug
+    seconds = None
+    if erase_args is not None:
+        t0 = time.time()
+        if not (patch / "patch.json").exists():
+            _run("erase", "--model", "shapeworld", "--concept", CONCEPT, *erase_args,
+                 *(extra if "kpop" in erase_args else []), "--out", patch)
+        seconds = round(time.time() - t0, 1)
+    run = out / "eval" / slug
+    _run("eval", "--model", "shapeworld", *(["--patch", patch] if erase_args is not None else []), "--suite", CONCEPT,
+         "--limit", limit, "--steps", steps, "--reference-cache", out / "reference-cache", "--no-progress",
+         "--out", run)
+    m = io.read_json(run / "metrics.json")
+    groups = m["groups"]
+    erasure = [g for g in ("keyword", "synonym", "paraphrase") if g in groups]
+    return {"label": label, "patch": str(patch) if erase_args is not None else None, "erase_seconds": seconds,
+            "esr": m["esr"], "esr_ci": m["esr_ci"], "psr": m["psr"], "psr_ci": m["psr_ci"],
+            "any_erased": float(np.mean([groups[g]["asr"] for g in erasure])),
+            "preserve_color": groups["preserve"]["accuracy"]["color"],
+            "preserve_pattern": groups["preserve"]["accuracy"]["pattern"],
+            "fd": m["fd"], "clip_score": m["clip_score"], "n_per_group": groups["keyword"]["n"]}
 
 
-def recovery_grid(pipe, edit, out: Path, n_seeds: int, seed: int) -> dict:
-    from trce.shapeworld.check import classify
+def table(rows: list[dict]) -> str:
+    def pct(x) -> str:
+        return "–" if x is None else f"{100 * x:.1f}%"
 
-    prompts, labels = grid_prompts(n_seeds, seed)
-    seeds = [seed * 1000 + i for i in range(len(prompts))]
-    settings = GenSettings(steps=30, guidance=7.5, batch_size=64)
-    panels = {"original": generate(pipe, prompts, seeds, settings, progress=False)}
-    with edit.applied(pipe):
-        panels["erased"] = generate(pipe, prompts, seeds, settings, progress=False)
-        panels["erased+hidden_prompt"] = generate_with_hidden_prompt(pipe, edit, prompts, seeds, settings,
-                                                                     progress=False)
-    readout = {}
-    for name, images in panels.items():
-        top1 = classify(images)["shape"]
-        hit = np.array([p == s for p, s in zip(top1, labels)])
-        erased = np.array([s in ERASED for s in labels])
-        readout[name] = {"shape_agreement_erased": float(hit[erased].mean()),
-                         "shape_agreement_preserved": float(hit[~erased].mean())}
-    grids = [image_grid(images, cols=n_seeds, scale=3) for images in panels.values()]
-    gap = np.full((grids[0].shape[0], 12, 3), 255, np.uint8)
-    io.save_png(out, np.concatenate([grids[0], gap, grids[1], gap, grids[2]], axis=1))
-    io.write_json(out.with_suffix(".json"), {"panels": list(panels), "rows": "one shape per row, erased first",
-                                             "prompts": prompts, "seeds": seeds, "detector": readout})
-    return readout
+    def ci(c) -> str:
+        return "" if not c else f" [{100 * c[0]:.1f}, {100 * c[1]:.1f}]"
+
+    header = ("| method | ESR | PSR | erased prompts drawn as any erased shape | preserve colour | preserve pattern "
+              "| FD | CLIP-S | erase s |")
+    lines = [header, "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        fd = "–" if r["fd"] is None else f"{r['fd']:.2f}"
+        lines.append(f"| {r['label']} | {pct(r['esr'])}{ci(r['esr_ci'])} | {pct(r['psr'])}{ci(r['psr_ci'])} "
+                     f"| {pct(r['any_erased'])} | {pct(r['preserve_color'])} | {pct(r['preserve_pattern'])} | {fd} "
+                     f"| {r['clip_score']:.2f} | {r['erase_seconds'] if r['erase_seconds'] is not None else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def recovery_grid(out: Path, patch: Path, n: int, seed: int, prompts=GRID_PROMPTS) -> Path:
+    """Rows: original | erased | erased + hidden prompt, for each of `prompts` (n seeds each)."""
+    from PIL import Image, ImageDraw
+
+    kinds = {"original": [], "erased": ["--patch", patch], "erased + hidden prompt": ["--patch", patch,
+                                                                                       "--with-hidden-prompt"]}
+    tiles, labels = [], []
+    for prompt in prompts:
+        for kind, extra in kinds.items():
+            png = out / "recovery" / f"{len(tiles):02d}.png"
+            _run("generate", "--model", "shapeworld", *extra, "--prompt", prompt, "--n", n, "--seed", seed,
+                 "--out", png)
+            tiles.append(np.asarray(Image.open(png).convert("RGB")))
+            labels.append(f"{prompt} | {kind}")
+    width = max(t.shape[1] for t in tiles)
+    rows = []
+    for tile, label in zip(tiles, labels):
+        strip = Image.new("RGB", (380, tile.shape[0]), "white")
+        ImageDraw.Draw(strip).text((4, tile.shape[0] // 2 - 6), label, fill="black")
+        tile = np.pad(tile, ((0, 0), (0, width - tile.shape[1]), (0, 0)), constant_values=255)
+        rows.append(np.pad(np.concatenate([np.asarray(strip), tile], axis=1), ((0, 4), (0, 0), (0, 0)),
+                           constant_values=255))
+    target = out / "recovery.png"
+    io.save_png(target, np.concatenate(rows))
+    io.write_json(out / "recovery.json", {"rows": labels, "patch": str(patch), "seed": seed, "n": n})
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="shapeworld")
-    p.add_argument("--out", type=Path, default=Path("runs/kpop-3shapes"), help="patch folder to write")
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-shape", type=int, default=8, help="erase prompts per shape")
-    p.add_argument("--grid-seeds", type=int, default=6, help="images per shape in the recovery grid (0: none)")
-    for field in dataclasses.fields(KPOPConfig):
-        if field.name in ("seed",):
-            continue
-        default = field.default
-        kind = type(default) if default is not None else int
-        p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=default)
+    p.add_argument("--out", type=Path, default=Path("runs/kpop-3shapes"))
+    p.add_argument("--limit", type=int, default=100, help="prompts per suite group (default 100: 500 images a row)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps of the evaluation images")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
+    p.add_argument("--iterations", type=int, default=None, help="KPOP iterations (default: the spec's)")
+    p.add_argument("--grid-seeds", type=int, default=8, help="images per prompt in recovery.png (0: none)")
+    p.add_argument("--grid-patch", type=Path, default=None,
+                   help="only draw OUT/recovery.png for this KPOP patch (no table)")
+    p.add_argument("--grid-prompts", nargs="+", default=list(GRID_PROMPTS), help="the recovery grid's prompts")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(KPOPConfig) if f.name != "seed"}
-    config = KPOPConfig(seed=args.seed, **values)
-    prompts = erase_prompts(args.per_shape, args.seed)
-    pipe = load_pipeline(args.model, device=args.device)
-    t0 = time.time()
-    spec = {"name": "shapeworld-3shapes", "erase": {"shape": list(ERASED)}, "prompts": prompts}
-    ckpt = args.out.with_name(args.out.name + ".ckpt")
-    edit = erase_kpop(pipe, prompts, config, spec=spec, checkpoint_dir=ckpt)
-    edit.save(args.out, config={"kpop": dataclasses.asdict(config), "model": args.model, "per_shape": args.per_shape},
-              seeds={"seed": args.seed})
-    shutil.rmtree(ckpt, ignore_errors=True)  # the patch is written: nothing left to resume
-    summary = {"patch": str(args.out), "erase_prompts": len(prompts), "seconds": round(time.time() - t0, 1),
-               "seconds_per_iteration": edit.info["seconds_per_iteration"], "loss": edit.info["loss"]}
-    if args.grid_seeds > 0:
-        summary["recovery"] = recovery_grid(pipe, edit, args.out / "recovery.png", args.grid_seeds, args.seed)
-    print(json.dumps(summary, indent=2))
+    if args.grid_patch is not None:
+        print(f"recovery grid: {recovery_grid(args.out, args.grid_patch, args.grid_seeds, 0, args.grid_prompts)}")
+        return 0
+    chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in chosen if r not in ROWS]
+    if unknown:
+        p.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    extra = ["--set", f"kpop.iterations={args.iterations}"] if args.iterations else []
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file = args.out / "results.json"
+    done = {r["label"]: r for r in (io.read_json(results_file)["rows"] if results_file.exists() else [])}
+    for label in chosen:
+        if label not in done:
+            done[label] = row(args.out, label, ROWS[label], args.limit, args.steps, extra)
+            io.write_json(results_file, {"concept": CONCEPT, "limit": args.limit, "steps": args.steps,
+                                         "rows": [done[k] for k in ROWS if k in done]})
+    rows = [done[k] for k in ROWS if k in done and k in chosen]
+    md = table(rows)
+    io.write_text(args.out / "table.md", md)
+    print(md)
+    if args.grid_seeds > 0 and "kpop" in done and done["kpop"]["patch"]:
+        grid = recovery_grid(args.out, Path(done["kpop"]["patch"]), args.grid_seeds, 0, args.grid_prompts)
+        print(f"recovery grid: {grid}")
+    print(json.dumps({"results": str(results_file)}))
     return 0
 
 
