@@ -1,7 +1,7 @@
-"""KPOP against UCE and TRCE on ShapeWorld, erasing three shapes at once (`shapeworld-3shapes`, the analogue of
+"""KPOP against UCE, TRCE and ESD on ShapeWorld, erasing three shapes at once (`shapeworld-3shapes`, the analogue of
 the paper's Imagenette table), with the hidden prompt's recovery grid (paper Fig. 6).
 
-    python benchmarks/kpop_shapeworld.py --out runs/kpop-3shapes                  # ~25 min on 2 CPU cores
+    python benchmarks/kpop_shapeworld.py --out runs/kpop-3shapes                  # ~10 min on 2 CPU cores
     python benchmarks/kpop_shapeworld.py --out /tmp/k --limit 10 --iterations 20  # a smoke run
     python benchmarks/kpop_shapeworld.py --out runs/red --grid-patch runs/red-kpop \
         --grid-prompts "a red star on a black background" "a red square on a grey background"  # a grid only
@@ -12,6 +12,7 @@ prompts per group, all rows sharing one cache of the original model's images), s
 
 - original: no patch;
 - uce, trce T, trce T+V: the spec's settings;
+- esd-x, esd-u: ESD on cross-attention / on everything else, the spec's `esd:` settings;
 - kpop (Eq. 7): the spec's KPOP settings with `negative_guidance=0 preserve_weight=0`, the removal loss exactly
   as the paper writes it;
 - kpop: the spec's KPOP settings (ESD's negatively guided target and the preservation term, "Ours*").
@@ -42,6 +43,8 @@ ROWS = {  # label -> `trce erase` arguments (None: the original model)
     "uce": ["--method", "uce"],
     "trce T": ["--method", "trce", "--stages", "T"],
     "trce T+V": ["--method", "trce", "--stages", "T,V"],
+    "esd-x": ["--method", "esd"],
+    "esd-u": ["--method", "esd", "--set", "esd.params=non-cross-attn"],
     "kpop (Eq. 7)": ["--method", "kpop", "--set", "kpop.negative_guidance=0", "--set", "kpop.preserve_weight=0"],
     "kpop": ["--method", "kpop"],
 }
@@ -55,15 +58,16 @@ def _run(*args: str) -> None:
         raise SystemExit(f"trce {' '.join(map(str, args))} exited with {code}")
 
 
-def row(out: Path, label: str, erase_args: list[str] | None, limit: int, steps: int, extra: list[str]) -> dict:
+def row(out: Path, label: str, erase_args: list[str] | None, limit: int, steps: int, iterations: int | None) -> dict:
     slug = label.replace(" ", "-").replace("(", "").replace(")", "").replace(".", "").replace("+", "")
     patch = out / "patches" / slug
     seconds = None
     if erase_args is not None:
         t0 = time.time()
+        method = erase_args[erase_args.index("--method") + 1]
+        extra = ["--set", f"{method}.iterations={iterations}"] if iterations and method in ("kpop", "esd") else []
         if not (patch / "patch.json").exists():
-            _run("erase", "--model", "shapeworld", "--concept", CONCEPT, *erase_args,
-                 *(extra if "kpop" in erase_args else []), "--out", patch)
+            _run("erase", "--model", "shapeworld", "--concept", CONCEPT, *erase_args, *extra, "--out", patch)
         seconds = round(time.time() - t0, 1)
     run = out / "eval" / slug
     _run("eval", "--model", "shapeworld", *(["--patch", patch] if erase_args is not None else []), "--suite", CONCEPT,
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=100, help="prompts per suite group (default 100: 500 images a row)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps of the evaluation images")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
-    p.add_argument("--iterations", type=int, default=None, help="KPOP iterations (default: the spec's)")
+    p.add_argument("--iterations", type=int, default=None, help="KPOP and ESD iterations (default: the spec's)")
     p.add_argument("--grid-seeds", type=int, default=8, help="images per prompt in recovery.png (0: none)")
     p.add_argument("--grid-patch", type=Path, default=None,
                    help="only draw OUT/recovery.png for this KPOP patch (no table)")
@@ -145,13 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in chosen if r not in ROWS]
     if unknown:
         p.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
-    extra = ["--set", f"kpop.iterations={args.iterations}"] if args.iterations else []
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
     done = {r["label"]: r for r in (io.read_json(results_file)["rows"] if results_file.exists() else [])}
     for label in chosen:
         if label not in done:
-            done[label] = row(args.out, label, ROWS[label], args.limit, args.steps, extra)
+            done[label] = row(args.out, label, ROWS[label], args.limit, args.steps, args.iterations)
             io.write_json(results_file, {"concept": CONCEPT, "limit": args.limit, "steps": args.steps,
                                          "rows": [done[k] for k in ROWS if k in done]})
     rows = [done[k] for k in ROWS if k in done and k in chosen]

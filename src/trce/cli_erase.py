@@ -19,7 +19,7 @@ log = logging.getLogger("trce")
 
 # Keys a `--config run.yaml` may set (command-line flags win over the file).
 CONFIG_KEYS = ("concept", "method", "stages", "eta", "ridge", "token_role", "preserve_role", "data", "seed", "cache",
-               "V", "kpop")
+               "V", "kpop", "esd")
 
 
 def add_commands(sub, parser_kwargs, add_model_args) -> None:
@@ -32,12 +32,13 @@ def add_commands(sub, parser_kwargs, add_model_args) -> None:
         "  trce erase --concept shapeworld-red --concept shapeworld-star --out runs/two   # one solve for both\n"
         "  trce erase --concept shapeworld-red --stages T,V --set V.epochs=1 --out runs/red-tv   # TRCE T+V\n"
         "  trce erase --concept shapeworld-3shapes --method kpop --set kpop.iterations=300 --out runs/kpop\n"
+        "  trce erase --concept shapeworld-3shapes --method esd --set esd.params=non-cross-attn --out runs/esd-u\n"
         "  trce generate --patch runs/red --prompt \"a crimson star on a black background\" --out x.png\n"))
     add_model_args(p)
     p.add_argument("--concept", action="append", default=argparse.SUPPRESS,
                    help="a built-in concept (see `trce concepts`) or a spec YAML path; repeat or comma-separate "
                         "to erase several at once")
-    p.add_argument("--method", default=argparse.SUPPRESS, help="trce, uce or kpop (default trce)")
+    p.add_argument("--method", default=argparse.SUPPRESS, help="trce, uce, kpop or esd (default trce)")
     p.add_argument("--stages", default=argparse.SUPPRESS, help="stages of --method trce: T, V or T,V (default T)")
     p.add_argument("--out", required=True, help="patch folder to write (replaced atomically)")
     p.add_argument("--eta", type=float, default=argparse.SUPPRESS,
@@ -57,8 +58,8 @@ def add_commands(sub, parser_kwargs, add_model_args) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the preservation prior, write no cache")
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="random seed of the run (default 0; recorded)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                   help="a setting of stage V or of kpop, e.g. V.epochs=1, V.n_trajectories=32, kpop.iterations=300 "
-                        "(also as sections `V:` / `kpop:` of --config)")
+                   help="a setting of stage V, kpop or esd, e.g. V.epochs=1, V.n_trajectories=32, kpop.iterations=300, "
+                        "esd.lr=1e-4 (also as sections `V:` / `kpop:` / `esd:` of --config)")
     p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("export", **parser_kwargs(
@@ -156,8 +157,9 @@ def cmd_erase(args) -> int:
     sections = _stage_sections(cfg, args.set)
     if "V" in stages and method.name == "trce":
         configs["V"] = stage_config("trce", "V", spec_settings(specs, "V", sections.get("V")), seed=seed)
-    if method.name == "kpop":
-        configs["kpop"] = stage_config("kpop", "kpop", spec_settings(specs, "kpop", sections.get("kpop")), seed=seed)
+    if method.name in ("kpop", "esd"):
+        configs[method.name] = stage_config(method.name, method.name,
+                                            spec_settings(specs, method.name, sections.get(method.name)), seed=seed)
     options = {"V": {"cache_dir": settings.get("cache")}} if "V" in configs else {}
     if "kpop" in configs:
         options["kpop"] = {"data_dir": settings.get("data")}
@@ -176,9 +178,9 @@ def cmd_erase(args) -> int:
 
 
 def _stage_sections(cfg: dict[str, Any], assignments: list[str]) -> dict[str, dict[str, Any]]:
-    """Per-stage settings: `V:`/`kpop:` sections of --config, then `--set STAGE.KEY=VALUE` on top."""
+    """Per-stage settings: `V:`/`kpop:`/`esd:` sections of --config, then `--set STAGE.KEY=VALUE` on top."""
     sections: dict[str, dict[str, Any]] = {}
-    for stage in ("V", "kpop"):
+    for stage in ("V", "kpop", "esd"):
         value = cfg.get(stage) or {}
         if not isinstance(value, dict):
             raise TrceError(f"config section {stage!r} must be a mapping of settings, got {value!r}")
@@ -187,7 +189,7 @@ def _stage_sections(cfg: dict[str, Any], assignments: list[str]) -> dict[str, di
         key, sep, value = item.partition("=")
         stage, dot, name = key.partition(".")
         if not sep or not dot or stage not in sections or not name:
-            raise TrceError(f"bad --set {item!r}; use V.KEY=VALUE or kpop.KEY=VALUE")
+            raise TrceError(f"bad --set {item!r}; use V.KEY=VALUE, kpop.KEY=VALUE or esd.KEY=VALUE")
         sections[stage][name] = value
     return sections
 

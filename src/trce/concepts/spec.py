@@ -50,7 +50,7 @@ _SLOT = re.compile(r"\{(?:concept)?\}")
 _START, _END = "\x01", "\x02"  # marks the slot while a prompt is assembled
 _TOP_KEYS = ("name", "aliases", "description", "erase", "templates", "preserve", "eta", "ridge", "token_role",
              "attribute", "value", "values", "contexts", "seed", "settings")
-SETTING_SECTIONS = ("V", "kpop")  # stages whose settings a spec may recommend (checked against their configs)
+SETTING_SECTIONS = ("V", "kpop", "esd")  # stages whose settings a spec may recommend (checked against their configs)
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ def _settings(r: _Reader, raw: Any) -> dict:
     for stage, values in sections.items():
         if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
             raise r.fail(f"settings.{stage}", f"must be a mapping of setting names to values, got {values!r}")
-        method = "trce" if stage == "V" else "kpop"
+        method = "trce" if stage == "V" else stage  # kpop, esd: the method of that name
         try:
             stage_config(method, stage, values)  # unknown names and bad values fail here, not mid-run
         except TrceError as exc:

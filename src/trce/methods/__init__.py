@@ -58,6 +58,13 @@ METHODS: dict[str, Method] = {
         stages={"kpop": "trce.methods:erase_kpop_spec"},
         default_stages=("kpop",),
     ),
+    "esd": Method(
+        name="esd",
+        description="ESD baseline (Gandikota et al. 2023): fine-tune the UNet to predict the negatively guided "
+                    "neutral noise on the erase prompts; params cross-attn = ESD-x, non-cross-attn = ESD-u",
+        stages={"esd": "trce.methods:erase_esd_spec"},
+        default_stages=("esd",),
+    ),
     "uce": Method(
         name="uce",
         description="UCE-style baseline: the same closed-form edit on the keyword tokens (token role 'key')",
@@ -165,6 +172,16 @@ def erase_kpop_spec(pipe, spec, config=None, *, data_dir=None, progress: bool = 
                       preserve_prompts=keep, progress=progress)
 
 
+def erase_esd_spec(pipe, spec, config=None, *, progress: bool = True):
+    """ESD for a ConceptSpec (or a list): the spec's malicious prompts are the erase prompts c_e."""
+    from trce.concepts import as_specs, spec_record
+    from trce.methods.esd import ESDConfig, erase_esd
+
+    prompts = list(dict.fromkeys(p.malicious for s in as_specs(spec) for p in s.pairs()))
+    return erase_esd(pipe, prompts, config if config is not None else ESDConfig(), spec=spec_record(spec),
+                     progress=progress)
+
+
 def stage_config(method: str, stage: str, values: Mapping[str, Any] | None = None, seed: int | None = None):
     """The config object of one stage, from a mapping of its settings (unknown keys refused by name)."""
     import dataclasses
@@ -174,6 +191,8 @@ def stage_config(method: str, stage: str, values: Mapping[str, Any] | None = Non
         from trce.methods.stage_v import StageVConfig as cls
     elif method == "kpop":
         from trce.methods.kpop import KPOPConfig as cls
+    elif method == "esd":
+        from trce.methods.esd import ESDConfig as cls
     else:
         raise TrceError(f"stage {stage!r} of method {method!r} takes no settings section")
     fields = {f.name for f in dataclasses.fields(cls)}

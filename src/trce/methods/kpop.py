@@ -118,18 +118,9 @@ class KPOPConfig:
         for name, kind in (("params", Group), ("mode", Mode), ("sites", Sites), ("latents", Latents),
                            ("prompt_init", PromptInit), ("neutral", Neutral), ("preserve_latents", PreserveLatents)):
             choose(f"KPOP {name}", getattr(self, name), get_args(kind))
-        for name in ("iterations", "batch_size", "ddim_steps", "cache_trajectories"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise TrceError(f"KPOP {name} must be a positive integer, got {value!r}")
-        for name in ("lr", "prompt_lr", "lam"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise TrceError(f"KPOP {name} must be a positive number, got {value!r}")
-        for name in ("sample_guidance", "negative_guidance", "preserve_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise TrceError(f"KPOP {name} must be a number >= 0, got {value!r}")
+        check_numbers(self, "KPOP", integers=("iterations", "batch_size", "ddim_steps", "cache_trajectories"),
+                      positive=("lr", "prompt_lr", "lam"),
+                      non_negative=("sample_guidance", "negative_guidance", "preserve_weight"))
         for name in ("prompt_size", "prompt_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -160,6 +151,20 @@ class KPOPConfig:
                                 f"got prompt_tokens={m_p}")
             return m_p
         return self.prompt_tokens or (self.prompt_size or DEFAULT_K) * text_tokens
+
+
+def check_numbers(config: Any, what: str, integers: Sequence[str] = (), positive: Sequence[str] = (),
+                  non_negative: Sequence[str] = ()) -> None:
+    """Positive integers, positive finite numbers and finite numbers >= 0 among a config's fields, by name."""
+    for name in integers:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise TrceError(f"{what} {name} must be a positive integer, got {value!r}")
+    for name, low_ok in [(n, False) for n in positive] + [(n, True) for n in non_negative]:
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                or value < 0 or (value == 0 and not low_ok):
+            raise TrceError(f"{what} {name} must be a {'number >= 0' if low_ok else 'positive number'}, got {value!r}")
 
 
 def trainable_parameters(unet, group: str) -> dict[str, torch.nn.Parameter]:
@@ -370,7 +375,7 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
         start = 0
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if ckpt is not None and (ckpt / "state.json").exists():
-            start, history = _resume(ckpt, settings, base, train, prompt, opt, opt_p, gen, list(trainable))
+            start, history = resume(ckpt, settings, base, train, prompt, opt, opt_p, gen, list(trainable))
         t_cache = time.time()
         latents = _Latents(pipe, unet, config, erase_emb, uncond, gen, originals)
         keep_latents = None
@@ -390,7 +395,7 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
                 bar.update(1)
                 bar.set_postfix(transfer=f"{values['transfer']:.4f}", removal=f"{values['removal']:.4f}", refresh=False)
                 if ckpt is not None and (it + 1) % checkpoint_every == 0 and it + 1 < config.iterations:
-                    _save_checkpoint(ckpt, it + 1, settings, base, train, prompt, opt, opt_p, gen, history,
+                    save_checkpoint(ckpt, it + 1, settings, base, train, prompt, opt, opt_p, gen, history,
                                      list(trainable))
         t_loop = time.time() - t_loop
         weights = {f"unet.{name}": params[name].detach().cpu().clone() for name in trainable}  # fp32
@@ -491,15 +496,17 @@ def _checkpoint_key(settings: dict, base: dict) -> dict:
     return json.loads(json.dumps({"settings": settings, "base": base["id"]}, default=str))
 
 
-def _save_checkpoint(folder: Path, iteration: int, settings: dict, base: dict, train, prompt, opt, opt_p, gen,
+def save_checkpoint(folder: Path, iteration: int, settings: dict, base: dict, train, prompt, opt, opt_p, gen,
                      history: dict, names: list[str]) -> None:
     tensors = {f"param.{name}": p.detach() for name, p in zip(names, train)}
-    tensors["prompt"] = prompt.detach()
     tensors["rng"] = gen.get_state()
     opt_t, opt_s = io.optimizer_state(opt)
-    optp_t, optp_s = io.optimizer_state(opt_p)
     tensors.update({f"opt.{k}": v for k, v in opt_t.items()})
-    tensors.update({f"opt_p.{k}": v for k, v in optp_t.items()})
+    optp_s = None
+    if prompt is not None:  # KPOP's prompt and its optimizer (ESD trains no prompt)
+        tensors["prompt"] = prompt.detach()
+        optp_t, optp_s = io.optimizer_state(opt_p)
+        tensors.update({f"opt_p.{k}": v for k, v in optp_t.items()})
     with io.atomic_dir(folder) as tmp:
         io.save_tensors(tmp / "state.safetensors", tensors)
         io.write_json(tmp / "state.json", {"iteration": iteration, "key": _checkpoint_key(settings, base),
@@ -507,23 +514,26 @@ def _save_checkpoint(folder: Path, iteration: int, settings: dict, base: dict, t
     log.debug("KPOP checkpoint at iteration %d in %s", iteration, folder)
 
 
-def _resume(folder: Path, settings: dict, base: dict, train, prompt, opt, opt_p, gen, names: list[str]):
+def resume(folder: Path, settings: dict, base: dict, train, prompt, opt, opt_p, gen, names: list[str]):
     state = io.read_json(folder / "state.json")
     key = _checkpoint_key(settings, base)
     if state.get("key") != key:
         old = (state.get("key") or {}).get("settings", {})
         diff = sorted(k for k in set(old) | set(key["settings"]) if old.get(k) != key["settings"].get(k))
-        raise TrceError(f"the KPOP checkpoint in {folder} was made with other settings or another base model "
+        raise TrceError(f"the checkpoint in {folder} was made with other settings or another base model "
                         f"(differs in: {', '.join(diff) or 'base model'}); use another folder or delete it")
     tensors = io.load_tensors(folder / "state.safetensors")
     with torch.no_grad():
         for name, p in zip(names, train):
             p.copy_(tensors[f"param.{name}"])
-        prompt.copy_(tensors["prompt"])
+        if prompt is not None:
+            prompt.copy_(tensors["prompt"])
     gen.set_state(tensors["rng"])
     io.load_optimizer_state(opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, state["opt"])
-    io.load_optimizer_state(opt_p, {k[6:]: v for k, v in tensors.items() if k.startswith("opt_p.")}, state["opt_p"])
-    log.info("KPOP: resuming from iteration %d (%s)", state["iteration"], folder)
+    if prompt is not None:
+        io.load_optimizer_state(opt_p, {k[6:]: v for k, v in tensors.items() if k.startswith("opt_p.")},
+                                state["opt_p"])
+    log.info("resuming from iteration %d (%s)", state["iteration"], folder)
     return int(state["iteration"]), {k: list(v) for k, v in state["history"].items()}
 
 

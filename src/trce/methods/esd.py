@@ -1,0 +1,147 @@
+"""ESD, the fine-tuning baseline (Gandikota et al. 2023, "Erasing Concepts from Diffusion Models").
+
+The UNet being erased, theta', is trained so that on the erase prompt c_e it predicts the original model's
+noise negatively guided away from the concept:
+
+    theta' <- theta' - eta grad || eps_theta'(z_t, c_e) - [ eps_theta(z_t, c_n) - eta_n (eps_theta(z_t, c_e) - eps_theta(z_t, c_n)) ] ||^2
+
+with c_n the empty prompt and eta_n the negative guidance (1 in the paper). Parameter groups as the paper
+names them: ESD-x trains cross-attention (`cross-attn`: objects, styles), ESD-u everything else
+(`non-cross-attn`: nudity). This is KPOP's removal loss without the prompt (its L2 term), so the two share
+their machinery (`trce.methods.kpop`): the noisy latents z_t (`current`: denoised by the current model, ESD's
+recipe; `cached`: trajectories of the original model), the frozen original outputs through
+`torch.func.functional_call`, fp32 training with the pipeline restored bit for bit, and resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from trce.edit import Edit
+from trce.errors import TrceError, choose
+from trce.methods.kpop import (
+    Group,
+    Latents,
+    _encode,
+    _endpoints,
+    _Latents,
+    _training_state,
+    _unet_out,
+    check_numbers,
+    resume,
+    save_checkpoint,
+    trainable_parameters,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ESDConfig:
+    """Every ESD setting; recorded in the patch's `settings`. Defaults: the paper's (ESD-x, 1000 steps, lr 1e-5)."""
+
+    iterations: int = 1000
+    lr: float = 1e-5
+    negative_guidance: float = 1.0  # eta_n
+    params: Group = "cross-attn"  # ESD-x; "non-cross-attn" is ESD-u
+    neutral_prompt: str = ""  # c_n
+    batch_size: int = 1
+    seed: int = 0
+    latents: Latents = "current"
+    ddim_steps: int = 50
+    sample_guidance: float = 3.0
+    cache_trajectories: int = 4
+
+    def __post_init__(self) -> None:
+        for name, kind in (("params", Group), ("latents", Latents)):
+            choose(f"ESD {name}", getattr(self, name), get_args(kind))
+        check_numbers(self, "ESD", integers=("iterations", "batch_size", "ddim_steps", "cache_trajectories"),
+                      positive=("lr",), non_negative=("negative_guidance", "sample_guidance"))
+        if not isinstance(self.neutral_prompt, str):
+            raise TrceError(f"ESD neutral_prompt must be a string, got {self.neutral_prompt!r}")
+
+
+def erase_esd(pipe, erase_prompts: list[str], config: ESDConfig = ESDConfig(), *, spec: dict | None = None,
+              progress: bool = True, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100) -> Edit:
+    """Erase the concept of `erase_prompts` with ESD; returns the Edit (the pipeline is left unchanged).
+
+    With `checkpoint_dir`, the state is saved every `checkpoint_every` iterations and a rerun with the same
+    settings continues from there.
+    """
+    if isinstance(erase_prompts, str) or not erase_prompts or not all(isinstance(p, str) and p.strip()
+                                                                       for p in erase_prompts):
+        raise TrceError(f"ESD needs a non-empty list of non-empty erase prompts, got {erase_prompts!r}")
+    if checkpoint_every < 1:
+        raise TrceError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    from trce.loading import fingerprint
+
+    t_start = time.time()
+    base = fingerprint(pipe)
+    unet = pipe.unet
+    device = unet.device
+    erase_emb = _encode(pipe, list(erase_prompts), device)  # (n, m_c, d)
+    neutral_emb = _encode(pipe, [config.neutral_prompt], device)  # (1, m_c, d)
+    uncond = _encode(pipe, [""], device)  # (1, m_c, d): CFG's unconditional branch when drawing z_t
+    trainable = trainable_parameters(unet, config.params)
+    settings = {**dataclasses.asdict(config), "erase_prompts": list(erase_prompts),
+                "trainable": {"group": config.params, "tensors": len(trainable),
+                              "parameters": sum(p.numel() for p in trainable.values())}}
+    gen = torch.Generator("cpu").manual_seed(config.seed)
+    with _training_state(unet, trainable) as originals:
+        params = dict(unet.named_parameters())
+        train = [params[name] for name in trainable]
+        opt = torch.optim.Adam(train, lr=config.lr)
+        history: dict[str, list[float]] = {"loss": []}
+        start = 0
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if ckpt is not None and (ckpt / "state.json").exists():
+            start, history = resume(ckpt, settings, base, train, None, opt, None, gen, list(trainable))
+        latents = _Latents(pipe, unet, config, erase_emb, uncond, gen, originals)
+        t_loop = time.time()
+        with tqdm(total=config.iterations, initial=start, desc="esd", disable=not progress, mininterval=1) as bar:
+            for it in range(start, config.iterations):
+                idx = torch.randint(len(erase_emb), (config.batch_size,), generator=gen)  # (b,)
+                z, t = latents.sample(idx)  # (b, c, h, w), (b,)
+                c_e = erase_emb[idx]  # (b, m_c, d)
+                with torch.no_grad():  # the frozen original theta on c_e and c_n at once
+                    both = _unet_out(unet, torch.cat([z, z]), torch.cat([t, t]),
+                                     torch.cat([c_e, neutral_emb.expand(len(idx), -1, -1)]), originals)
+                    eps_e, eps_n = both.chunk(2)  # (b, c, h, w) each
+                    target = eps_n - config.negative_guidance * (eps_e - eps_n)
+                loss = F.mse_loss(_unet_out(unet, z, t, c_e), target)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrceError(f"ESD diverged at iteration {it + 1}: the loss is {value}; lower lr ({config.lr})")
+                grads = torch.autograd.grad(loss, train)
+                for p, g in zip(train, grads):
+                    p.grad = g
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                history["loss"].append(value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                if ckpt is not None and (it + 1) % checkpoint_every == 0 and it + 1 < config.iterations:
+                    save_checkpoint(ckpt, it + 1, settings, base, train, None, opt, None, gen, history,
+                                    list(trainable))
+        t_loop = time.time() - t_loop
+        weights = {f"unet.{name}": params[name].detach().cpu().clone() for name in trainable}  # fp32
+    done = config.iterations - start
+    info: dict[str, Any] = {
+        "iterations": config.iterations, "resumed_from": start, "loss": _endpoints(history),
+        "history": {k: v[:: max(1, len(v) // 100)] for k, v in history.items()},
+        "history_every": max(1, len(history["loss"]) // 100), "seconds": round(time.time() - t_start, 3),
+        "seconds_per_iteration": round(t_loop / max(1, done), 5), "device": str(device),
+    }
+    log.info("ESD: %d iterations in %.1f s; loss %s", done, info["seconds"], info["loss"]["loss"])
+    return Edit(weights=weights, method="esd", spec=spec or {"erase": list(erase_prompts)}, settings=settings,
+                base=base, info=info)
