@@ -44,6 +44,20 @@ def test_builtins_load_and_match_the_issue():
     assert load_spec("nudity") is not None and load_spec("nudity").name == "sexual"
 
 
+def test_fine_tuning_methods_train_the_group_their_papers_use_for_each_concept():
+    from trce.methods.esd import ESDConfig
+    from trce.methods.kpop import KPOPConfig
+
+    specs = builtin_specs()
+    # nudity and the I2P categories: everything but cross-attention (ESD-u, KPOP Sec. 5.1); objects and styles:
+    # cross-attention, the configs' default
+    for name, group in (("sexual", "non-cross-attn"), ("i2p", "non-cross-attn"), ("van-gogh", "cross-attn"),
+                        ("church", "cross-attn"), ("garbage-truck", "cross-attn")):
+        settings = specs[name].settings
+        assert KPOPConfig.from_dict(settings.get("kpop", {})).params == group, name
+        assert ESDConfig(**settings.get("esd", {})).params == group, name
+
+
 @pytest.mark.parametrize("name", SHAPEWORLD)
 def test_shapeworld_specs_use_only_spec_group_expressions(name):
     spec = load_spec(name)
