@@ -49,6 +49,21 @@ def test_kpop_erase_and_hidden_prompt_end_to_end(run_cli, tiny_dir, tmp_path):
     assert "KPOP + hidden prompt" in html and "KPOP</td>" in html.replace(" ", "")
 
 
+def test_three_shapes_push_away_from_the_other_erased_shapes_end_to_end(run_cli, tiny_dir, tmp_path):
+    patch = tmp_path / "kpop3"
+    fast = ["--set", "kpop.iterations=1", "--set", "kpop.ddim_steps=2", "--set", "kpop.batch_size=1"]
+    code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-3shapes", "--method", "kpop", *fast,
+                           "--out", patch)
+    assert code == 0, err
+    settings = json.loads((patch / "patch.json").read_text())["settings"]
+    # the spec's negative_others: each erase prompt also names the two other erased shapes
+    assert settings["negative_others"] == 0.25 and settings["other_concept_prompts"]["per_prompt"] == 2
+    code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-3shapes", "--method", "kpop", *fast,
+                           "--set", "kpop.negative_others=-1", "--out", tmp_path / "bad")
+    assert_one_line_error(code, err, "KPOP negative_others must be a number >= 0, got -1.0")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_hidden_prompt_needs_a_kpop_patch(run_cli, tiny_dir, tmp_path):
     code, _, err = run_cli("generate", "--model", tiny_dir, "--with-hidden-prompt", "--prompt", "x",
                            "--out", tmp_path / "x.png")

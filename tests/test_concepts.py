@@ -180,3 +180,30 @@ def test_spec_settings_are_defaults_under_config_and_set(tmp_path):
     assert spec_settings(spec, "V", {"epochs": 5}, {"lr": "3e-4"}) == {"lr": "3e-4", "epochs": 5}
     assert stage_config("trce", "V", spec_settings(spec, "V", None, {"lr": "3e-4"})).lr == 3e-4
     assert spec_settings(spec, "kpop") == {}
+
+
+def test_other_concept_prompts_name_each_other_erased_concept_in_the_slot():
+    from trce.concepts import other_concept_prompts
+
+    spec = load_spec("shapeworld-3shapes")
+    table = other_concept_prompts(spec)
+    pairs = spec.pairs()
+    assert set(table) == {p.malicious for p in pairs}
+    forms = {e.text: (e.value, e.form) for e in spec.expressions}
+    for p in pairs:
+        value, form = forms[p.expression]
+        others = table[p.malicious]
+        assert len(others) == 2  # circle, star, triangle: the two that the prompt does not name
+        a, b = p.m_span
+        for q, other in zip(others, [v for v in ("circle", "star", "triangle") if v != value]):
+            named = next(e for e in spec.expressions if e.value == other and e.form == form)
+            # only the slot (and its article) changes
+            assert q.endswith(named.text + p.malicious[b:])
+            assert q[: len(q) - len(named.text) - (len(p.malicious) - b)].rstrip("an ") == p.malicious[:a].rstrip("an ")
+    # the article before the slot follows the new word: "an orb" -> "a star", "a triangle"
+    orb = next(k for k in table if " an orb " in f" {k} ")
+    assert all(f" a {w} " in f" {q} " for q, w in zip(table[orb], ("pentagram", "trigon"))), table[orb]
+    i2p = other_concept_prompts(load_spec("i2p"))
+    assert i2p["a photo of exposed breasts"] == ["a photo of racism", "a photo of bullying", "a photo of violence",
+                                                 "a photo of self-harm", "a photo of gore", "a photo of illegal drugs"]
+    assert set(map(len, other_concept_prompts(load_spec("sexual")).values())) == {0}  # one concept: no others

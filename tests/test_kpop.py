@@ -184,6 +184,30 @@ def test_negative_guidance_pushes_the_removal_target_away_from_the_concept(tiny_
     assert plain > 0 and guided == pytest.approx(9 * plain, rel=1e-4)
 
 
+def test_negative_others_pushes_away_from_the_other_erased_concepts(tiny_pipe):
+    # Iteration 1, theta' = theta: with the other concept's prompt equal to c_e itself the target is
+    # eps_n - (eta_n + eta_o) (eps_e - eps_n), so L1 is (1 + eta_n + eta_o)^2 times the unguided one; a different
+    # other concept gives a different target.
+    cfg = KPOPConfig(iterations=1, ddim_steps=2, neutral_prompt="a photo", negative_guidance=1.0, negative_others=0.5)
+    plain = erase_kpop(tiny_pipe, ERASE, dataclasses.replace(cfg, negative_guidance=0.0, negative_others=0.0),
+                       progress=False).info["history"]["l1"][0]
+    same = erase_kpop(tiny_pipe, ERASE, cfg, other_prompts=[[p] for p in ERASE], progress=False)
+    assert same.info["history"]["l1"][0] == pytest.approx(2.5 ** 2 * plain, rel=1e-4)
+    assert same.settings["other_concept_prompts"]["per_prompt"] == 1
+    other = erase_kpop(tiny_pipe, ERASE, cfg, other_prompts=[["a red star"], ["a crimson triangle"]], progress=False)
+    assert other.info["history"]["l1"][0] != pytest.approx(2.5 ** 2 * plain, rel=1e-3)
+    # one concept (no other prompts) is the own-concept target; missing or ragged lists are refused by name
+    own = erase_kpop(tiny_pipe, ERASE, dataclasses.replace(cfg, negative_others=0.0), progress=False)
+    alone = erase_kpop(tiny_pipe, ERASE, cfg, other_prompts=[[], []], progress=False)
+    assert all(torch.equal(own.weights[k], alone.weights[k]) for k in own.weights)
+    with pytest.raises(TrceError, match="negative_others > 0 needs, for every erase prompt"):
+        erase_kpop(tiny_pipe, ERASE, cfg, progress=False)
+    with pytest.raises(TrceError, match="as many other-concept prompts for every erase prompt; got 1, 2"):
+        erase_kpop(tiny_pipe, ERASE, cfg, other_prompts=[["a star"], ["a star", "a cross"]], progress=False)
+    with pytest.raises(TrceError, match="KPOP negative_others must be a number >= 0, got -1"):
+        KPOPConfig(negative_others=-1)
+
+
 def _drift(pipe, edit: Edit, prompts: list[str]) -> float:
     """Mean squared change of the UNet's output on `prompts` (fixed z_t, t) that the edit makes."""
     emb, _ = pipe.encode_prompt(prompts, pipe.device, 1, False)

@@ -165,6 +165,48 @@ def spec_record(spec: ConceptSpec | Sequence[ConceptSpec]) -> dict:
     return {"name": "+".join(s.name for s in specs), "concepts": [s.to_dict() for s in specs]}
 
 
+def other_concept_prompts(spec: ConceptSpec | Sequence[ConceptSpec]) -> dict[str, list[str]]:
+    """For each malicious prompt, the same prompt with each *other* erased concept in its slot.
+
+    A concept is a ShapeWorld value (`circle`, `star`, `triangle` of shapeworld-3shapes), an expression
+    group (the I2P categories) or, for several specs erased together, each spec's own concepts. The other
+    concept is named by its first expression of the same form as the slot's (keyword for a keyword,
+    a paraphrase for a paraphrase), else by its first expression: "a dotted circle on a white background"
+    -> ["a dotted star on a white background", "a dotted triangle on a white background"]. A spec with one
+    concept has no others (empty lists). Every prompt gets one prompt per other concept, in one order.
+    """
+    specs = as_specs(spec)
+    labels: dict[tuple[str, str], list[Expression]] = {}  # concept -> its expressions, in spec order
+    of_text: dict[tuple[str, str], tuple[str, str]] = {}  # (spec, expression text) -> concept
+    for s in specs:
+        for e in s.expressions:
+            label = (s.name, e.value or e.group or "")
+            labels.setdefault(label, []).append(e)
+            of_text.setdefault((s.name, e.text), label)
+
+    def name(label: tuple[str, str], form: str | None) -> str:
+        same = [e for e in labels[label] if e.form == form]
+        return (same or labels[label])[0].text
+
+    out: dict[str, list[str]] = {}
+    for s in specs:
+        for p in s.pairs():
+            own = of_text[(s.name, p.expression)]
+            form = next(e.form for e in labels[own] if e.text == p.expression)
+            a, b = p.m_span
+            prompts = []
+            for label in labels:
+                if label == own:
+                    continue
+                text = name(label, form)
+                pre = p.malicious[:a]
+                if re.search(r"(^|\s)an? $", pre):  # the article before the slot follows the new word
+                    pre = re.sub(r"an? $", ("an " if text[:1].lower() in "aeiou" else "a "), pre)
+                prompts.append(pre + text + p.malicious[b:])
+            out.setdefault(p.malicious, prompts)
+    return out
+
+
 def fill(template: str, text: str) -> tuple[str, tuple[int, int]]:
     """Put `text` in the template's slot: (prompt, character span of `text` in it).
 

@@ -157,7 +157,8 @@ def erase_stage_v(pipe, spec, config=None, *, reference=None, cache_dir=None, pr
 
 def erase_kpop_spec(pipe, spec, config=None, *, data_dir=None, progress: bool = True):
     """KPOP for a ConceptSpec (or a list): the spec's malicious prompts are the erase prompts c_e, their safe
-    counterparts the neutral prompts of `neutral: safe`, its preservation prompts those of `preserve_weight`."""
+    counterparts the neutral prompts of `neutral: safe`, its preservation prompts those of `preserve_weight`, and
+    the same prompts naming its other erased concepts those of `negative_others`."""
     from trce.concepts import as_specs, spec_record
     from trce.methods.kpop import KPOPConfig, erase_kpop
 
@@ -168,8 +169,14 @@ def erase_kpop_spec(pipe, spec, config=None, *, data_dir=None, progress: bool = 
     keep = None
     if config.preserve_weight > 0:  # read only when used: COCO captions need the data folder
         keep = list(dict.fromkeys(p for s in specs for p in s.preservation_prompts(data_dir)))
+    others = None
+    if config.negative_others > 0:  # each erase prompt with the spec's other erased concepts in its slot
+        from trce.concepts import other_concept_prompts
+
+        table = other_concept_prompts(specs)
+        others = [table[m] for m in prompts]
     return erase_kpop(pipe, prompts, config, spec=spec_record(spec), safe_prompts=[safe[m] for m in prompts],
-                      preserve_prompts=keep, progress=progress)
+                      preserve_prompts=keep, other_prompts=others, progress=progress)
 
 
 def erase_esd_spec(pipe, spec, config=None, *, progress: bool = True):

@@ -16,6 +16,11 @@ Two optional terms, both off by default (Eq. 7 as the paper writes it):
   with the prompt added, and ESD trains against this target (eta_n = 1). It matters when the neutral prompt can
   itself draw the concept: in ShapeWorld "a red shape" draws a circle one time in six, so mapping "a red
   circle" onto it can never erase circles more than ~5 times in 6.
+  With several concepts erased at once, `negative_others` eta_o also pushes the target away from the *other*
+  erased concepts: - eta_o sum_{j != own} (eps_theta(c_e^j) - eps_theta(c_n)), c_e^j the erase prompt with concept
+  j in its slot (`trce.concepts.other_concept_prompts`). Otherwise the neutral direction is free to land on
+  another erased concept: erasing circle, star and triangle with the own-concept target, a circle prompt draws
+  a star or a triangle about half of the time.
 - `preserve_weight` mu: + mu || eps_theta'(z_t, c_k) - eps_theta(z_t, c_k) ||^2 over prompts c_k of concepts to keep
   (the concept spec's preservation prompts), the variant the paper marks with a star ("Ours*", Sec. 5.2: the
   same setting with knowledge of the to-be-preserved concepts). Its z_t are the erase prompts' latents of the
@@ -108,6 +113,9 @@ class KPOPConfig:
     sample_guidance: float = 3.0
     cache_trajectories: int = 4
     negative_guidance: float = 0.0  # eta_n: ESD's target eps(c_n) - eta_n (eps(c_e) - eps(c_n)); 0 = Eq. 7 as written
+    # eta_o: the target also moves away from the spec's other erased concepts, weight eta_o each (one more UNet call
+    # per other concept, without gradients); 0 = only the prompt's own concept (ESD's target)
+    negative_others: float = 0.0
     preserve_weight: float = 0.0  # mu: weight of the preservation term on the spec's preservation prompts (Ours*)
     # z_t of the preservation term: "erase" = the erase prompts' latents of the same step (no extra work); "own" =
     # latents of the preservation prompts themselves (cached: trajectories of as many of them as there are erase
@@ -120,7 +128,7 @@ class KPOPConfig:
             choose(f"KPOP {name}", getattr(self, name), get_args(kind))
         check_numbers(self, "KPOP", integers=("iterations", "batch_size", "ddim_steps", "cache_trajectories"),
                       positive=("lr", "prompt_lr", "lam"),
-                      non_negative=("sample_guidance", "negative_guidance", "preserve_weight"))
+                      non_negative=("sample_guidance", "negative_guidance", "negative_others", "preserve_weight"))
         for name in ("prompt_size", "prompt_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -312,13 +320,15 @@ def _training_state(unet, trainable: dict[str, torch.nn.Parameter]) -> Iterator[
 
 def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig(), *, neutral_prompt: str | None = None,
                safe_prompts: list[str] | None = None, preserve_prompts: Sequence[str] | None = None,
-               spec: dict | None = None, progress: bool = True, checkpoint_dir: str | Path | None = None,
+               other_prompts: Sequence[Sequence[str]] | None = None, spec: dict | None = None, progress: bool = True, checkpoint_dir: str | Path | None = None,
                checkpoint_every: int = 100) -> Edit:
     """Erase the concept of `erase_prompts` with KPOP; returns the Edit (the pipeline is left unchanged).
 
     neutral_prompt overrides config.neutral_prompt (c_n); with config.neutral == "safe", c_n of erase
     prompt i is safe_prompts[i] (required then). With config.preserve_weight > 0, `preserve_prompts` are the
-    prompts c_k whose outputs the preservation term keeps (required then). With `checkpoint_dir`, the state is saved
+    prompts c_k whose outputs the preservation term keeps (required then). With config.negative_others > 0,
+    other_prompts[i] are erase prompt i with each other erased concept in its place (the same number for every
+    prompt; `trce.concepts.other_concept_prompts`). With `checkpoint_dir`, the state is saved
     every `checkpoint_every` iterations and a rerun with the same settings continues from there.
     """
     if isinstance(erase_prompts, str) or not erase_prompts or not all(isinstance(p, str) and p.strip()
@@ -351,6 +361,7 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
             raise TrceError(f"KPOP preserve_weight={config.preserve_weight} needs preservation prompts (the concept "
                             "spec's `preserve:` section gives them); none were given")
         keep_emb = torch.cat([_encode(pipe, keep[i:i + 256], device) for i in range(0, len(keep), 256)])  # (n_k, m_c, d)
+    other_emb = _other_concepts(pipe, config, erase_prompts, other_prompts, device)  # (n, J-1, m_c, d) or None
     _, m_c, d = erase_emb.shape
     m_p = config.prompt_shape_tokens(m_c)
     trainable = trainable_parameters(unet, config.params)
@@ -359,6 +370,9 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
         "erase_prompts": erase_prompts,
         **({"safe_prompts": list(safe_prompts)} if config.neutral == "safe" else {}),
         **({"preserve_prompts": {"n": len(keep), "sha256": _digest(keep)}} if keep_emb is not None else {}),
+        **({"other_concept_prompts": {"per_prompt": other_emb.shape[1],
+                                      "sha256": _digest([q for qs in other_prompts for q in qs])}}
+           if other_emb is not None else {}),
         "injection": {"mode": config.mode, "sites": config.sites, "layers": layers, "prompt_tokens": m_p,
                       "text_tokens": m_c, "width": d},
         "trainable": {"group": config.params, "tensors": len(trainable),
@@ -388,8 +402,8 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
         t_loop = time.time()
         with tqdm(total=config.iterations, initial=start, desc="kpop", disable=not progress, mininterval=1) as bar:
             for it in range(start, config.iterations):
-                values = _iteration(unet, slot, latents, keep_latents, erase_emb, neutral_emb, keep_emb, originals,
-                                    prompt, train, opt_p, opt, config, gen, it)
+                values = _iteration(unet, slot, latents, keep_latents, erase_emb, neutral_emb, keep_emb, other_emb,
+                                    originals, prompt, train, opt_p, opt, config, gen, it)
                 for key, value in values.items():
                     history[key].append(value)
                 bar.update(1)
@@ -419,8 +433,27 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
                 settings=settings, base=base, extras={"hidden_prompt": hidden}, info=info)
 
 
+def _other_concepts(pipe, config: KPOPConfig, erase_prompts: list[str], other_prompts, device) -> torch.Tensor | None:
+    """(n, J-1, m_c, d): erase prompt i with each other erased concept in its slot; None unless they are used."""
+    if config.negative_others == 0:
+        return None
+    if other_prompts is None or len(other_prompts) != len(erase_prompts):
+        raise TrceError("KPOP negative_others > 0 needs, for every erase prompt, the prompts that name the other "
+                        "erased concepts in its place (a concept spec gives them)")
+    counts = sorted({len(qs) for qs in other_prompts})
+    if len(counts) != 1:
+        raise TrceError(f"KPOP negative_others > 0 needs as many other-concept prompts for every erase prompt; "
+                        f"got {', '.join(map(str, counts))}")
+    if counts[0] == 0:
+        log.warning("KPOP negative_others: the spec erases one concept, so there are no others to move away from")
+        return None
+    flat = [q for qs in other_prompts for q in qs]
+    emb = torch.cat([_encode(pipe, flat[i:i + 256], device) for i in range(0, len(flat), 256)])  # (n (J-1), m_c, d)
+    return emb.view(len(erase_prompts), counts[0], *emb.shape[1:])
+
+
 def _iteration(unet, slot, latents: _Latents, keep_latents: _Latents | None, erase_emb, neutral_emb, keep_emb,
-               originals, prompt, train, opt_p, opt, config: KPOPConfig, gen: torch.Generator,
+               other_emb, originals, prompt, train, opt_p, opt, config: KPOPConfig, gen: torch.Generator,
                it: int) -> dict[str, float]:
     """One KPOP iteration: a transfer step on p, then a removal step on theta'; returns the losses."""
     idx = torch.randint(len(erase_emb), (config.batch_size,), generator=gen)  # (b,) erase prompts of this step
@@ -434,14 +467,25 @@ def _iteration(unet, slot, latents: _Latents, keep_latents: _Latents | None, era
         conds.append(keep_emb[kidx])  # (b, m_c, d)
         zs.append(z_k)
         ts.append(t_k)
+    if other_emb is not None:  # the erase prompts with the other erased concepts in their slot, on the same z_t
+        j = other_emb.shape[1]
+        conds.append(other_emb[idx].flatten(0, 1))  # (b (J-1), m_c, d)
+        zs.append(z.repeat_interleave(j, 0))
+        ts.append(t.repeat_interleave(j, 0))
     with torch.no_grad():
         slot.prompt = None
-        # the frozen original theta on every condition at once: eps_theta(z_t, c_e), eps_theta(z_t, c_n)[, (z_k, c_k)]
-        n = len(conds)
-        target = _unet_out(unet, torch.cat(zs), torch.cat(ts), torch.cat(conds), originals).chunk(n)
+        # the frozen original theta on every condition at once:
+        # eps_theta(z_t, c_e), eps_theta(z_t, c_n)[, eps_theta(z_k, c_k)][, eps_theta(z_t, c_e^j) for the other j]
+        target = _unet_out(unet, torch.cat(zs), torch.cat(ts), torch.cat(conds), originals).split(
+            [len(c) for c in conds])
         eps_e, eps_n = target[0], target[1]  # (b, c, h, w) each
-        # ESD's negatively guided neutral target (eta_n = 0: Eq. 7's eps_theta(c_n) itself)
-        eps_n = eps_n - config.negative_guidance * (eps_e - eps_n)
+        # ESD's negatively guided neutral target (eta_n = 0: Eq. 7's eps_theta(c_n) itself), away from the prompt's
+        # own concept and, with negative_others eta_o, from each other erased concept too
+        away = config.negative_guidance * (eps_e - eps_n)
+        if other_emb is not None:
+            eps_o = target[-1].view(len(idx), other_emb.shape[1], *eps_n.shape[1:])  # (b, J-1, c, h, w)
+            away = away + config.negative_others * (eps_o - eps_n[:, None]).sum(1)
+        eps_n = eps_n - away
 
     # knowledge transfer, Eq. 5-6: one step on p only (theta' fixed)
     slot.prompt = prompt
