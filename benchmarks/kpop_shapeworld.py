@@ -13,9 +13,11 @@ prompts per group, all rows sharing one cache of the original model's images), s
 - original: no patch;
 - uce, trce T, trce T+V: the spec's settings;
 - esd-x, esd-u: ESD on cross-attention / on everything else, the spec's `esd:` settings;
-- kpop (Eq. 7): the spec's KPOP settings with `negative_guidance=0 preserve_weight=0`, the removal loss exactly
-  as the paper writes it;
-- kpop: the spec's KPOP settings (ESD's negatively guided target and the preservation term, "Ours*").
+- kpop (Eq. 7): the spec's KPOP settings with `negative_guidance=0 negative_others=0 preserve_weight=0`, the removal
+  loss exactly as the paper writes it;
+- kpop (own shape): ESD's negatively guided target away from the prompt's own shape only, and the preservation term
+  ("Ours*", weight 0.5);
+- kpop: the spec's KPOP settings (the target also moves away from the two other erased shapes, `negative_others`).
 
 `results.json` is rewritten after each row, so an interrupted run goes on from the next row. The Markdown table
 (`table.md`) gives ESR / PSR with 95% Wilson CIs, the share of erased-shape prompts drawn as *any* of the
@@ -45,7 +47,9 @@ ROWS = {  # label -> `trce erase` arguments (None: the original model)
     "trce T+V": ["--method", "trce", "--stages", "T,V"],
     "esd-x": ["--method", "esd"],
     "esd-u": ["--method", "esd", "--set", "esd.params=non-cross-attn"],
-    "kpop (Eq. 7)": ["--method", "kpop", "--set", "kpop.negative_guidance=0", "--set", "kpop.preserve_weight=0"],
+    "kpop (Eq. 7)": ["--method", "kpop", "--set", "kpop.negative_guidance=0", "--set", "kpop.negative_others=0",
+                     "--set", "kpop.preserve_weight=0"],
+    "kpop (own shape)": ["--method", "kpop", "--set", "kpop.negative_others=0", "--set", "kpop.preserve_weight=0.5"],
     "kpop": ["--method", "kpop"],
 }
 GRID_PROMPTS = ("a red circle on a black background", "a blue star on a white background",
