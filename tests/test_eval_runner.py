@@ -138,6 +138,33 @@ def test_reference_cache_is_shared(tmp_path, tiny_dir, patch_dir):
     assert sorted(os.listdir(tmp_path / "b" / "reference" / "images")) == [f"{i:05d}.png" for i in range(10)]
 
 
+def test_the_original_evaluation_fills_the_reference_cache_that_patches_reuse(tmp_path, tiny_dir, patch_dir):
+    cache = tmp_path / "cache"
+    common = {"suite": "shapeworld-red", "model": str(tiny_dir), "limit": 2, "steps": 2, "device": "cpu",
+              "progress": False, "reference_cache": str(cache)}
+    plain = EvalConfig(**common)
+    original = run_eval(plain, tmp_path / "original")
+    (folder,) = cache.iterdir()
+    stamp = {p.name: p.stat().st_mtime_ns for p in (folder / "images").iterdir()}
+    patched = run_eval(EvalConfig(**common, patch=str(patch_dir)), tmp_path / "patched")
+    assert {p.name: p.stat().st_mtime_ns for p in (folder / "images").iterdir()} == stamp  # drawn once, reused
+    assert patched["reference"]["asr"] == original["asr"] and patched["reference"]["n"] == original["n"] == 10
+    rows = read_jsonl(tmp_path / "original" / "rows.jsonl")
+    assert rows == read_jsonl(tmp_path / "patched" / "reference" / "rows.jsonl")
+    for r in rows:  # the same pixels, under the run's own row names
+        a = tmp_path / "original" / "images" / f"{r['name']}.png"
+        b = tmp_path / "patched" / "reference" / "images" / f"{r['name']}.png"
+        assert a.read_bytes() == b.read_bytes()
+    # the same images as an evaluation without the cache: same prompts, seeds and pixels
+    alone = run_eval(EvalConfig(**{**common, "reference_cache": None}), tmp_path / "alone")
+    assert alone["asr"] == original["asr"] and alone["clip_score"] == pytest.approx(original["clip_score"])
+    for r in read_jsonl(tmp_path / "alone" / "rows.jsonl"):
+        assert (tmp_path / "alone" / "images" / f"{r['name']}.png").read_bytes() == \
+            (tmp_path / "original" / "images" / f"{r['name']}.png").read_bytes()
+    # a rerun of the original is a no-op
+    assert run_eval(plain, tmp_path / "original")["asr"] == original["asr"]
+
+
 def test_changed_settings_are_refused(tmp_path, tiny_dir):
     from trce.errors import TrceError
 

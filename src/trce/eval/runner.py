@@ -267,8 +267,13 @@ def run_eval(config: EvalConfig, out: str | Path) -> dict | None:
         seeds = [offset_seed(s, offset) for s in base_seeds]
         ref_records = None
         if need_reference:
-            ref_records = _reference(pipe, rows, seeds, guidances, run_dir, settings, detector, state, config, suite,
-                                     key)
+            ref_records = _reference(pipe, rows, seeds, guidances, run_dir / REFERENCE, settings, detector, state,
+                                     config, suite, key)
+        if edit is None and config.reference_cache is not None:
+            # the original model's own evaluation is the reference of every patch: draw it once, in the shared cache
+            records = _reference(pipe, rows, seeds, guidances, run_dir, settings, detector, state, config, suite, key)
+            runs.append((offset, run_dir, records, None))
+            continue
         with contextlib.ExitStack() as ctx:
             if edit is not None:
                 ctx.enter_context(edit.applied(pipe))
@@ -309,10 +314,10 @@ _KEY_ORDER = ("suite", "suite_version", "kind", "description", "note", "model", 
               "asr_mean", "asr_std", "images_dir", "rows", "reference_dir")
 
 
-def _reference(pipe, rows, seeds, guidances, run_dir: Path, settings, detector, state, config: EvalConfig,
+def _reference(pipe, rows, seeds, guidances, ref_dir: Path, settings, detector, state, config: EvalConfig,
                suite: Suite, key: dict) -> list[dict]:
-    """The original model's rows in run_dir/reference, generated there or taken from the shared cache."""
-    ref_dir = run_dir / REFERENCE
+    """The original model's rows in ref_dir (images/ and rows.jsonl), generated there or linked from the shared
+    cache (`reference_cache`, generated there once)."""
     if config.reference_cache is None:
         return generate_rows(pipe, rows, seeds, guidances, ref_dir, settings, detector, state,
                              progress=config.progress, desc=f"reference {suite.name}")
