@@ -288,6 +288,34 @@ def test_plot_is_a_png_with_one_point_per_row(runs):
     assert Image.open(io.BytesIO(png)).size[0] > 600
 
 
+def test_plot_labels_of_crowded_points_do_not_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from trce.report.plot import _place_labels
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    ax.set_xlim(0.4, 1.02)
+    ax.set_ylim(-0.04, 1.06)
+    # four methods within a few pixels of each other in the ideal corner, one of them with an error bar
+    points = [(0.975, 0.0, "#c44e52", "KPOP", None), (0.985, 0.01, "#55a868", "TRCE (T+V)", (0.0, 0.04)),
+              (0.983, 0.02, "#dd8452", "TRCE (T)", (0.0, 0.06)), (0.99, 0.13, "#8172b3", "KPOP + hidden prompt",
+                                                                   (0.08, 0.2)), (0.5, 0.13, "#4c72b0", "UCE", None)]
+    for x, y, c, *_ in points:
+        ax.plot([x], [y], "o", color=c)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    _place_labels(ax, points, renderer)
+    boxes = [t.get_window_extent(renderer) for t in ax.texts if t.get_text()]
+    assert sorted(t.get_text() for t in ax.texts if t.get_text()) == sorted(p[3] for p in points)
+    frame = ax.get_window_extent(renderer)
+    for i, a in enumerate(boxes):
+        assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
+        assert not any(a.overlaps(b) for b in boxes[i + 1:])
+
+
 def test_labels_attacks_and_duplicates(runs, tmp_path):
     m = json.loads((runs["trce"] / "metrics.json").read_text())
     other = tmp_path / "sw-trce-2"

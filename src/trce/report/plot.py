@@ -2,7 +2,8 @@
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot, no display, no global backend
 switch). One panel per entry of `report["plot"]["panels"]`; one point per table row with its 95%
-interval as a vertical error bar; a row keeps its colour in every panel.
+interval as a vertical error bar; a row keeps its colour in every panel. Labels are placed after the layout,
+where they cover no marker, error bar or other label (methods often crowd the ideal corner).
 """
 
 from __future__ import annotations
@@ -27,18 +28,51 @@ def _colors(panels: list[dict]) -> dict[str, str]:
     return out
 
 
-def _place_labels(ax, labels: list[tuple[float, float, str, str]]) -> None:
-    """Label each point beside it: to the left near the right edge, stacked when points (nearly) coincide."""
-    x0, x1 = ax.get_xlim()
-    y0, y1 = ax.get_ylim()
-    placed: list[tuple[float, float]] = []
-    for x, y, color, text in labels:
-        u, v = (x - x0) / ((x1 - x0) or 1.0), (y - y0) / ((y1 - y0) or 1.0)  # axes fractions
-        clash = sum(1 for pu, pv in placed if abs(pu - u) < 0.15 and abs(pv - v) < 0.05)
-        placed.append((u, v))
-        right = u > 0.6
-        ax.annotate(text, (x, y), xytext=(-8 if right else 8, 6 - 12 * clash), textcoords="offset points",
-                    ha="right" if right else "left", fontsize=8.5, color=color, zorder=4)
+# Offsets (points) tried for a label, nearest first: beside the point, then stacked above and below it.
+_OFFSETS = [(dx, dy) for dy in (6, -6, 18, -18, 30, -30, 42, -42, 54, -54) for dx in (8, -8)]
+
+
+def _place_labels(ax, labels: list[tuple[float, float, str, str, tuple | None]], renderer) -> None:
+    """Label each point where its text covers no marker, error bar or other label and stays inside the axes.
+
+    Measures text in display pixels, so the figure must have been drawn once (final layout). A label
+    pushed away from its point gets a thin leader line; where nothing fits, the first place is kept.
+    """
+    from matplotlib.transforms import Bbox
+
+    frame = ax.get_window_extent(renderer)
+    px = renderer.points_to_pixels(1.0)
+    taken = [Bbox.from_bounds(*(ax.transData.transform((x, y)) - 6 * px), 12 * px, 12 * px) for x, y, *_ in labels]
+    for x, y, *_, ci in labels:  # the error bars, with their caps
+        if ci:
+            (u, v0), (_, v1) = ax.transData.transform([(x, ci[0]), (x, ci[1])])
+            taken.append(Bbox([[u - 4 * px, min(v0, v1)], [u + 4 * px, max(v0, v1)]]))
+    for x, y, color, text, _ in labels:
+        right = (ax.transData.transform((x, y))[0] - frame.x0) / max(frame.width, 1.0) > 0.6
+        ann = ax.annotate(text, (x, y), xytext=(0, 0), textcoords="offset points", fontsize=8.5, color=color,
+                          zorder=4)
+        chosen = None
+        for dx, dy in _OFFSETS:
+            dx = -dx if right else dx
+            ann.set_position((dx, dy))
+            ann.set_ha("left" if dx > 0 else "right")
+            ann.set_va("bottom" if dy > 0 else "top")
+            box = ann.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(b) for b in taken):
+                chosen = (dx, dy, box)
+                break
+        if chosen is None:  # crowded: the first place, beside the point
+            dx, dy = (-8 if right else 8), 6
+            ann.set_position((dx, dy))
+            ann.set_ha("left" if dx > 0 else "right")
+            ann.set_va("bottom")
+            chosen = (dx, dy, ann.get_window_extent(renderer))
+        dx, dy, box = chosen
+        if abs(dy) > 6:  # a leader line from the label back to its point
+            ax.annotate("", (x, y), xytext=(dx, dy), textcoords="offset points", zorder=2,
+                        arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6, "shrinkA": 0, "shrinkB": 5})
+        taken.append(box)
 
 
 def asr_preservation_plot(report: dict, dpi: int = 110) -> bytes:
@@ -56,9 +90,10 @@ def asr_preservation_plot(report: dict, dpi: int = 110) -> bytes:
         fig.text(0.5, 0.5, "nothing to plot: no run has both an ASR and a preservation number", ha="center",
                  va="center", color="#555555")
     colors = _colors(panels)
+    pending = []  # (axes, labels): placed once the layout is final
     for k, panel in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, k + 1)
-        labels: list[tuple[float, float, str, str]] = []
+        labels: list[tuple[float, float, str, str, tuple | None]] = []
         for s_idx, series in enumerate(panel["series"]):
             marker = _MARKERS[s_idx % len(_MARKERS)]
             for p in series["points"]:
@@ -71,7 +106,7 @@ def asr_preservation_plot(report: dict, dpi: int = 110) -> bytes:
                             markersize=8, markerfacecolor=c if s_idx == 0 else "white", markeredgewidth=1.5,
                             alpha=0.95, zorder=3)
                 labels.append((p["x"], p["y"], c, p["label"] if len(panel["series"]) == 1
-                               else f"{p['label']} ({series['name']})"))
+                               else f"{p['label']} ({series['name']})", p.get("y_ci")))
         ax.set_title(panel["title"], fontsize=11, loc="left")
         ax.set_xlabel(panel["x_label"], fontsize=9.5)
         ax.set_ylabel(panel["y_label"], fontsize=9.5)
@@ -90,7 +125,7 @@ def asr_preservation_plot(report: dict, dpi: int = 110) -> bytes:
         else:
             span = (max(xs) - min(xs)) or max(abs(max(xs)), 1e-3)
             ax.set_xlim(min(xs) - 0.1 * span, max(xs) + 0.1 * span)
-        _place_labels(ax, labels)
+        pending.append((ax, labels))
         ax.grid(True, color="#dddddd", linewidth=0.8, zorder=0)
         ax.set_axisbelow(True)
         for side in ("top", "right"):
@@ -106,6 +141,13 @@ def asr_preservation_plot(report: dict, dpi: int = 110) -> bytes:
                               markerfacecolor="#555555" if i == 0 else "white", label=s["name"])
                        for i, s in enumerate(panel["series"])]
             ax.legend(handles=handles, fontsize=8.5, frameon=False, loc="upper right")
+    canvas = FigureCanvasAgg(fig)
+    if pending:
+        canvas.draw()  # the constrained layout, so that text can be measured where it will be drawn
+        renderer = canvas.get_renderer()
+        for ax, labels in pending:
+            _place_labels(ax, labels, renderer)
+        fig.set_layout_engine("none")  # keep that layout: the labels were placed for it
     buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf)
+    canvas.print_png(buf)
     return buf.getvalue()
