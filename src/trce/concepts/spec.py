@@ -177,12 +177,12 @@ def other_concept_prompts(spec: ConceptSpec | Sequence[ConceptSpec]) -> dict[str
     """
     specs = as_specs(spec)
     labels: dict[tuple[str, str], list[Expression]] = {}  # concept -> its expressions, in spec order
-    of_text: dict[tuple[str, str], tuple[str, str]] = {}  # (spec, expression text) -> concept
+    of_text: dict[tuple[str, str], tuple[tuple[str, str], str | None]] = {}  # (spec, text) -> (concept, form)
     for s in specs:
         for e in s.expressions:
             label = (s.name, e.value or e.group or "")
             labels.setdefault(label, []).append(e)
-            of_text.setdefault((s.name, e.text), label)
+            of_text.setdefault((s.name, e.text), (label, e.form))
 
     def name(label: tuple[str, str], form: str | None) -> str:
         same = [e for e in labels[label] if e.form == form]
@@ -191,8 +191,7 @@ def other_concept_prompts(spec: ConceptSpec | Sequence[ConceptSpec]) -> dict[str
     out: dict[str, list[str]] = {}
     for s in specs:
         for p in s.pairs():
-            own = of_text[(s.name, p.expression)]
-            form = next(e.form for e in labels[own] if e.text == p.expression)
+            own, form = of_text[(s.name, p.expression)]
             a, b = p.m_span
             prompts = []
             for label in labels:

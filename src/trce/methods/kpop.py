@@ -190,10 +190,13 @@ def trainable_parameters(unet, group: str) -> dict[str, torch.nn.Parameter]:
 
 
 @torch.no_grad()
-def _encode(pipe, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
-    """Text embeddings (n, m_c, d) in fp32, exactly as the pipeline conditions on them."""
-    emb, _ = pipe.encode_prompt(list(prompts), device, 1, False)
-    return emb.float()
+def _encode(pipe, prompts: Sequence[str], device: torch.device, chunk: int | None = None) -> torch.Tensor:
+    """Text embeddings (n, m_c, d) in fp32, exactly as the pipeline conditions on them; `chunk` prompts at a time
+    when given (long lists: the preservation captions, the other-concept prompts)."""
+    prompts = list(prompts)
+    step = chunk or max(1, len(prompts))
+    return torch.cat([pipe.encode_prompt(prompts[i:i + step], device, 1, False)[0].float()
+                      for i in range(0, len(prompts), step)])
 
 
 def _initial_prompt(config: KPOPConfig, erase_emb: torch.Tensor, m_p: int, gen: torch.Generator) -> torch.Tensor:
@@ -360,7 +363,7 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
         if not keep:
             raise TrceError(f"KPOP preserve_weight={config.preserve_weight} needs preservation prompts (the concept "
                             "spec's `preserve:` section gives them); none were given")
-        keep_emb = torch.cat([_encode(pipe, keep[i:i + 256], device) for i in range(0, len(keep), 256)])  # (n_k, m_c, d)
+        keep_emb = _encode(pipe, keep, device, chunk=256)  # (n_k, m_c, d)
     other_emb = _other_concepts(pipe, config, erase_prompts, other_prompts, device)  # (n, J-1, m_c, d) or None
     _, m_c, d = erase_emb.shape
     m_p = config.prompt_shape_tokens(m_c)
@@ -447,8 +450,7 @@ def _other_concepts(pipe, config: KPOPConfig, erase_prompts: list[str], other_pr
     if counts[0] == 0:
         log.warning("KPOP negative_others: the spec erases one concept, so there are no others to move away from")
         return None
-    flat = [q for qs in other_prompts for q in qs]
-    emb = torch.cat([_encode(pipe, flat[i:i + 256], device) for i in range(0, len(flat), 256)])  # (n (J-1), m_c, d)
+    emb = _encode(pipe, [q for qs in other_prompts for q in qs], device, chunk=256)  # (n (J-1), m_c, d)
     return emb.view(len(erase_prompts), counts[0], *emb.shape[1:])
 
 

@@ -51,28 +51,31 @@ def _place_labels(ax, labels: list[tuple[float, float, str, str, tuple | None]],
         right = (ax.transData.transform((x, y))[0] - frame.x0) / max(frame.width, 1.0) > 0.6
         ann = ax.annotate(text, (x, y), xytext=(0, 0), textcoords="offset points", fontsize=8.5, color=color,
                           zorder=4)
-        chosen = None
-        for dx, dy in _OFFSETS:
-            dx = -dx if right else dx
-            ann.set_position((dx, dy))
-            ann.set_ha("left" if dx > 0 else "right")
-            ann.set_va("bottom" if dy > 0 else "top")
-            box = ann.get_window_extent(renderer)
-            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            if inside and not any(box.overlaps(b) for b in taken):
-                chosen = (dx, dy, box)
-                break
+
+        tries = [(-dx if right else dx, dy) for dx, dy in _OFFSETS]
+        chosen = next(((dx, dy, box) for dx, dy in tries if _fits(box := _move(ann, dx, dy, renderer), frame, taken)),
+                      None)
         if chosen is None:  # crowded: the first place, beside the point
-            dx, dy = (-8 if right else 8), 6
-            ann.set_position((dx, dy))
-            ann.set_ha("left" if dx > 0 else "right")
-            ann.set_va("bottom")
-            chosen = (dx, dy, ann.get_window_extent(renderer))
+            chosen = (*tries[0], _move(ann, *tries[0], renderer))
         dx, dy, box = chosen
         if abs(dy) > 6:  # a leader line from the label back to its point
             ax.annotate("", (x, y), xytext=(dx, dy), textcoords="offset points", zorder=2,
                         arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6, "shrinkA": 0, "shrinkB": 5})
         taken.append(box)
+
+
+def _move(ann, dx: float, dy: float, renderer):
+    """Put a label at offset (dx, dy) points, aligned away from its point; returns its box in pixels."""
+    ann.set_position((dx, dy))
+    ann.set_ha("left" if dx > 0 else "right")
+    ann.set_va("bottom" if dy > 0 else "top")
+    return ann.get_window_extent(renderer)
+
+
+def _fits(box, frame, taken: list) -> bool:
+    """Inside the axes and over nothing already taken."""
+    inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+    return inside and not any(box.overlaps(b) for b in taken)
 
 
 def asr_preservation_plot(report: dict, dpi: int = 110) -> bytes:
