@@ -83,3 +83,17 @@ def test_eval_user_errors(run_cli, tiny_dir, tmp_path, args, message):
         return
     code, _, err = run_cli("eval", "--model", tiny_dir, *args, "--device", "cpu", "--out", tmp_path)
     assert code == 2 and message in err and err.startswith("trce: error:")
+
+
+@pytest.mark.parametrize("flag", ["--out", "--reference-cache"])
+def test_eval_folder_flags_that_name_a_file(run_cli, tiny_dir, tmp_path, flag):
+    from trce.testing import assert_one_line_error
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    paths = {"--out": tmp_path / "run", "--reference-cache": tmp_path / "cache", flag: a_file}
+    code, _, err = run_cli("eval", "--model", tiny_dir, "--suite", "shapeworld-red", "--limit", "1", "--steps", "2",
+                           "--device", "cpu", "--no-progress", "--out", paths["--out"], "--reference-cache",
+                           paths["--reference-cache"])
+    assert_one_line_error(code, err, f"{flag} {a_file} is a file, not a folder")
+    assert a_file.read_text() == "x"

@@ -213,6 +213,8 @@ def run_eval(config: EvalConfig, out: str | Path) -> dict | None:
 
     t0 = time.time()
     out = Path(out)
+    io.check_folder(out, "--out")
+    io.check_folder(config.reference_cache, "--reference-cache")
     suite = load_suite(config.suite) if config.suite is not None else _ad_hoc_suite(config)
     if config.prompts is not None:
         rows = load_prompts(config.prompts)

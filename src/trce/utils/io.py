@@ -219,6 +219,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return out
 
 
+def check_folder(path: str | os.PathLike | None, what: str) -> None:
+    """A folder to write into: it may be missing (it is made), but not a file."""
+    if path is not None and Path(path).expanduser().exists() and not Path(path).expanduser().is_dir():
+        raise TrceError(f"{what} {path} is a file, not a folder; give a folder path")
+
+
 def check_run_key(path: str | os.PathLike, key: dict, state, what: str) -> None:
     """Refuse to mix results made with other settings into a resumed run folder.
 
