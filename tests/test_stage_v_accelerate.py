@@ -34,7 +34,6 @@ def _free_port() -> int:
 
 
 def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path):
-    pytest.importorskip("accelerate")
     worker = Path(__file__).with_name("stage_v_accelerate_worker.py")
     env = {**os.environ, "TRCE_TEST_THREADS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONHASHSEED": "random"}  # processes must agree on cache keys whatever their hash seeds
