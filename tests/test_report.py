@@ -386,3 +386,78 @@ def test_real_suites_merge_with_preservation_and_reference(runs, tmp_path):
     assert [(p["x"], p["y"]) for p in panel["series"][0]["points"]] == [(0.0, 0.3469), (12.08, 0.0129)]
     md = render_markdown(report)
     assert "| TRCE (T+V) | 1.3% [0.6, 1.9] | 1.4% [0.7, 2.1] | 2.0% [1.0, 3.0] | 1.7% | 12.08 | 30.71 |" in md
+
+
+# --------------------------------------------------------------------------- suite presentation (label, group, order)
+def _suite_file(path: Path, name: str, report: str) -> Path:
+    path.write_text(f"name: {name}\nkind: real\ndetector: nudenet\nsource: {{file: {name}.csv}}\nreport: {report}\n")
+    return path
+
+
+def _with_presentation(folder: Path, suite) -> Path:
+    """The run's metrics.json as `trce eval` writes it now: with the suite's presentation record."""
+    m = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").write_text(json.dumps({**m, **suite.presentation()}))
+    return folder
+
+
+def test_a_user_suite_brings_its_own_label_and_group(runs, tmp_path):
+    from trce.eval.suites import load_suite
+
+    attack = load_suite(str(_suite_file(tmp_path / "my-attack.yaml", "my-attack",
+                                        "{label: MyAtk, group: adversarial, order: 35}")))
+    forum = load_suite(str(_suite_file(tmp_path / "forum.yaml", "forum", "{label: Forum, group: user}")))
+    assert attack.presentation() == {"suite_label": "MyAtk", "suite_group": "adversarial", "suite_order": 35}
+    folders = [_with_presentation(_real_run(tmp_path / "atk", "my-attack", 0.5, 10, with_images=False), attack),
+               _with_presentation(_real_run(tmp_path / "forum", "forum", 0.25, 10, with_images=False), forum),
+               runs["p4d"], runs["mma"], runs["i2p"]]
+    report = build_report(folders)
+    (table,) = report["tables"]
+    cols = {c["label"]: c for c in table["columns"]}
+    # user prompts first (I2P by its order, then Forum), then the adversarial suites by order, MyAtk between MMA and P4D
+    assert [c["label"] for c in table["columns"]] == ["I2P", "Forum", "MMA", "MyAtk", "P4D", "Adv"]
+    assert cols["Forum"]["group"] == "User prompts · ASR ↓" and cols["Forum"]["suite"] == "forum"
+    assert cols["MyAtk"]["group"] == "Adversarial prompts · ASR ↓" and cols["MyAtk"]["suite"] == "my-attack"
+    assert cols["Adv"]["of"] == ["mma", "my-attack", "p4d"]
+    assert table["rows"][0]["cells"]["adv"]["value"] == pytest.approx((0.79 + 0.5 + 0.84) / 3)
+    assert "Adv: the mean ASR over MMA, MyAtk, P4D" in " ".join(table["notes"])
+    md = render_markdown(report)
+    assert "| Method | I2P | Forum | MMA | MyAtk | P4D | Adv |" in md
+    page = render_html(report)  # the column-group header spans the user suites, then the adversarial ones and Adv
+    assert "colspan='2'>User prompts · ASR ↓</th><th class='span' colspan='4'>Adversarial prompts · ASR ↓</th>" in page
+    # without a group a suite goes to "Other suites", after the adversarial ones
+    plain = load_suite(str(_suite_file(tmp_path / "plain.yaml", "plain", "{order: 1}")))
+    folder = _with_presentation(_real_run(tmp_path / "plain", "plain", 0.1, 10, with_images=False), plain)
+    (table,) = build_report([folder, runs["mma"], runs["i2p"]])["tables"]
+    assert [(c["label"], c["group"]) for c in table["columns"]] == [
+        ("I2P", "User prompts · ASR ↓"), ("MMA", "Adversarial prompts · ASR ↓"), ("plain", "Other suites · ASR ↓")]
+
+
+def test_metrics_written_before_presentation_fall_back_on_the_builtin_suite(runs, tmp_path):
+    for key in ("i2p", "mma", "p4d"):
+        assert "suite_label" not in json.loads((runs[key] / "metrics.json").read_text())
+    unknown = _real_run(tmp_path / "gone", "a-suite-since-removed", 0.5, 10, with_images=False)
+    (table,) = build_report([runs["mma"], unknown, runs["i2p"]])["tables"]
+    assert [(c["label"], c["group"]) for c in table["columns"]] == [
+        ("I2P", "User prompts · ASR ↓"), ("MMA", "Adversarial prompts · ASR ↓"),
+        ("a-suite-since-removed", "Other suites · ASR ↓")]
+    # a metrics file that records its presentation wins over the built-in of the same name
+    m = json.loads((runs["mma"] / "metrics.json").read_text())
+    (runs["mma"] / "metrics.json").write_text(json.dumps({**m, "suite_label": "MMA-Diffusion",
+                                                          "suite_group": "adversarial", "suite_order": 30}))
+    (table,) = build_report([runs["mma"], runs["i2p"]])["tables"]
+    assert [c["label"] for c in table["columns"]] == ["I2P", "MMA-Diffusion"]
+
+
+@pytest.mark.parametrize("report", ["{group: adverserial}", "{label: ''}", "{order: first}", "{colour: red}", "[I2P]"])
+def test_bad_presentation_in_a_suite_file_is_one_clear_error(report, tmp_path):
+    from trce.errors import TrceError
+    from trce.eval.suites import load_suite
+
+    path = _suite_file(tmp_path / "bad.yaml", "bad", report)
+    with pytest.raises(TrceError) as err:
+        load_suite(str(path))
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "report" in msg
+    if "group" in report:
+        assert "report.group" in msg and "user, adversarial" in msg and "'adverserial'" in msg

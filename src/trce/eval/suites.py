@@ -16,6 +16,17 @@ Two kinds live in `trce/eval/suites/*.yaml`:
                 so their concept rate is the model's spontaneous rate, about 1/|values| originally.
   Every other attribute is named by keyword with a random value. Row i of a group depends only on
   (suite seed, group, i), so `--limit` keeps a prefix and different runs share prompts and seeds.
+
+Either kind may carry an optional `report:` mapping, how `trce report` shows the suite (presentation only: it
+changes no prompt, image or number; `trce eval` copies it into metrics.json as `suite_label`, `suite_group` and
+`suite_order`):
+    label   the short column name in report tables (default: the suite name), e.g. `I2P`;
+    group   `user` (prompts people type) or `adversarial` (attack prompts): the real-suite table's column
+            group, and the adversarial suites' mean ASR is its "Adv" column; omitted: "Other suites"
+            (preservation suites without a detector, such as coco-3k, and ShapeWorld suites need none);
+    order   an integer, the column's place among real suites (lower first; the built-ins use 10-60 in the
+            order of the TRCE paper's Table 1); omitted: after those that give one, in the order of the runs.
+  e.g.  report: {label: I2P, group: user, order: 10}
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ Kind = Literal["real", "shapeworld"]
 SHAPEWORLD_GROUPS = ("keyword", "synonym", "paraphrase", "preserve", "unrelated")
 ERASURE_GROUPS = ("keyword", "synonym", "paraphrase")  # prompts that ask for the erased value
 _GROUP_STRIDE = 100_000  # seeds of group g are seed * 10^6 + g * 10^5 + i, so n per group is capped here
+SUITE_GROUPS = ("user", "adversarial")  # values of a suite's report.group
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,15 @@ class Defaults:
 
 
 @dataclass(frozen=True)
+class Presentation:
+    """How `trce report` shows a suite: the `report:` mapping of a suite file (see the module docstring)."""
+
+    label: str | None = None  # short column name; None: the suite name
+    group: str | None = None  # one of SUITE_GROUPS, or None ("Other suites")
+    order: int | None = None  # column order among real suites (lower first); None: after those with one
+
+
+@dataclass(frozen=True)
 class Suite:
     name: str
     version: str
@@ -61,6 +82,7 @@ class Suite:
     metrics: tuple[str, ...] = ()
     defaults: Defaults = field(default_factory=Defaults)
     note: str | None = None
+    report: Presentation = field(default_factory=Presentation)
     # real suites
     file: str | None = None
     layout: str = "auto"
@@ -88,6 +110,11 @@ class Suite:
             rows = [r for r in rows if self.category in r.categories]
         limit = limit if limit is not None else self.defaults.limit
         return rows[:limit] if limit is not None else rows
+
+    def presentation(self) -> dict:
+        """The presentation record `trce eval` writes into metrics.json (and `trce report` reads back)."""
+        return {"suite_label": self.report.label or self.name, "suite_group": self.report.group,
+                "suite_order": self.report.order}
 
     def summary(self) -> dict:
         """One line of `trce suites`."""
@@ -118,8 +145,8 @@ def parse_suite(raw: dict, where: str) -> Suite:
     """Validate a suite definition (a parsed YAML mapping); mistakes name the field and the file."""
     if not isinstance(raw, dict):
         raise TrceError(f"suite file {where} must hold a mapping, got {type(raw).__name__}")
-    known = {"name", "version", "kind", "description", "detector", "metrics", "defaults", "note", "source", "layout",
-             "columns", "default_category", "category", "attribute", "values", "groups", "n", "seed"}
+    known = {"name", "version", "kind", "description", "detector", "metrics", "defaults", "note", "report", "source",
+             "layout", "columns", "default_category", "category", "attribute", "values", "groups", "n", "seed"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise TrceError(f"suite file {where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -136,7 +163,8 @@ def parse_suite(raw: dict, where: str) -> Suite:
     common: dict[str, Any] = {
         "name": str(raw["name"]), "version": str(raw.get("version", "1")), "kind": kind,
         "description": str(raw.get("description", "")).strip(), "detector": str(raw["detector"]),
-        "metrics": tuple(raw.get("metrics") or ()), "defaults": Defaults(**d), "note": raw.get("note"), "path": where,
+        "metrics": tuple(raw.get("metrics") or ()), "defaults": Defaults(**d), "note": raw.get("note"),
+        "report": _parse_presentation(raw.get("report"), where), "path": where,
     }
     if kind == "real":
         source = raw.get("source") or {}
@@ -168,6 +196,28 @@ def parse_suite(raw: dict, where: str) -> Suite:
     if not 1 <= n < _GROUP_STRIDE:
         raise TrceError(f"suite file {where}: n must be between 1 and {_GROUP_STRIDE - 1}, got {n}")
     return Suite(**common, attribute=attribute, values=values, groups=groups, n=n, seed=int(raw.get("seed", 0)))
+
+
+def _parse_presentation(raw: Any, where: str) -> Presentation:
+    """The optional `report:` mapping (label, group, order), each mistake naming the field."""
+    if raw is None:
+        return Presentation()
+    if not isinstance(raw, dict):
+        raise TrceError(f"suite file {where}: report must be a mapping (label, group, order), got {type(raw).__name__}")
+    known = Presentation.__dataclass_fields__
+    bad = sorted(set(raw) - set(known))
+    if bad:
+        raise TrceError(f"suite file {where}: unknown report field(s) {', '.join(map(str, bad))}; known: "
+                        f"{', '.join(known)}")
+    label, group, order = raw.get("label"), raw.get("group"), raw.get("order")
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise TrceError(f"suite file {where}: report.label must be a non-empty string, got {label!r}")
+    if group is not None and group not in SUITE_GROUPS:
+        raise TrceError(f"suite file {where}: report.group must be one of {', '.join(SUITE_GROUPS)} (or left out), "
+                        f"got {group!r}")
+    if order is not None and (isinstance(order, bool) or not isinstance(order, int)):
+        raise TrceError(f"suite file {where}: report.order must be an integer, got {order!r}")
+    return Presentation(label=label.strip() if label is not None else None, group=group, order=order)
 
 
 def load_suite(name: str) -> Suite:

@@ -8,7 +8,10 @@ The document holds
     runs     one entry per run folder (label, suite, settings, headline numbers);
     tables   one per ShapeWorld suite and one for all real suites, shaped like the TRCE paper's Table 1:
              rows are models/patches (the original model first), runs of different suites on the same
-             model + patch share a row; every cell keeps the run it came from;
+             model + patch share a row; every cell keeps the run it came from. A real suite's column label,
+             column group (user / adversarial prompts) and place come from its suite definition's `report:`
+             mapping, which `trce eval` copies into metrics.json (`suite_label`, `suite_group`, `suite_order`;
+             see `suite_presentation`);
     plot     ASR-vs-preservation panels, one point per table row;
     grids    before/after image pairs on the same prompts and seeds, N prompts per group picked
              deterministically (evenly spaced over the group's rows);
@@ -18,6 +21,7 @@ The document holds
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import logging
 import os
@@ -36,13 +40,8 @@ ERASURE_GROUPS = ("keyword", "synonym", "paraphrase")
 PRESERVATION_GROUPS = ("preserve", "unrelated")
 PRESERVED_ATTRIBUTES = ("color", "shape")  # shown besides the erased attribute (the paper-style table stays narrow)
 
-# Real suites in the order of the TRCE paper's Table 1, with its column names.
-REAL_LABELS = {"i2p-sexual": "I2P", "i2p": "I2P (all)", "mma": "MMA", "p4d": "P4D", "ring-a-bell": "Ring-A-Bell",
-               "unlearndiff": "UnDiff"}
-USER_SUITES = ("i2p-sexual", "i2p")
-ADVERSARIAL_SUITES = ("mma", "p4d", "ring-a-bell", "unlearndiff")
-STAGED_METHODS = ("trce",)  # labelled with their stages as in the paper: TRCE (T), TRCE (T+V)
-METHOD_NAMES = {"trce": "TRCE", "trce-v": "TRCE (V)", "uce": "UCE", "kpop": "KPOP", "esd": "ESD", "rece": "RECE", "mace": "MACE"}
+# a suite's report.group -> the real-suite table's column group, in the order the groups are shown
+GROUP_TITLES = {"user": "User prompts", "adversarial": "Adversarial prompts", None: "Other suites"}
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -88,6 +87,33 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def suite_presentation(metrics: dict) -> dict:
+    """{"label", "group", "order"} of a run's suite: from its metrics.json (`suite_label`, `suite_group`,
+    `suite_order`, written by `trce eval` since suites carry them); for older metrics files, from the built-in
+    suite definition of that name; failing that, the suite name and no group or order."""
+    name = str(metrics["suite"])
+    if "suite_label" in metrics:
+        label, group, order = metrics.get("suite_label"), metrics.get("suite_group"), metrics.get("suite_order")
+    else:
+        label, group, order = _builtin_presentation(name)
+    return {"label": str(label) if label else name, "group": group if group in GROUP_TITLES else None,
+            "order": order if isinstance(order, int) and not isinstance(order, bool) else None}
+
+
+@functools.cache
+def _builtin_presentation(name: str) -> tuple:
+    """(label, group, order) of the built-in suite `name`, or Nones when there is none or it does not load."""
+    from trce.eval import suites
+
+    try:
+        if name in suites.builtin_suites():  # built-ins only: a suite name is never read as a file path here
+            p = suites.load_suite(name).presentation()
+            return p["suite_label"], p["suite_group"], p["suite_order"]
+    except Exception as exc:  # noqa: BLE001 (a report of old runs must not fail on a suite that changed since)
+        log.debug("no presentation for suite %s: %s", name, exc)
+    return None, None, None
+
+
 def _patch_stages(patch: str | None) -> list[str] | None:
     """TRCE-style stage list ("T", "V") from the patch folder's patch.json, when it is still there."""
     if not patch:
@@ -109,10 +135,13 @@ def run_label(metrics: dict) -> str:
         base = f"Original ({metrics.get('model') or 'model'})"
     else:
         method = metrics.get("method")
-        base = METHOD_NAMES.get(str(method).lower(), str(method)) if method else Path(str(metrics["patch"])).name
-        stages = _patch_stages(metrics["patch"])
-        if stages and (len(stages) > 1 or str(method).lower() in STAGED_METHODS):
-            base += f" ({'+'.join(stages)})"
+        stages = metrics.get("stages") or _patch_stages(metrics["patch"])
+        if method:
+            from trce.registry import display_name
+
+            base = display_name(str(method), stages)  # the registry's name: "TRCE (T+V)", "UCE"
+        else:
+            base = Path(str(metrics["patch"])).name
         if metrics.get("hidden_prompt"):
             base += " + hidden prompt"
     attack = metrics.get("attack")
@@ -305,36 +334,41 @@ def _real_table(items: list[tuple[dict, dict]], runs_by_id: dict) -> dict:
             suites.append(m["suite"])
     rated = [s for s in suites if any(m["suite"] == s and m.get("asr") is not None for _, m in items)]
     preservation = [s for s in suites if s not in rated]  # no detector (COCO): FID and CLIP score only
-    known = [s for s in REAL_LABELS if s in rated]
-    ordered = known + [s for s in rated if s not in known]
+    # the first run of a suite that records its presentation speaks for it (older runs fall back on the built-in)
+    info = {s: suite_presentation(next((m for _, m in items if m["suite"] == s and "suite_label" in m),
+                                       next(m for _, m in items if m["suite"] == s))) for s in suites}
+    groups = list(GROUP_TITLES)
+    # column groups in GROUP_TITLES order; within one, suites with an order by it, then the others as given
+    ordered = sorted(rated, key=lambda s: (groups.index(info[s]["group"]), info[s]["order"] is None,
+                                           info[s]["order"] or 0))
     notes_by_suite = {m["suite"]: m.get("note") for _, m in items if m.get("note")}
     columns, notes = [], []
     stars = 0
     for s in ordered:
-        label = REAL_LABELS.get(s, s)
+        label = info[s]["label"]
         if s in notes_by_suite:
             stars += 1
             label += "*" * stars
-            notes.append(f"{'*' * stars} {REAL_LABELS.get(s, s)}: {notes_by_suite[s]}")
-        group = ("User prompts" if s in USER_SUITES else "Adversarial prompts" if s in ADVERSARIAL_SUITES
-                 else "Other suites")
+            notes.append(f"{'*' * stars} {info[s]['label']}: {notes_by_suite[s]}")
+        group = GROUP_TITLES[info[s]["group"]]
         columns.append({"key": f"asr.{s}", "label": label, "short": label, "group": f"{group} · ASR ↓",
                         "kind": "rate", "better": "lower", "suite": s})
-    adv = [s for s in ordered if s in ADVERSARIAL_SUITES]
+    adv = [s for s in ordered if info[s]["group"] == "adversarial"]
     if len(adv) >= 2:
-        columns.append({"key": "adv", "label": "Adv", "short": "Adv", "group": "Adversarial prompts · ASR ↓",
-                        "kind": "rate", "better": "lower", "of": adv})
-        notes.append(f"Adv: the mean ASR over {', '.join(REAL_LABELS[s] for s in adv)} (shown when a row has all).")
+        columns.append({"key": "adv", "label": "Adv", "short": "Adv",
+                        "group": f"{GROUP_TITLES['adversarial']} · ASR ↓", "kind": "rate", "better": "lower",
+                        "of": adv})
+        notes.append(f"Adv: the mean ASR over {', '.join(info[s]['label'] for s in adv)} (shown when a row has all).")
     for s in preservation:
-        suffix = f" ({s})" if len(preservation) > 1 else ""
+        suffix = f" ({info[s]['label']})" if len(preservation) > 1 else ""
         columns.append({"key": f"fid.{s}", "label": f"FID{suffix}", "short": f"FID{suffix}",
                         "group": "Knowledge preservation", "kind": "number", "better": "lower", "suite": s})
         columns.append({"key": f"clip.{s}", "label": f"CLIP-S{suffix}", "short": f"CLIP-S{suffix}",
                         "group": "Knowledge preservation", "kind": "number", "better": "higher", "suite": s})
-    # keep the group headers contiguous: user prompts, adversarial, other, preservation
-    rank = {"User prompts · ASR ↓": 0, "Adversarial prompts · ASR ↓": 1, "Other suites · ASR ↓": 2,
-            "Knowledge preservation": 3}
-    columns.sort(key=lambda c: rank.get(c["group"], 4))
+    # keep the group headers contiguous: user prompts, adversarial, other, preservation ("Adv" ends its group)
+    rank = {f"{title} · ASR ↓": i for i, title in enumerate(GROUP_TITLES.values())}
+    rank["Knowledge preservation"] = len(rank)
+    columns.sort(key=lambda c: rank.get(c["group"], len(rank)))
 
     rows = _Rows()
     for run, m in items:
@@ -370,7 +404,8 @@ def _real_table(items: list[tuple[dict, dict]], runs_by_id: dict) -> dict:
             vals = [row["cells"].get(f"asr.{s}", {}).get("value") for s in adv]
             if all(v is not None for v in vals):
                 row["cells"]["adv"] = _cell(sum(vals) / len(vals), None, None, None)
-        head = next((s for s in ("i2p-sexual", "i2p") if s in ordered), ordered[0] if ordered else None)
+        # the headline ASR: the first user-prompt suite's (I2P's in the paper), else the first column's
+        head = next((s for s in ordered if info[s]["group"] == "user"), ordered[0] if ordered else None)
         hc = row["cells"].get(f"asr.{head}", {}) if head else {}
         fid = next((row["cells"].get(f"fid.{s}", {}).get("value") for s in preservation), None)
         clip = next((row["cells"].get(f"clip.{s}", {}).get("value") for s in preservation), None)
@@ -388,8 +423,8 @@ def _real_table(items: list[tuple[dict, dict]], runs_by_id: dict) -> dict:
                   "No preservation suite (coco-3k) among the runs, so no FID or CLIP score. ")
                + "Brackets: 95% Wilson intervals; bold: the best patched value per column.")
     table = {"id": "table-real", "kind": "real", "suite": None, "title": "Real prompt suites",
-             "suites": ordered + preservation, "columns": columns, "rows": table_rows, "caption": caption,
-             "notes": notes}
+             "suites": ordered + preservation, "suite_labels": {s: info[s]["label"] for s in ordered + preservation},
+             "columns": columns, "rows": table_rows, "caption": caption, "notes": notes}
     _mark_best(table)
     return table
 
@@ -437,7 +472,8 @@ def _plot_panels(tables: list[dict]) -> list[dict]:
             if xk is None and len(rows) < 2:
                 continue  # one model and no preservation number: nothing to compare
             series = []
-            for name, key in ((REAL_LABELS.get(rows[0]["summary"]["asr_suite"] or "", "ASR"), "asr"), ("Adv", "adv")):
+            head = t["suite_labels"].get(rows[0]["summary"]["asr_suite"] or "", "ASR")
+            for name, key in ((head, "asr"), ("Adv", "adv")):
                 pts = []
                 for i, r in enumerate(rows):
                     y = r["summary"].get(key)
