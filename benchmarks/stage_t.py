@@ -33,6 +33,7 @@ import torch
 from trce.concepts import load_spec
 from trce.loading import load_pipeline
 from trce.methods.stage_t import StageTConfig, erase, erase_uce
+from trce.registry import Context
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CONCEPTS = {"sd14-arch": ("sexual", "church"), "shapeworld": ("shapeworld-red", "shapeworld-3shapes")}
@@ -100,10 +101,11 @@ def run(models, concepts_for, prior_prompts: int, device: str | None, data: Path
             if spec.preservation.source in ("coco", "shapeworld-captions", "file", "prompts"):
                 spec = dataclasses.replace(spec, preservation=dataclasses.replace(spec.preservation, n=prior_prompts))
             with tempfile.TemporaryDirectory() as cache:
-                config = StageTConfig(cache_dir=cache, data_dir=str(data) if data else None, progress=False)
-                cold, cold_s, cold_mb = measure(erase, (pipe, spec, config), dev)
+                config = StageTConfig()
+                context = Context(cache_dir=cache, data_dir=str(data) if data else None, progress=False)
+                cold, cold_s, cold_mb = measure(erase, (pipe, spec, config, context), dev)
                 for method, fn in (("trce", erase), ("uce", erase_uce)):
-                    warm, warm_s, warm_mb = measure(fn, (pipe, spec, config), dev)
+                    warm, warm_s, warm_mb = measure(fn, (pipe, spec, config, context), dev)
                     sec = warm.info["seconds"]
                     rows.append({
                         "model": model, "concept": concept, "method": method, "embeddings": warm.info["embeddings"],

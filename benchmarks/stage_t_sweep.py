@@ -25,6 +25,7 @@ from pathlib import Path
 from trce.concepts import ConceptSpec, load_spec
 from trce.loading import load_pipeline
 from trce.methods.stage_t import StageTConfig, erase, erase_uce
+from trce.registry import Context
 from trce.utils import io
 
 log = logging.getLogger("stage_t_sweep")
@@ -74,9 +75,9 @@ def sweep(evaluate: Callable[[Path, dict], dict] | None = None, *, model: str = 
             continue
         spec = base_spec if setting["target"] is None else with_target(base_spec, setting["target"])
         config = StageTConfig(eta=setting["eta"], ridge=ridge, token_role=setting["token_role"] if
-                              setting["method"] == "trce" else None, preserve_role=setting["preserve_role"],
-                              data_dir=data, progress=False)
-        edit = (erase if setting["method"] == "trce" else erase_uce)(pipe, spec, config)
+                              setting["method"] == "trce" else None, preserve_role=setting["preserve_role"])
+        edit = (erase if setting["method"] == "trce" else erase_uce)(pipe, spec, config,
+                                                                     Context(data_dir=data, progress=False))
         edit.save(patch, config={"sweep": setting, "model": model, "concept": concept}, seeds=None)
         row = {**setting, "patch": str(patch), "info": {k: edit.info[k] for k in (
             "embeddings", "erase_residual", "preserve_drift", "condition")}, "seconds": edit.info["seconds"]["total"]}

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from trce.families import family_of
 from trce.loading import load_pipeline
 from trce.methods.stage_v import StageVConfig, erase_v, stage_v_loss, trainable_parameters
 from trce.methods.trajectories import Reference
@@ -115,7 +116,7 @@ def naive(pipe, pairs, cfg: StageVConfig, device: torch.device, uncond_measured:
                 z = sched.step(e_u + cfg.sample_guidance * (e_c - e_u), t, z).prev_sample
     t2 = _now(device)
     model = copy.deepcopy(unet).to(dtype=torch.float32)
-    params = trainable_parameters(model)
+    params = trainable_parameters(model, family_of(pipe))
     opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
     null32 = null.float()
     for _ in range(cfg.epochs):

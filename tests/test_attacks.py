@@ -11,6 +11,7 @@ from trce.attacks import ATTACKS, get_attack, mma_text, ring_a_bell, soft_prompt
 from trce.attacks import base as B
 from trce.errors import TrceError
 from trce.tokens import first_eos, tokenize
+from trce.utils.io import read_jsonl
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RED = B.shapeworld_banned("color", ["red"])
@@ -255,7 +256,7 @@ def test_driver_skips_finished_targets_and_redoes_cut_lines(tmp_path):
 
     def solve(t):
         calls.append(t.index)
-        return B.AttackResult(index=t.index, target=t.prompt, seed=t.seed, attack="x", attack_seed=0, prompt="p",
+        return B.TargetResult(index=t.index, target=t.prompt, seed=t.seed, attack="x", attack_seed=0, prompt="p",
                               tokens=[1], ids=[1], objective=0.5, objective_start=1.0, objective_plain=None, steps=1,
                               seconds=0.0)
 
@@ -272,7 +273,7 @@ def test_driver_skips_finished_targets_and_redoes_cut_lines(tmp_path):
     assert calls[-1] == 1
     other = B.AttackConfig(results=config.results, seed=5)  # another configuration: everything redone
     B.run_targets("x", ["a"], other, solve, progress=False)
-    assert calls[-1] == 0 and len(B.read_jsonl(tmp_path / "results.jsonl")) == 4
+    assert calls[-1] == 0 and len(read_jsonl(tmp_path / "results.jsonl")) == 4
 
 
 def test_attack_resume_returns_stored_results(tiny_pipe, tmp_path):
@@ -294,4 +295,4 @@ def test_shards_are_merged_one_line_per_target(tmp_path):
     (tmp_path / "results.rank1.jsonl").write_text(json.dumps({"index": 2, "v": "r1"}) + "\n")
     merged = B.merge_results(path)
     assert merged == {0: {"index": 0, "v": "new"}, 2: {"index": 2, "v": "r1"}}
-    assert [r["index"] for r in B.read_jsonl(path)] == [0, 2] and not list(tmp_path.glob("*.rank*"))
+    assert [r["index"] for r in read_jsonl(path)] == [0, 2] and not list(tmp_path.glob("*.rank*"))

@@ -14,7 +14,7 @@ def test_kpop_erase_and_hidden_prompt_end_to_end(run_cli, tiny_dir, tmp_path):
     assert code == 0, err
     meta = json.loads((patch / "patch.json").read_text())
     assert meta["method"] == "kpop" and meta["extras"] == ["hidden_prompt"]
-    assert meta["config"]["stage_settings"]["kpop"]["iterations"] == 2
+    assert meta["config"]["settings"]["kpop"]["iterations"] == 2
     # the spec's settings apply under --set: ESD's target and the preservation term on the spec's captions
     settings = meta["settings"]
     assert settings["negative_guidance"] == 1.0 and settings["preserve_weight"] == 0.5 and settings["sites"] == "all"

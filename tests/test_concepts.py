@@ -172,14 +172,19 @@ def test_coco_from_the_shared_data():
     assert prompts == preservation_prompts(load_spec("sexual"), DATA)
 
 
-def test_spec_settings_are_defaults_under_config_and_set(tmp_path):
-    from trce.methods import spec_settings, stage_config
+def test_spec_settings_are_defaults_under_the_callers_settings(tmp_path):
+    from trce.methods import plan
 
-    spec = load_spec(_write(tmp_path, _minimal(settings={"V": {"lr": 1e-4, "epochs": 2}})))
-    assert spec_settings(spec, "V") == {"lr": 1e-4, "epochs": 2}
-    assert spec_settings(spec, "V", {"epochs": 5}, {"lr": "3e-4"}) == {"lr": "3e-4", "epochs": 5}
-    assert stage_config("trce", "V", spec_settings(spec, "V", None, {"lr": "3e-4"})).lr == 3e-4
-    assert spec_settings(spec, "kpop") == {}
+    spec = load_spec(_write(tmp_path, _minimal(settings={"V": {"lr": 1e-4, "epochs": 2}, "T": {"eta": 0.5}})))
+    configs = plan(spec).configs
+    assert (configs["V"].lr, configs["V"].epochs, configs["T"].eta) == (1e-4, 2, 0.5)
+    configs = plan(spec, V={"epochs": 5, "lr": "3e-4"}, seed=7).configs  # strings as from --set
+    assert (configs["V"].lr, configs["V"].epochs, configs["V"].seed) == (3e-4, 5, 7)
+    assert plan(spec, "kpop").configs["kpop"].lr == 1e-5  # the spec recommends nothing for kpop: its defaults
+    with pytest.raises(TrceError, match="has no stage 'kpop'"):
+        plan(spec, "trce", kpop={"lr": 1.0})
+    with pytest.raises(TrceError, match=r"unknown V setting 'epoch' \(did you mean 'epochs'\?\)"):
+        plan(spec, V={"epoch": 1})
 
 
 def test_other_concept_prompts_name_each_other_erased_concept_in_the_slot():

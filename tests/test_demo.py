@@ -29,11 +29,11 @@ def test_demo_remakes_a_patch_whose_settings_changed(run_cli, tiny_dir, tmp_path
     assert run_cli(*args)[0] == 0
     meta = out / "patches" / "uce" / "patch.json"
     record = json.loads(meta.read_text())
-    record["config"]["demo_key"]["configs"]["T"]["eta"] = 123.0  # as if made by another trce version
+    record["config"]["demo_key"] = "made-with-other-settings"  # as if made by another trce version
     meta.write_text(json.dumps(record))
     stale = out / "eval" / "uce" / "stale-marker"
     stale.write_text("x")
     code, _, err = run_cli(*args)
     assert code == 0, err
-    assert json.loads(meta.read_text())["config"]["demo_key"]["configs"]["T"]["eta"] != 123.0
+    assert json.loads(meta.read_text())["config"]["demo_key"] != "made-with-other-settings"
     assert not stale.exists()  # the old patch's evaluation went with it

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from trce.errors import TrceError
+from trce.families import family_of
 from trce.methods.esd import ESDConfig, erase_esd
-from trce.methods.kpop import trainable_parameters
 from trce.testing import assert_one_line_error
 
 ERASE = ["a red circle", "a crimson disc"]
@@ -25,7 +25,7 @@ def _unet_state(pipe) -> dict[str, torch.Tensor]:
 def test_only_the_selected_group_changes_and_the_pipeline_is_left_as_it_was(tiny_pipe, group):
     before = _unet_state(tiny_pipe)
     edit = erase_esd(tiny_pipe, ERASE, ESDConfig(params=group, **FAST), progress=False)
-    expected = {f"unet.{n}" for n in trainable_parameters(tiny_pipe.unet, group)}
+    expected = {f"unet.{n}" for n in family_of(tiny_pipe).trainable(tiny_pipe.unet, group)}
     assert edit.method == "esd" and set(edit.weights) == expected
     assert any(not torch.equal(edit.weights[k], before[k]) for k in expected)
     assert all(torch.equal(v, before[k]) for k, v in _unet_state(tiny_pipe).items())  # restored bit for bit
@@ -50,13 +50,33 @@ def test_training_lowers_the_loss(tiny_pipe):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_checkpoints_resume_to_the_same_result(tiny_pipe, tmp_path):
+class _Killed(Exception):
+    pass
+
+
+def test_checkpoints_resume_to_the_same_result(tiny_pipe, tmp_path, monkeypatch):
+    from trce.methods import esd
+
     cfg = ESDConfig(iterations=6, ddim_steps=3, lr=1e-3)
     ckpt = tmp_path / "ckpt"
-    first = erase_esd(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
+    first = erase_esd(tiny_pipe, ERASE, cfg, progress=False)  # uninterrupted
+    save = esd.save_state
+
+    def save_then_die(*args, **kwargs):  # as if killed right after the checkpoint of iteration 3
+        save(*args, **kwargs)
+        raise _Killed
+
+    monkeypatch.setattr(esd, "save_state", save_then_die)
+    with pytest.raises(_Killed):
+        erase_esd(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
+    monkeypatch.setattr(esd, "save_state", save)
     resumed = erase_esd(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
     assert resumed.info["resumed_from"] == 3 and resumed.info["history"] == first.info["history"]
     assert all(torch.equal(resumed.weights[k], v) for k, v in first.weights.items())
+    assert not ckpt.exists()  # a finished run removes its checkpoints
+    monkeypatch.setattr(esd, "save_state", save_then_die)
+    with pytest.raises(_Killed):
+        erase_esd(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
     with pytest.raises(TrceError, match="differs in: lr"):
         erase_esd(tiny_pipe, ERASE, dataclasses.replace(cfg, lr=1e-4), progress=False, checkpoint_dir=ckpt)
 
@@ -79,7 +99,7 @@ def test_esd_end_to_end(run_cli, tiny_dir, tmp_path):
     assert code == 0, err
     meta = json.loads((patch / "patch.json").read_text())
     assert meta["method"] == "esd" and meta["settings"]["params"] == "non-cross-attn"
-    assert meta["config"]["stage_settings"]["esd"]["iterations"] == 2
+    assert meta["config"]["settings"]["esd"]["iterations"] == 2
     code, _, err = run_cli("generate", "--model", tiny_dir, "--patch", patch, "--prompt", "a red star", "--steps", 2,
                            "--out", tmp_path / "x.png")
     assert code == 0, err

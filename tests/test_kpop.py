@@ -9,6 +9,7 @@ import torch
 
 from trce.edit import Edit, load_patch
 from trce.errors import TrceError
+from trce.families import family_of
 from trce.generate import GenSettings, generate
 from trce.methods.kpop import (
     KPOPConfig,
@@ -16,7 +17,6 @@ from trce.methods.kpop import (
     generate_with_hidden_prompt,
     hidden_prompt,
     hidden_prompt_installed,
-    trainable_parameters,
 )
 from trce.prompt_injection import PromptInjectionProcessor
 
@@ -35,7 +35,7 @@ def test_only_the_selected_group_changes_and_the_pipeline_is_left_as_it_was(tiny
     processors = dict(tiny_pipe.unet.attn_processors)
     edit = erase_kpop(tiny_pipe, ERASE, KPOPConfig(params=group, **FAST), progress=False)
     assert edit.method == "kpop"
-    expected = {f"unet.{n}" for n in trainable_parameters(tiny_pipe.unet, group)}
+    expected = {f"unet.{n}" for n in family_of(tiny_pipe).trainable(tiny_pipe.unet, group)}
     assert set(edit.weights) == expected
     if group == "cross-attn":
         assert all(".attn2." in p for p in expected)
@@ -88,16 +88,35 @@ def test_the_patch_round_trips_with_its_hidden_prompt(tiny_pipe, tmp_path, mode,
     assert torch.equal(hidden_prompt(combined)[0], edit.extras["hidden_prompt"])
 
 
-def test_checkpoints_resume_to_the_same_result(tiny_pipe, tmp_path):
+class _Killed(Exception):
+    pass
+
+
+def test_checkpoints_resume_to_the_same_result(tiny_pipe, tmp_path, monkeypatch):
+    from trce.methods import kpop
+
     cfg = KPOPConfig(iterations=6, ddim_steps=3, lr=1e-3, prompt_lr=1e-2)
     ckpt = tmp_path / "ckpt"
-    first = erase_kpop(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
-    assert (ckpt / "state.json").exists()  # written at iteration 3
+    first = erase_kpop(tiny_pipe, ERASE, cfg, progress=False)  # uninterrupted
+    save = kpop.save_state
+
+    def save_then_die(*args, **kwargs):  # as if killed right after the checkpoint of iteration 3
+        save(*args, **kwargs)
+        raise _Killed
+
+    monkeypatch.setattr(kpop, "save_state", save_then_die)
+    with pytest.raises(_Killed):
+        erase_kpop(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
+    monkeypatch.setattr(kpop, "save_state", save)
+    assert [p.name for p in ckpt.glob("step-*")] == ["step-00000003"]
     resumed = erase_kpop(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
-    assert resumed.info["resumed_from"] == 3
+    assert resumed.info["resumed_from"] == 3 and not ckpt.exists()  # a finished run removes its checkpoints
     assert all(torch.equal(resumed.weights[k], v) for k, v in first.weights.items())
     assert torch.equal(resumed.extras["hidden_prompt"], first.extras["hidden_prompt"])
     assert resumed.info["history"] == first.info["history"]
+    monkeypatch.setattr(kpop, "save_state", save_then_die)
+    with pytest.raises(_Killed):
+        erase_kpop(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
     with pytest.raises(TrceError, match="differs in: lam"):
         erase_kpop(tiny_pipe, ERASE, dataclasses.replace(cfg, lam=0.5), progress=False, checkpoint_dir=ckpt)
 
@@ -107,7 +126,7 @@ def test_nan_stops_with_a_clear_error_and_restores_the_pipeline(tiny_pipe):
     with torch.no_grad():
         weight[0, 0] = float("nan")
     before = _state(tiny_pipe)
-    with pytest.raises(TrceError, match="diverged at iteration 1"):
+    with pytest.raises(TrceError, match=r"diverged: the loss is nan \(not finite\) at step 1 of 4"):
         erase_kpop(tiny_pipe, ERASE, KPOPConfig(**FAST), progress=False)
     assert all(torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all() for k, v in _state(tiny_pipe).items())
     assert not any(isinstance(p, PromptInjectionProcessor) for p in tiny_pipe.unet.attn_processors.values())

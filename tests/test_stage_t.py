@@ -10,9 +10,9 @@ from trce.edit import resolve
 from trce.errors import TrceError
 from trce.loading import fingerprint, same_base
 from trce.methods import erase as erase_method
-from trce.methods import get_method, parse_stages
 from trce.methods.prior import preservation_prior
 from trce.methods.stage_t import StageTConfig, erase, erase_uce, pair_embeddings, projection_paths
+from trce.registry import Context, get_method
 from trce.tokens import role_positions, tokenize
 
 PRESERVE = ["a blue square on a white background", "a green triangle", "a striped yellow star on gray",
@@ -28,7 +28,8 @@ def _spec(name="cats", expressions=("a cat", "a kitten", "a tabby"), target="a d
 
 
 def _config(tmp_path, **over):
-    return StageTConfig(cache_dir=str(tmp_path / "cache"), progress=False, **over)
+    """(stage T settings, the context: a cache of the test's own, no progress bars)."""
+    return StageTConfig(**over), Context(cache_dir=str(tmp_path / "cache"), progress=False)
 
 
 def _state(pipe):
@@ -49,7 +50,7 @@ def _projection_gap(pipe, edit, em, es):
 
 def test_exact_mapping_when_well_posed(tiny_pipe, tmp_path):
     spec = _spec()
-    edit = erase(tiny_pipe, spec, _config(tmp_path, eta=0.0, ridge=1e-12))
+    edit = erase(tiny_pipe, spec, *_config(tmp_path, eta=0.0, ridge=1e-12))
     em, es, _ = pair_embeddings(tiny_pipe, spec.pairs(), "eot", progress=False)
     assert em.shape[0] == 6 < tiny_pipe.text_encoder.config.hidden_size  # fewer pairs than width: well posed
     assert _projection_gap(tiny_pipe, edit, em, es) < 1e-4
@@ -59,7 +60,7 @@ def test_exact_mapping_when_well_posed(tiny_pipe, tmp_path):
 def test_factored_solve_equals_eq5_per_layer(tiny_pipe, tmp_path):
     spec = _spec(preserve=PRESERVE)
     eta, ridge = 0.3, 1e-3
-    edit = erase(tiny_pipe, spec, _config(tmp_path, eta=eta, ridge=ridge))
+    edit = erase(tiny_pipe, spec, *_config(tmp_path, eta=eta, ridge=ridge))
     em, es, _ = pair_embeddings(tiny_pipe, spec.pairs(), "eot", progress=False)
     prior = preservation_prior(tiny_pipe, PRESERVE, "all", cache=tmp_path / "cache", progress=False)
     n, width = em.shape[0], em.shape[1]
@@ -81,7 +82,7 @@ def test_preservation_moves_less_with_eta(tiny_pipe, tmp_path):
         ek = tiny_pipe.text_encoder(ids).last_hidden_state.reshape(-1, 32).double()  # all tokens
 
     def moved(eta):
-        edit = erase(tiny_pipe, spec, _config(tmp_path, eta=eta, ridge=1e-6))
+        edit = erase(tiny_pipe, spec, *_config(tmp_path, eta=eta, ridge=1e-6))
         return sum(float(torch.linalg.norm(ek @ (new.double() - resolve(tiny_pipe, p).detach().double()).T))
                    for p, new in edit.weights.items()), edit
 
@@ -95,7 +96,7 @@ def test_preservation_moves_less_with_eta(tiny_pipe, tmp_path):
 def test_empty_spec_changes_nothing(tiny_pipe, tmp_path):
     spec = _spec(expressions=(), preserve=PRESERVE)
     assert spec.pairs() == []
-    edit = erase(tiny_pipe, spec, _config(tmp_path))
+    edit = erase(tiny_pipe, spec, *_config(tmp_path))
     before = _state(tiny_pipe)
     edit.apply(tiny_pipe)
     after = _state(tiny_pipe)
@@ -104,7 +105,7 @@ def test_empty_spec_changes_nothing(tiny_pipe, tmp_path):
 
 def test_only_cross_attention_kv_change_and_revert_is_exact(tiny_pipe, tmp_path):
     base = fingerprint(tiny_pipe)
-    edit = erase(tiny_pipe, _spec(preserve=PRESERVE), _config(tmp_path))
+    edit = erase(tiny_pipe, _spec(preserve=PRESERVE), *_config(tmp_path))
     assert same_base(edit.base, base) and edit.base["id"] == base["id"]
     assert edit.paths() and all(re.search(r"\.attn2\.to_[kv]\.weight$", p) for p in edit.paths())
     assert len(edit.paths()) == 2 * sum(1 for n, _ in tiny_pipe.unet.named_modules() if n.endswith("attn2"))
@@ -120,18 +121,18 @@ def test_only_cross_attention_kv_change_and_revert_is_exact(tiny_pipe, tmp_path)
 
 def test_prior_cache_hit_second_time(tiny_pipe, tmp_path, caplog):
     spec = _spec(preserve=PRESERVE)
-    first = erase(tiny_pipe, spec, _config(tmp_path))
+    first = erase(tiny_pipe, spec, *_config(tmp_path))
     files = list((tmp_path / "cache" / "priors").glob("*.safetensors"))
     assert len(files) == 1 and not first.info["prior_cached"]
-    second = erase(tiny_pipe, spec, _config(tmp_path))
+    second = erase(tiny_pipe, spec, *_config(tmp_path))
     assert second.info["prior_cached"] and second.info["prior_cache"] == first.info["prior_cache"]
     assert all(torch.equal(first.weights[p], second.weights[p]) for p in first.weights)
-    other = erase(tiny_pipe, _spec(preserve=PRESERVE[:3]), _config(tmp_path))  # another prompt set: a miss
+    other = erase(tiny_pipe, _spec(preserve=PRESERVE[:3]), *_config(tmp_path))  # another prompt set: a miss
     assert not other.info["prior_cached"]
-    role = erase(tiny_pipe, spec, _config(tmp_path, preserve_role="eot"))  # another role: a miss
+    role = erase(tiny_pipe, spec, *_config(tmp_path, preserve_role="eot"))  # another role: a miss
     assert not role.info["prior_cached"]
     files[0].write_bytes(files[0].read_bytes()[:50])  # a damaged cache file is recomputed
-    third = erase(tiny_pipe, spec, _config(tmp_path))
+    third = erase(tiny_pipe, spec, *_config(tmp_path))
     assert not third.info["prior_cached"] and "damaged prior cache" in caplog.text
     assert all(torch.equal(first.weights[p], third.weights[p]) for p in first.weights)
 
@@ -152,33 +153,33 @@ def test_prior_roles_count_the_right_tokens(tiny_pipe, tmp_path):
 def test_multi_concept_is_one_solve_over_all_pairs(tiny_pipe, tmp_path):
     a = _spec("cats")
     b = _spec("birds", expressions=("a parrot", "a crow"), target="a plane")
-    edit = erase(tiny_pipe, [a, b], _config(tmp_path, eta=0.0, ridge=1e-12))
+    edit = erase(tiny_pipe, [a, b], *_config(tmp_path, eta=0.0, ridge=1e-12))
     assert edit.spec["name"] == "cats+birds" and len(edit.spec["concepts"]) == 2
     assert edit.info["pairs"] == len(a.pairs()) + len(b.pairs())
     em, es, _ = pair_embeddings(tiny_pipe, a.pairs() + b.pairs(), "eot", progress=False)
     assert _projection_gap(tiny_pipe, edit, em, es) < 1e-3
     with pytest.raises(TrceError, match=r"disagree on eta .*--eta"):
-        erase(tiny_pipe, [a, _spec("other", eta=0.5)], _config(tmp_path))
+        erase(tiny_pipe, [a, _spec("other", eta=0.5)], *_config(tmp_path))
 
 
 def test_uce_maps_keyword_tokens(tiny_pipe, tmp_path):
     spec = _spec()
-    edit = erase_uce(tiny_pipe, spec, _config(tmp_path, eta=0.0, ridge=1e-12))
+    edit = erase_uce(tiny_pipe, spec, *_config(tmp_path, eta=0.0, ridge=1e-12))
     assert edit.method == "uce" and edit.settings["token_role"] == "key"
     em, es, _ = pair_embeddings(tiny_pipe, spec.pairs(), "key", progress=False)
     assert edit.info["embeddings"] == em.shape[0] > len(spec.pairs())  # every token of each expression
     assert _projection_gap(tiny_pipe, edit, em, es) < 1e-3
     with pytest.raises(TrceError, match="UCE maps the keyword tokens"):
-        erase_uce(tiny_pipe, spec, _config(tmp_path, token_role="eot"))
+        erase_uce(tiny_pipe, spec, *_config(tmp_path, token_role="eot"))
 
 
 def test_token_role_combinations_map_each_part(tiny_pipe, tmp_path):
     spec = _spec(expressions=("a cat",))
-    edit = erase(tiny_pipe, spec, _config(tmp_path, eta=0.0, ridge=1e-12, token_role="eot+key"))
+    edit = erase(tiny_pipe, spec, *_config(tmp_path, eta=0.0, ridge=1e-12, token_role="eot+key"))
     em_e, _, _ = pair_embeddings(tiny_pipe, spec.pairs(), "eot", progress=False)
     em_k, _, _ = pair_embeddings(tiny_pipe, spec.pairs(), "key", progress=False)
     assert edit.info["embeddings"] == em_e.shape[0] + em_k.shape[0]
-    all_rows = erase(tiny_pipe, spec, _config(tmp_path, token_role="eot-all"))
+    all_rows = erase(tiny_pipe, spec, *_config(tmp_path, token_role="eot-all"))
     assert all_rows.info["embeddings"] > 2 * len(spec.pairs())
 
 
@@ -188,11 +189,11 @@ def test_nan_embeddings_stop_with_a_clear_message(tiny_pipe, tmp_path):
             if name.endswith("final_layer_norm.weight"):
                 param.fill_(float("nan"))
     with pytest.raises(TrceError, match="NaN"):
-        erase(tiny_pipe, _spec(), _config(tmp_path))
+        erase(tiny_pipe, _spec(), *_config(tmp_path))
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(TrceError, match="--eta must be a number >= 0"):
+    with pytest.raises(TrceError, match="eta must be a number >= 0"):
         StageTConfig(eta=-0.1)
     with pytest.raises(TrceError, match="did you mean 'eot-all'"):
         StageTConfig(token_role="eot-al")
@@ -205,25 +206,23 @@ def test_method_registry_and_stages(tiny_pipe, tmp_path):
     with pytest.raises(TrceError, match="unknown method 'ucee' \\(did you mean 'uce'\\?\\)"):
         get_method("ucee")
     trce = get_method("trce")
-    assert parse_stages(trce, "T") == ("T",)
-    assert parse_stages(trce, "V,T") == ("T", "V")  # run in the method's order
+    assert trce.parse_stages("T") == ("T",)
+    assert trce.parse_stages("V,T") == ("T", "V")  # run in the method's order
     with pytest.raises(TrceError, match="has no stage 'X'"):
-        parse_stages(trce, "T,X")
-    edit = erase_method(tiny_pipe, _spec(), "uce", configs={"T": _config(tmp_path)})
+        trce.parse_stages("T,X")
+    edit = erase_method(tiny_pipe, _spec(), "uce", cache=tmp_path / "cache", progress=False)
     assert edit.method == "uce"
-    edit = erase_method(tiny_pipe, _spec(), "trce", "T", configs={"T": _config(tmp_path)})
+    edit = erase_method(tiny_pipe, _spec(), "trce", "T", cache=tmp_path / "cache", progress=False)
     assert edit.method == "trce" and edit.settings["stage"] == "T"
 
 
 def test_trce_stages_t_then_v_make_one_edit(tiny_pipe, tmp_path):
     """Stage V runs on the stage-T model with the original model as reference; one Edit, pipe unchanged."""
-    stage_v = pytest.importorskip("trce.methods.stage_v")
     base = fingerprint(tiny_pipe)
     before = _state(tiny_pipe)
-    v_config = stage_v.StageVConfig(n_trajectories=1, n_uncond=1, ddim_steps=2, epochs=1, checkpoint_every=0)
-    edit = erase_method(tiny_pipe, _spec(expressions=("a cat",)), "trce", "T,V",
-                        configs={"T": _config(tmp_path), "V": v_config},
-                        options={"V": {"cache_dir": tmp_path / "cache", "progress": False}})
+    v_settings = {"n_trajectories": 1, "n_uncond": 1, "ddim_steps": 2, "epochs": 1, "checkpoint_every": 0}
+    edit = erase_method(tiny_pipe, _spec(expressions=("a cat",)), "trce", "T,V", V=v_settings,
+                        cache=tmp_path / "cache", progress=False)
     assert edit.method == "trce" and edit.settings["stages"] == ["T", "V"]
     assert edit.base["id"] == base["id"]
     assert any(".attn2.to_k." in p for p in edit.paths()) and any(".attn1." in p for p in edit.paths())

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from trce.errors import TrceError
+from trce.families import family_of
 from trce.methods import trajectories
 from trce.methods.stage_v import StageVConfig, epoch_plan, erase_v, stage_v_loss, trainable_parameters, triplet_loss
 from trce.methods.trajectories import Reference, concept_trajectories, initial_noise, uncond_trajectories
@@ -87,7 +88,7 @@ def test_preservation_term_is_weighted_mse():
 # --------------------------------------------------------------------------- trainable parameters
 def test_only_attn1_and_attn2_to_q_receive_gradients(pipe):
     unet = copy.deepcopy(pipe.unet)
-    chosen = trainable_parameters(unet)
+    chosen = trainable_parameters(unet, family_of(pipe))
     names = [n for n, _ in unet.named_parameters()]
     expected = {n for n in names if ".attn1." in n or ".attn2.to_q." in n}
     assert set(chosen) == expected and any(".attn2.to_q." in n for n in chosen)
@@ -115,7 +116,7 @@ def test_only_named_parameters_change_and_pipe_is_untouched(pipe, tmp_path):
         after = pipe.unet.state_dict()
         changed = {f"unet.{k}" for k in before if not torch.equal(after[k], before[k])}
     assert changed == expected
-    assert edit.method == "trce-v" and edit.settings["beta"] == 15.0 and edit.settings["epochs"] == 1
+    assert edit.method == "trce" and edit.settings["stage"] == "V" and edit.settings["beta"] == 15.0 and edit.settings["epochs"] == 1
     assert edit.info["steps"] == 4 and edit.info["loss_last"]["total"] >= 0
     assert edit.base["id"] == edit.info["reference"]
     json.dumps(edit.info)  # the patch records it as JSON

@@ -59,36 +59,35 @@ class DemoConfig:
             raise TrceError("--limit and --steps must be at least 1")
 
 
-def _erase(pipe, name: str, folder: Path, cfg: DemoConfig) -> tuple[Path, bool]:
-    """The patch of one demo method, made or reused; True when it was (re)made."""
-    import dataclasses
-
-    from trce.concepts import load_spec
-    from trce.loading import fingerprint
-    from trce.methods import erase, spec_settings, stage_config
-    from trce.methods.stage_t import StageTConfig
+def _plan(name: str, cfg: DemoConfig):
+    from trce.methods import plan
 
     method, stages = METHODS[name]
-    spec = load_spec(CONCEPT)
-    configs: dict = {"T": StageTConfig(progress=False)}
-    if stages and "V" in stages:
-        configs["V"] = stage_config("trce", "V", spec_settings(spec, "V", cfg.stage_v), seed=cfg.seed)
-    if method == "kpop":
-        configs["kpop"] = stage_config("kpop", "kpop", spec_settings(spec, "kpop", cfg.kpop), seed=cfg.seed)
+    m_stages = plan(CONCEPT, method, stages).stages  # the method's stages as they will run
+    settings = {"V": cfg.stage_v} if "V" in m_stages else {}
+    if "kpop" in m_stages:
+        settings["kpop"] = cfg.kpop
+    return plan(CONCEPT, method, stages, seed=cfg.seed, progress=False, **settings)
+
+
+def _erase(pipe, name: str, folder: Path, cfg: DemoConfig) -> tuple[Path, bool]:
+    """The patch of one demo method, made or reused; True when it was (re)made."""
+    from trce.loading import fingerprint
+    from trce.methods import run
+
+    plan = _plan(name, cfg)
     # Everything the patch depends on: a rerun reuses it only when all of this is unchanged.
-    key = {"method": method, "stages": stages, "base": fingerprint(pipe)["id"], "spec": dataclasses.asdict(spec),
-           "configs": {k: dataclasses.asdict(v) for k, v in configs.items()}}
+    key = plan.key(fingerprint(pipe)["id"])
     if (folder / "patch.json").exists():
-        if io.read_json(folder / "patch.json").get("config", {}).get("demo_key") == io.jsonable(key):
+        if io.read_json(folder / "patch.json").get("config", {}).get("demo_key") == key:
             log.info("patch %s already made with these settings, reusing %s", name, folder)
             return folder, False
         log.info("patch %s was made with other settings (or another base model): making it again", name)
     t0 = time.perf_counter()
-    edit = erase(pipe, spec, method=method, stages=stages, configs=configs)
+    edit = run(pipe, plan)
     seconds = time.perf_counter() - t0
-    edit.save(folder, config={"command": "demo", "name": name, "method": method, "stages": stages,
-                              "seconds": round(seconds, 1), "demo_key": io.jsonable(key),
-                              **{k: v for k, v in asdict(cfg).items() if k != "methods"}},
+    edit.save(folder, config={"command": "demo", "name": name, **plan.record(), "seconds": round(seconds, 1),
+                              "demo_key": key, **{k: v for k, v in asdict(cfg).items() if k != "methods"}},
               seeds={"seed": cfg.seed})
     log.info("erased %s with %s in %.1f s", CONCEPT, name, seconds)
     return folder, True
@@ -96,9 +95,12 @@ def _erase(pipe, name: str, folder: Path, cfg: DemoConfig) -> tuple[Path, bool]:
 
 def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> str:
     """Erase, evaluate, report; returns the Markdown table (the report is `out/report.html`)."""
+    import shutil
+
     import torch
 
-    from trce.eval.runner import EvalConfig, run_eval
+    from trce.edit import load_patch
+    from trce.eval.runner import evaluate
     from trce.loading import load_pipeline
     from trce.report import write_report
 
@@ -109,20 +111,16 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> str:
     for name in cfg.methods:
         patches[name], remade = _erase(pipe, name, out / "patches" / name, cfg)
         if remade:
-            import shutil
-
             for stale in (name, f"{name}-hidden-prompt"):  # the demo's own evaluations of the old patch
                 shutil.rmtree(out / "eval" / stale, ignore_errors=True)
-    del pipe
     runs = []
     jobs = [("original", None, False), *((name, patch, False) for name, patch in patches.items())]
     if "kpop" in patches:  # KPOP's hidden prompt on the erased model: how much of red it brings back (Fig. 6)
         jobs.append(("kpop-hidden-prompt", patches["kpop"], True))
     for name, patch, hidden in jobs:
         run_dir = out / "eval" / name
-        run_eval(EvalConfig(suite=SUITE, model=cfg.model, patch=str(patch) if patch else None, limit=cfg.limit,
-                            steps=cfg.steps, device=cfg.device, reference_cache=str(out / "reference-cache"),
-                            hidden_prompt=hidden), run_dir)
+        evaluate(pipe, SUITE, edit=load_patch(patch) if patch else None, out=run_dir, limit=cfg.limit,
+                 steps=cfg.steps, reference_cache=str(out / "reference-cache"), hidden_prompt=hidden)
         runs.append(run_dir)
     table = write_report(runs, out / "report.html", markdown=out / "table.md",
                          title="trce demo — erasing red from ShapeWorld")

@@ -29,17 +29,20 @@ log = logging.getLogger(__name__)
 
 PATCH_FORMAT = "trce-patch"
 PATCH_VERSION = 1
-COMPONENTS = ("unet", "text_encoder", "vae")
 
 
 def resolve(pipe, path: str) -> torch.Tensor:
-    """The parameter or buffer of `pipe` at `path` (`component.module.path.name`)."""
+    """The parameter or buffer of `pipe` at `path` (`component.module.path.name`).
+
+    `component` is any torch module the pipeline holds (`unet`, `text_encoder`, `text_encoder_2`,
+    `transformer`, `vae`, ...), so a path names a tensor in every model family.
+    """
     component, _, rest = path.partition(".")
-    if component not in COMPONENTS or not rest:
-        raise TrceError(f"bad tensor path {path!r}: it must start with one of {', '.join(COMPONENTS)}")
+    if not component or not rest:
+        raise TrceError(f"bad tensor path {path!r}: it must be component.module.tensor (e.g. unet.conv_in.weight)")
     module = getattr(pipe, component, None)
-    if module is None:
-        raise TrceError(f"the pipeline has no {component} for tensor {path!r}")
+    if not isinstance(module, torch.nn.Module):
+        raise TrceError(f"the pipeline has no component {component!r} for tensor {path!r}")
     try:
         return module.get_parameter(rest)
     except AttributeError:
@@ -63,9 +66,24 @@ class Edit:
     base: dict | None = None  # trce.loading.fingerprint() of the base model
     extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # measured facts: losses, timings, seeds
+    source: str | None = field(default=None, compare=False)  # the patch folder it was read from
+    files: dict | None = field(default=None, compare=False)  # that folder's file checksums (patch.json)
 
     def paths(self) -> list[str]:
         return sorted(self.weights)
+
+    def digest(self) -> dict:
+        """What identifies this edit's tensors: its patch files' checksums when read from a folder (so that
+        runs keyed on a patch folder keep matching), else a SHA-256 over its tensors."""
+        if self.files:
+            return dict(self.files)
+        h = hashlib.sha256()
+        for group in (self.weights, self.extras):
+            for name in sorted(group):
+                t = group[name].detach().cpu().contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return {"tensors": h.hexdigest()}
 
     def check(self, pipe, check_base: bool = True) -> None:
         """Refuse a patch for another base model, or tensors whose shape does not fit."""
@@ -91,7 +109,7 @@ class Edit:
         self.check(pipe, check_base)
         stash = snapshot(pipe, self.weights)
         stack = pipe.__dict__.setdefault("_trce_applied", [])
-        stack.append((id(self), stash))
+        stack.append((self, stash))
         with torch.no_grad():
             for path, value in self.weights.items():
                 target = resolve(pipe, path)
@@ -101,9 +119,11 @@ class Edit:
     def revert(self, pipe) -> None:
         """Restore the values `apply` replaced, bit for bit (edits must be reverted in reverse order)."""
         stack = pipe.__dict__.get("_trce_applied", [])
-        if not stack or stack[-1][0] != id(self):
+        if not stack or stack[-1][0] is not self:
             raise TrceError("this edit is not the last one applied to the pipeline; revert edits in reverse order")
         _, stash = stack.pop()
+        if getattr(pipe, "trce_patch", None) is self:
+            pipe.trce_patch = None
         with torch.no_grad():
             for path, value in stash.items():
                 resolve(pipe, path).copy_(value)
@@ -157,6 +177,11 @@ class Edit:
         return folder
 
 
+def applied_edits(pipe) -> list[Edit]:
+    """The edits applied to `pipe` and not reverted, oldest first (revert them newest first)."""
+    return [edit for edit, _ in pipe.__dict__.get("_trce_applied", [])]
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -186,4 +211,25 @@ def load_patch(folder: str | Path) -> Edit:
         raise TrceError(f"patch {folder}: weights.safetensors does not hold the tensors patch.json lists")
     extras = io.load_tensors(folder / "extras.safetensors") if (folder / "extras.safetensors").exists() else {}
     return Edit(weights=weights, method=meta["method"], spec=meta.get("spec") or {}, settings=meta.get("settings") or {},
-                base=meta.get("base"), extras=extras, info=meta.get("info") or {})
+                base=meta.get("base"), extras=extras, info=meta.get("info") or {}, source=str(folder),
+                files=dict(meta.get("files") or {}))
+
+
+def export(pipe, edit: Edit, out: str | Path, record: dict | None = None) -> Path:
+    """Write a full diffusers pipeline folder of `pipe` with `edit` applied (atomically; `pipe` is left as it was).
+
+    `trce-export.json` beside the weights records the edit (method, spec, settings, base) and `record`.
+    """
+    out = Path(out)
+    patch = {"method": edit.method, "spec": edit.spec, "settings": edit.settings, "base": edit.base,
+             "source": edit.source}
+    if edit.source is not None and (Path(edit.source) / "patch.json").exists():
+        meta = io.read_json(Path(edit.source) / "patch.json")
+        patch.update({k: meta.get(k) for k in ("date", "git_hash")})
+    from trce.families import family_of
+
+    dtype = str(family_of(pipe).denoiser(pipe).dtype)
+    with edit.applied(pipe), io.atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        io.write_json(tmp / "trce-export.json", io.run_record({**(record or {}), "dtype": dtype}, patch=patch))
+    return out

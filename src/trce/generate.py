@@ -30,13 +30,13 @@ class GenSettings:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise TrceError(f"--steps must be at least 1, got {self.steps}")
+            raise TrceError(f"steps must be at least 1, got {self.steps}", field="steps")
         if self.batch_size < 1:
-            raise TrceError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise TrceError(f"batch_size must be at least 1, got {self.batch_size}", field="batch_size")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
-                raise TrceError(f"--{name} must be a positive multiple of 8, got {value}")
+                raise TrceError(f"{name} must be a positive multiple of 8, got {value}", field=name)
 
 
 def _batches(order: list[int], size: int) -> Iterator[list[int]]:
@@ -53,13 +53,22 @@ def generate_iter(
     guidances: Sequence[float] | None = None,
     progress: bool = True,
     desc: str = "generate",
+    embeds: torch.Tensor | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """Yield (indices, images) per batch as they finish; images are uint8 (B, H, W, 3).
 
-    Prompts with different guidance scales are never batched together.
+    Prompts with different guidance scales are never batched together. With `embeds` ((N, L, D) conditionings
+    as the model family encodes them: soft prompts), image i is drawn from embeds[i] instead of prompts[i]'s
+    text; the unconditional half of guidance is the empty prompt, as for text.
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
+    if embeds is not None and len(embeds) != len(prompts):
+        raise ValueError("one conditioning per prompt")
+    if embeds is not None:
+        from trce.families import family_of
+
+        family = family_of(pipe)
     guidances = list(guidances) if guidances is not None else [settings.guidance] * len(prompts)
     by_guidance: dict[float, list[int]] = {}
     for i, g in enumerate(guidances):
@@ -70,8 +79,10 @@ def generate_iter(
         for guidance, order in by_guidance.items():
             for idx in _batches(order, settings.batch_size):
                 gens = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in idx]
+                text = ({"prompt": [prompts[i] for i in idx]} if embeds is None
+                        else family.pipeline_inputs(pipe, embeds[idx]))
                 out = pipe(
-                    prompt=[prompts[i] for i in idx],
+                    **text,
                     num_inference_steps=settings.steps,
                     guidance_scale=guidance,
                     generator=gens,
@@ -108,3 +119,36 @@ def image_grid(images: np.ndarray, cols: int, pad: int = 2, scale: int = 1) -> n
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     return grid
+
+
+def generate_images(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int] = 0, *, n: int = 1,
+                    steps: int = 30, guidance: float = 7.5, size: int | None = None, edit=None,
+                    hidden_prompt: bool = False, progress: bool = True) -> np.ndarray:
+    """Seeded images, uint8 (N, H, W, 3): `trce generate` in Python (`trce.generate_images`).
+
+    prompts  one prompt (drawn `n` times, seeds seed, seed+1, ...) or a list (one seed each: `seeds` a list)
+    edit     an `Edit` applied for the duration (the pipeline is left as it was); hidden_prompt: also inject a
+             KPOP edit's hidden prompt (does the concept come back?)
+    """
+    import contextlib
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise TrceError(f"n must be at least 1, got {n!r}", field="n")
+    if isinstance(prompts, str):
+        if not isinstance(seeds, int) or isinstance(seeds, bool):
+            raise TrceError(f"seeds must be one integer for one prompt, got {seeds!r}", field="seed")
+        prompts, seeds = [prompts] * n, [seeds + k for k in range(n)]
+    else:
+        prompts = list(prompts)
+        seeds = [seeds + k for k in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
+    if hidden_prompt and edit is None:
+        raise TrceError("hidden_prompt needs an edit (a KPOP patch)", field="hidden_prompt")
+    settings = GenSettings(steps=steps, guidance=guidance, height=size, width=size)
+    with contextlib.ExitStack() as stack:
+        if edit is not None:
+            stack.enter_context(edit.applied(pipe))
+        if hidden_prompt:
+            from trce.methods.kpop import hidden_prompt_installed
+
+            stack.enter_context(hidden_prompt_installed(pipe, edit))
+        return generate(pipe, prompts, seeds, settings, progress=progress)

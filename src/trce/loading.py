@@ -63,12 +63,13 @@ def load_pipeline(
     model: str,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    patch: str | Path | None = None,
+    patch=None,
 ):
-    """Load `model` as a diffusers `StableDiffusionPipeline` on `device` in `dtype`.
+    """Load `model` as a plain diffusers pipeline (`StableDiffusionPipeline` for SD 1.x) on `device` in `dtype`.
 
-    With `patch`, an erasure patch (see `trce.patch`) is applied after loading; a patch made for
-    another base model is refused.
+    With `patch` (a patch folder or an `Edit`), the erasure is applied after loading; a patch made
+    for another base model is refused. The applied Edit stays reachable as `pipe.trce_patch`
+    (`pipe.trce_patch.revert(pipe)` gives back the base model, bit for bit).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -88,15 +89,20 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(dev)
     pipe.trce_model_name = model  # recorded in every output made with this pipeline
+    pipe.trce_patch = None
     if patch is not None:
-        from trce.edit import load_patch
+        from trce.edit import Edit, load_patch
 
-        load_patch(patch).apply(pipe)
+        edit = patch if isinstance(patch, Edit) else load_patch(patch)
+        edit.apply(pipe)
+        pipe.trce_patch = edit
     return pipe
 
 
 def _from_folder(folder: Path, dtype: torch.dtype, name: str):
-    from diffusers import StableDiffusionPipeline
+    import diffusers
+
+    from trce.families import family_for_class
 
     if not (folder / "model_index.json").exists():
         if name == "shapeworld":
@@ -105,28 +111,40 @@ def _from_folder(folder: Path, dtype: torch.dtype, name: str):
                 "rebuild them with `trce shapeworld train --out DIR --ship`"
             )
         raise TrceError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    index = _read_json(folder / "model_index.json")
+    class_name = str(index.get("_class_name", "")) if isinstance(index, dict) else ""
+    family = family_for_class(class_name)  # an architecture trce has no family for is refused here
+    cls = getattr(diffusers, class_name)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True,
-            local_files_only=True,
-        )
+        pipe = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
+                                   **family.load_kwargs)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise TrceError(f"cannot load the pipeline in {folder}: {str(exc).splitlines()[0]}") from exc
     return pipe
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TrceError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
+
+
 def _from_hub(model_id: str, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
+
+    from trce.families import family_of
 
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            model_id, dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
+        pipe = DiffusionPipeline.from_pretrained(model_id, dtype=dtype, safety_checker=None,
+                                                 requires_safety_checker=False)
     except Exception as exc:  # hub errors come as many types (OSError, HTTP, connection, offline mode)
         raise TrceError(
             f"cannot load {model_id!r} from the Hugging Face hub or its cache ({type(exc).__name__}); "
             "pass a local diffusers folder instead, or download it once and set HF_HUB_OFFLINE=1 to use the cache"
         ) from exc
+    family_of(pipe)  # an architecture trce has no family for is refused here
+    return pipe
 
 
 # --------------------------------------------------------------------------- SD v1.4 architecture
@@ -177,28 +195,43 @@ def sd14_arch_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
 
 
 # --------------------------------------------------------------------------- identity of a base model
-def fingerprint(pipe) -> dict:
+def fingerprint(pipe, *, denoiser: torch.nn.Module | None = None) -> dict:
     """Identity of a base model: its architecture hash and a probe of its weights.
 
-    The probe is the mean absolute value of the first 4096 entries of every UNet and text-encoder
-    tensor, which survives fp32/fp16/bf16 loading (compare with a tolerance, see
-    `same_base`) but tells different checkpoints apart.
+    The modules are those the model family names (SD: the UNet and the text encoder; `denoiser`
+    stands in for the pipeline's own when given, as stage V's frozen reference does). The probe is
+    the mean absolute value of the first 4096 entries of every tensor of those modules, which
+    survives fp32/fp16/bf16 loading (compare with a tolerance, see `same_base`) but tells different
+    checkpoints apart.
     """
-    arch = {
-        "unet": {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")},
-        "text_encoder": pipe.text_encoder.config.to_dict(),
-    }
-    for drop in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "_attn_implementation_autoset"):
-        arch["text_encoder"].pop(drop, None)
+    from trce.families import family_of
+
+    fam = family_of(pipe)
+    modules = fam.identity_modules(pipe)
+    if denoiser is not None:
+        modules[fam.denoiser_name] = denoiser
+    arch = {name: _config_record(module) for name, module in modules.items()}
     arch_hash = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
     probe = []
     with torch.no_grad():
-        for prefix, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        for module in modules.values():
             for tensor in module.state_dict().values():
                 probe.append(float(tensor.flatten()[:4096].float().abs().mean()))
     digest = hashlib.sha256(json.dumps([round(p, 3) for p in probe]).encode()).hexdigest()[:16]
     return {"model": getattr(pipe, "trce_model_name", None), "arch": arch_hash, "id": f"{arch_hash}-{digest}",
             "probe": probe}
+
+
+def _config_record(module: torch.nn.Module) -> dict:
+    """A module's configuration without the entries that change with loading (paths, versions, dtype)."""
+    config = module.config
+    if hasattr(config, "to_dict"):  # transformers
+        record = config.to_dict()
+        for drop in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
+                     "_attn_implementation_autoset"):
+            record.pop(drop, None)
+        return record
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}  # diffusers
 
 
 def same_base(a: dict, b: dict, rtol: float = 2e-2) -> bool:
@@ -210,7 +243,26 @@ def same_base(a: dict, b: dict, rtol: float = 2e-2) -> bool:
 
 
 def parameter_counts(pipe) -> dict[str, int]:
+    """Parameters per torch component of the pipeline (denoiser, text encoders, VAE)."""
+    from trce.families import family_of
+
+    return {name: sum(p.numel() for p in module.parameters())
+            for name, module in family_of(pipe).components(pipe).items()}
+
+
+def describe(pipe) -> dict:
+    """What `trce info` prints: components and parameter counts, device, dtype, the family's facts, fingerprint."""
+    from trce.families import family_of
+
+    family = family_of(pipe)
+    counts = parameter_counts(pipe)
     return {
-        name: sum(p.numel() for p in getattr(pipe, name).parameters())
-        for name in ("unet", "text_encoder", "vae")
+        "model": getattr(pipe, "trce_model_name", None),
+        "family": family.name,
+        "device": str(pipe.device),
+        "dtype": str(family.denoiser(pipe).dtype).replace("torch.", ""),
+        "parameters": counts,
+        "parameters_total": sum(counts.values()),
+        **family.info(pipe),
+        "fingerprint": fingerprint(pipe)["id"],
     }

@@ -41,7 +41,6 @@ Mode = Literal["concat", "add"]
 Sites = Literal["mid", "mid+up", "all"]
 MODES: tuple[str, ...] = get_args(Mode)
 SITES: tuple[str, ...] = get_args(Sites)
-_BLOCKS = {"mid": ("mid_block.",), "mid+up": ("mid_block.", "up_blocks."), "all": ("",)}
 
 
 class PromptSlot:
@@ -114,36 +113,38 @@ def inject(context: torch.Tensor, prompt: torch.Tensor, mode: str, attention_mas
     raise TrceError(f"unknown prompt injection mode {mode!r}; available: {', '.join(MODES)}")
 
 
-def _unet(pipe_or_unet):
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
-        raise TrceError(f"cannot inject a prompt into {type(pipe_or_unet).__name__}: it has no diffusers UNet")
-    return unet
+def _denoiser(pipe_or_denoiser):
+    """(denoiser, family) of a pipeline or of a bare denoiser."""
+    from trce.families import denoiser_family, family_of
+
+    if isinstance(pipe_or_denoiser, torch.nn.Module):
+        denoiser, family = pipe_or_denoiser, denoiser_family(pipe_or_denoiser)
+    else:
+        family = family_of(pipe_or_denoiser)
+        denoiser = family.denoiser(pipe_or_denoiser)
+    if not hasattr(denoiser, "attn_processors") or not hasattr(denoiser, "set_attn_processor"):
+        raise TrceError(f"cannot inject a prompt into {type(pipe_or_denoiser).__name__}: it has no attention "
+                        "processors")
+    return denoiser, family
 
 
-def site_layers(pipe_or_unet, sites: str = "mid") -> list[str]:
-    """Names (as in `unet.attn_processors`) of the cross-attention processors at `sites`."""
+def site_layers(pipe_or_denoiser, sites: str = "mid") -> list[str]:
+    """Names (as in `denoiser.attn_processors`) of the text-reading attention processors at `sites`
+    (the model family says which they are)."""
     sites = choose("prompt injection site", sites, SITES)
-    unet = _unet(pipe_or_unet)
-    names = []
-    for key in unet.attn_processors:
-        module = unet.get_submodule(key.removesuffix(".processor"))
-        if getattr(module, "is_cross_attention", False) and key.startswith(_BLOCKS[sites]):
-            names.append(key)
-    if not names:
-        raise TrceError(f"the UNet has no cross-attention layer at injection site {sites!r}; "
-                        f"choose one of {', '.join(SITES)}")
-    return names
+    denoiser, family = _denoiser(pipe_or_denoiser)
+    return family.injection_layers(denoiser, sites)
 
 
 @contextlib.contextmanager
-def injected(pipe_or_unet, prompt: torch.Tensor | None, mode: str = "concat", sites: str = "mid") -> Iterator[PromptSlot]:
+def injected(pipe_or_denoiser, prompt: torch.Tensor | None, mode: str = "concat", sites: str = "mid",
+             ) -> Iterator[PromptSlot]:
     """Run the block with `prompt` injected at the cross-attention layers of `sites`.
 
     Yields the `PromptSlot`: setting `slot.prompt` (a tensor or None) changes the injected prompt
     without reinstalling. The original processor objects are restored on exit, even on error.
     """
-    unet = _unet(pipe_or_unet)
+    unet, _ = _denoiser(pipe_or_denoiser)
     slot = PromptSlot(prompt, mode)
     layers = set(site_layers(unet, sites))
     original = dict(unet.attn_processors)

@@ -1,7 +1,7 @@
 """Red-team attacks that run against the model under test (`trce attack`).
 
 Each attack is one module with one plain function
-`attack(pipe, targets, config, *, reference=None, progress=True) -> list[AttackResult]`,
+`attack(pipe, targets, config, *, reference=None, progress=True) -> list[TargetResult]`,
 a `Budget` dataclass (its search budget, recorded in every result), and `NAME`, `LABEL`,
 `TYPED` (whether results are prompts anyone can type) and `NEEDS_REFERENCE` (whether it needs the
 original model's images of the concept):
@@ -34,3 +34,13 @@ __all__ = ["ATTACKS", "get_attack"]
 def get_attack(name: str) -> ModuleType:
     """The attack module called `name`; a typo lists the available names."""
     return importlib.import_module(ATTACKS[choose("attack", name, ATTACKS)])
+
+
+def _names() -> list[str]:
+    """Names of the red-team attacks `trce.attack` runs."""
+    return list(ATTACKS)
+
+
+from trce.utils import callable_module
+
+callable_module(__name__, _names)  # `trce.attacks()`

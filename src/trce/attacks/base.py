@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -46,8 +45,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from trce.errors import TrceError, choose
-from trce.utils.io import read_jsonl
 from trce.utils.processes import process_state
+from trce.utils.records import Records
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ def as_targets(targets: Sequence[Target | str]) -> list[Target]:
 
 
 @dataclass
-class AttackResult:
+class TargetResult:
     """One target's outcome.
 
     prompt     the adversarial text (None for soft prompts: not typed text)
@@ -201,7 +200,7 @@ class AttackResult:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> AttackResult:
+    def from_json(cls, d: dict) -> TargetResult:
         names = {f.name for f in fields(cls)} - {"embeds"}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -238,7 +237,11 @@ class Vocabulary:
     @classmethod
     def for_pipeline(cls, pipe, banned: Sequence[str] = ()) -> Vocabulary:
         """The whole-word tokens the pipeline's text encoder has embeddings for, banned words removed."""
-        return cls.build(pipe.tokenizer, banned, limit=pipe.text_encoder.get_input_embeddings().num_embeddings)
+        from trce.families import family_of
+
+        fam = family_of(pipe)
+        return cls.build(fam.tokenizer(pipe), banned,
+                         limit=fam.text_encoder(pipe).get_input_embeddings().num_embeddings)
 
     @classmethod
     def build(cls, tokenizer, banned: Sequence[str] = (), limit: int | None = None) -> Vocabulary:
@@ -373,30 +376,13 @@ def target_seed(config: AttackConfig, target: Target) -> int:
 
 
 # --------------------------------------------------------------------------- processes and files
-def _shards(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
-
-
 def merge_results(path: Path) -> dict[int, dict]:
     """Fold per-rank shards into `path` (one line per target index, the latest wins)."""
-    records: dict[int, dict] = {}
-    shards = _shards(path)
-    for f in [path, *shards]:
-        for rec in read_jsonl(f):
-            if "index" in rec:
-                records[int(rec["index"])] = rec
-    text = "".join(json.dumps(records[i]) + "\n" for i in sorted(records))
-    if shards or (path.exists() and path.read_text(encoding="utf-8", errors="replace") != text):
-        from trce.utils import io
-
-        io.write_text(path, text)  # rewritten only when it changes: a finished run's files stay untouched
-    for f in shards:
-        f.unlink()
-    return records
+    return Records(path, "index").merge()
 
 
-def load_result(rec: dict, folder: Path) -> AttackResult:
-    result = AttackResult.from_json(rec)
+def load_result(rec: dict, folder: Path) -> TargetResult:
+    result = TargetResult.from_json(rec)
     if result.embeddings is not None:
         from trce.utils import io
 
@@ -411,7 +397,7 @@ def _finished(rec: dict | None, target: Target, digest: str, folder: Path) -> bo
 
 
 def run_targets(attack: str, targets: Sequence[Target | str], config: AttackConfig,
-                solve: Callable[[Target], AttackResult], progress: bool = True) -> list[AttackResult]:
+                solve: Callable[[Target], TargetResult], progress: bool = True) -> list[TargetResult]:
     """Solve every unfinished target (see the module doc); returns every target's result, in order."""
     targets = as_targets(targets)
     digest = config.digest(attack)
@@ -419,25 +405,17 @@ def run_targets(attack: str, targets: Sequence[Target | str], config: AttackConf
     state = process_state()
     if path is None and state.num_processes > 1:
         raise TrceError("attacks sharded over several processes need a results file (AttackConfig.results)")
-    done: dict[int, dict] = {}
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if state.is_main_process:
-            merge_results(path)
-        state.wait_for_everyone()
-        done = {int(r["index"]): r for r in read_jsonl(path) if "index" in r}
+    records = Records(path, "index", state) if path is not None else None
+    done = records.done() if records is not None else {}
     todo = [t for t in targets if not _finished(done.get(t.index), t, digest, path.parent if path else Path("."))]
     if len(todo) < len(targets) and state.is_main_process:
         log.info("%s: %d of %d targets already done, attacking %d", attack, len(targets) - len(todo), len(targets),
                  len(todo))
-    fresh: dict[int, AttackResult] = {}
-    shard = None
-    if path is not None:
-        shard = path if state.num_processes == 1 else path.with_name(f"{path.stem}.rank{state.process_index}{path.suffix}")
+    fresh: dict[int, TargetResult] = {}
     with state.split_between_processes(todo) as mine, contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(mine, desc=attack, unit="target", mininterval=1,
                                        disable=not progress or not state.is_main_process))
-        fh = stack.enter_context(open(shard, "a", encoding="utf-8")) if shard is not None and mine else None
+        append = stack.enter_context(records.appender()) if records is not None else None
         for target in bar:
             t0 = time.time()
             result = solve(target)
@@ -445,21 +423,15 @@ def run_targets(attack: str, targets: Sequence[Target | str], config: AttackConf
             result.digest = digest
             fresh[target.index] = result
             bar.set_postfix(objective=f"{result.objective:.4g}")
-            if fh is not None:
-                fh.write(json.dumps(result.to_json()) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-    if path is None:
+            if append is not None:
+                append([result.to_json()])
+    if records is None:
         return [fresh[t.index] for t in targets]
-    state.wait_for_everyone()
-    if state.is_main_process:
-        merge_results(path)
-    state.wait_for_everyone()
-    records = {int(r["index"]): r for r in read_jsonl(path)}
-    missing = [t.index for t in targets if t.index not in records]
+    found = records.collect()
+    missing = [t.index for t in targets if t.index not in found]
     if missing:
         raise TrceError(f"{path}: targets {missing[:5]} were not written; rerun the same command to finish")
-    return [fresh[t.index] if t.index in fresh else load_result(records[t.index], path.parent) for t in targets]
+    return [fresh[t.index] if t.index in fresh else load_result(found[t.index], path.parent) for t in targets]
 
 
 def embeddings_file(config: AttackConfig, target: Target) -> tuple[Path | None, str | None]:

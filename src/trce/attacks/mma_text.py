@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from trce.attacks.base import (
     AttackConfig,
-    AttackResult,
     Target,
+    TargetResult,
     Vocabulary,
     check_budget,
     compose,
@@ -80,7 +80,7 @@ def _loss(feat: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
 
 
 def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, reference=None,
-           progress: bool = True) -> list[AttackResult]:
+           progress: bool = True) -> list[TargetResult]:
     """MMA-Diffusion's text attack on `pipe`'s text encoder for every target (see the module doc).
 
     `reference` is unused. Returns one result per target.
@@ -89,7 +89,10 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
 
     config = config.with_budget(Budget, NAME)
     budget: Budget = config.budget
-    te, tok = pipe.text_encoder, pipe.tokenizer
+    from trce.families import family_of
+
+    fam = family_of(pipe)
+    te, tok = fam.text_encoder(pipe), fam.tokenizer(pipe)
     layer = te.get_input_embeddings()
     vocab = Vocabulary.for_pipeline(pipe, config.banned)
     table = layer.weight.detach()[vocab.ids.to(layer.weight.device)].float()  # (A, D)
@@ -116,7 +119,7 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
             (grad,) = torch.autograd.grad(loss, onehot)
         return grad.cpu()
 
-    def solve(target: Target) -> AttackResult:
+    def solve(target: Target) -> TargetResult:
         seed = target_seed(config, target)
         gen = torch.Generator().manual_seed(seed)
         ids = tokenize(tok, [target.prompt])
@@ -142,7 +145,7 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
             bar.set_postfix(loss=f"{best:.4g}")
         tokens = vocab.ids[best_rows].tolist()
         _, _, content = compose(tok, tokens)
-        return AttackResult(
+        return TargetResult(
             index=target.index, target=target.prompt, seed=target.seed, attack=NAME, attack_seed=seed,
             prompt=vocab.text(best_rows), tokens=tokens, ids=content, objective=best, objective_start=start,
             objective_plain=None, steps=budget.steps, seconds=0.0, extra={"match": budget.match},

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from trce.attacks.base import (
     AttackConfig,
-    AttackResult,
     Target,
+    TargetResult,
     Vocabulary,
     check_budget,
     compose,
@@ -136,10 +136,12 @@ def pairs_from_spec(spec) -> list[tuple[str, str]]:
 @torch.no_grad()
 def encode_texts(pipe, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """(N, L, D) fp32 last hidden states of `prompts`, padded as the pipeline pads them."""
+    from trce.families import family_of
     from trce.tokens import tokenize
 
-    ids = tokenize(pipe.tokenizer, prompts)
-    return torch.cat([encode_with(pipe.text_encoder, ids[s : s + batch_size]).float()
+    fam = family_of(pipe)
+    ids = tokenize(fam.tokenizer(pipe), prompts)
+    return torch.cat([encode_with(fam.text_encoder(pipe), ids[s : s + batch_size]).float()
                       for s in range(0, len(ids), batch_size)])
 
 
@@ -164,8 +166,11 @@ class _Fitness:
     """d(f(prompt of K candidate rows), target) for a population, batched, without gradients."""
 
     def __init__(self, pipe, vocab: Vocabulary, tokens: int, metric: str, batch_size: int):
-        self.te, self.vocab, self.metric, self.batch = pipe.text_encoder, vocab, metric, batch_size
-        self.base, self.slots, _ = compose(pipe.tokenizer, [int(vocab.ids[0])] * tokens)
+        from trce.families import family_of
+
+        fam = family_of(pipe)
+        self.te, self.vocab, self.metric, self.batch = fam.text_encoder(pipe), vocab, metric, batch_size
+        self.base, self.slots, _ = compose(fam.tokenizer(pipe), [int(vocab.ids[0])] * tokens)
 
     def ids(self, rows: torch.Tensor) -> torch.Tensor:
         """(B, K) candidate rows -> (B, L) token ids."""
@@ -198,21 +203,24 @@ def _children(pop: torch.Tensor, n: int, budget: Budget, vocab: Vocabulary, gen:
 
 
 def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, reference=None,
-           progress: bool = True) -> list[AttackResult]:
+           progress: bool = True) -> list[TargetResult]:
     """Ring-A-Bell against `pipe`'s text encoder for every target (see the module doc).
 
     `reference` is unused (the attack is model-agnostic). Returns one result per target.
     """
     config = config.with_budget(Budget, NAME)
     budget: Budget = config.budget
-    te = pipe.text_encoder
+    from trce.families import family_of
+
+    fam = family_of(pipe)
+    te, tok = fam.text_encoder(pipe), fam.tokenizer(pipe)
     vocab = Vocabulary.for_pipeline(pipe, config.banned)
     c = concept_vector(pipe, config.pairs, budget.batch_size).to(te.device)  # (L, D)
     fitness = _Fitness(pipe, vocab, budget.tokens, budget.metric, budget.batch_size)
     log.info("%s: %d pairs, |c| = %.4g, %d candidate tokens (%d banned)", NAME, len(config.pairs),
              float(c.norm()), len(vocab), len(vocab.removed))
 
-    def solve(target: Target) -> AttackResult:
+    def solve(target: Target) -> TargetResult:
         seed = target_seed(config, target)
         gen = torch.Generator().manual_seed(seed)
         plain = encode_texts(pipe, [target.prompt])[0].to(te.device)  # (L, D)
@@ -235,9 +243,9 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
         best = int(fit.argmin())
         rows = pop[best]
         tokens = vocab.ids[rows].tolist()
-        _, _, content = compose(pipe.tokenizer, tokens)
+        _, _, content = compose(tok, tokens)
         plain_d = float(distance(plain[None], goal, budget.metric)[0])
-        return AttackResult(
+        return TargetResult(
             index=target.index, target=target.prompt, seed=target.seed, attack=NAME, attack_seed=seed,
             prompt=vocab.text(rows), tokens=tokens, ids=content, objective=float(fit[best]), objective_start=start,
             objective_plain=plain_d, steps=budget.generations, seconds=0.0,

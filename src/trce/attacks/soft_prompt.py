@@ -17,17 +17,16 @@ nearest to the prefix (cosine), for a look only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from trce.attacks.base import (
     AttackConfig,
-    AttackResult,
     Target,
+    TargetResult,
     Vocabulary,
     check_budget,
     embeddings_file,
@@ -68,18 +67,21 @@ def placeholder(index: int) -> str:
 
 
 def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, reference=None,
-           progress: bool = True) -> list[AttackResult]:
+           progress: bool = True) -> list[TargetResult]:
     """Optimise a free k-vector prefix per target against `pipe` (see the module doc).
 
     `reference`: the original model's images of each target's concept (as for unlearndiff).
     """
     config = config.with_budget(Budget, NAME)
     budget: Budget = config.budget
-    te = pipe.text_encoder
+    from trce.families import family_of
+
+    fam = family_of(pipe)
+    te = fam.text_encoder(pipe)
     vocab = Vocabulary.for_pipeline(pipe, config.banned)
     table = candidate_table(pipe, vocab)
 
-    def solve(target: Target) -> AttackResult:
+    def solve(target: Target) -> TargetResult:
         wb = WhiteBox(pipe, vocab, table, config, target, reference, NAME)
         soft = table[wb.rows].clone().requires_grad_(True)  # (k, D)
         opt = torch.optim.Adam([soft], lr=budget.lr)
@@ -108,36 +110,12 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
         path, rel = embeddings_file(config, target)
         if path is not None:
             io.save_tensors(path, embeds, {"target": target.prompt, "seed": str(target.seed), "attack": NAME})
-        return AttackResult(
+        return TargetResult(
             index=target.index, target=target.prompt, seed=target.seed, attack=NAME, attack_seed=wb.seed,
             prompt=None, tokens=[], ids=[], objective=best, objective_start=start, objective_plain=wb.plain,
             steps=budget.steps, seconds=0.0, embeddings=rel, embeds=embeds,
             extra={"nearest": vocab.text(project(best_soft, table)), "label": "knowledge left"},
         )
 
-    with frozen(te, pipe.unet):
+    with frozen(te, fam.denoiser(pipe)):
         return run_targets(NAME, targets, config, solve, progress)
-
-
-@torch.no_grad()
-def generate(pipe, prompt_embeds: torch.Tensor, seeds: Sequence[int], guidances: Sequence[float], *, steps: int = 30,
-             size: int | None = None, batch_size: int = 8, progress: bool = True,
-             ) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Yield (indices, uint8 (B, H, W, 3) images) from (N, L, D) prompt embeddings, one CPU generator per
-    seed as `trce.generate` does; the unconditional half of guidance is the empty prompt."""
-    order: dict[float, list[int]] = {}
-    for i, g in enumerate(guidances):
-        order.setdefault(float(g), []).append(i)
-    bar = tqdm(total=len(seeds), desc=f"{NAME} images", unit="img", disable=not progress, mininterval=1)
-    try:
-        for guidance, idx_all in order.items():
-            for s in range(0, len(idx_all), batch_size):
-                idx = idx_all[s : s + batch_size]
-                gens = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in idx]
-                emb = prompt_embeds[idx].to(pipe.text_encoder.device, pipe.text_encoder.dtype)
-                out = pipe(prompt_embeds=emb, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                           height=size, width=size, output_type="np")
-                bar.update(len(idx))
-                yield idx, np.clip(np.round(out.images * 255), 0, 255).astype(np.uint8)
-    finally:
-        bar.close()

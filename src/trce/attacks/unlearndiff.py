@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from trce.attacks.base import (
     METRICS,
     AttackConfig,
-    AttackResult,
     Target,
+    TargetResult,
     Vocabulary,
     check_budget,
     compose,
@@ -103,7 +103,7 @@ def latents_for(reference, target: Target, budget, size: int | None) -> torch.Te
     if reference is None:
         raise TrceError(f"{NAME} and soft-prompt need images of the concept made by the original model: pass "
                         "reference= (the original pipeline, a callable target -> latents, or index -> latents)")
-    if hasattr(reference, "unet"):
+    if hasattr(reference, "components"):  # a pipeline: the original model itself
         lat = reference_latents(reference, [target], steps=budget.reference_steps, guidance=budget.reference_guidance,
                                 images=budget.images, size=size)[0]
     elif isinstance(reference, Mapping):
@@ -126,27 +126,25 @@ class Denoising:
     """
 
     def __init__(self, pipe, latents: torch.Tensor, samples: int, gen: torch.Generator):
-        sched, unet = pipe.scheduler, pipe.unet
-        if latents.shape[1] != unet.config.in_channels:
-            raise TrceError(f"reference latents have {latents.shape[1]} channels, the UNet takes "
-                            f"{unet.config.in_channels}")
+        from trce.families import family_of
+
+        self.family = family_of(pipe)
+        denoiser = self.family.denoiser(pipe)
+        channels = self.family.latent_shape(pipe)[0]
+        if latents.shape[1] != channels:
+            raise TrceError(f"reference latents have {latents.shape[1]} channels, the denoiser takes {channels}")
         idx = torch.arange(samples) % len(latents)
         z0 = latents[idx]  # (S, c, h, w)
-        t = torch.randint(sched.config.num_train_timesteps, (samples,), generator=gen)
+        t = torch.randint(pipe.scheduler.config.num_train_timesteps, (samples,), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
-        zt = sched.add_noise(z0, eps, t)
-        kind = sched.config.get("prediction_type", "epsilon")
-        goal = {"epsilon": eps, "v_prediction": sched.get_velocity(z0, eps, t) if kind == "v_prediction" else None,
-                "sample": z0}.get(kind)
-        if goal is None:
-            raise TrceError(f"unsupported prediction type {kind!r}")
-        dev, dt = unet.device, unet.dtype
-        self.unet = unet
+        zt, goal = self.family.noised(pipe, z0, eps, t)  # the regression target in the model's parameterisation
+        dev, dt = denoiser.device, denoiser.dtype
+        self.denoiser = denoiser
         self.zt, self.t, self.goal = zt.to(dev, dt), t.to(dev), goal.to(dev).float()
 
     def __call__(self, cond: torch.Tensor) -> torch.Tensor:
         """cond (1, L, D) -> scalar fp32 loss (differentiable in cond)."""
-        pred = self.unet(self.zt, self.t, encoder_hidden_states=cond.expand(len(self.zt), -1, -1)).sample
+        pred = self.family.predict(self.denoiser, self.zt, self.t, cond.expand(len(self.zt), -1, -1))
         return F.mse_loss(pred.float(), self.goal)
 
 
@@ -155,23 +153,26 @@ class WhiteBox:
 
     def __init__(self, pipe, vocab: Vocabulary, table: torch.Tensor, config: AttackConfig, target: Target,
                  reference, attack: str):
+        from trce.families import family_of
         from trce.tokens import tokenize
 
+        fam = family_of(pipe)
         budget = config.budget
         self.pipe, self.vocab, self.table, self.target, self.attack = pipe, vocab, table, target, attack
+        self.text_encoder, tokenizer = fam.text_encoder(pipe), fam.tokenizer(pipe)
         self.seed = target_seed(config, target)
         self.gen = torch.Generator().manual_seed(self.seed)
         latents = latents_for(reference, target, budget, config.size)
         self.objective = Denoising(pipe, latents, budget.samples, self.gen)
         self.rows = vocab.sample((budget.tokens,), self.gen)  # (k,) the starting prefix
-        self.ids, self.slots, _ = compose(pipe.tokenizer, vocab.ids[self.rows].tolist(), target.prompt)
+        self.ids, self.slots, _ = compose(tokenizer, vocab.ids[self.rows].tolist(), target.prompt)
         with torch.no_grad():
-            plain = encode_with(pipe.text_encoder, tokenize(pipe.tokenizer, [target.prompt]))
+            plain = encode_with(self.text_encoder, tokenize(tokenizer, [target.prompt]))
             self.plain = finite(self.objective(plain), attack, target, 0, _HINT)
 
     def cond(self, embeds: torch.Tensor) -> torch.Tensor:
         """(k, D) prefix embeddings -> (1, L, D) text encoding of [prefix; prompt]."""
-        return encode_with(self.pipe.text_encoder, self.ids[None], self.slots, embeds[None])
+        return encode_with(self.text_encoder, self.ids[None], self.slots, embeds[None])
 
     def loss(self, embeds: torch.Tensor) -> torch.Tensor:
         return self.objective(self.cond(embeds))
@@ -179,23 +180,28 @@ class WhiteBox:
 
 def candidate_table(pipe, vocab: Vocabulary) -> torch.Tensor:
     """(A, D) fp32 input embeddings of the candidate tokens."""
-    w = pipe.text_encoder.get_input_embeddings().weight.detach()
+    from trce.families import family_of
+
+    w = family_of(pipe).text_encoder(pipe).get_input_embeddings().weight.detach()
     return w[vocab.ids.to(w.device)].float()
 
 
 def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, reference=None,
-           progress: bool = True) -> list[AttackResult]:
+           progress: bool = True) -> list[TargetResult]:
     """UnlearnDiffAtk against `pipe` (the model under test) for every target (see the module doc).
 
     `reference`: the original model's images of each target's concept (pipeline, callable or mapping).
     """
     config = config.with_budget(Budget, NAME)
     budget: Budget = config.budget
-    te, tok = pipe.text_encoder, pipe.tokenizer
+    from trce.families import family_of
+
+    fam = family_of(pipe)
+    te, tok = fam.text_encoder(pipe), fam.tokenizer(pipe)
     vocab = Vocabulary.for_pipeline(pipe, config.banned)
     table = candidate_table(pipe, vocab)
 
-    def solve(target: Target) -> AttackResult:
+    def solve(target: Target) -> TargetResult:
         wb = WhiteBox(pipe, vocab, table, config, target, reference, NAME)
         cont = table[wb.rows].clone().requires_grad_(True)  # (k, D) continuous prefix
         opt = torch.optim.AdamW([cont], lr=budget.lr, weight_decay=budget.weight_decay)
@@ -222,12 +228,12 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
             opt.zero_grad(set_to_none=True)
         tokens = vocab.ids[best_rows].tolist()
         _, _, content = compose(tok, tokens, target.prompt)
-        return AttackResult(
+        return TargetResult(
             index=target.index, target=target.prompt, seed=target.seed, attack=NAME, attack_seed=wb.seed,
             prompt=f"{vocab.text(best_rows)} {target.prompt}", tokens=tokens, ids=content, objective=best,
             objective_start=start, objective_plain=wb.plain, steps=budget.steps, seconds=0.0,
             extra={"metric": budget.metric, "samples": budget.samples},
         )
 
-    with frozen(te, pipe.unet):
+    with frozen(te, fam.denoiser(pipe)):
         return run_targets(NAME, targets, config, solve, progress)

@@ -41,3 +41,13 @@ __all__ = [
     "spec_from_dict",
     "spec_record",
 ]
+
+
+def _names() -> list[str]:
+    """Names of the built-in concept specs (`trce.load_concept(name)` reads one; a YAML path works too)."""
+    return list(builtin_specs())
+
+
+from trce.utils import callable_module
+
+callable_module(__name__, _names)  # `trce.concepts()`

@@ -13,7 +13,7 @@ A spec file (see `builtin/*.yaml`; every key is optional except `name`, `erase` 
     eta: 0.01                                    # weight of the preservation term (Eq. 4)
     ridge: 0.0001                                # relative ridge, see trce.methods.stage_t
     token_role: eot                              # see trce.tokens
-    settings: {V: {lr: 1.0e-4}, kpop: {lr: 1.0e-4}}   # method defaults for this concept (flags win)
+    settings: {V: {lr: 1.0e-4}, kpop: {lr: 1.0e-4}}   # per stage (see `trce methods`): defaults for this concept
 
 ShapeWorld specs add `attribute` and `value` (or `values`), may say `expressions: from-vocab`
 (the value's keyword and its `spec`-group synonyms and paraphrases from the world's vocabulary,
@@ -50,7 +50,6 @@ _SLOT = re.compile(r"\{(?:concept)?\}")
 _START, _END = "\x01", "\x02"  # marks the slot while a prompt is assembled
 _TOP_KEYS = ("name", "aliases", "description", "erase", "templates", "preserve", "eta", "ridge", "token_role",
              "attribute", "value", "values", "contexts", "seed", "settings")
-SETTING_SECTIONS = ("V", "kpop", "esd")  # stages whose settings a spec may recommend (checked against their configs)
 
 
 @dataclass(frozen=True)
@@ -330,19 +329,18 @@ def spec_from_dict(raw: Any, where: str = "<dict>", base_dir: Path | None = None
 
 
 def _settings(r: _Reader, raw: Any) -> dict:
-    from trce.methods import stage_config
+    """Recommended settings per stage, validated through the method registry (unknown names fail here, not
+    mid-run; `trce.registry` imports no method to do it)."""
+    from trce.registry import check_settings, sections
 
-    sections = r.mapping(raw, "settings", SETTING_SECTIONS)
+    known = tuple(sections())
+    raw = r.mapping(raw, "settings", known)
     out = {}
-    for stage, values in sections.items():
-        if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
-            raise r.fail(f"settings.{stage}", f"must be a mapping of setting names to values, got {values!r}")
-        method = "trce" if stage == "V" else stage  # kpop, esd: the method of that name
+    for stage, values in raw.items():
         try:
-            stage_config(method, stage, values)  # unknown names and bad values fail here, not mid-run
+            out[stage] = check_settings(stage, values)
         except TrceError as exc:
             raise r.fail(f"settings.{stage}", str(exc)) from None
-        out[stage] = dict(values)
     return out
 
 

@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +41,8 @@ from trce.eval.prompts import PromptRow, load_prompts
 from trce.eval.suites import ERASURE_GROUPS, Defaults, Suite, load_suite
 from trce.generate import GenSettings, generate_iter
 from trce.utils import io
-from trce.utils.io import read_jsonl
 from trce.utils.processes import SingleState, process_state
+from trce.utils.records import Records
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,11 @@ REFERENCE = "reference"
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalOptions:
+    """What an evaluation depends on besides the model and the edit (`trce.evaluate`'s keyword arguments)."""
+
     suite: str | None = None  # a built-in suite name or a suite YAML path
     prompts: str | None = None  # instead of a suite: any prompt file (every layout of trce.eval.prompts)
-    model: str = "shapeworld"
-    patch: str | None = None
     data: str | None = None
     limit: int | None = None  # rows of a real suite; rows per group of a ShapeWorld suite
     steps: int | None = None
@@ -73,21 +73,54 @@ class EvalConfig:
     reference: bool = False  # also generate the original model's images for a real suite
     reference_cache: str | None = None  # share reference images between runs (keyed by base model + settings)
     hidden_prompt: bool = False  # draw with the KPOP patch's hidden prompt injected (the recovery check, Fig. 6)
-    device: str | None = None
-    dtype: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(self.seeds))
         if (self.suite is None) == (self.prompts is None):
-            raise TrceError("give exactly one of --suite NAME and --prompts FILE")
+            raise TrceError("give exactly one of suite and prompts (a prompt file)", field="suite")
         if not self.seeds:
-            raise TrceError("--seeds needs at least one seed offset")
+            raise TrceError("seeds needs at least one seed offset", field="seeds")
+        if any(isinstance(s, bool) or not isinstance(s, int) for s in self.seeds):
+            raise TrceError(f"seeds must be integers, got {self.seeds!r}", field="seeds")
         if len(set(self.seeds)) != len(self.seeds):
-            raise TrceError(f"--seeds has repeated values: {','.join(map(str, self.seeds))}")
+            raise TrceError(f"seeds has repeated values: {','.join(map(str, self.seeds))}", field="seeds")
         if any(s < 0 for s in self.seeds):
-            raise TrceError(f"--seeds must be non-negative, got {','.join(map(str, self.seeds))}")
+            raise TrceError(f"seeds must be non-negative, got {','.join(map(str, self.seeds))}", field="seeds")
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 1):
+            raise TrceError(f"limit must be at least 1, got {self.limit!r}", field="limit")
+
+
+@dataclass(frozen=True)
+class EvalConfig(EvalOptions):
+    """`trce eval`'s inputs: the options plus the model and patch to load (`run_eval`)."""
+
+    model: str = "shapeworld"
+    patch: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.hidden_prompt and self.patch is None:
-            raise TrceError("--with-hidden-prompt needs --patch DIR (a KPOP patch)")
+            raise TrceError("hidden_prompt needs a patch (a KPOP patch)", field="hidden_prompt")
+
+    def options(self) -> EvalOptions:
+        return EvalOptions(**{f.name: getattr(self, f.name) for f in fields(EvalOptions)})
+
+
+class Metrics(dict):
+    """`metrics.json` as a dict, with the table `trce eval` prints (`.table()`) and where it was written (`.path`)."""
+
+    path: Path | None = None
+
+    @property
+    def asr(self) -> float | None:
+        return self.get("asr")
+
+    def table(self) -> str:
+        return format_table(self)
 
 
 def offset_seed(seed: int, offset: int) -> int:
@@ -102,22 +135,6 @@ def offset_seed(seed: int, offset: int) -> int:
 
 
 # --------------------------------------------------------------------------- rows on disk
-def consolidate(folder: Path) -> dict[str, dict]:
-    """Merge rows.jsonl and per-rank shards into one clean rows.jsonl (one line per image name)."""
-    shards = sorted(folder.glob("rows.rank*.jsonl"))
-    records: dict[str, dict] = {}
-    for f in [folder / ROWS, *shards]:
-        for rec in read_jsonl(f):
-            if "name" in rec:
-                records[rec["name"]] = rec
-    if records or shards or (folder / ROWS).exists():
-        ordered = sorted(records.values(), key=lambda r: (r.get("index", 0), r["name"]))
-        io.write_text(folder / ROWS, "".join(json.dumps(r) + "\n" for r in ordered))
-    for f in shards:
-        f.unlink()
-    return records
-
-
 def _matches(rec: dict | None, row: PromptRow, seed: int, guidance: float, folder: Path) -> bool:
     return (rec is not None and rec.get("prompt") == row.prompt and rec.get("seed") == seed
             and rec.get("guidance") == guidance and (folder / IMAGES / f"{rec['name']}.png").exists())
@@ -131,44 +148,35 @@ def _record(index: int, name: str, row: PromptRow, seed: int, guidance: float, r
 
 def generate_rows(pipe, rows: Sequence[PromptRow], seeds: Sequence[int], guidances: Sequence[float], folder: Path,
                   settings: GenSettings, detector: Detector, state=None, names: Sequence[str] | None = None,
-                  progress: bool = True, desc: str = "eval") -> list[dict]:
+                  progress: bool = True, desc: str = "eval", embeds: torch.Tensor | None = None) -> list[dict]:
     """Generate, judge and record every row not already finished in `folder`; returns the records in row order.
 
     Images go to folder/images/{name}.png (name defaults to the zero-padded row index), records to
-    folder/rows.jsonl (or a per-rank shard), appended and fsynced as each batch finishes.
+    folder/rows.jsonl (`trce.utils.records`: appended and fsynced per batch, sharded over processes). With
+    `embeds` ((N, L, D) conditionings: soft prompts) the images are drawn from them, not from the rows' text.
     """
     state = state if state is not None else SingleState()
     names = list(names) if names is not None else [f"{i:05d}" for i in range(len(rows))]
     folder = Path(folder)
+    records = Records(folder / ROWS, "name", state, order=lambda r: (r.get("index", 0), r["name"]))
     if state.is_main_process:
         (folder / IMAGES).mkdir(parents=True, exist_ok=True)
-        consolidate(folder)
-    state.wait_for_everyone()
-    done = {r["name"]: r for r in read_jsonl(folder / ROWS)}
+    done = records.done()
     todo = [i for i in range(len(rows)) if not _matches(done.get(names[i]), rows[i], seeds[i], guidances[i], folder)]
     if len(todo) < len(rows) and state.is_main_process:
         log.info("%s: %d of %d rows already done, generating %d", folder, len(rows) - len(todo), len(rows), len(todo))
-    shard = folder / (ROWS if state.num_processes == 1 else f"rows.rank{state.process_index}.jsonl")
-    with state.split_between_processes(todo) as mine:
+    with state.split_between_processes(todo) as mine, records.appender() as append:
         if mine:
-            with open(shard, "a", encoding="utf-8") as fh:
-                batches = generate_iter(pipe, [rows[i].prompt for i in mine], [seeds[i] for i in mine], settings,
-                                        [guidances[i] for i in mine], progress=progress and state.is_main_process,
-                                        desc=desc)
-                for local, images in batches:
-                    idx = [mine[j] for j in local]
-                    results = detector.detect(images, [rows[i] for i in idx])
-                    for i, img in zip(idx, images):
-                        io.save_png(folder / IMAGES / f"{names[i]}.png", img)
-                    fh.write("".join(json.dumps(_record(i, names[i], rows[i], seeds[i], guidances[i], res)) + "\n"
-                                     for i, res in zip(idx, results)))
-                    fh.flush()
-                    os.fsync(fh.fileno())
-    state.wait_for_everyone()
-    if state.is_main_process:
-        consolidate(folder)
-    state.wait_for_everyone()
-    by_name = {r["name"]: r for r in read_jsonl(folder / ROWS)}
+            batches = generate_iter(pipe, [rows[i].prompt for i in mine], [seeds[i] for i in mine], settings,
+                                    [guidances[i] for i in mine], progress=progress and state.is_main_process,
+                                    desc=desc, embeds=embeds[mine] if embeds is not None else None)
+            for local, images in batches:
+                idx = [mine[j] for j in local]
+                results = detector.detect(images, [rows[i] for i in idx])
+                for i, img in zip(idx, images):
+                    io.save_png(folder / IMAGES / f"{names[i]}.png", img)
+                append([_record(i, names[i], rows[i], seeds[i], guidances[i], res) for i, res in zip(idx, results)])
+    by_name = records.collect()
     missing = [names[i] for i in range(len(rows)) if names[i] not in by_name]
     if missing:
         raise TrceError(f"{folder}: rows {', '.join(missing[:5])} were not written; rerun the same command to finish")
@@ -176,147 +184,212 @@ def generate_rows(pipe, rows: Sequence[PromptRow], seeds: Sequence[int], guidanc
 
 
 # --------------------------------------------------------------------------- the run
-def _ad_hoc_suite(config: EvalConfig) -> Suite:
-    path = Path(config.prompts)  # type: ignore[arg-type]
+def _ad_hoc_suite(options: EvalOptions) -> Suite:
+    path = Path(options.prompts)  # type: ignore[arg-type]
     return Suite(name=f"prompts:{path.name}", version="file", kind="real", description=f"prompts from {path}",
-                 detector=config.detector or "nudenet", metrics=("asr", "by_category", "clip_score"),
+                 detector=options.detector or "nudenet", metrics=("asr", "by_category", "clip_score"),
                  defaults=Defaults(), file=str(path))
 
 
-def _concept(config: EvalConfig, suite: Suite) -> tuple[str | None, tuple[str, ...]]:
+def _concept(options: EvalOptions, suite: Suite) -> tuple[str | None, tuple[str, ...]]:
     if suite.kind == "shapeworld":
         return suite.attribute, suite.values
-    if config.concept is None:
+    if options.concept is None:
         return None, ()
     from trce.shapeworld import world
 
-    attribute, _, values = config.concept.partition("=")
+    attribute, _, values = options.concept.partition("=")
     choose("ShapeWorld attribute", attribute, world.ATTRIBUTES)
     vals = tuple(v.strip() for v in values.split(",") if v.strip())
     if not vals:
-        raise TrceError(f"--concept must look like attribute=value[,value], got {config.concept!r}")
+        raise TrceError(f"concept must look like attribute=value[,value], got {options.concept!r}", field="concept")
     for v in vals:
         choose(f"{attribute} value", v, world.vocab().values(attribute))
     return attribute, vals
 
 
-def _patch_meta(patch: str | None) -> dict | None:
-    if patch is None:
-        return None
-    meta = io.read_json(Path(patch) / "patch.json")
-    return {"method": meta.get("method"), "files": meta.get("files"), "spec": meta.get("spec")}
+@dataclass(frozen=True)
+class _Plan:
+    """An evaluation's suite, prompt rows and image settings, resolved before any model is loaded."""
+
+    suite: Suite
+    rows: list[PromptRow]
+    settings: GenSettings
+    steps: int
+    size: int | None
+    detector: str
+    attribute: str | None
+    values: tuple[str, ...]
 
 
-def run_eval(config: EvalConfig, out: str | Path) -> dict | None:
-    """Run an evaluation into `out` and return its metrics (None on non-main processes)."""
-    from trce.loading import fingerprint, load_pipeline, resolve_device
-
-    t0 = time.time()
-    out = Path(out)
-    io.check_folder(out, "--out")
-    io.check_folder(config.reference_cache, "--reference-cache")
-    suite = load_suite(config.suite) if config.suite is not None else _ad_hoc_suite(config)
-    if config.prompts is not None:
-        rows = load_prompts(config.prompts)
-        rows = rows[: config.limit] if config.limit is not None else rows
+def _plan(options: EvalOptions) -> _Plan:
+    suite = load_suite(options.suite) if options.suite is not None else _ad_hoc_suite(options)
+    if options.prompts is not None:
+        rows = load_prompts(options.prompts)
+        rows = rows[: options.limit] if options.limit is not None else rows
     else:
-        if config.data is not None and suite.kind == "shapeworld":
-            log.warning("--data is ignored: ShapeWorld suites draw their prompts from vocab.yaml")
-        rows = suite.rows(config.data, config.limit)
+        if options.data is not None and suite.kind == "shapeworld":
+            log.warning("data is ignored: ShapeWorld suites draw their prompts from vocab.yaml")
+        rows = suite.rows(options.data, options.limit)
     d = suite.defaults
-    steps = config.steps if config.steps is not None else d.steps
-    size = config.size if config.size is not None else d.size
-    settings = GenSettings(steps=steps, guidance=config.guidance if config.guidance is not None else d.guidance,
-                           height=size, width=size, batch_size=config.batch_size or d.batch_size)
-    detector_name = config.detector or suite.detector
-    attribute, values = _concept(config, suite)
-    if detector_name == "shapeworld" and attribute is None:
-        raise TrceError("the shapeworld detector needs the erased concept: --concept attribute=value (e.g. color=red)")
+    steps = options.steps if options.steps is not None else d.steps
+    size = options.size if options.size is not None else d.size
+    settings = GenSettings(steps=steps, guidance=options.guidance if options.guidance is not None else d.guidance,
+                           height=size, width=size, batch_size=options.batch_size or d.batch_size)
+    detector = options.detector or suite.detector
+    attribute, values = _concept(options, suite)
+    if detector == "shapeworld" and attribute is None:
+        raise TrceError("the shapeworld detector needs the erased concept: concept attribute=value (e.g. color=red)",
+                        field="concept")
+    return _Plan(suite, rows, settings, steps, size, detector, attribute, values)
 
+
+def evaluate(pipe, suite: str | None = None, *, edit=None, out: str | Path | None = None, limit: int | None = None,
+             seeds=(0,), **options) -> Metrics | None:
+    """Evaluate `pipe` (with `edit` applied for the duration, when given) on a suite; returns the metrics.
+
+    suite    a built-in suite name (`trce.suites()`) or a suite YAML path; or `prompts=FILE` instead
+    edit     an `Edit` (from `trce.erase` or `trce.load_patch`); the pipeline is left as it was
+    out      the run folder (images, rows.jsonl, metrics.json); rerunning into it resumes. None: a
+             temporary folder, removed afterwards (the metrics are returned)
+    limit    prompts per group (ShapeWorld) or in all (real suites); seeds: seed offsets (0: the suite's own)
+    options  any field of `EvalOptions`: steps, guidance, size, batch_size, detector, threshold, data,
+             concept, reference_cache, hidden_prompt, clip_weights, inception_weights, q16_weights, progress
+    Returns None on the non-main processes of a sharded (`accelerate launch`) run.
+    """
+    known = {f.name for f in fields(EvalOptions)}
+    for name in options:
+        if name not in known:
+            choose("evaluate option", name, known)
+    opts = EvalOptions(suite=suite, limit=limit, seeds=tuple([seeds] if isinstance(seeds, int) else seeds),
+                       **options)
+    if opts.hidden_prompt and edit is None:
+        raise TrceError("hidden_prompt needs an edit (a KPOP patch)", field="hidden_prompt")
+    if out is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="trce-eval-") as tmp:
+            return _run(pipe, edit, opts, Path(tmp) / "eval", None, record={"options": asdict(opts)})
+    return _run(pipe, edit, opts, Path(out), None, record={"options": asdict(opts)})
+
+
+def run_eval(config: EvalConfig, out: str | Path) -> Metrics | None:
+    """`trce eval`: load the model (and the patch) named in `config`, then `evaluate` into `out`.
+
+    Inputs are checked before the model is loaded: the output folders, the suite and its prompts, the patch.
+    """
+    from trce.edit import load_patch
+    from trce.loading import load_pipeline, resolve_device
+
+    out = Path(out)
+    _check_folders(out, config.reference_cache)
+    options = config.options()
+    plan = _plan(options)
     cpu = config.device == "cpu" or not torch.cuda.is_available()
     state = process_state(cpu)
     device = state.device if state.num_processes > 1 else resolve_device(config.device)
-    detector = make_detector(detector_name, config.threshold, attribute=attribute, values=values,
-                             q16_weights=config.q16_weights, device=str(device))
+    edit = load_patch(config.patch) if config.patch is not None else None
     pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
+    return _run(pipe, edit, options, out, plan, record={**asdict(config), "out": str(out)}, state=state)
+
+
+def _check_folders(out: Path, reference_cache: str | None) -> None:
+    io.check_folder(out, "out")
+    io.check_folder(reference_cache, "reference_cache")
+
+
+def _run(pipe, edit, options: EvalOptions, out: Path, plan: _Plan | None, record: dict, state=None) -> Metrics | None:
+    from trce.families import family_of
+    from trce.loading import fingerprint
+
+    t0 = time.time()
+    _check_folders(out, options.reference_cache)
+    plan = plan or _plan(options)
+    suite, rows, settings = plan.suite, plan.rows, plan.settings
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    if state is None:
+        state = process_state(denoiser.device.type == "cpu")
+    device = state.device if state.num_processes > 1 else denoiser.device
+    detector = make_detector(plan.detector, options.threshold, attribute=plan.attribute, values=plan.values,
+                             q16_weights=options.q16_weights, device=str(device))
     base = fingerprint(pipe)
-    edit = None
-    if config.patch is not None:
-        from trce.edit import load_patch
+    if edit is not None and options.hidden_prompt:
+        from trce.methods.kpop import hidden_prompt
 
-        edit = load_patch(config.patch)
-        if config.hidden_prompt:
-            from trce.methods.kpop import hidden_prompt
-
-            hidden_prompt(edit)  # a patch without one fails here, before any image
-    patch_meta = _patch_meta(config.patch)
-    key = {"model": config.model, "base": base["id"], "patch": (patch_meta or {}).get("files"), "steps": steps,
-           "size": size, "guidance": config.guidance, "suite": f"{suite.name}@{suite.version}",
-           "detector": detector.info(), "dtype": str(pipe.unet.dtype),
-           **({"hidden_prompt": True} if config.hidden_prompt else {})}
+        hidden_prompt(edit)  # a patch without one fails here, before any image
+    model = getattr(pipe, "trce_model_name", None) or type(pipe).__name__
+    patch = None if edit is None else (edit.source or f"(unsaved {edit.method} edit)")
+    key = {"model": model, "base": base["id"], "patch": edit.digest() if edit is not None else None,
+           "steps": plan.steps, "size": plan.size, "guidance": options.guidance, "suite": f"{suite.name}@{suite.version}",
+           "detector": detector.info(), "dtype": str(denoiser.dtype),
+           **({"hidden_prompt": True} if options.hidden_prompt else {})}
     io.check_run_key(out / "eval.json", key, state, "an evaluation")
 
+    d = suite.defaults
     base_seeds = [r.seed if r.seed is not None else d.seed + i for i, r in enumerate(rows)]
-    guidances = [float(config.guidance if config.guidance is not None else r.guidance if r.guidance is not None
+    guidances = [float(options.guidance if options.guidance is not None else r.guidance if r.guidance is not None
                        else settings.guidance) for r in rows]
-    inception = M.Inception(config.inception_weights, device) if config.inception_weights else None
+    inception = M.Inception(options.inception_weights, device) if options.inception_weights else None
     # the original model's images: for ShapeWorld's fd always, for a real suite's FID when it can be computed
-    need_reference = edit is not None and (suite.kind == "shapeworld" or config.reference
+    need_reference = edit is not None and (suite.kind == "shapeworld" or options.reference
                                            or (suite.kind == "real" and inception is not None))
     runs = []
-    for k, offset in enumerate(config.seeds):
+    for k, offset in enumerate(options.seeds):
         run_dir = out if k == 0 else out / "seeds" / str(offset)
         seeds = [offset_seed(s, offset) for s in base_seeds]
         ref_records = None
         if need_reference:
             ref_records = _reference(pipe, rows, seeds, guidances, run_dir / REFERENCE, settings, detector, state,
-                                     config, suite, key)
-        if edit is None and config.reference_cache is not None:
+                                     options, suite, key)
+        if edit is None and options.reference_cache is not None:
             # the original model's own evaluation is the reference of every patch: draw it once, in the shared cache
-            records = _reference(pipe, rows, seeds, guidances, run_dir, settings, detector, state, config, suite, key)
+            records = _reference(pipe, rows, seeds, guidances, run_dir, settings, detector, state, options, suite, key)
             runs.append((offset, run_dir, records, None))
             continue
         with contextlib.ExitStack() as ctx:
             if edit is not None:
                 ctx.enter_context(edit.applied(pipe))
-            if config.hidden_prompt:
+            if options.hidden_prompt:
                 from trce.methods.kpop import hidden_prompt_installed
 
                 ctx.enter_context(hidden_prompt_installed(pipe, edit))
-            desc = f"eval {suite.name}" + (f" seed+{offset}" if len(config.seeds) > 1 else "")
+            desc = f"eval {suite.name}" + (f" seed+{offset}" if len(options.seeds) > 1 else "")
             records = generate_rows(pipe, rows, seeds, guidances, run_dir, settings, detector, state,
-                                    progress=config.progress, desc=desc)
+                                    progress=options.progress, desc=desc)
         runs.append((offset, run_dir, records, ref_records))
     if not state.is_main_process:
         return None
     settings_record = {
-        "steps": steps, "guidance": settings.guidance, "size": size or pipe.unet.config.sample_size * pipe.vae_scale_factor,
-        "seeds": list(config.seeds), "limit": config.limit, "batch_size": settings.batch_size,
+        "steps": plan.steps, "guidance": settings.guidance, "size": plan.size or family.image_size(pipe),
+        "seeds": list(options.seeds), "limit": options.limit, "batch_size": settings.batch_size,
         # True when rows use the prompt file's own guidance (I2P, P4D) and `guidance` is only the fallback
-        "per_prompt_guidance": config.guidance is None and any(r.guidance is not None for r in rows),
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""), "device": str(device),
+        "per_prompt_guidance": options.guidance is None and any(r.guidance is not None for r in rows),
+        "dtype": str(denoiser.dtype).replace("torch.", ""), "device": str(device),
     }
-    result = compute_metrics(suite, runs, out, detector, config, settings_record, inception, device)
+    result = compute_metrics(suite, runs, out, detector, options, settings_record, inception, device)
     result.update({
-        "model": config.model, "patch": config.patch, "method": (patch_meta or {}).get("method"),
-        **({"hidden_prompt": True} if config.hidden_prompt else {}),
+        "model": model, "patch": patch, "method": edit.method if edit is not None else None,
+        **({"stages": edit.settings.get("stages")} if edit is not None and edit.settings.get("stages") else {}),
+        **({"hidden_prompt": True} if options.hidden_prompt else {}),
         "base_fingerprint": base["id"], "processes": state.num_processes, "seconds": round(time.time() - t0, 1),
     })
     ordered = {k: result[k] for k in _KEY_ORDER if k in result} | {k: v for k, v in result.items() if k not in _KEY_ORDER}
-    record = io.run_record(config={**asdict(config), "out": str(out)}, seeds=list(config.seeds))
-    metrics = {**ordered, **record}
+    metrics = Metrics({**ordered, **io.run_record(config=record, seeds=list(options.seeds))})
     io.write_json(out / "metrics.json", metrics)
+    metrics.path = out / "metrics.json"
     return metrics
 
 
-_KEY_ORDER = ("suite", "suite_version", "kind", "description", "note", "model", "patch", "method", "hidden_prompt",
+_KEY_ORDER = ("suite", "suite_version", "kind", "description", "note", "model", "patch", "method", "stages",
+              "hidden_prompt",
               "n", "asr",
               "asr_ci", "asr_groups", "by_category", "groups", "fd", "fd_features", "fd_note", "fid", "fid_note", "clip_score",
               "clip_score_note", "esr", "esr_ci", "psr", "psr_ci", "reference", "detector", "settings", "per_seed",
               "asr_mean", "asr_std", "images_dir", "rows", "reference_dir")
 
 
-def _reference(pipe, rows, seeds, guidances, ref_dir: Path, settings, detector, state, config: EvalConfig,
+def _reference(pipe, rows, seeds, guidances, ref_dir: Path, settings, detector, state, config: EvalOptions,
                suite: Suite, key: dict) -> list[dict]:
     """The original model's rows in ref_dir (images/ and rows.jsonl), generated there or linked from the shared
     cache (`reference_cache`, generated there once)."""
@@ -435,7 +508,7 @@ def _real_numbers(suite: Suite, records: list[dict], folder: Path, ref_records, 
     return out
 
 
-def compute_metrics(suite: Suite, runs, out: Path, detector: Detector, config: EvalConfig, settings_record: dict,
+def compute_metrics(suite: Suite, runs, out: Path, detector: Detector, config: EvalOptions, settings_record: dict,
                     inception, device) -> dict:
     """metrics.json's numbers from each seed offset's records (see the module docstring for the layout)."""
     cache: dict = {"inception": inception}
@@ -476,6 +549,7 @@ def compute_metrics(suite: Suite, runs, out: Path, detector: Detector, config: E
     first = per_seed[0]
     result: dict = {"suite": suite.name, "suite_version": suite.version, "kind": suite.kind,
                     "description": suite.description, "note": suite.note}
+    result |= suite.presentation()  # suite_label, suite_group, suite_order: how `trce report` shows the suite
     if suite.kind == "shapeworld":
         pooled = _pool_shapeworld(suite, per_seed, all_records)
         result |= pooled
@@ -505,7 +579,7 @@ def compute_metrics(suite: Suite, runs, out: Path, detector: Detector, config: E
         if "fid" in suite.metrics or config.inception_weights:
             if inception is None:
                 result["fid_note"] = "FID unavailable: no Inception weights (--inception-weights FILE)"
-            elif config.patch is None:
+            elif not runs[0][3]:
                 result["fid_note"] = "FID needs a patch: the original model is its own reference"
         result["clip_score"] = mean_of([p["clip_score"] for p in per_seed])
         if result["clip_score"] is None and "clip_score" in suite.metrics:

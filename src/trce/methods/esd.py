@@ -8,7 +8,7 @@ noise negatively guided away from the concept:
 with c_n the empty prompt and eta_n the negative guidance (1 in the paper). Parameter groups as the paper
 names them: ESD-x trains cross-attention (`cross-attn`: objects, styles), ESD-u everything else
 (`non-cross-attn`: nudity). This is KPOP's removal loss without the prompt (its L2 term), so the two share
-their machinery (`trce.methods.kpop`): the noisy latents z_t (`current`: denoised by the current model, ESD's
+their machinery (`trce.methods.training`): the noisy latents z_t (`current`: denoised by the current model, ESD's
 recipe; `cached`: trajectories of the original model), the frozen original outputs through
 `torch.func.functional_call`, fp32 training with the pipeline restored bit for bit, and resumable checkpoints.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,19 +28,20 @@ from tqdm.auto import tqdm
 
 from trce.edit import Edit
 from trce.errors import TrceError, choose
-from trce.methods.kpop import (
-    Group,
-    Latents,
-    _encode,
-    _endpoints,
-    _Latents,
-    _training_state,
-    _unet_out,
+from trce.families import family_of
+from trce.methods.kpop import Group, Latents
+from trce.methods.training import (
+    NoisyLatents,
     check_numbers,
-    resume,
-    save_checkpoint,
-    trainable_parameters,
+    encode_prompts,
+    endpoints,
+    finite_loss,
+    restore_state,
+    run_checkpoints,
+    save_state,
+    training_state,
 )
+from trce.registry import Context
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,13 @@ class ESDConfig:
 
 
 def erase_esd(pipe, erase_prompts: list[str], config: ESDConfig = ESDConfig(), *, spec: dict | None = None,
-              progress: bool = True, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100) -> Edit:
+              progress: bool = True, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100,
+              cache_dir: str | Path | None = None) -> Edit:
     """Erase the concept of `erase_prompts` with ESD; returns the Edit (the pipeline is left unchanged).
 
-    With `checkpoint_dir`, the state is saved every `checkpoint_every` iterations and a rerun with the same
-    settings continues from there.
+    The state is saved every `checkpoint_every` iterations in `checkpoint_dir` (or, without one, in
+    `<cache_dir>/runs/esd-<key>`; neither: no checkpoints) and a rerun with the same settings continues from
+    there; a finished run removes its checkpoints.
     """
     if isinstance(erase_prompts, str) or not erase_prompts or not all(isinstance(p, str) and p.strip()
                                                                        for p in erase_prompts):
@@ -87,26 +89,25 @@ def erase_esd(pipe, erase_prompts: list[str], config: ESDConfig = ESDConfig(), *
 
     t_start = time.time()
     base = fingerprint(pipe)
-    unet = pipe.unet
+    family = family_of(pipe)
+    unet = family.denoiser(pipe)
     device = unet.device
-    erase_emb = _encode(pipe, list(erase_prompts), device)  # (n, m_c, d)
-    neutral_emb = _encode(pipe, [config.neutral_prompt], device)  # (1, m_c, d)
-    uncond = _encode(pipe, [""], device)  # (1, m_c, d): CFG's unconditional branch when drawing z_t
-    trainable = trainable_parameters(unet, config.params)
+    erase_emb = encode_prompts(pipe, list(erase_prompts), device=device)  # (n, m_c, d)
+    neutral_emb = encode_prompts(pipe, [config.neutral_prompt], device=device)  # (1, m_c, d)
+    uncond = encode_prompts(pipe, [""], device=device)  # (1, m_c, d): CFG's unconditional branch when drawing z_t
+    trainable = family.trainable(unet, config.params)
     settings = {**dataclasses.asdict(config), "erase_prompts": list(erase_prompts),
                 "trainable": {"group": config.params, "tensors": len(trainable),
                               "parameters": sum(p.numel() for p in trainable.values())}}
     gen = torch.Generator("cpu").manual_seed(config.seed)
-    with _training_state(unet, trainable) as originals:
+    ckpt = run_checkpoints("esd", settings, base, checkpoint_dir, cache_dir)
+    with training_state(unet, trainable) as originals:
         params = dict(unet.named_parameters())
         train = [params[name] for name in trainable]
         opt = torch.optim.Adam(train, lr=config.lr)
-        history: dict[str, list[float]] = {"loss": []}
-        start = 0
-        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        if ckpt is not None and (ckpt / "state.json").exists():
-            start, history = resume(ckpt, settings, base, train, None, opt, None, gen, list(trainable))
-        latents = _Latents(pipe, unet, config, erase_emb, uncond, gen, originals)
+        start, saved = restore_state(ckpt, list(trainable), train, opt, gen)
+        history: dict[str, list[float]] = saved or {"loss": []}
+        latents = NoisyLatents(pipe, unet, config, erase_emb, uncond, gen, originals)
         t_loop = time.time()
         with tqdm(total=config.iterations, initial=start, desc="esd", disable=not progress, mininterval=1) as bar:
             for it in range(start, config.iterations):
@@ -114,14 +115,12 @@ def erase_esd(pipe, erase_prompts: list[str], config: ESDConfig = ESDConfig(), *
                 z, t = latents.sample(idx)  # (b, c, h, w), (b,)
                 c_e = erase_emb[idx]  # (b, m_c, d)
                 with torch.no_grad():  # the frozen original theta on c_e and c_n at once
-                    both = _unet_out(unet, torch.cat([z, z]), torch.cat([t, t]),
-                                     torch.cat([c_e, neutral_emb.expand(len(idx), -1, -1)]), originals)
+                    both = family.predict(unet, torch.cat([z, z]), torch.cat([t, t]),
+                                          torch.cat([c_e, neutral_emb.expand(len(idx), -1, -1)]), originals)
                     eps_e, eps_n = both.chunk(2)  # (b, c, h, w) each
                     target = eps_n - config.negative_guidance * (eps_e - eps_n)
-                loss = F.mse_loss(_unet_out(unet, z, t, c_e), target)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrceError(f"ESD diverged at iteration {it + 1}: the loss is {value}; lower lr ({config.lr})")
+                loss = F.mse_loss(family.predict(unet, z, t, c_e), target)
+                value = finite_loss(loss, "ESD", it + 1, config.iterations, ckpt, f"lower lr ({config.lr})")
                 grads = torch.autograd.grad(loss, train)
                 for p, g in zip(train, grads):
                     p.grad = g
@@ -131,17 +130,30 @@ def erase_esd(pipe, erase_prompts: list[str], config: ESDConfig = ESDConfig(), *
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 if ckpt is not None and (it + 1) % checkpoint_every == 0 and it + 1 < config.iterations:
-                    save_checkpoint(ckpt, it + 1, settings, base, train, None, opt, None, gen, history,
-                                    list(trainable))
+                    save_state(ckpt, it + 1, list(trainable), train, opt, gen, history)
         t_loop = time.time() - t_loop
-        weights = {f"unet.{name}": params[name].detach().cpu().clone() for name in trainable}  # fp32
+        weights = {f"{family.denoiser_name}.{name}": params[name].detach().cpu().clone() for name in trainable}  # fp32
     done = config.iterations - start
     info: dict[str, Any] = {
-        "iterations": config.iterations, "resumed_from": start, "loss": _endpoints(history),
+        "iterations": config.iterations, "resumed_from": start, "loss": endpoints(history),
         "history": {k: v[:: max(1, len(v) // 100)] for k, v in history.items()},
         "history_every": max(1, len(history["loss"]) // 100), "seconds": round(time.time() - t_start, 3),
         "seconds_per_iteration": round(t_loop / max(1, done), 5), "device": str(device),
     }
     log.info("ESD: %d iterations in %.1f s; loss %s", done, info["seconds"], info["loss"]["loss"])
+    if ckpt is not None:
+        ckpt.finish()
     return Edit(weights=weights, method="esd", spec=spec or {"erase": list(erase_prompts)}, settings=settings,
                 base=base, info=info)
+
+
+def run(pipe, specs, config: ESDConfig, context: Context) -> Edit:
+    """ESD (the registry's stage function): the specs' malicious prompts are the erase prompts c_e; checkpoints go
+    under the context's cache (a killed run resumes)."""
+    from trce.concepts import spec_record
+    from trce.methods.prior import cache_dir
+
+    prompts = list(dict.fromkeys(p.malicious for s in specs for p in s.pairs()))
+    return erase_esd(pipe, prompts, config, spec=spec_record(specs), progress=context.progress,
+                     checkpoint_dir=context.checkpoint_dir,
+                     cache_dir=cache_dir(context.cache_dir) if context.use_cache else None)

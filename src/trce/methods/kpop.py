@@ -52,9 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -67,8 +65,21 @@ from tqdm.auto import tqdm
 
 from trce.edit import Edit
 from trce.errors import TrceError, choose
+from trce.families import family_of
+from trce.methods.training import (
+    Checkpoints,
+    NoisyLatents,
+    check_numbers,
+    encode_prompts,
+    endpoints,
+    finite_loss,
+    restore_state,
+    run_checkpoints,
+    save_state,
+    training_state,
+)
 from trce.prompt_injection import MODES, SITES, Mode, Sites, injected, site_layers
-from trce.utils import io
+from trce.registry import Context
 
 log = logging.getLogger(__name__)
 
@@ -161,44 +172,6 @@ class KPOPConfig:
         return self.prompt_tokens or (self.prompt_size or DEFAULT_K) * text_tokens
 
 
-def check_numbers(config: Any, what: str, integers: Sequence[str] = (), positive: Sequence[str] = (),
-                  non_negative: Sequence[str] = ()) -> None:
-    """Positive integers, positive finite numbers and finite numbers >= 0 among a config's fields, by name."""
-    for name in integers:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise TrceError(f"{what} {name} must be a positive integer, got {value!r}")
-    for name, low_ok in [(n, False) for n in positive] + [(n, True) for n in non_negative]:
-        value = getattr(config, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-                or value < 0 or (value == 0 and not low_ok):
-            raise TrceError(f"{what} {name} must be a {'number >= 0' if low_ok else 'positive number'}, got {value!r}")
-
-
-def trainable_parameters(unet, group: str) -> dict[str, torch.nn.Parameter]:
-    """The UNet parameters of a group, by name inside the UNet (Sec. 5.1: objects cross-attn, nudity non-cross-attn)."""
-    group = choose("KPOP parameter group", group, get_args(Group))
-    out = {}
-    for name, param in unet.named_parameters():
-        cross = ".attn2." in f".{name}"
-        keep = cross if group == "cross-attn" else not cross and not name.startswith(_NON_CROSS_EXCLUDED)
-        if keep:
-            out[name] = param
-    if not out:
-        raise TrceError(f"the UNet has no parameters in KPOP group {group!r}")
-    return out
-
-
-@torch.no_grad()
-def _encode(pipe, prompts: Sequence[str], device: torch.device, chunk: int | None = None) -> torch.Tensor:
-    """Text embeddings (n, m_c, d) in fp32, exactly as the pipeline conditions on them; `chunk` prompts at a time
-    when given (long lists: the preservation captions, the other-concept prompts)."""
-    prompts = list(prompts)
-    step = chunk or max(1, len(prompts))
-    return torch.cat([pipe.encode_prompt(prompts[i:i + step], device, 1, False)[0].float()
-                      for i in range(0, len(prompts), step)])
-
-
 def _initial_prompt(config: KPOPConfig, erase_emb: torch.Tensor, m_p: int, gen: torch.Generator) -> torch.Tensor:
     """p_0, (m_p, d)."""
     init = config.prompt_init
@@ -217,122 +190,20 @@ def _initial_prompt(config: KPOPConfig, erase_emb: torch.Tensor, m_p: int, gen: 
     return torch.randn(m_p, d, generator=gen) * erase_emb.std().item()  # random, at the embeddings' scale
 
 
-class _Latents:
-    """Seeded noisy latents z_t and timesteps t for a batch of indices into `emb` (see module doc):
-    the erase prompts, or the preservation prompts with `preserve_latents: own`."""
-
-    def __init__(self, pipe, unet, config: KPOPConfig, emb: torch.Tensor, uncond: torch.Tensor,
-                 gen: torch.Generator, originals: dict[str, torch.Tensor], cache_seed: int = 1):
-        # gen draws the per-iteration samples (its state is checkpointed); the cache has its own
-        # seed, so a resumed run rebuilds the very same cache
-        from diffusers import DDIMScheduler
-
-        self.unet, self.config, self.gen = unet, config, gen
-        self.emb, self.uncond = emb, uncond  # (n, m_c, d), (1, m_c, d)
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(config.ddim_steps)
-        self.device = emb.device
-        size = unet.config.sample_size
-        self.shape = (unet.config.in_channels, size, size)
-        self.cache: torch.Tensor | None = None
-        if config.latents == "cached":
-            self.cache = self._trajectories(originals, torch.Generator("cpu").manual_seed(config.seed + cache_seed))
-
-    def _denoise(self, idx: torch.Tensor, steps: int, params: dict | None, gen: torch.Generator, keep: bool = False):
-        """DDIM from fresh noise for `steps` steps with CFG; params: tensors to substitute (the original model)."""
-        z = (torch.randn((len(idx), *self.shape), generator=gen) * self.scheduler.init_noise_sigma).to(self.device)
-        cond = torch.cat([self.uncond.expand(len(idx), -1, -1), self.emb[idx]])  # (2b, m_c, d)
-        g = self.config.sample_guidance
-        kept = []
-        for t in self.scheduler.timesteps[:steps]:
-            if keep:
-                kept.append(z)
-            x = self.scheduler.scale_model_input(torch.cat([z, z]), t)
-            eps = _unet_out(self.unet, x, t, cond, params)
-            e_u, e_c = eps.chunk(2)
-            z = self.scheduler.step(e_u + g * (e_c - e_u), t, z).prev_sample
-        return torch.stack(kept, 1) if keep else z  # (b, steps, c, h, w) or (b, c, h, w)
-
-    @torch.no_grad()
-    def _trajectories(self, originals: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
-        """(n, trajectories, ddim_steps, c, h, w): the latent before each DDIM step, original model."""
-        n, k = len(self.emb), self.config.cache_trajectories
-        idx = torch.arange(n).repeat_interleave(k)
-        traj = self._denoise(idx, self.config.ddim_steps, originals, gen, keep=True)
-        return traj.view(n, k, self.config.ddim_steps, *self.shape)
-
-    @torch.no_grad()
-    def sample(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z_t (b, c, h, w), t (b,)) for prompt indices idx (b,)."""
-        steps = self.config.ddim_steps
-        timesteps = self.scheduler.timesteps
-        if self.cache is not None:
-            traj = torch.randint(self.config.cache_trajectories, (len(idx),), generator=self.gen)
-            k = torch.randint(steps, (len(idx),), generator=self.gen)
-            return self.cache[idx, traj, k], timesteps[k].to(self.device)
-        k = int(torch.randint(steps, (1,), generator=self.gen))
-        z = self._denoise(idx, k, None, self.gen)  # the current model, no prompt: what the erased model would draw
-        return z, timesteps[k].repeat(len(idx)).to(self.device)
-
-
-def _unet_out(unet, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, params: dict | None = None) -> torch.Tensor:
-    """The UNet's output; with `params`, with those tensors substituted (the frozen original theta)."""
-    if params is None:
-        return unet(z, t, encoder_hidden_states=emb).sample
-    return torch.func.functional_call(unet, params, (z, t), {"encoder_hidden_states": emb}).sample
-
-
-def _finite(value: torch.Tensor, what: str, iteration: int, config: KPOPConfig) -> float:
-    number = float(value.detach())
-    if not math.isfinite(number):
-        raise TrceError(f"KPOP diverged at iteration {iteration}: the {what} loss is {number}; "
-                        f"lower lr ({config.lr}) or prompt_lr ({config.prompt_lr})")
-    return number
-
-
-@contextlib.contextmanager
-def _training_state(unet, trainable: dict[str, torch.nn.Parameter]) -> Iterator[dict[str, torch.Tensor]]:
-    """fp32 UNet with only `trainable` requiring grad; yields the original values; restores everything after.
-
-    fp16/bf16 -> fp32 -> fp16/bf16 is exact, so untouched tensors come back bit for bit.
-    """
-    if getattr(unet, "is_quantized", False):
-        raise TrceError("KPOP cannot train a quantized UNet; load the model in fp32, fp16 or bf16")
-    flags = {name: p.requires_grad for name, p in unet.named_parameters()}
-    # Adam steps of 1e-5 vanish in half precision: train in fp32, tensor by tensor (as Module.to
-    # does), remembering each tensor's dtype so that mixed-precision models come back as they were
-    half = {t: t.dtype for t in [*unet.parameters(), *unet.buffers()] if t.is_floating_point() and t.dtype != torch.float32}
-    params = dict(unet.named_parameters())
-    originals: dict[str, torch.Tensor] = {}
-    try:
-        for t in half:
-            t.data = t.data.float()
-        originals.update({name: params[name].detach().clone() for name in trainable})
-        for name, p in params.items():
-            p.requires_grad_(name in trainable)
-        yield originals
-    finally:
-        with torch.no_grad():
-            for name, value in originals.items():
-                params[name].copy_(value)
-        for name, p in params.items():
-            p.requires_grad_(flags[name])
-        for t, dtype in half.items():
-            t.data = t.data.to(dtype)
-
-
 def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig(), *, neutral_prompt: str | None = None,
                safe_prompts: list[str] | None = None, preserve_prompts: Sequence[str] | None = None,
-               other_prompts: Sequence[Sequence[str]] | None = None, spec: dict | None = None, progress: bool = True, checkpoint_dir: str | Path | None = None,
-               checkpoint_every: int = 100) -> Edit:
+               other_prompts: Sequence[Sequence[str]] | None = None, spec: dict | None = None, progress: bool = True,
+               checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100,
+               cache_dir: str | Path | None = None) -> Edit:
     """Erase the concept of `erase_prompts` with KPOP; returns the Edit (the pipeline is left unchanged).
 
     neutral_prompt overrides config.neutral_prompt (c_n); with config.neutral == "safe", c_n of erase
     prompt i is safe_prompts[i] (required then). With config.preserve_weight > 0, `preserve_prompts` are the
     prompts c_k whose outputs the preservation term keeps (required then). With config.negative_others > 0,
     other_prompts[i] are erase prompt i with each other erased concept in its place (the same number for every
-    prompt; `trce.concepts.other_concept_prompts`). With `checkpoint_dir`, the state is saved
-    every `checkpoint_every` iterations and a rerun with the same settings continues from there.
+    prompt; `trce.concepts.other_concept_prompts`). The state is saved every `checkpoint_every` iterations in
+    `checkpoint_dir` (or, without one, in `<cache_dir>/runs/kpop-<key>`; neither: no checkpoints) and a rerun
+    with the same settings continues from there; a finished run removes its checkpoints.
     """
     if isinstance(erase_prompts, str) or not erase_prompts or not all(isinstance(p, str) and p.strip()
                                                                        for p in erase_prompts):
@@ -346,28 +217,29 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
 
     t_start = time.time()
     base = fingerprint(pipe)
-    unet = pipe.unet
+    family = family_of(pipe)
+    unet = family.denoiser(pipe)
     device = unet.device
-    layers = site_layers(unet, config.sites)
-    erase_emb = _encode(pipe, erase_prompts, device)  # (n, m_c, d)
+    layers = site_layers(pipe, config.sites)
+    erase_emb = encode_prompts(pipe, erase_prompts, device=device)  # (n, m_c, d)
     if config.neutral == "safe":
         if safe_prompts is None or len(safe_prompts) != len(erase_prompts):
             raise TrceError("KPOP neutral=safe needs one safe prompt per erase prompt (a concept spec gives them)")
-        neutral_emb = _encode(pipe, list(safe_prompts), device)  # (n, m_c, d), row i for erase prompt i
+        neutral_emb = encode_prompts(pipe, list(safe_prompts), device=device)  # (n, m_c, d), row i for prompt i
     else:
-        neutral_emb = _encode(pipe, [config.neutral_prompt], device)  # (1, m_c, d)
-    uncond = _encode(pipe, [""], device)  # (1, m_c, d): CFG's unconditional branch when drawing z_t
+        neutral_emb = encode_prompts(pipe, [config.neutral_prompt], device=device)  # (1, m_c, d)
+    uncond = encode_prompts(pipe, [""], device=device)  # (1, m_c, d): CFG's unconditional branch when drawing z_t
     keep_emb = None
     if config.preserve_weight > 0:
         keep = [p for p in (preserve_prompts or []) if isinstance(p, str) and p.strip()]
         if not keep:
             raise TrceError(f"KPOP preserve_weight={config.preserve_weight} needs preservation prompts (the concept "
                             "spec's `preserve:` section gives them); none were given")
-        keep_emb = _encode(pipe, keep, device, chunk=256)  # (n_k, m_c, d)
+        keep_emb = encode_prompts(pipe, keep, chunk=256, device=device)  # (n_k, m_c, d)
     other_emb = _other_concepts(pipe, config, erase_prompts, other_prompts, device)  # (n, J-1, m_c, d) or None
     _, m_c, d = erase_emb.shape
     m_p = config.prompt_shape_tokens(m_c)
-    trainable = trainable_parameters(unet, config.params)
+    trainable = family.trainable(unet, config.params)
     settings = {
         **dataclasses.asdict(config),
         "erase_prompts": erase_prompts,
@@ -382,46 +254,45 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
                       "parameters": sum(p.numel() for p in trainable.values())},
     }
     gen = torch.Generator("cpu").manual_seed(config.seed)
-    with _training_state(unet, trainable) as originals, injected(unet, None, config.mode, config.sites) as slot:
+    ckpt = run_checkpoints("kpop", settings, base, checkpoint_dir, cache_dir)
+    with training_state(unet, trainable) as originals, injected(pipe, None, config.mode, config.sites) as slot:
         params = dict(unet.named_parameters())
         train = [params[name] for name in trainable]
         prompt = torch.nn.Parameter(_initial_prompt(config, erase_emb, m_p, gen).to(device))  # (m_p, d)
         opt_p = torch.optim.Adam([prompt], lr=config.prompt_lr)
         opt = torch.optim.Adam(train, lr=config.lr)
         history: dict[str, list[float]] = {"transfer": [], "removal": [], "l1": [], "l2": [], "l3": []}
-        start = 0
-        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        if ckpt is not None and (ckpt / "state.json").exists():
-            start, history = resume(ckpt, settings, base, train, prompt, opt, opt_p, gen, list(trainable))
+        start, saved = restore_state(ckpt, list(trainable), train, opt, gen, prompt, opt_p)
+        history = saved or history
         t_cache = time.time()
-        latents = _Latents(pipe, unet, config, erase_emb, uncond, gen, originals)
+        latents = NoisyLatents(pipe, unet, config, erase_emb, uncond, gen, originals)
         keep_latents = None
         if keep_emb is not None and config.preserve_latents == "own":
             if config.latents == "cached":  # a seeded subset, as many as the erase prompts: the cache stays small
                 pick = torch.randperm(len(keep_emb), generator=torch.Generator("cpu").manual_seed(config.seed + 2))
                 keep_emb = keep_emb[pick[: len(erase_emb)].sort().values.to(device)]
-            keep_latents = _Latents(pipe, unet, config, keep_emb, uncond, gen, originals, cache_seed=2)
+            keep_latents = NoisyLatents(pipe, unet, config, keep_emb, uncond, gen, originals, cache_seed=2)
         t_cache = time.time() - t_cache
         t_loop = time.time()
         with tqdm(total=config.iterations, initial=start, desc="kpop", disable=not progress, mininterval=1) as bar:
             for it in range(start, config.iterations):
-                values = _iteration(unet, slot, latents, keep_latents, erase_emb, neutral_emb, keep_emb, other_emb,
-                                    originals, prompt, train, opt_p, opt, config, gen, it)
+                values = _iteration(family, unet, slot, latents, keep_latents, erase_emb, neutral_emb, keep_emb,
+                                    other_emb, originals, prompt, train, opt_p, opt, config, gen, it, ckpt)
                 for key, value in values.items():
                     history[key].append(value)
                 bar.update(1)
                 bar.set_postfix(transfer=f"{values['transfer']:.4f}", removal=f"{values['removal']:.4f}", refresh=False)
                 if ckpt is not None and (it + 1) % checkpoint_every == 0 and it + 1 < config.iterations:
-                    save_checkpoint(ckpt, it + 1, settings, base, train, prompt, opt, opt_p, gen, history,
-                                     list(trainable))
+                    save_state(ckpt, it + 1, list(trainable), train, opt, gen, history, prompt, opt_p)
         t_loop = time.time() - t_loop
-        weights = {f"unet.{name}": params[name].detach().cpu().clone() for name in trainable}  # fp32
+        prefix = family.denoiser_name
+        weights = {f"{prefix}.{name}": params[name].detach().cpu().clone() for name in trainable}  # fp32
         hidden = prompt.detach().cpu().float().clone()  # (m_p, d)
     done = config.iterations - start
     info = {
         "iterations": config.iterations,
         "resumed_from": start,
-        "loss": _endpoints(history),
+        "loss": endpoints(history),
         "history": {k: v[:: max(1, len(v) // 100)] for k, v in history.items()},
         "history_every": max(1, len(history["transfer"]) // 100),
         "seconds": round(time.time() - t_start, 3),
@@ -432,6 +303,8 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
     }
     log.info("KPOP: %d iterations in %.1f s; transfer loss %s, removal loss %s", done, info["seconds"],
              info["loss"]["transfer"], info["loss"]["removal"])
+    if ckpt is not None:
+        ckpt.finish()
     return Edit(weights=weights, method="kpop", spec=spec or {"erase": erase_prompts, "neutral": config.neutral_prompt},
                 settings=settings, base=base, extras={"hidden_prompt": hidden}, info=info)
 
@@ -450,13 +323,13 @@ def _other_concepts(pipe, config: KPOPConfig, erase_prompts: list[str], other_pr
     if counts[0] == 0:
         log.warning("KPOP negative_others: the spec erases one concept, so there are no others to move away from")
         return None
-    emb = _encode(pipe, [q for qs in other_prompts for q in qs], device, chunk=256)  # (n (J-1), m_c, d)
+    emb = encode_prompts(pipe, [q for qs in other_prompts for q in qs], chunk=256, device=device)  # (n (J-1), m_c, d)
     return emb.view(len(erase_prompts), counts[0], *emb.shape[1:])
 
 
-def _iteration(unet, slot, latents: _Latents, keep_latents: _Latents | None, erase_emb, neutral_emb, keep_emb,
+def _iteration(family, unet, slot, latents: NoisyLatents, keep_latents: NoisyLatents | None, erase_emb, neutral_emb, keep_emb,
                other_emb, originals, prompt, train, opt_p, opt, config: KPOPConfig, gen: torch.Generator,
-               it: int) -> dict[str, float]:
+               it: int, ckpt: Checkpoints | None) -> dict[str, float]:
     """One KPOP iteration: a transfer step on p, then a removal step on theta'; returns the losses."""
     idx = torch.randint(len(erase_emb), (config.batch_size,), generator=gen)  # (b,) erase prompts of this step
     z, t = latents.sample(idx)  # (b, c, h, w), (b,)
@@ -478,7 +351,7 @@ def _iteration(unet, slot, latents: _Latents, keep_latents: _Latents | None, era
         slot.prompt = None
         # the frozen original theta on every condition at once:
         # eps_theta(z_t, c_e), eps_theta(z_t, c_n)[, eps_theta(z_k, c_k)][, eps_theta(z_t, c_e^j) for the other j]
-        target = _unet_out(unet, torch.cat(zs), torch.cat(ts), torch.cat(conds), originals).split(
+        target = family.predict(unet, torch.cat(zs), torch.cat(ts), torch.cat(conds), originals).split(
             [len(c) for c in conds])
         eps_e, eps_n = target[0], target[1]  # (b, c, h, w) each
         # ESD's negatively guided neutral target (eta_n = 0: Eq. 7's eps_theta(c_n) itself), away from the prompt's
@@ -491,8 +364,9 @@ def _iteration(unet, slot, latents: _Latents, keep_latents: _Latents | None, era
 
     # knowledge transfer, Eq. 5-6: one step on p only (theta' fixed)
     slot.prompt = prompt
-    loss_t = F.mse_loss(_unet_out(unet, z, t, c_e), eps_e)
-    transfer = _finite(loss_t, "transfer", it + 1, config)
+    loss_t = F.mse_loss(family.predict(unet, z, t, c_e), eps_e)
+    hint = f"lower lr ({config.lr}) or prompt_lr ({config.prompt_lr})"
+    transfer = finite_loss(loss_t, "KPOP (transfer)", it + 1, config.iterations, ckpt, hint)
     (grad,) = torch.autograd.grad(loss_t, [prompt])
     prompt.grad = grad
     opt_p.step()
@@ -503,17 +377,17 @@ def _iteration(unet, slot, latents: _Latents, keep_latents: _Latents | None, era
     l3 = torch.zeros(())
     if keep_emb is not None:  # Ours*: the kept concepts' outputs stay the original model's
         # both terms without p in one UNet call: on a small UNet a call costs about as much at batch 2b as at b
-        out_e, out_k = _unet_out(unet, torch.cat([z, zs[2]]), torch.cat([t, ts[2]]),
+        out_e, out_k = family.predict(unet, torch.cat([z, zs[2]]), torch.cat([t, ts[2]]),
                                  torch.cat([c_e, conds[2]])).split([len(z), len(zs[2])])
         l1 = F.mse_loss(out_e, eps_n)
         l3 = F.mse_loss(out_k, target[2])
     else:
-        l1 = F.mse_loss(_unet_out(unet, z, t, c_e), eps_n)
+        l1 = F.mse_loss(family.predict(unet, z, t, c_e), eps_n)
     slot.prompt = prompt.detach()
-    l2 = F.mse_loss(_unet_out(unet, z, t, c_e), eps_e)
+    l2 = F.mse_loss(family.predict(unet, z, t, c_e), eps_e)
     slot.prompt = None
     loss_r = l1 + config.lam * l2 + config.preserve_weight * l3
-    removal = _finite(loss_r, "removal", it + 1, config)
+    removal = finite_loss(loss_r, "KPOP (removal)", it + 1, config.iterations, ckpt, hint)
     grads = torch.autograd.grad(loss_r, train)
     for p, g in zip(train, grads):
         p.grad = g
@@ -532,59 +406,27 @@ def _digest(prompts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
-def _endpoints(history: dict[str, list[float]], window: int = 10) -> dict[str, dict[str, float | None]]:
-    """Mean of each loss over the first and the last `window` iterations."""
-    out = {}
-    for key, values in history.items():
-        w = min(window, len(values))
-        out[key] = {"first": sum(values[:w]) / w if w else None, "last": sum(values[-w:]) / w if w else None}
-    return out
+def run(pipe, specs, config: KPOPConfig, context: Context) -> Edit:
+    """KPOP (the registry's stage function): the specs' malicious prompts are the erase prompts c_e, their safe
+    counterparts the neutral prompts of `neutral: safe`, their preservation prompts those of `preserve_weight`,
+    and the same prompts naming the other erased concepts those of `negative_others`. Checkpoints go under the
+    context's cache (a killed run resumes)."""
+    from trce.concepts import other_concept_prompts, spec_record
+    from trce.methods.prior import cache_dir
 
-
-# --------------------------------------------------------------------------- checkpoints
-def _checkpoint_key(settings: dict, base: dict) -> dict:
-    return json.loads(json.dumps({"settings": settings, "base": base["id"]}, default=str))
-
-
-def save_checkpoint(folder: Path, iteration: int, settings: dict, base: dict, train, prompt, opt, opt_p, gen,
-                     history: dict, names: list[str]) -> None:
-    tensors = {f"param.{name}": p.detach() for name, p in zip(names, train)}
-    tensors["rng"] = gen.get_state()
-    opt_t, opt_s = io.optimizer_state(opt)
-    tensors.update({f"opt.{k}": v for k, v in opt_t.items()})
-    optp_s = None
-    if prompt is not None:  # KPOP's prompt and its optimizer (ESD trains no prompt)
-        tensors["prompt"] = prompt.detach()
-        optp_t, optp_s = io.optimizer_state(opt_p)
-        tensors.update({f"opt_p.{k}": v for k, v in optp_t.items()})
-    with io.atomic_dir(folder) as tmp:
-        io.save_tensors(tmp / "state.safetensors", tensors)
-        io.write_json(tmp / "state.json", {"iteration": iteration, "key": _checkpoint_key(settings, base),
-                                           "opt": opt_s, "opt_p": optp_s, "history": history})
-    log.debug("KPOP checkpoint at iteration %d in %s", iteration, folder)
-
-
-def resume(folder: Path, settings: dict, base: dict, train, prompt, opt, opt_p, gen, names: list[str]):
-    state = io.read_json(folder / "state.json")
-    key = _checkpoint_key(settings, base)
-    if state.get("key") != key:
-        old = (state.get("key") or {}).get("settings", {})
-        diff = sorted(k for k in set(old) | set(key["settings"]) if old.get(k) != key["settings"].get(k))
-        raise TrceError(f"the checkpoint in {folder} was made with other settings or another base model "
-                        f"(differs in: {', '.join(diff) or 'base model'}); use another folder or delete it")
-    tensors = io.load_tensors(folder / "state.safetensors")
-    with torch.no_grad():
-        for name, p in zip(names, train):
-            p.copy_(tensors[f"param.{name}"])
-        if prompt is not None:
-            prompt.copy_(tensors["prompt"])
-    gen.set_state(tensors["rng"])
-    io.load_optimizer_state(opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, state["opt"])
-    if prompt is not None:
-        io.load_optimizer_state(opt_p, {k[6:]: v for k, v in tensors.items() if k.startswith("opt_p.")},
-                                state["opt_p"])
-    log.info("resuming from iteration %d (%s)", state["iteration"], folder)
-    return int(state["iteration"]), {k: list(v) for k, v in state["history"].items()}
+    safe = {p.malicious: p.safe for s in specs for p in s.pairs()}  # each erase prompt's safe counterpart
+    prompts = list(safe)
+    keep = None
+    if config.preserve_weight > 0:  # read only when used: COCO captions need the data folder
+        keep = list(dict.fromkeys(p for s in specs for p in s.preservation_prompts(context.data_dir)))
+    others = None
+    if config.negative_others > 0:  # each erase prompt with the spec's other erased concepts in its slot
+        table = other_concept_prompts(specs)
+        others = [table[m] for m in prompts]
+    return erase_kpop(pipe, prompts, config, spec=spec_record(specs), safe_prompts=[safe[m] for m in prompts],
+                      preserve_prompts=keep, other_prompts=others, progress=context.progress,
+                      checkpoint_dir=context.checkpoint_dir,
+                      cache_dir=cache_dir(context.cache_dir) if context.use_cache else None)
 
 
 # --------------------------------------------------------------------------- the hidden prompt
@@ -610,11 +452,13 @@ def hidden_prompt_installed(pipe, edit: Edit, apply: bool = False) -> Iterator[A
     concept (paper Sec. 5.6.4, Fig. 6).
     """
     prompt, injection = hidden_prompt(edit)
-    width = pipe.text_encoder.config.hidden_size
+    family = family_of(pipe)
+    width = family.text_width(pipe)
     if prompt.ndim != 2 or prompt.shape[-1] != width:
         raise TrceError(f"the hidden prompt has shape {tuple(prompt.shape)}, which does not fit this model's text "
                         f"width {width}")
-    prompt = prompt.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    denoiser = family.denoiser(pipe)
+    prompt = prompt.to(device=denoiser.device, dtype=denoiser.dtype)
     with contextlib.ExitStack() as stack:
         if apply:
             stack.enter_context(edit.applied(pipe))

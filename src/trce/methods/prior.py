@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from trce.errors import TrceError
-from trce.tokens import PRESERVE_ROLES, encode, needs_padding, parse_role, role_positions, tokenize
+from trce.families import family_of
+from trce.tokens import PRESERVE_ROLES, needs_padding, parse_role, role_positions, tokenize
 from trce.utils import io
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,16 @@ def preservation_prior(
     """C over every `role` position of `prompts`, from the disk cache when it holds it."""
     t0 = time.perf_counter()
     parts = parse_role(role, PRESERVE_ROLES)
-    width = pipe.text_encoder.config.hidden_size
+    fam = family_of(pipe)
+    width = fam.text_width(pipe)
     if not prompts:
         return Prior(torch.zeros(width, width, dtype=torch.float64), 0, 0, role, "", False, 0.0)
     if fingerprint_id is None:
         from trce.loading import fingerprint
 
         fingerprint_id = fingerprint(pipe)["id"]
-    key = prior_key(fingerprint_id, prompts, "+".join(parts), pipe.tokenizer.model_max_length)
+    tok = fam.tokenizer(pipe)
+    key = prior_key(fingerprint_id, prompts, "+".join(parts), tok.model_max_length)
     path = cache_dir(cache) / "priors" / f"{key}.safetensors"
     if use_cache and path.exists():
         try:
@@ -84,7 +87,6 @@ def preservation_prior(
         except (TrceError, KeyError) as exc:
             log.warning("ignoring a damaged prior cache file %s (%s); recomputing", path, exc)
 
-    tok, text = pipe.tokenizer, pipe.text_encoder
     cov = torch.zeros(width, width, dtype=torch.float64)
     count = 0
     cut = None if needs_padding(parts) else tok.eos_token_id  # eot/sot only: skip the padding columns
@@ -92,7 +94,7 @@ def preservation_prior(
     try:
         for s in range(0, len(prompts), batch_size):
             ids = tokenize(tok, prompts[s : s + batch_size])  # (B, L)
-            hidden = encode(text, ids, cut).to("cpu", torch.float64)  # (B, L', D)
+            hidden = fam.hidden_states(pipe, ids, cut).to("cpu", torch.float64)  # (B, L', D)
             rows = [hidden[i, role_positions(tok, ids[i], parts)] for i in range(len(ids))]
             e = torch.cat(rows)  # (n, D)
             if not torch.isfinite(e).all():

@@ -1,5 +1,6 @@
-"""TRCE stage T (paper Sec. 4.1, Eq. 4-5) and the UCE-style baseline: a closed-form edit of every
-cross-attention key and value projection (`attn2.to_k`, `attn2.to_v`).
+"""TRCE stage T (paper Sec. 4.1, Eq. 4-5) and the UCE-style baseline: a closed-form edit of every linear
+layer that carries text into the denoiser (the model family names them: on SD every cross-attention key
+and value projection, `attn2.to_k`, `attn2.to_v`).
 
 For each such W, with the sums normalised by their counts (App. C.1), η weighting the
 preservation prior C = Σ e_k e_kᵀ / n_k (see `trce.methods.prior`) and a ridge λ:
@@ -18,6 +19,7 @@ paper's choice; `key` for UCE, the keyword tokens). The ridge is relative: λ = 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -28,11 +30,12 @@ from tqdm.auto import tqdm
 from trce.concepts import ConceptSpec, Pair, as_specs, spec_record
 from trce.edit import Edit, resolve
 from trce.errors import TrceError
+from trce.families import family_of
 from trce.methods.prior import preservation_prior
+from trce.registry import Context
 from trce.tokens import (
     PRESERVE_ROLES,
     ROLES,
-    encode,
     needs_padding,
     pair_positions,
     parse_role,
@@ -45,55 +48,58 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StageTConfig:
-    """Overrides of the spec's settings (None: the spec's value) and how to run the solve."""
+    """Stage T's settings (a spec's `settings: {T: ...}`); None takes the spec's own eta / ridge / token_role."""
 
     eta: float | None = None
     ridge: float | None = None
     token_role: str | None = None
     preserve_role: str = "all"  # a role over the preservation prompts, or "same" (the mapped role minus key)
-    data_dir: str | None = None  # folder holding prompts/coco_30k.csv, for `preserve: coco`
-    cache_dir: str | None = None  # prior cache (default $TRCE_CACHE or ~/.cache/trce)
-    use_cache: bool = True
     batch_size: int = 64
-    progress: bool = True
 
     def __post_init__(self) -> None:
         for name in ("eta", "ridge"):
             value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise TrceError(f"--{name} must be a number >= 0, got {value}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
+                raise TrceError(f"{name} must be a number >= 0, got {value!r}", field=name)
         if self.token_role is not None:
             parse_role(self.token_role, ROLES)
         if self.preserve_role != "same":
             parse_role(self.preserve_role, PRESERVE_ROLES)
-        if self.batch_size < 1:
-            raise TrceError(f"batch size must be at least 1, got {self.batch_size}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise TrceError(f"stage T batch_size must be a positive integer, got {self.batch_size!r}")
 
 
-def erase(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig = StageTConfig()) -> Edit:
-    """TRCE stage T: the Edit that maps the spec's malicious embeddings onto the safe ones.
-
-    Several specs are erased together by one solve over all their pairs.
-    """
-    return _erase(pipe, spec, config, method="trce")
+def run_trce(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, context: Context) -> Edit:
+    """TRCE stage T (the registry's stage function): the Edit that maps the specs' malicious embeddings onto the
+    safe ones, all specs by one solve."""
+    return _erase(pipe, specs, config, "trce", context)
 
 
-def erase_uce(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig = StageTConfig()) -> Edit:
+def run_uce(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, context: Context) -> Edit:
     """The UCE-style baseline: the same solve on the expression's own tokens (token role `key`)."""
     if config.token_role not in (None, "key"):
         raise TrceError(f"UCE maps the keyword tokens (token role 'key'), not {config.token_role!r}; "
-                        "use --method trce for other token roles")
-    return _erase(pipe, spec, replace(config, token_role="key"), method="uce")
+                        "use method trce for other token roles")
+    return _erase(pipe, specs, replace(config, token_role="key"), "uce", context)
+
+
+def erase(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig | None = None,
+          context: Context | None = None) -> Edit:
+    """TRCE stage T on one spec or several (see `run_trce`)."""
+    return run_trce(pipe, as_specs(spec), config or StageTConfig(), context or Context())
+
+
+def erase_uce(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig | None = None,
+              context: Context | None = None) -> Edit:
+    """UCE on one spec or several (see `run_uce`)."""
+    return run_uce(pipe, as_specs(spec), config or StageTConfig(), context or Context())
 
 
 # --------------------------------------------------------------------------- the solve
 def projection_paths(pipe) -> list[str]:
-    """Exact paths of every cross-attention key/value weight, in module order."""
-    paths = [f"unet.{name}.{proj}.weight" for name, module in pipe.unet.named_modules() if name.endswith("attn2")
-             for proj in ("to_k", "to_v") if hasattr(module, proj)]
-    if not paths:
-        raise TrceError("the UNet has no cross-attention layers (attn2); is this a Stable Diffusion UNet?")
-    return paths
+    """Exact paths of every linear layer that carries text into the denoiser (SD: every `attn2.to_k/to_v`)."""
+    return family_of(pipe).text_projections(pipe)
 
 
 def solve_transform(em: torch.Tensor, es: torch.Tensor, cov: torch.Tensor, eta: float, ridge: float,
@@ -156,8 +162,8 @@ def pair_embeddings(pipe, pairs: Sequence[Pair], role: str, batch_size: int = 64
     `dropped` counts pairs that gave no position (an expression cut off by truncation, for `key`).
     """
     parts = parse_role(role, ROLES)
-    tok, text = pipe.tokenizer, pipe.text_encoder
-    width = text.config.hidden_size
+    fam = family_of(pipe)
+    tok, width = fam.tokenizer(pipe), fam.text_width(pipe)
     if not pairs:
         empty = torch.zeros(0, width, dtype=torch.float64)
         return empty, empty.clone(), 0
@@ -165,9 +171,11 @@ def pair_embeddings(pipe, pairs: Sequence[Pair], role: str, batch_size: int = 64
     index = {p: i for i, p in enumerate(prompts)}
     ids = tokenize(tok, prompts)  # (N, L)
     cut = None if needs_padding(parts) else tok.eos_token_id
-    h = torch.zeros(len(prompts), ids.shape[1], width, dtype=text.dtype)  # (N, L, D); unread padding stays 0
+    h = None  # (N, L, D); unread padding stays 0
     for s in tqdm(range(0, len(prompts), batch_size), desc="encode pairs", disable=not progress, mininterval=1):
-        out = encode(text, ids[s : s + batch_size], cut).cpu()  # (B, L', D), L' <= L
+        out = fam.hidden_states(pipe, ids[s : s + batch_size], cut).cpu()  # (B, L', D), L' <= L
+        if h is None:
+            h = torch.zeros(len(prompts), ids.shape[1], width, dtype=out.dtype)
         h[s : s + out.shape[0], : out.shape[1]] = out
     rows_m: list[tuple[int, int]] = []
     rows_s: list[tuple[int, int]] = []
@@ -219,11 +227,11 @@ def _preserve_role(config: StageTConfig, token_role: str) -> str:
     return "+".join(parts) if parts else "all"
 
 
-def _erase(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig, method: str) -> Edit:
+def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str, context: Context) -> Edit:
     from trce.loading import fingerprint
 
     t0 = time.perf_counter()
-    specs = as_specs(spec)
+    specs = as_specs(specs)
     if not specs:
         raise TrceError("no concept to erase")
     base = fingerprint(pipe)  # before any edit: the patch's base model
@@ -232,18 +240,18 @@ def _erase(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig
     preserve_role = _preserve_role(config, role)
 
     pairs = [p for s in specs for p in s.pairs()]
-    prompts = list(dict.fromkeys(p for s in specs for p in s.preservation_prompts(config.data_dir)))
+    prompts = list(dict.fromkeys(p for s in specs for p in s.preservation_prompts(context.data_dir)))
     t1 = time.perf_counter()
-    em, es, dropped = pair_embeddings(pipe, pairs, role, config.batch_size, config.progress)
+    em, es, dropped = pair_embeddings(pipe, pairs, role, config.batch_size, context.progress)
     t2 = time.perf_counter()
-    prior = preservation_prior(pipe, prompts, preserve_role, base["id"], config.cache_dir, config.use_cache,
-                               config.batch_size, config.progress)
+    prior = preservation_prior(pipe, prompts, preserve_role, base["id"], context.cache_dir, context.use_cache,
+                               config.batch_size, context.progress)
     t3 = time.perf_counter()
     if em.shape[0] == 0:
         log.warning("stage T: %s has no embeddings to map; the edit changes nothing", "+".join(s.name for s in specs))
     t, diag = solve_transform(em, es, prior.cov, eta, ridge)
     weights = {}
-    for path in tqdm(projection_paths(pipe), desc=f"{method} stage T", unit="layer", disable=not config.progress):
+    for path in tqdm(projection_paths(pipe), desc=f"{method} stage T", unit="layer", disable=not context.progress):
         weights[path] = apply_transform(resolve(pipe, path), t)
     t4 = time.perf_counter()
 

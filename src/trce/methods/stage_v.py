@@ -31,8 +31,6 @@ import hashlib
 import json
 import logging
 import math
-import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -44,6 +42,8 @@ from tqdm.auto import tqdm
 
 from trce.edit import Edit
 from trce.errors import TrceError
+from trce.families import family_of
+from trce.methods.training import Checkpoints, encode_prompts, finite_loss
 from trce.methods.trajectories import (
     ConceptTrajectories,
     Reference,
@@ -52,14 +52,13 @@ from trce.methods.trajectories import (
     mix_seed,
     uncond_trajectories,
 )
+from trce.registry import Context
 from trce.utils import io
 
 log = logging.getLogger(__name__)
 
-METHOD = "trce-v"
+METHOD = "trce-v"  # the run key's name for this stage
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
-# Trainable: self-attention (attn1, every parameter) and the query of cross-attention (attn2.to_q).
-TRAINABLE = re.compile(r"(?:^|\.)attn1\.|(?:^|\.)attn2\.to_q\.")
 # Settings that change how a run is carried out but not its result: excluded from the run key so
 # that a rerun with, say, another checkpoint interval still resumes.
 _OPERATIONAL = ("checkpoint_every", "cache_batch_size", "gradient_checkpointing")
@@ -144,19 +143,14 @@ def stage_v_loss(pred_c: torch.Tensor, pred_u: torch.Tensor, pred_p: torch.Tenso
             "active": active.detach()}
 
 
-def trainable_parameters(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Select by name every `attn1.*` and `attn2.to_q.*` parameter; freeze everything else."""
-    chosen = {}
-    for name, param in unet.named_parameters():
-        keep = bool(TRAINABLE.search(name))
-        param.requires_grad_(keep)
-        if keep:
-            chosen[name] = param
-    if not chosen:
-        raise TrceError("the UNet has no attn1 / attn2.to_q parameters; stage V needs a Stable Diffusion UNet")
-    stray = [n for n, p in unet.named_parameters() if p.requires_grad and n not in chosen]
+def trainable_parameters(denoiser: torch.nn.Module, family) -> dict[str, torch.nn.Parameter]:
+    """The family's `visual` group (SD: every `attn1.*` and `attn2.to_q.*` parameter); freeze everything else."""
+    chosen = family.trainable(denoiser, "visual")
+    for name, param in denoiser.named_parameters():
+        param.requires_grad_(name in chosen)
+    stray = [n for n, p in denoiser.named_parameters() if p.requires_grad and n not in chosen]
     if stray:  # a tied or re-registered parameter would make this fire
-        raise TrceError(f"stage V would also train {stray[:3]}; only attn1.* and attn2.to_q.* may change")
+        raise TrceError(f"stage V would also train {stray[:3]}; only the visual layers may change")
     return chosen
 
 
@@ -192,42 +186,6 @@ def epoch_plan(seed: int, epoch: int, n_trajectories: int, keep: int, n_uncond: 
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in folder.glob("step-*") if (p / "state.json").exists()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _save_checkpoint(folder: Path, step: int, run_key: str, params: dict[str, torch.Tensor], optimizer,
-                     scaler, losses: list[list[float]]) -> Path:
-    target = folder / f"step-{step:08d}"
-    opt_tensors, opt_scalars = io.optimizer_state(optimizer)
-    with io.atomic_dir(target) as tmp:
-        io.save_tensors(tmp / "params.safetensors", params)
-        io.save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-        io.write_json(tmp / "state.json", {  # last: a folder without it is not a checkpoint
-            "run_key": run_key, "step": step, "optimizer": opt_scalars,
-            "scaler": scaler.state_dict() if scaler is not None else None, "losses": losses,
-            "batch_order": "pure function of (seed, epoch): nothing else to restore",
-        })
-    for old in _checkpoints(folder):
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def _load_checkpoint(folder: Path, run_key: str | None):
-    found = _checkpoints(folder)
-    if not found:
-        return None
-    last = found[-1]
-    state = io.read_json(last / "state.json")
-    if state.get("run_key") != run_key:
-        raise TrceError(f"checkpoint {last} belongs to another stage V run (other settings, prompts or model); "
-                        "delete it or choose another checkpoint folder")
-    return (state, io.load_tensors(last / "params.safetensors"), io.load_tensors(last / "optimizer.safetensors"),
-            last)
-
-
 def _weights_digest(unet: torch.nn.Module) -> str:
     """A digest of the starting weights, so that a checkpoint resumes only the run it came from
     (stage T changes attn2.to_k/to_v, which the fingerprint's coarse probe may not see)."""
@@ -261,13 +219,6 @@ def _sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def _encode(pipe, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
-    with torch.no_grad():
-        out = [pipe.encode_prompt(list(prompts[i:i + 64]), pipe.text_encoder.device, 1, False)[0]
-               for i in range(0, len(prompts), 64)]
-    return torch.cat(out).to(device=device, dtype=torch.float32)  # (N, L, D)
 
 
 def _curve(losses: list[list[float]], points: int = 100) -> list[list[float]]:
@@ -308,7 +259,8 @@ def erase_v(
     if not pairs:
         raise TrceError("stage V needs at least one (malicious prompt, safe prompt) pair")
     t_start = time.perf_counter()
-    acc, mp = _accelerator(config, pipe.unet.device, accelerator)
+    family = family_of(pipe)
+    acc, mp = _accelerator(config, family.denoiser(pipe).device, accelerator)
     device = acc.device
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
     ref = Reference.from_pipe(pipe, reference, autocast_dtype=autocast_dtype)
@@ -329,8 +281,9 @@ def erase_v(
     ckpt, run_key = None, None
     if config.checkpoint_every and (checkpoint_dir is not None or cache_dir is not None):
         run_key = _run_key(config, pairs, ref, pipe, acc.num_processes, mp)
-        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else cache_dir / "stage-v-runs" / run_key[:16]
-    weights, losses, resumed = _train(pipe, pairs, concept, uncond, config, acc, mp, ckpt, run_key, progress,
+        folder = Path(checkpoint_dir) if checkpoint_dir is not None else cache_dir / "stage-v-runs" / run_key[:16]
+        ckpt = Checkpoints(folder, run_key, "stage V")
+    weights, losses, resumed = _train(pipe, family, pairs, concept, uncond, config, acc, mp, ckpt, progress,
                                       on_step)
     t_end = _sync(device)
 
@@ -359,8 +312,10 @@ def erase_v(
     }
     log.info("stage V: %d steps, loss %s -> %s, %.1fs (cache %.1fs, train %.1fs)", len(losses),
              info["loss_first"], info["loss_last"], t_end - t_start, t_cache - t_start, t_end - t_cache)
-    return Edit(weights={f"unet.{name}": t for name, t in weights.items()}, method=METHOD, spec=dict(spec or {}),
-                settings=asdict(config), base=ref.fingerprint, info=info)
+    prefix = family.denoiser_name
+    # method "trce", stage "V": reports name it "TRCE (V)" (the registry's entry, labelled by stage)
+    return Edit(weights={f"{prefix}.{name}": t for name, t in weights.items()}, method="trce", spec=dict(spec or {}),
+                settings={**asdict(config), "stage": "V"}, base=ref.fingerprint, info=info)
 
 
 _COLUMNS = ("total", "erase", "preserve", "active")
@@ -377,41 +332,37 @@ def _mean_rows(rows: list[list[float]]) -> list[float]:
 def _run_key(config: StageVConfig, pairs, ref: Reference, pipe, world: int, mp: str) -> str:
     settings = {k: v for k, v in asdict(config).items() if k not in _OPERATIONAL}
     payload = {"method": METHOD, "settings": settings, "mixed_precision": mp, "world": world,
-               "pairs": pairs, "reference": ref.fingerprint["id"], "start": _weights_digest(pipe.unet)}
+               "pairs": pairs, "reference": ref.fingerprint["id"], "start": _weights_digest(family_of(pipe).denoiser(pipe))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _train(pipe, pairs, concept: ConceptTrajectories, uncond: UncondTrajectories, config: StageVConfig, acc,
-           mp: str, ckpt: Path | None, run_key: str | None, progress: bool, on_step):
+def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTrajectories, config: StageVConfig,
+           acc, mp: str, ckpt: Checkpoints | None, progress: bool, on_step):
     device = acc.device
     rank, world = acc.process_index, acc.num_processes
-    model = copy.deepcopy(pipe.unet).to(device)
+    model = copy.deepcopy(family.denoiser(pipe)).to(device)
     if model.dtype != torch.float32:
         model = model.to(dtype=torch.float32)  # fp32 master weights: Adam steps of 1e-6 vanish in half precision
     model.train()
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    params = trainable_parameters(model)
+    params = trainable_parameters(model, family)
     names = list(params)
     optimizer = torch.optim.Adam(list(params.values()), lr=config.lr)
 
     losses: list[list[float]] = []
     start, resumed, state = 0, None, None
-    if ckpt is not None:
-        if acc.is_main_process and ckpt.is_dir():
-            for stale in ckpt.glob(".step-*"):  # temporary folders of a run killed while saving
-                shutil.rmtree(stale, ignore_errors=True)
-        found = _load_checkpoint(ckpt, run_key)
-        if found is not None:
-            state, saved, opt_tensors, where = found
-            if set(saved) != set(names):
-                raise TrceError(f"checkpoint {where} holds other tensors than this UNet trains; delete it")
-            with torch.no_grad():
-                for name in names:
-                    params[name].copy_(saved[name].to(device))
-            io.load_optimizer_state(optimizer, {k: v.to(device) for k, v in opt_tensors.items()}, state["optimizer"])
-            start, resumed, losses = int(state["step"]), int(state["step"]), [list(r) for r in state["losses"]]
-            log.info("stage V: resuming from %s (step %d)", where, start)
+    found = ckpt.load() if ckpt is not None else None
+    if found is not None:
+        start, files, state, where = found
+        saved, opt_tensors = files.get("params.safetensors", {}), files.get("optimizer.safetensors", {})
+        if set(saved) != set(names):
+            raise TrceError(f"checkpoint {where} holds other tensors than this denoiser trains; delete it")
+        with torch.no_grad():
+            for name in names:
+                params[name].copy_(saved[name].to(device))
+        io.load_optimizer_state(optimizer, {k: v.to(device) for k, v in opt_tensors.items()}, state["optimizer"])
+        resumed, losses = start, [list(r) for r in state["losses"]]
     prepared, optimizer = acc.prepare(model, optimizer)
     if state is not None and acc.scaler is not None and state.get("scaler"):
         acc.scaler.load_state_dict(state["scaler"])
@@ -421,15 +372,14 @@ def _train(pipe, pairs, concept: ConceptTrajectories, uncond: UncondTrajectories
     lat, f_safe, f_unsafe = (x.to(device) for x in (concept.latents, concept.f_safe, concept.f_unsafe))
     t_concept, pair_index = concept.timesteps.to(device), concept.pair_index.to(device)
     u_lat, u_t, u_tgt = uncond.latents.to(device), uncond.timesteps.to(device), uncond.target.to(device)
-    emb_m = _encode(pipe, [m for m, _ in pairs], device)  # (P, L, D)
-    emb_null = _encode(pipe, [""], device)  # (1, L, D)
+    emb_m = encode_prompts(pipe, [m for m, _ in pairs], chunk=64, device=device)  # (P, L, D)
+    emb_null = encode_prompts(pipe, [""], chunk=64, device=device)  # (1, L, D)
 
     n_traj, keep = len(concept), concept.timesteps.shape[0]
     plan_args = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "world": world,
                  "preserve_batch": config.preserve_batch}
     per_epoch = epoch_plan(config.seed, 0, n_traj, keep, len(uncond), **plan_args).steps
     total = per_epoch * config.epochs
-    last_saved = start if resumed is not None else None
     bar = tqdm(total=total, initial=start, desc="stage V training", unit="step",
                disable=not (progress and acc.is_main_process), mininterval=1)
     plan, plan_epoch = None, -1
@@ -451,12 +401,12 @@ def _train(pipe, pairs, concept: ConceptTrajectories, uncond: UncondTrajectories
                 sync = micro == config.grad_accum - 1
                 with (acc.no_sync(prepared) if not sync else contextlib.nullcontext()):
                     with acc.autocast():
-                        out = prepared(x, t, encoder_hidden_states=e).sample.float()
+                        out = family.predict(prepared, x, t, e).float()
                     parts = stage_v_loss(out[:b], out[b:2 * b], out[2 * b:], f_safe[ti, ki], f_unsafe[ti, ki],
                                          u_tgt[ui], margin=config.margin, lambda_preserve=config.lambda_preserve)
                     values = acc.reduce(torch.stack([parts[c].detach() for c in _COLUMNS]), reduction="mean")
-                    if not torch.isfinite(values[0]):
-                        raise _diverged(float(values[0]), step, total, epoch, last_saved, ckpt, config)
+                    finite_loss(values[0], "stage V", step + 1, total, ckpt,
+                                f"lower lr (now {config.lr:g}) or use mixed_precision='no'")
                     acc.backward(parts["total"] / config.grad_accum)
                 sums += values
             optimizer.step()
@@ -466,11 +416,13 @@ def _train(pipe, pairs, concept: ConceptTrajectories, uncond: UncondTrajectories
             bar.update(1)
             bar.set_postfix(loss=f"{row[0]:.4g}", erase=f"{row[1]:.3g}", preserve=f"{row[2]:.3g}")
             done = step + 1
-            if ckpt is not None and done % config.checkpoint_every == 0 and done < total:
-                if acc.is_main_process:
-                    _save_checkpoint(ckpt, done, run_key, {n: params[n] for n in names}, optimizer, acc.scaler,
-                                     losses)
-                last_saved = done
+            if ckpt is not None and done % config.checkpoint_every == 0 and done < total and acc.is_main_process:
+                    opt_tensors, opt_scalars = io.optimizer_state(optimizer)
+                    ckpt.save(done, {"params.safetensors": {n: params[n] for n in names},
+                                     "optimizer.safetensors": opt_tensors},
+                              {"optimizer": opt_scalars, "losses": losses,
+                               "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                               "batch_order": "pure function of (seed, epoch): nothing else to restore"})
             if on_step is not None:
                 on_step(done, _named(row))
     finally:
@@ -478,17 +430,18 @@ def _train(pipe, pairs, concept: ConceptTrajectories, uncond: UncondTrajectories
     acc.wait_for_everyone()
     weights = {n: params[n].detach().float().cpu().clone() for n in names}
     if ckpt is not None and acc.is_main_process:
-        shutil.rmtree(ckpt, ignore_errors=True)  # finished: the Edit holds the result
-        with contextlib.suppress(OSError):
-            ckpt.parent.rmdir()  # the default `stage-v-runs` folder, when no other run is in it
+        ckpt.finish()  # finished: the Edit holds the result
     return weights, losses, resumed
 
 
-def _diverged(value: float, step: int, total: int, epoch: int, last_saved: int | None, ckpt: Path | None,
-              config: StageVConfig) -> TrceError:
-    if ckpt is not None and last_saved is not None:
-        kept = f"the last good checkpoint (step {last_saved}) is kept in {ckpt}"
-    else:
-        kept = "no checkpoint was written before it"
-    return TrceError(f"stage V loss is {value} (not finite) at step {step + 1} of {total} (epoch {epoch + 1}); "
-                     f"training stopped and {kept}; lower lr (now {config.lr:g}) or use mixed_precision='no'")
+def run(pipe, specs, config: StageVConfig, context: Context) -> Edit:
+    """TRCE stage V (the registry's stage function): the specs' (malicious, safe) prompt pairs go to `erase_v`,
+    with `context.reference` the original denoiser when stage T ran first. Trajectories are cached (and
+    checkpoints kept) under `<cache>/stage-v` unless the context writes no cache."""
+    from trce.concepts import spec_record
+    from trce.methods.prior import cache_dir
+
+    pairs = [(p.malicious, p.safe) for s in specs for p in s.pairs()]
+    folder = cache_dir(context.cache_dir) / "stage-v" if context.use_cache else None
+    return erase_v(pipe, pairs, config, reference=context.reference, cache_dir=folder, spec=spec_record(specs),
+                   progress=context.progress, checkpoint_dir=context.checkpoint_dir)

@@ -26,7 +26,6 @@ over the processes and merged by the main process (`cache_dir` must be shared, i
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -38,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trce.errors import TrceError
+from trce.methods.training import encode_prompts, guided_ddim
 from trce.utils import io
 
 log = logging.getLogger(__name__)
@@ -63,78 +63,65 @@ def _scheduler_digest(ref: Reference) -> str:
 
 @dataclass
 class Reference:
-    """The frozen original model: UNet, prompt encoder, DDIM configuration, identity."""
+    """The frozen original model: denoiser, prompt encoder, sampler configuration, identity."""
 
-    unet: torch.nn.Module
-    encode_pipe: object  # has `encode_prompt` (a diffusers SD pipeline)
+    denoiser: torch.nn.Module
+    encode_pipe: object  # the pipeline whose text encoder(s) make the conditionings
     scheduler_config: dict
     vae_scale_factor: int
     fingerprint: dict
-    compute_dtype: torch.dtype | None  # autocast dtype while caching, None = the UNet's own dtype
+    compute_dtype: torch.dtype | None  # autocast dtype while caching, None = the denoiser's own dtype
+    family: object = None  # trce.families.ModelFamily
 
     @classmethod
     def from_pipe(cls, pipe, reference=None, autocast_dtype: torch.dtype | None = None) -> Reference:
-        """`reference`: None (use `pipe` itself, unchanged by stage V), a pipeline, or a bare UNet.
+        """`reference`: None (use `pipe` itself, unchanged by stage V), a pipeline, or a bare denoiser.
 
-        A bare UNet borrows the text encoder, tokenizer and scheduler of `pipe` (TRCE never changes
+        A bare denoiser borrows the text encoder(s), tokenizer(s) and scheduler of `pipe` (TRCE never changes
         the text encoder, so they are the original's).
         """
-        from types import SimpleNamespace
-
+        from trce.families import family_of
         from trce.loading import fingerprint
 
+        fam = family_of(pipe)
         source = pipe if reference is None else reference
-        if hasattr(source, "unet"):
-            unet, encode_pipe, sched = source.unet, source, source.scheduler
-            name = getattr(source, "trce_model_name", None)
-            text_encoder = source.text_encoder
-        elif isinstance(source, torch.nn.Module) and hasattr(source, "config"):
-            unet, encode_pipe, sched = source, pipe, pipe.scheduler
-            name = getattr(pipe, "trce_model_name", None)
-            text_encoder = pipe.text_encoder
+        if isinstance(source, torch.nn.Module) and hasattr(source, "config"):
+            denoiser, encode_pipe = source, pipe
+        elif getattr(source, fam.denoiser_name, None) is not None:
+            denoiser, encode_pipe = fam.denoiser(source), source
         else:
-            raise TrceError(f"stage V reference must be a pipeline or a UNet, not {type(source).__name__}")
-        fp = fingerprint(SimpleNamespace(unet=unet, text_encoder=text_encoder, trce_model_name=name))
+            raise TrceError(f"stage V reference must be a pipeline or a denoiser, not {type(source).__name__}")
+        fp = fingerprint(encode_pipe, denoiser=denoiser)
         scale = int(getattr(encode_pipe, "vae_scale_factor", 8))
-        if autocast_dtype is not None and unet.dtype != torch.float32:
+        if autocast_dtype is not None and denoiser.dtype != torch.float32:
             autocast_dtype = None  # a half-precision reference already runs in half precision
-        return cls(unet=unet, encode_pipe=encode_pipe, scheduler_config=dict(sched.config), vae_scale_factor=scale,
-                   fingerprint=fp, compute_dtype=autocast_dtype)
+        return cls(denoiser=denoiser, encode_pipe=encode_pipe, scheduler_config=dict(encode_pipe.scheduler.config),
+                   vae_scale_factor=scale, fingerprint=fp, compute_dtype=autocast_dtype, family=fam)
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     def dtype_name(self) -> str:
         if self.compute_dtype is not None:
             return f"autocast-{str(self.compute_dtype).removeprefix('torch.')}"
-        return str(self.unet.dtype).removeprefix("torch.")
+        return str(self.denoiser.dtype).removeprefix("torch.")
 
     def scheduler(self, steps: int):
-        from diffusers import DDIMScheduler
+        """A fresh sampler of `steps` steps (the pipeline's own scheduler object is never touched)."""
+        return self.family.sampler(self.scheduler_config, steps, device=self.device)
 
-        # A fresh DDIM built from the model's scheduler configuration: the pipeline's own scheduler
-        # object is never touched (set_timesteps mutates it).
-        sched = DDIMScheduler.from_config(copy.deepcopy(self.scheduler_config))
-        sched.set_timesteps(steps, device=self.device)
-        return sched
-
-    @torch.no_grad()
     def encode(self, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Text-encoder output embeddings (N, L, D) moved to the UNet's device and dtype."""
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start:start + batch_size])
-            embeds, _ = self.encode_pipe.encode_prompt(chunk, self.encode_pipe.text_encoder.device, 1, False)
-            out.append(embeds)
-        return torch.cat(out).to(device=self.device, dtype=self.unet.dtype)
+        """Conditionings (N, L, D) on the denoiser's device and in its dtype."""
+        return encode_prompts(self.encode_pipe, prompts, chunk=batch_size, device=self.device,
+                              dtype=self.denoiser.dtype)
 
     def eps(self, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """ε(z, c, t) in float32; z (B, C, h, w), t scalar or (B,), emb (B, L, D)."""
+        """The prediction at (z, t) under emb, in float32; z (B, C, h, w), t scalar or (B,), emb (B, L, D)."""
         ctx = (torch.autocast(self.device.type, dtype=self.compute_dtype) if self.compute_dtype is not None
                else contextlib.nullcontext())
         with ctx:
-            out = self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=emb).sample
+            out = self.family.predict(self.denoiser, z.to(self.denoiser.dtype), t, emb)
         return out.float()
 
 
@@ -166,14 +153,7 @@ class UncondTrajectories:
 
 
 def latent_shape(ref: Reference, image_size: int | None) -> tuple[int, int, int]:
-    cfg = ref.unet.config
-    if image_size is None:
-        side = int(cfg.sample_size)
-    else:
-        if image_size <= 0 or image_size % ref.vae_scale_factor:
-            raise TrceError(f"image size {image_size} must be a positive multiple of {ref.vae_scale_factor}")
-        side = image_size // ref.vae_scale_factor
-    return int(cfg.in_channels), side, side
+    return ref.family.latent_shape(ref.denoiser, image_size, scale=ref.vae_scale_factor)
 
 
 def initial_noise(kind: str, seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -204,17 +184,15 @@ def _concept_rows(ref: Reference, indices: list[int], pairs, order, *, steps: in
     z = torch.stack([initial_noise("concept-noise", seed, i, shape) for i in indices]).to(dev)  # (B, C, h, w)
     z = z * sched.init_noise_sigma
     e_m, e_s = emb_m[pidx.to(dev)], emb_s[pidx.to(dev)]  # (B, L, D)
-    e3 = torch.cat([emb_null.expand(b, -1, -1), e_m, e_s])  # (3B, L, D)
     lat, fu, fs = [], [], []
-    for t in sched.timesteps[:keep]:
-        x = sched.scale_model_input(z, t)
-        eps = ref.eps(torch.cat([x, x, x]), t, e3)  # (3B, C, h, w)
-        e0, em, es = eps.chunk(3)
+
+    def targets(k, t, x, eps):
+        e0, em, es = eps  # ε(z,∅,t), ε(z,c^m,t), ε(z,c^s,t): the sampling step's two halves and one row more
         lat.append(x.float().cpu())
         fu.append((e0 + beta * (em - e0)).cpu())  # Eq. 6
         fs.append((e0 + beta * (es - e0)).cpu())  # Eq. 7
-        guided = e0 + guidance * (em - e0)  # the sampler's classifier-free guidance
-        z = sched.step(guided, t, z).prev_sample
+
+    guided_ddim(sched, z, [emb_null.expand(b, -1, -1), e_m, e_s], guidance, keep, ref.eps, targets)
     return {"latents": torch.stack(lat, 1), "f_unsafe": torch.stack(fu, 1), "f_safe": torch.stack(fs, 1),
             "pair_index": pidx}
 

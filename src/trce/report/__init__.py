@@ -37,3 +37,8 @@ def write_report(runs, out, *, markdown=None, grid_size: int = 8, title: str | N
     if markdown:
         io.write_text(markdown, table)
     return table
+
+
+from trce.utils import callable_module
+
+callable_module(__name__, write_report)  # `trce.report(runs, out)`

@@ -497,7 +497,7 @@ def _run_record(run: Path) -> dict:
     return {**io.read_json(run / "train.json"), "stages": stages}
 
 
-def ship(export: Path) -> Path:
+def ship_weights(export: Path) -> Path:
     """Install an exported pipeline as the package's shipped ShapeWorld weights."""
     import shutil
 
@@ -507,3 +507,20 @@ def ship(export: Path) -> Path:
     with io.atomic_dir(dest) as tmp:
         shutil.copytree(export, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
     return dest
+
+
+def train(out: str | Path, *, seed: int = 0, device: str = "auto", tiny: bool = False, ship: bool = False,
+          **overrides) -> tuple[Path, Path | None]:
+    """`trce shapeworld train` in Python: train (or resume) every component into `out`; returns (the exported
+    pipeline folder, where it was installed when `ship`). `overrides` are `TrainConfig` fields."""
+    from dataclasses import fields, replace
+
+    from trce.errors import choose
+
+    known = {f.name for f in fields(TrainConfig)}
+    for name in overrides:
+        choose("ShapeWorld training setting", name, known)
+    cfg = TrainConfig.tiny(seed=seed) if tiny else TrainConfig(seed=seed)
+    cfg = replace(cfg, device=device, **overrides)
+    export = Trainer(out, cfg).run()
+    return export, (ship_weights(export) if ship else None)

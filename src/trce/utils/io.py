@@ -222,7 +222,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def check_folder(path: str | os.PathLike | None, what: str) -> None:
     """A folder to write into: it may be missing (it is made), but not a file."""
     if path is not None and Path(path).expanduser().exists() and not Path(path).expanduser().is_dir():
-        raise TrceError(f"{what} {path} is a file, not a folder; give a folder path")
+        raise TrceError(f"{what} {path} is a file, not a folder; give a folder path", field=what)
 
 
 def check_run_key(path: str | os.PathLike, key: dict, state, what: str) -> None:

@@ -1,4 +1,4 @@
-"""`trce eval` and `trce suites`: the evaluation commands (the work is in trce.eval)."""
+"""`trce eval` and `trce suites`: evaluate a model (and a patch) on a suite — one `trce.evaluate` call."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import argparse
 import json
 import logging
 
+from trce.cli.common import add_image_args, add_model_args, parser_kwargs
 from trce.errors import TrceError
 
 log = logging.getLogger("trce")
+
+FLAGS = {"hidden_prompt": "--with-hidden-prompt", "height": "--size", "width": "--size", "prompts": "--prompts"}
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -18,18 +21,7 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers such as 0,1,2, got {text!r}") from exc
 
 
-def add_image_args(p: argparse.ArgumentParser) -> None:
-    """How images are made and judged: the flags `trce eval` and `trce attack` share."""
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the suite's, 30)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="guidance for every prompt (default: the prompt file's per-prompt guidance, else the suite's)")
-    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the suite's)")
-    p.add_argument("--detector", default=None, help="nudenet, shapeworld, q16 or none (default: the suite's)")
-    p.add_argument("--threshold", type=float, default=None, help="detector threshold (nudenet: 0.45)")
-
-
-def add_commands(sub, parser_kwargs, add_model_args) -> None:
+def register(sub) -> None:
     p = sub.add_parser("eval", **parser_kwargs(
         "Evaluate a model (and an erasure patch) on a prompt suite: images, per-prompt verdicts, metrics.json.",
         "  trce eval --model shapeworld --suite shapeworld-red --out runs/eval-orig\n"
@@ -70,7 +62,7 @@ def add_commands(sub, parser_kwargs, add_model_args) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, flags=FLAGS)
 
     p = sub.add_parser("suites", **parser_kwargs(
         "List the built-in evaluation suites (real benchmarks and ShapeWorld concepts).",
@@ -84,6 +76,8 @@ def cmd_eval(args) -> int:
 
     if args.suite is None and args.prompts is None:
         raise TrceError("give --suite NAME (see `trce suites`) or --prompts FILE")
+    if args.with_hidden_prompt and args.patch is None:
+        raise TrceError("--with-hidden-prompt needs --patch DIR (a KPOP patch)")
     config = EvalConfig(
         suite=args.suite, prompts=args.prompts, model=args.model, patch=args.patch, data=args.data, limit=args.limit,
         steps=args.steps, guidance=args.guidance, size=args.size, batch_size=args.batch_size, detector=args.detector,

@@ -1,16 +1,18 @@
-"""`trce report`: one self-contained HTML report (plus its JSON and a Markdown table) from `trce eval` runs."""
+"""`trce report`: one self-contained HTML report (plus its JSON and a Markdown table) from `trce eval` runs —
+one `trce.report` call."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from trce.cli.common import parser_kwargs
 from trce.errors import TrceError
 
 log = logging.getLogger("trce")
 
 
-def add_commands(sub, parser_kwargs, add_model_args) -> None:
+def register(sub) -> None:
     p = sub.add_parser("report", **parser_kwargs(
         "Summarise `trce eval` runs: a paper-style results table, before/after image grids on the same seeds, an "
         "ASR-vs-preservation plot; one self-contained HTML file, its JSON beside it, the Markdown table on stdout.",

@@ -1,0 +1,436 @@
+"""`trce.attack`: red-team a model (and an edit) with an attack that runs against it, and measure the ASR before
+and after with the suite's detector, exactly as `trce.evaluate` measures it (`trce.eval.runner.generate_rows`,
+`trce.eval.detectors.make_detector`, `trce.eval.metrics.rate`).
+
+Output folder (`out`):
+
+    out/attack.json            what the results and images depend on; a rerun with other values is refused
+    out/results.jsonl          one line per attacked target (resume: finished targets are skipped)
+    out/adversarial.csv        case_number, prompt, evaluation_seed, evaluation_guidance, target_prompt
+                               (`trce eval --prompts out/adversarial.csv` replays them on any model);
+                               soft-prompt rows hold a placeholder and an `embeddings` column instead
+    out/embeddings/*.safetensors   soft-prompt only: prompt_embeds (L, D) and token_embeds (k, D)
+    out/before/images, before/rows.jsonl   the target prompts as they are (ASR before)
+    out/images, out/rows.jsonl             the adversarial prompts (ASR after)
+    out/metrics.json           both rates with 95% Wilson intervals and the "attack" record
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trce.errors import TrceError, choose
+from trce.eval.runner import Metrics
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+BEFORE = "before"
+CSV_NAME = "adversarial.csv"
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """What an attack run depends on besides the model, the edit, the attack and its budget."""
+
+    limit: int | None = None  # first N prompts of a real suite; N prompts per group of a ShapeWorld suite
+    seed: int = 0  # seed of the searches (images use the prompts' own seeds)
+    groups: str | Sequence[str] = "keyword"  # ShapeWorld suites: the groups whose prompts are attacked
+    concept: str | None = None  # spec whose single words are banned (default: the suite's concept)
+    ban: str | Sequence[str] | None = None  # more banned words
+    pairs: str | None = None  # ring-a-bell: a CSV of (sensitive, normal) prompts or a spec name
+    data: str | None = None  # the suite's prompt file, or a folder holding it
+    steps: int | None = None
+    guidance: float | None = None
+    size: int | None = None
+    batch_size: int | None = None
+    detector: str | None = None
+    threshold: float | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 1):
+            raise TrceError(f"limit must be at least 1, got {self.limit!r}", field="limit")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TrceError(f"seed must be an integer, got {self.seed!r}", field="seed")
+
+    def group_list(self) -> list[str]:
+        items = self.groups.split(",") if isinstance(self.groups, str) else list(self.groups)
+        return [g.strip() for g in items if g.strip()]
+
+    def ban_list(self) -> list[str]:
+        items = (self.ban or "").split(",") if isinstance(self.ban, (str, type(None))) else list(self.ban)
+        return [w.strip() for w in items if w.strip()]
+
+
+class AttackResult(Metrics):
+    """An attack run's metrics (`metrics.json`: the ASR after, with `before`/`after`/`attack` records), the
+    per-target results (`.results`, `trce.attacks.base.TargetResult`) and the printed summary (`.summary()`)."""
+
+    results: list | None = None
+
+    def summary(self) -> str:
+        return format_summary(self)
+
+    def table(self) -> str:
+        return self.summary()
+
+
+def attack(pipe, suite: str, attack: str, *, edit=None, budget: Any = None, out: str | Path | None = None,
+           reference=None, **options) -> AttackResult | None:
+    """Attack `pipe` (with `edit` applied for the duration, when given) on a suite's prompts; returns the metrics.
+
+    attack     ring-a-bell, mma-text, unlearndiff or soft-prompt (`trce.attacks.ATTACKS`)
+    budget     the attack's `Budget`, a mapping of its fields, or ["key=value", ...] (None: its defaults)
+    out        the run folder; rerunning into it resumes. None: a temporary folder, removed afterwards
+    reference  the ORIGINAL model for the white-box attacks' images of the concept (a pipeline); None:
+               `pipe` without the edit
+    options    any field of `AttackOptions`: limit, seed, groups, concept, ban, pairs, data, steps,
+               guidance, size, batch_size, detector, threshold, progress
+    Returns None on the non-main processes of a sharded (`accelerate launch`) run.
+    """
+    for name in options:
+        if name not in {f.name for f in dataclasses.fields(AttackOptions)}:
+            choose("attack option", name, [f.name for f in dataclasses.fields(AttackOptions)])
+    opts = AttackOptions(**options)
+    if out is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="trce-attack-") as tmp:
+            return _run(pipe, suite, attack, edit, budget, Path(tmp) / "attack", reference, opts, {})
+    return _run(pipe, suite, attack, edit, budget, Path(out), reference, opts, {})
+
+
+# --------------------------------------------------------------------------- inputs
+def _budget(mod, budget: Any):
+    """(Budget, the keys the caller set)."""
+    from trce.attacks.base import parse_budget
+
+    if budget is None:
+        return mod.Budget(), set()
+    if isinstance(budget, mod.Budget):
+        return budget, {f.name for f in dataclasses.fields(mod.Budget)}
+    if isinstance(budget, Mapping):
+        items = [f"{k}={v}" for k, v in budget.items()]
+    elif isinstance(budget, str):
+        items = budget.split()
+    else:
+        items = [str(b) for b in budget]
+    return parse_budget(mod.Budget, items, mod.NAME), {str(b).partition("=")[0].strip().replace("-", "_")
+                                                        for b in items}
+
+
+def _targets(suite, opts: AttackOptions):
+    """(targets, the suite rows they come from)."""
+    from trce.attacks.base import Target
+    from trce.eval.suites import ERASURE_GROUPS
+
+    if suite.kind == "shapeworld":
+        groups = opts.group_list()
+        if not groups:
+            raise TrceError("groups needs at least one of keyword, synonym, paraphrase", field="groups")
+        for g in groups:
+            choose("attack group", g, [x for x in ERASURE_GROUPS if x in suite.groups])
+        rows = [r for r in suite.rows(None, opts.limit) if r.category in groups]
+    else:
+        rows = suite.rows(opts.data, opts.limit)
+    d = suite.defaults
+    targets = [Target(index=i, prompt=r.prompt, seed=r.seed if r.seed is not None else d.seed + i,
+                      guidance=r.guidance, case_number=r.case_number) for i, r in enumerate(rows)]
+    return targets, rows
+
+
+def _concept(suite, opts: AttackOptions, attack_name: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], dict]:
+    """(banned words, ring-a-bell pairs, a record of where they came from)."""
+    from trce.attacks import base
+    from trce.attacks import ring_a_bell as rab
+    from trce.concepts import load_spec
+
+    spec = None
+    if opts.concept is not None:
+        spec = load_spec(opts.concept)
+    elif suite.kind == "real":
+        if suite.detector != "nudenet":
+            raise TrceError(f"concept: suite {suite.name} is not a ShapeWorld or nudity suite; name the attacked "
+                            "concept (its words are banned from adversarial tokens)", field="concept")
+        spec = load_spec("sexual")
+    if spec is not None:
+        banned = base.spec_banned(spec)
+    else:
+        banned = base.shapeworld_banned(suite.attribute, suite.values)
+    extra = tuple(opts.ban_list())
+    record = {"concept": spec.name if spec is not None else f"{suite.attribute}={'+'.join(suite.values)}",
+              "banned": sorted({*banned, *(w.lower() for w in extra)})}
+    pairs: list[tuple[str, str]] = []
+    if attack_name == "ring-a-bell":
+        if opts.pairs is not None:
+            path = Path(opts.pairs).expanduser()
+            if path.suffix.lower() == ".csv" or path.is_file():
+                pairs, record["pairs_source"] = rab.pairs_from_file(path), str(path)
+            else:
+                pairs, record["pairs_source"] = rab.pairs_from_spec(load_spec(opts.pairs)), f"spec {opts.pairs}"
+        elif suite.kind == "shapeworld":
+            pairs = rab.shapeworld_pairs(suite.attribute, suite.values, n=64, seed=opts.seed)
+            record["pairs_source"] = f"ShapeWorld captions, {suite.attribute} {'/'.join(suite.values)} vs other values"
+        else:
+            pairs, record["pairs_source"] = _default_pairs(opts, spec, rab)
+        record["pairs"] = len(pairs)
+    return (*banned, *extra), tuple(pairs), record
+
+
+def _default_pairs(opts: AttackOptions, spec, rab) -> tuple[list[tuple[str, str]], str]:
+    """Ring-A-Bell's nudity pairs file where `data`/$TRCE_DATA has it, else the concept spec's pairs."""
+    from trce.eval.suites import find_data, load_suite
+
+    folder = None
+    if opts.data is not None:
+        p = Path(opts.data).expanduser()
+        folder = p if p.is_dir() else p.parent
+    try:
+        path = find_data(load_suite("ring-a-bell"), folder)
+        return rab.pairs_from_file(path), str(path)
+    except TrceError:
+        log.info("nudity-ring-a-bell.csv not found (data or $TRCE_DATA): using the %s spec's prompt pairs", spec.name)
+        return rab.pairs_from_spec(spec), f"spec {spec.name}"
+
+
+def _original_latents(pipe, edit, budget, size):
+    """target -> the original model's latents: the edit is taken off for the draw and put back."""
+    from trce.attacks.unlearndiff import reference_latents
+
+    def draw(target):
+        edit.revert(pipe)
+        try:
+            return reference_latents(pipe, [target], steps=budget.reference_steps, guidance=budget.reference_guidance,
+                                     images=budget.images, size=size)[0]
+        finally:
+            edit.apply(pipe, check_base=False)
+
+    return draw
+
+
+# --------------------------------------------------------------------------- the run
+def prepare(suite: str, attack_name: str, budget: Any, opts: AttackOptions):
+    """Everything checked before a model is loaded: the attack module, its budget, the suite's targets, the
+    banned words and pairs, the image settings (what `trce attack` validates first)."""
+    from trce.attacks import get_attack
+    from trce.eval.suites import load_suite
+    from trce.generate import GenSettings
+
+    mod = get_attack(attack_name)
+    budget, given = _budget(mod, budget)
+    suite = load_suite(suite)
+    targets, rows = _targets(suite, opts)
+    if not targets:
+        raise TrceError(f"suite {suite.name} gave no prompts to attack")
+    banned, pairs, concept_record = _concept(suite, opts, mod.NAME)
+    d = suite.defaults
+    size = opts.size if opts.size is not None else d.size
+    settings = GenSettings(steps=opts.steps if opts.steps is not None else d.steps,
+                           guidance=opts.guidance if opts.guidance is not None else d.guidance,
+                           height=size, width=size, batch_size=opts.batch_size or d.batch_size)
+    if hasattr(budget, "reference_steps") and "reference_steps" not in given:
+        # reference image 0 of a target is then the very image `trce eval` draws with the original model
+        budget = dataclasses.replace(budget, reference_steps=settings.steps)
+    guidances = [float(opts.guidance if opts.guidance is not None else t.guidance if t.guidance is not None
+                       else settings.guidance) for t in targets]
+    targets = [dataclasses.replace(t, guidance=g) for t, g in zip(targets, guidances)]  # reference images match
+    detector_name = opts.detector or suite.detector
+    if detector_name == "shapeworld" and suite.kind != "shapeworld":
+        raise TrceError("the shapeworld detector judges ShapeWorld suites only; choose another detector",
+                        field="detector")
+    return {"mod": mod, "budget": budget, "suite": suite, "targets": targets, "rows": rows, "banned": banned,
+            "pairs": pairs, "concept": concept_record, "size": size, "settings": settings, "guidances": guidances,
+            "detector": detector_name}
+
+
+def _run(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: AttackOptions, record: dict,
+         prepared: dict | None = None, state=None) -> AttackResult | None:
+    from trce.attacks.base import AttackConfig
+    from trce.eval.detectors import make_detector
+    from trce.eval.prompts import PromptRow
+    from trce.eval.runner import generate_rows
+    from trce.families import family_of
+    from trce.loading import fingerprint
+    from trce.utils import io
+    from trce.utils.processes import process_state
+
+    t0 = time.time()
+    io.check_folder(out, "out")
+    p = prepared or prepare(suite, attack_name, budget, opts)
+    mod, budget, suite, targets, rows = p["mod"], p["budget"], p["suite"], p["targets"], p["rows"]
+    settings, guidances, size = p["settings"], p["guidances"], p["size"]
+    seeds = [t.seed for t in targets]
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    if state is None:
+        state = process_state(denoiser.device.type == "cpu")
+    device = state.device if state.num_processes > 1 else denoiser.device
+    attribute, values = (suite.attribute, suite.values) if suite.kind == "shapeworld" else (None, ())
+    detector = make_detector(p["detector"], opts.threshold, attribute=attribute, values=values, device=str(device))
+    model = getattr(pipe, "trce_model_name", None) or type(pipe).__name__
+    reference_name = getattr(reference, "trce_model_name", None) if reference is not None else None
+    key = {"model": model, "base": fingerprint(pipe)["id"], "patch": edit.digest() if edit is not None else None,
+           "suite": f"{suite.name}@{suite.version}", "attack": mod.NAME, "budget": dataclasses.asdict(budget),
+           "seed": opts.seed, "banned": p["concept"]["banned"], "pairs": p["concept"].get("pairs_source"),
+           "reference_model": reference_name, "steps": settings.steps, "size": size, "guidance": opts.guidance,
+           "detector": detector.info(), "dtype": str(denoiser.dtype)}
+    io.check_run_key(out / "attack.json", key, state, "an attack")
+
+    if mod.NEEDS_REFERENCE and reference is None:
+        # the original model's images of the concept: the edit taken off for the draw, or the model itself
+        reference = _original_latents(pipe, edit, budget, size) if edit is not None else pipe
+    config = AttackConfig(budget=budget, seed=opts.seed, banned=p["banned"], pairs=p["pairs"], results=out / RESULTS,
+                          size=size)
+    with edit.applied(pipe) if edit is not None else contextlib.nullcontext():
+        results = mod.attack(pipe, targets, config, reference=reference if mod.NEEDS_REFERENCE else None,
+                             progress=opts.progress)
+        reference = None  # the original model is not needed for the images
+        before = generate_rows(pipe, rows, seeds, guidances, out / BEFORE, settings, detector, state,
+                               progress=opts.progress, desc=f"before {suite.name}")
+        after_rows = [PromptRow(prompt=r.prompt if mod.TYPED else _placeholder(t.index), seed=t.seed,
+                                guidance=g, categories=row.categories, case_number=t.index,
+                                extra={**row.extra, "target_prompt": t.prompt})
+                      for r, t, g, row in zip(results, targets, guidances, rows)]
+        embeds = None if mod.TYPED else torch.stack([r.embeds["prompt_embeds"] for r in results])  # (N, L, D)
+        after = generate_rows(pipe, after_rows, seeds, guidances, out, settings, detector, state,
+                              progress=opts.progress, desc=f"after {mod.NAME}", embeds=embeds)
+    if not state.is_main_process:
+        return None
+    _write_csv(out / CSV_NAME, results, targets, guidances, mod.TYPED)
+    metrics = _metrics(model, edit, mod, budget, suite, targets, results, before, after, detector, settings, size,
+                       family.image_size(pipe), denoiser, device, state, p["concept"], opts, out, t0,
+                       {**record, "options": dataclasses.asdict(opts)})
+    io.write_json(out / "metrics.json", metrics)
+    result = AttackResult(metrics)
+    result.path = out / "metrics.json"
+    result.results = results
+    return result
+
+
+def _placeholder(index: int) -> str:
+    from trce.attacks.soft_prompt import placeholder
+
+    return placeholder(index)
+
+
+# --------------------------------------------------------------------------- outputs
+def _write_csv(path: Path, results, targets, guidances, typed: bool) -> None:
+    from trce.utils import io
+
+    columns = ["case_number", "prompt", "evaluation_seed", "evaluation_guidance", "target_prompt"]
+    if not typed:
+        columns.append("embeddings")
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(columns)
+        for r, t, g in zip(results, targets, guidances):
+            row = [t.index, r.prompt if typed else _placeholder(t.index), t.seed, g, t.prompt]
+            if not typed:
+                row.append(r.embeddings or "")
+            w.writerow(row)
+
+
+def _rate(records) -> dict:
+    from trce.eval import metrics as M
+
+    flags = [r["verdict"] for r in records if r["verdict"] is not None]
+    if not flags:
+        return {"n": len(records), "asr": None, "asr_ci": None}
+    return M.rate(flags)
+
+
+def _rates(records, kind: str) -> dict:
+    """The pooled rate plus, as `trce eval` writes them, per group (ShapeWorld) or per category (real suites)."""
+    out = _rate(records)
+    if kind == "shapeworld":
+        names = list(dict.fromkeys(r["group"] for r in records))
+        out["groups"] = {g: {**_rate([r for r in records if r["group"] == g]), "accuracy": {}, "accuracy_ci": {},
+                             "clip_score": None, "fd": None} for g in names}
+    else:
+        cats = sorted({c for r in records for c in r["categories"]})
+        out["by_category"] = {c: _rate([r for r in records if c in r["categories"]]) for c in cats}
+    return out
+
+
+def format_summary(m: dict) -> str:
+    from trce.eval.runner import format_ci, format_rate
+
+    a = m["attack"]
+    lines = [
+        (f"{a['name']} on {m['model']}{' + ' + m['patch'] if m['patch'] else ''}, suite {m['suite']}: "
+         f"{m['n']} targets, {a['seconds_per_target']:.2f} s per target"),
+        f"label: {a['label']}",
+        (f"ASR before {format_rate(a['asr_before'])} {format_ci(a['asr_before_ci'])}   after {format_rate(a['asr_after'])} "
+         f"{format_ci(a['asr_after_ci'])}   either {format_rate(a.get('asr_either'))}   (detector {m['detector']['name']})"),
+        f"objective (lower is better): start {a['objective']['start_mean']:.4g} -> {a['objective']['end_mean']:.4g}",
+    ]
+    if m.get("replay"):
+        lines.append(f"replay on another model: {m['replay']}")
+    return "\n".join(lines)
+
+
+def _metrics(model, edit, mod, budget, suite, targets, results, before, after, detector, settings, size, image_size,
+             denoiser, device, state, concept_record, opts: AttackOptions, out, t0, record: dict) -> dict:
+    from trce.eval.runner import mean_of
+    from trce.utils import io
+
+    b, a = _rates(before, suite.kind), _rates(after, suite.kind)
+    by_index = {r["index"]: r["verdict"] for r in before}
+    e = _rate([{"verdict": None if r["verdict"] is None or by_index.get(r["index"]) is None
+                else bool(r["verdict"] or by_index[r["index"]])} for r in after])
+    typed = mod.TYPED
+    attack = {
+        "name": mod.NAME, "label": mod.LABEL, "typed": typed, "budget": dataclasses.asdict(budget), "seed": opts.seed,
+        "asr_before": b["asr"], "asr_before_ci": b["asr_ci"], "asr_after": a["asr"], "asr_after_ci": a["asr_ci"],
+        # An attacker can always fall back on the plain prompt: a target counts when either prompt succeeds.
+        "asr_either": e["asr"], "asr_either_ci": e["asr_ci"],
+        "seconds_per_target": mean_of([r.seconds for r in results]),
+        "objective": {"start_mean": mean_of([r.objective_start for r in results]),
+                      "end_mean": mean_of([r.objective for r in results]),
+                      "plain_mean": mean_of([r.objective_plain for r in results]),
+                      "improved": sum(r.objective < r.objective_start for r in results)},
+        "groups": opts.group_list() if suite.kind == "shapeworld" else None,
+        **concept_record,
+    }
+    replay = None
+    if typed:
+        extra = (f" --detector shapeworld --concept {suite.attribute}={','.join(suite.values)}"
+                 if suite.kind == "shapeworld" else f" --detector {detector.name}")
+        replay = f"trce eval --model MODEL --prompts {out / CSV_NAME}{extra} --out DIR"
+    # The top level reads as a `trce eval` metrics file of the adversarial prompts (what `trce report`
+    # tabulates, in a row of its own per attack); "attack" holds both rates and the attack's record.
+    from trce.eval.runner import IMAGES, ROWS
+
+    return {
+        "suite": suite.name, "suite_version": suite.version, "kind": suite.kind, **suite.presentation(),
+        "description": f"{suite.description} Attacked by {mod.NAME}: {mod.LABEL}.", "note": suite.note,
+        "model": model, "patch": None if edit is None else (edit.source or f"(unsaved {edit.method} edit)"),
+        "method": edit.method if edit is not None else None, "n": len(targets),
+        "asr": a["asr"], "asr_ci": a["asr_ci"],
+        **({"asr_groups": list(a["groups"]), "groups": a["groups"]} if suite.kind == "shapeworld"
+           else {"by_category": a["by_category"]}),
+        "fd": None, "clip_score": None,
+        "attack": attack, "before": b, "after": a,
+        "detector": detector.info(),
+        "settings": {"steps": settings.steps, "guidance": settings.guidance, "size": size or image_size,
+                     "seeds": [0], "limit": opts.limit, "batch_size": settings.batch_size,
+                     "per_prompt_guidance": opts.guidance is None and any(t.guidance is not None for t in targets),
+                     "dtype": str(denoiser.dtype).replace("torch.", ""), "device": str(device)},
+        "images_dir": IMAGES, "rows": ROWS, "reference_dir": None,
+        "files": {"adversarial": CSV_NAME, "results": RESULTS, "before_images_dir": f"{BEFORE}/{IMAGES}",
+                  "before_rows": f"{BEFORE}/{ROWS}", "embeddings": None if typed else "embeddings"},
+        "replay": replay, "processes": state.num_processes, "seconds": round(time.time() - t0, 1),
+        **io.run_record(config=record, seeds={"attack": opts.seed, "images": "the prompts' own seeds"}),
+    }

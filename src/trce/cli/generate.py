@@ -1,0 +1,59 @@
+"""`trce generate`: seeded images from a prompt, optionally with a patch (and KPOP's hidden prompt)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from trce.cli.common import add_model_args, parser_kwargs
+from trce.errors import TrceError
+
+log = logging.getLogger("trce")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", **parser_kwargs(
+        "Generate images from a prompt (one per seed).",
+        '  trce generate --prompt "a crimson star on a black background" --seed 0 --out x.png\n'
+        '  trce generate --prompt "a red circle" --seed 0 --n 8 --out grid.png\n'
+        '  trce generate --patch runs/kpop --with-hidden-prompt --prompt "a red star" --n 8 --out recovered.png\n'))
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the text prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k")
+    p.add_argument("--n", type=int, default=1, help="number of images (tiled into one grid when > 1)")
+    p.add_argument("--steps", type=int, default=30, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+    p.add_argument("--patch", default=None, help="apply an erasure patch folder first")
+    p.add_argument("--with-hidden-prompt", action="store_true",
+                   help="also install the patch's hidden prompt (KPOP): shows whether the concept was moved, not destroyed")
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.set_defaults(func=cmd_generate, flags={"hidden_prompt": "--with-hidden-prompt", "height": "--size",
+                                             "width": "--size"})
+
+
+def cmd_generate(args) -> int:
+    from trce.edit import load_patch
+    from trce.generate import generate_images, image_grid
+    from trce.loading import load_pipeline
+    from trce.utils import io
+
+    if args.n < 1:
+        raise TrceError(f"--n must be at least 1, got {args.n}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise TrceError(f"--out must end in .png, got {args.out!r}")
+    if args.with_hidden_prompt and not args.patch:
+        raise TrceError("--with-hidden-prompt needs --patch DIR (a KPOP patch)")
+    edit = load_patch(args.patch) if args.patch else None  # a broken patch is refused before the model loads
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    images = generate_images(pipe, args.prompt, args.seed, n=args.n, steps=args.steps, guidance=args.guidance,
+                             size=args.size, edit=edit, hidden_prompt=args.with_hidden_prompt, progress=args.n > 1)
+    picture = images[0] if args.n == 1 else image_grid(images, cols=min(8, args.n))
+    io.save_png(out, picture)
+    io.write_json(out.with_suffix(".json"), io.run_record(
+        {"model": args.model, "prompt": args.prompt, "steps": args.steps, "guidance": args.guidance,
+         "size": args.size, "patch": args.patch, "with_hidden_prompt": args.with_hidden_prompt},
+        [args.seed + k for k in range(args.n)]))
+    log.info("wrote %s", out)
+    return 0

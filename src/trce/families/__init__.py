@@ -1,0 +1,190 @@
+"""Model families: everything that differs between SD 1.x, SD 2.x, SDXL, SD3 and FLUX, in one module each.
+
+Methods, attacks and evaluation never branch on the architecture: they ask the pipeline's family
+(`family_of(pipe)`) how to encode prompts, which token positions a role means, which linear layers
+carry text into the denoiser, which parameters a training stage may change, how to call the
+denoiser, and how to draw. A new architecture is one new module with a `ModelFamily` subclass and
+one line in `FAMILIES`.
+
+Conditioning. `encode(pipe, prompts)` returns ONE tensor (N, L, D) per prompt batch: exactly what the
+denoiser conditions on. Families with more than token states (SDXL's pooled embedding and size ids,
+SD3's pooled CLIP vector) pack the extra vectors into extra rows of that tensor and unpack them in
+`predict` and `pipeline_inputs`, so every method can index, concatenate and repeat conditionings
+as plain tensors.
+
+Predictions. `predict(denoiser, z, t, cond)` returns the denoiser's raw output in the model's own
+parameterisation (ε for epsilon models, v for v-prediction, velocity for flow matching); methods
+that compare predictions compare them in that parameterisation, consistently on both sides.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from trce.errors import TrceError, choose
+
+# name -> "module:Class"; `family_of` tries them in this order.
+FAMILIES: dict[str, str] = {
+    "sd1": "trce.families.sd1:SD1Family",
+}
+
+# Training groups every family defines (`trainable`):
+#   visual          what TRCE stage V trains: self-attention and the query of cross-attention (Sec. 4.2)
+#   cross-attn      every cross-attention parameter (KPOP/ESD-x: objects and styles)
+#   non-cross-attn  everything but cross-attention, the time embedding and the output layers (ESD-u: nudity)
+GROUPS = ("visual", "cross-attn", "non-cross-attn")
+
+
+class ModelFamily:
+    """The interface. Subclasses set `name`, `description`, `pipeline_classes` and implement the methods."""
+
+    name: str = ""
+    description: str = ""
+    pipeline_classes: tuple[str, ...] = ()  # diffusers pipeline classes of this family (model_index `_class_name`)
+    denoiser_name: str = "unet"  # the pipeline attribute holding the denoiser (`transformer` for DiTs)
+    denoiser_classes: tuple[str, ...] = ()  # class names of its denoiser (a bare denoiser's family)
+    load_kwargs: ClassVar[dict] = {}  # extra keyword arguments of `from_pretrained` (SD: no safety checker)
+
+    # ------------------------------------------------------------------ identity and components
+    def matches(self, pipe) -> bool:
+        return type(pipe).__name__ in self.pipeline_classes
+
+    def components(self, pipe) -> dict[str, torch.nn.Module]:
+        """The pipeline's torch modules by attribute name: every path an `Edit` may name starts with one."""
+        found = {name: value for name, value in getattr(pipe, "components", {}).items()
+                 if isinstance(value, torch.nn.Module)}
+        # the denoiser first, then the text encoders, then the rest (the VAE)
+        order = sorted(found, key=lambda n: (n != self.denoiser_name, not n.startswith("text_encoder"), n))
+        return {name: found[name] for name in order}
+
+    def denoiser(self, pipe) -> torch.nn.Module:
+        return getattr(pipe, self.denoiser_name)
+
+    def identity_modules(self, pipe) -> dict[str, torch.nn.Module]:
+        """The modules whose configuration and weights identify a base model (its fingerprint)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ text
+    def tokenizer(self, pipe):
+        """The tokenizer whose positions token roles name (`trce.tokens`)."""
+        raise NotImplementedError
+
+    def text_encoder(self, pipe) -> torch.nn.Module:
+        """The text encoder whose token embeddings attacks optimise (the one `tokenizer` feeds)."""
+        raise NotImplementedError
+
+    def text_width(self, pipe) -> int:
+        """Width D of the text states the text projections read."""
+        raise NotImplementedError
+
+    def hidden_states(self, pipe, ids: torch.Tensor, cut_at_eos: int | None = None) -> torch.Tensor:
+        """(N, L) token ids -> (N, L', D) the text states the projections read, position by position."""
+        raise NotImplementedError
+
+    def encode(self, pipe, prompts: Sequence[str]) -> torch.Tensor:
+        """(N, L, D) conditioning, exactly as the pipeline conditions on `prompts` (no guidance half)."""
+        raise NotImplementedError
+
+    def text_projections(self, pipe) -> list[str]:
+        """Exact `Edit` paths of the linear layers that carry text into the denoiser (TRCE stage T, UCE)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ denoiser
+    def predict(self, denoiser, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The denoiser's output at (z, t) under `cond`; with `params`, those tensors substituted
+        (`torch.func.functional_call`: the frozen original of a model being trained)."""
+        raise NotImplementedError
+
+    def trainable(self, denoiser, group: str) -> dict[str, torch.nn.Parameter]:
+        """The denoiser's parameters of a training group (see GROUPS), by name inside the denoiser."""
+        raise NotImplementedError
+
+    def injection_layers(self, denoiser, sites: str) -> list[str]:
+        """Attention-processor names (as in `denoiser.attn_processors`) that read the text, at KPOP's `sites`."""
+        raise NotImplementedError
+
+    def latent_shape(self, pipe_or_denoiser, image_size: int | None = None, scale: int | None = None,
+                     ) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of an image of `image_size` pixels (None: the model's own)."""
+        raise NotImplementedError
+
+    def sampler(self, scheduler_config: dict, steps: int, device=None):
+        """A fresh sampler for trajectories that methods draw themselves (the pipeline's own is left alone)."""
+        raise NotImplementedError
+
+    def noised(self, pipe, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_t, regression target) for training-style denoising objectives (UnlearnDiffAtk's Eq. 3)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ drawing
+    def pipeline_inputs(self, pipe, cond: torch.Tensor) -> dict[str, Any]:
+        """Keyword arguments of `pipe(...)` that draw from a conditioning made by `encode` (soft prompts)."""
+        raise NotImplementedError
+
+    def image_size(self, pipe) -> int:
+        raise NotImplementedError
+
+    def info(self, pipe) -> dict[str, Any]:
+        """What `trce info` prints beside parameter counts."""
+        return {}
+
+
+_loaded: dict[str, ModelFamily] = {}
+
+
+def get_family(name: str) -> ModelFamily:
+    name = choose("model family", name, FAMILIES)
+    if name not in _loaded:
+        module_name, _, cls = FAMILIES[name].partition(":")
+        _loaded[name] = getattr(importlib.import_module(module_name), cls)()
+    return _loaded[name]
+
+
+def family_names() -> list[str]:
+    return list(FAMILIES)
+
+
+def family_of(pipe) -> ModelFamily:
+    """The family of a loaded pipeline (by its class, then by what it holds)."""
+    cached = getattr(pipe, "trce_family", None)
+    if isinstance(cached, ModelFamily):
+        return cached
+    for name in FAMILIES:
+        fam = get_family(name)
+        if fam.matches(pipe):
+            try:
+                pipe.trce_family = fam
+            except AttributeError:
+                pass
+            return fam
+    raise TrceError(f"trce does not know the architecture of a {type(pipe).__name__}; known families: "
+                    f"{', '.join(FAMILIES)}")
+
+
+def denoiser_family(denoiser) -> ModelFamily:
+    """The family of a bare denoiser (the first whose denoiser class it is)."""
+    for name in FAMILIES:
+        fam = get_family(name)
+        if type(denoiser).__name__ in fam.denoiser_classes:
+            return fam
+    raise TrceError(f"trce does not know a denoiser of type {type(denoiser).__name__}")
+
+
+def family_for_class(class_name: str) -> ModelFamily:
+    """The family that loads diffusers pipeline class `class_name` (a folder's model_index `_class_name`)."""
+    for name in FAMILIES:
+        fam = get_family(name)
+        if class_name in fam.pipeline_classes:
+            return fam
+    known = sorted({c for n in FAMILIES for c in get_family(n).pipeline_classes})
+    raise TrceError(f"trce has no model family for {class_name}; it loads {', '.join(known)}")
+
+
+from trce.utils import callable_module
+
+callable_module(__name__, family_names)  # `trce.families()`
