@@ -11,7 +11,7 @@ import torch
 from trce.errors import TrceError
 from trce.families import family_of
 from trce.methods.esd import ESDConfig, erase_esd
-from trce.testing import assert_one_line_error
+from trce.testing import Killed, assert_one_line_error, die_after_checkpoint
 
 ERASE = ["a red circle", "a crimson disc"]
 FAST = {"iterations": 4, "ddim_steps": 4, "lr": 1e-3}
@@ -50,32 +50,22 @@ def test_training_lowers_the_loss(tiny_pipe):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_checkpoints_resume_to_the_same_result(tiny_pipe, tmp_path, monkeypatch):
     from trce.methods import esd
 
     cfg = ESDConfig(iterations=6, ddim_steps=3, lr=1e-3)
     ckpt = tmp_path / "ckpt"
     first = erase_esd(tiny_pipe, ERASE, cfg, progress=False)  # uninterrupted
-    save = esd.save_state
-
-    def save_then_die(*args, **kwargs):  # as if killed right after the checkpoint of iteration 3
-        save(*args, **kwargs)
-        raise _Killed
-
-    monkeypatch.setattr(esd, "save_state", save_then_die)
-    with pytest.raises(_Killed):
+    die_after_checkpoint(monkeypatch, esd)  # as if killed right after the checkpoint of iteration 3
+    with pytest.raises(Killed):
         erase_esd(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
-    monkeypatch.setattr(esd, "save_state", save)
+    monkeypatch.undo()
     resumed = erase_esd(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
     assert resumed.info["resumed_from"] == 3 and resumed.info["history"] == first.info["history"]
     assert all(torch.equal(resumed.weights[k], v) for k, v in first.weights.items())
     assert not ckpt.exists()  # a finished run removes its checkpoints
-    monkeypatch.setattr(esd, "save_state", save_then_die)
-    with pytest.raises(_Killed):
+    die_after_checkpoint(monkeypatch, esd)
+    with pytest.raises(Killed):
         erase_esd(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
     with pytest.raises(TrceError, match="differs in: lr"):
         erase_esd(tiny_pipe, ERASE, dataclasses.replace(cfg, lr=1e-4), progress=False, checkpoint_dir=ckpt)

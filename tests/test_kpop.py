@@ -19,6 +19,7 @@ from trce.methods.kpop import (
     hidden_prompt_installed,
 )
 from trce.prompt_injection import PromptInjectionProcessor
+from trce.testing import Killed, die_after_checkpoint
 
 ERASE = ["a red circle", "a crimson disc"]
 FAST = {"iterations": 4, "ddim_steps": 4, "lr": 1e-3, "prompt_lr": 1e-2}
@@ -88,34 +89,24 @@ def test_the_patch_round_trips_with_its_hidden_prompt(tiny_pipe, tmp_path, mode,
     assert torch.equal(hidden_prompt(combined)[0], edit.extras["hidden_prompt"])
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_checkpoints_resume_to_the_same_result(tiny_pipe, tmp_path, monkeypatch):
     from trce.methods import kpop
 
     cfg = KPOPConfig(iterations=6, ddim_steps=3, lr=1e-3, prompt_lr=1e-2)
     ckpt = tmp_path / "ckpt"
     first = erase_kpop(tiny_pipe, ERASE, cfg, progress=False)  # uninterrupted
-    save = kpop.save_state
-
-    def save_then_die(*args, **kwargs):  # as if killed right after the checkpoint of iteration 3
-        save(*args, **kwargs)
-        raise _Killed
-
-    monkeypatch.setattr(kpop, "save_state", save_then_die)
-    with pytest.raises(_Killed):
+    die_after_checkpoint(monkeypatch, kpop)  # as if killed right after the checkpoint of iteration 3
+    with pytest.raises(Killed):
         erase_kpop(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
-    monkeypatch.setattr(kpop, "save_state", save)
+    monkeypatch.undo()
     assert [p.name for p in ckpt.glob("step-*")] == ["step-00000003"]
     resumed = erase_kpop(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
     assert resumed.info["resumed_from"] == 3 and not ckpt.exists()  # a finished run removes its checkpoints
     assert all(torch.equal(resumed.weights[k], v) for k, v in first.weights.items())
     assert torch.equal(resumed.extras["hidden_prompt"], first.extras["hidden_prompt"])
     assert resumed.info["history"] == first.info["history"]
-    monkeypatch.setattr(kpop, "save_state", save_then_die)
-    with pytest.raises(_Killed):
+    die_after_checkpoint(monkeypatch, kpop)
+    with pytest.raises(Killed):
         erase_kpop(tiny_pipe, ERASE, cfg, progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
     with pytest.raises(TrceError, match="differs in: lam"):
         erase_kpop(tiny_pipe, ERASE, dataclasses.replace(cfg, lam=0.5), progress=False, checkpoint_dir=ckpt)

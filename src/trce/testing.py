@@ -57,3 +57,19 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert len(lines) == 1, err
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+class Killed(Exception):
+    """Raised by `die_after_checkpoint`: the run stops as if killed right after writing a checkpoint."""
+
+
+def die_after_checkpoint(monkeypatch, module, name: str = "save_state") -> None:
+    """Make `module.<name>` (a training stage's checkpoint writer) save, then raise `Killed`; `monkeypatch.undo()`
+    or a new `monkeypatch.setattr` restores it."""
+    save = getattr(module, name)
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(module, name, save_then_die)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from trce.errors import TrceError, choose
-from trce.eval.runner import Metrics
+from trce.eval.runner import ImageOptions, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ CSV_NAME = "adversarial.csv"
 
 
 @dataclass(frozen=True)
-class AttackOptions:
+class AttackOptions(ImageOptions):
     """What an attack run depends on besides the model, the edit, the attack and its budget."""
 
     limit: int | None = None  # first N prompts of a real suite; N prompts per group of a ShapeWorld suite
@@ -50,12 +50,6 @@ class AttackOptions:
     ban: str | Sequence[str] | None = None  # more banned words
     pairs: str | None = None  # ring-a-bell: a CSV of (sensitive, normal) prompts or a spec name
     data: str | None = None  # the suite's prompt file, or a folder holding it
-    steps: int | None = None
-    guidance: float | None = None
-    size: int | None = None
-    batch_size: int | None = None
-    detector: str | None = None
-    threshold: float | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ import json
 import logging
 from pathlib import Path
 
-from trce.cli.common import IMAGE_OPTIONS, add_image_args, add_model_args, parser_kwargs
+from trce.cli.common import add_image_args, add_model_args, image_options, parser_kwargs
 
 log = logging.getLogger("trce")
 
@@ -69,7 +69,7 @@ def cmd_attack(args) -> int:
 
     options = AttackOptions(limit=args.limit, seed=args.seed, groups=args.groups, concept=args.concept, ban=args.ban,
                             pairs=args.pairs, data=args.data, progress=not args.no_progress,
-                            **{k: getattr(args, k) for k in IMAGE_OPTIONS})
+                            **image_options(args))
     prepared = prepare(args.suite, args.attack, args.budget, options)  # every input checked before the model loads
     edit = load_patch(args.patch) if args.patch is not None else None
     cpu = args.device == "cpu" or not torch.cuda.is_available()

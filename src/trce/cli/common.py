@@ -44,7 +44,13 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, help="detector threshold (nudenet: 0.45)")
 
 
-IMAGE_OPTIONS = ("steps", "guidance", "size", "batch_size", "detector", "threshold")
+def image_options(args) -> dict[str, Any]:
+    """The `add_image_args` flags as `trce.eval.runner.ImageOptions` fields."""
+    from dataclasses import fields
+
+    from trce.eval.runner import ImageOptions
+
+    return {f.name: getattr(args, f.name) for f in fields(ImageOptions)}
 
 
 def flag(field: str, renamed: dict[str, str] | None = None) -> str:

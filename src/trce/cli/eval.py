@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from trce.cli.common import add_image_args, add_model_args, parser_kwargs
+from trce.cli.common import add_image_args, add_model_args, image_options, parser_kwargs
 from trce.errors import TrceError
 
 log = logging.getLogger("trce")
@@ -80,8 +80,7 @@ def cmd_eval(args) -> int:
         raise TrceError("--with-hidden-prompt needs --patch DIR (a KPOP patch)")
     config = EvalConfig(
         suite=args.suite, prompts=args.prompts, model=args.model, patch=args.patch, data=args.data, limit=args.limit,
-        steps=args.steps, guidance=args.guidance, size=args.size, batch_size=args.batch_size, detector=args.detector,
-        threshold=args.threshold, seeds=args.seeds, concept=args.concept, clip_weights=args.clip_weights,
+        **image_options(args), seeds=args.seeds, concept=args.concept, clip_weights=args.clip_weights,
         inception_weights=args.inception_weights, q16_weights=args.q16_weights, reference=args.reference,
         reference_cache=args.reference_cache, device=args.device, dtype=args.dtype, progress=not args.no_progress,
         hidden_prompt=args.with_hidden_prompt,

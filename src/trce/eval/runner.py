@@ -52,19 +52,25 @@ REFERENCE = "reference"
 
 
 @dataclass(frozen=True)
-class EvalOptions:
-    """What an evaluation depends on besides the model and the edit (`trce.evaluate`'s keyword arguments)."""
+class ImageOptions:
+    """How images are drawn and judged (None: the suite's defaults): what `trce.evaluate` and `trce.attack` share."""
 
-    suite: str | None = None  # a built-in suite name or a suite YAML path
-    prompts: str | None = None  # instead of a suite: any prompt file (every layout of trce.eval.prompts)
-    data: str | None = None
-    limit: int | None = None  # rows of a real suite; rows per group of a ShapeWorld suite
     steps: int | None = None
     guidance: float | None = None  # when set, overrides the prompt file's per-prompt guidance
     size: int | None = None
     batch_size: int | None = None
     detector: str | None = None
     threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalOptions(ImageOptions):
+    """What an evaluation depends on besides the model and the edit (`trce.evaluate`'s keyword arguments)."""
+
+    suite: str | None = None  # a built-in suite name or a suite YAML path
+    prompts: str | None = None  # instead of a suite: any prompt file (every layout of trce.eval.prompts)
+    data: str | None = None
+    limit: int | None = None  # rows of a real suite; rows per group of a ShapeWorld suite
     seeds: tuple[int, ...] = (0,)  # seed offsets; 0 keeps the suite's own seeds
     concept: str | None = None  # "attribute=value[,value]" for the shapeworld detector outside ShapeWorld suites
     clip_weights: str | None = None
