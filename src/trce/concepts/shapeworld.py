@@ -1,4 +1,5 @@
-"""Prompt pairs and preservation captions for ShapeWorld concept specs, from the world's own grammar.
+"""Prompt pairs and preservation captions for ShapeWorld concept specs, from the world's grammar and its open
+language (`trce.shapeworld.language`), `spec` forms only.
 
 A ShapeWorld caption's noun phrase is `[pattern] [color] shape [color-paraphrase] [pattern-paraphrase]`:
 keywords and synonyms go before the shape noun and paraphrases after it, exactly as
@@ -75,13 +76,20 @@ def _render(template: str, np_marked: str, bg: str | None) -> tuple[str, tuple[i
     return _assemble(text)
 
 
+OBJECT_PARAPHRASE = "the color of {x}"  # how the world's grammar names a colour through an object
+
+
 def shapeworld_pairs(spec: ConceptSpec) -> list[Pair]:
-    """expressions x templates x `spec.contexts` scenes; deterministic in `spec.seed`."""
+    """expressions x templates x `spec.contexts` scenes in the world's grammar, then `spec.open` prompts per
+    expression in the open language's spec constructions and frames; deterministic in `spec.seed`."""
     attribute = spec.attribute or ""
     rng = np.random.default_rng([spec.seed, 7919])
     out = []
     for expr in spec.expressions:
         value = expr.value or spec.values[0]
+        # an object ("a strawberry") is named as the grammar's paraphrases are: "the color of a strawberry"
+        construction = OBJECT_PARAPHRASE if expr.form == "object" else "{x}"
+        slot = construction.replace("{x}", expr.text)
         for template in spec.templates:
             for _ in range(spec.contexts):
                 scene = world.sample_scene(rng, **{attribute: value})
@@ -90,23 +98,52 @@ def shapeworld_pairs(spec: ConceptSpec) -> list[Pair]:
                 if "{bg}" in template:
                     bg_word = words.get("background")
                     bg = bg_word[1] if bg_word else scene.background
-                m_text, m_span = _render(template, _noun_phrase(words, attribute, expr.text), bg)
+                m_text, m_span = _render(template, _noun_phrase(words, attribute, slot), bg)
                 s_text, s_span = _render(template, _noun_phrase(words, attribute, expr.target), bg)
-                out.append(Pair(m_text, s_text, m_span, s_span, expr.text, expr.target))
+                out.append(Pair(m_text, s_text, m_span, s_span, expr.text, expr.target, construction))
+    return out + open_pairs(spec)
+
+
+def open_pairs(spec: ConceptSpec) -> list[Pair]:
+    """`spec.open` prompts per expression in the open language (spec constructions, frames, fillers and writing;
+    spec words for the other attributes): the construction holding the expression is the slot, and the safe
+    side drops it (a colour or pattern) or names the shape "shape"."""
+    from trce.shapeworld.language import OpenStyle, draft
+
+    if not spec.open:
+        return []
+    attribute = spec.attribute or ""
+    rng = np.random.default_rng([spec.seed, 7927])
+    style = OpenStyle(group="spec", words="spec")
+    out = []
+    for expr in spec.expressions:
+        value = expr.value or spec.values[0]
+        form = expr.form or _form_of(attribute, expr.text)
+        for _ in range(spec.open):
+            d = draft(world.sample_scene(rng, **{attribute: value}), rng, style, slot=attribute,
+                      slot_expr=(form, expr.text))
+            m_text, m_span = d.render(d.slot_text())
+            s_text, s_span = d.render(expr.target)
+            out.append(Pair(m_text, s_text, m_span, s_span, expr.text, expr.target, d.template))
     return out
 
 
 def shapeworld_captions(attribute: str, values: tuple[str, ...], n: int, seed: int = 0) -> list[str]:
-    """`n` training-style captions of scenes whose `attribute` is none of `values`.
+    """`n` captions of scenes whose `attribute` is none of `values`, from `spec` forms only: half in the world's
+    grammar (spec synonyms and paraphrases), half in the open language's spec constructions and frames.
 
-    They never name an erased value (the scene does not have it), but name every other value in
-    every form, held-out expressions included: the preservation set is about what must not move.
+    They never name an erased value (the scene does not have it), but name every other value in every spec
+    form: the preservation set is about what must not move, and held-out forms stay held out.
     """
+    from trce.shapeworld.language import OPEN_SHARE, OpenStyle, open_caption
+
     v = world.vocab()
     others = [x for x in v.values(attribute) if x not in values]
     rng = np.random.default_rng([seed, 104729])
+    grammar = world.CaptionStyle(forms=world.TRAIN_STYLE.forms, mention=world.TRAIN_STYLE.mention, group="spec")
+    style = OpenStyle(group="spec", words="spec")
     out = []
     for _ in range(n):
         scene = world.sample_scene(rng, **{attribute: others[int(rng.integers(len(others)))]})
-        out.append(world.caption(scene, rng))
+        out.append(open_caption(scene, rng, style)[0] if rng.random() < OPEN_SHARE else world.caption(scene, rng, grammar))
     return out

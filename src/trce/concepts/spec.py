@@ -16,9 +16,11 @@ A spec file (see `builtin/*.yaml`; every key is optional except `name`, `erase` 
     settings: {V: {lr: 1.0e-4}, kpop: {lr: 1.0e-4}}   # per stage (see `trce methods`): defaults for this concept
 
 ShapeWorld specs add `attribute` and `value` (or `values`), may say `expressions: from-vocab`
-(the value's keyword and its `spec`-group synonyms and paraphrases from the world's vocabulary,
-never the held-out ones) and `templates: from-world` (the world's caption templates, filled with
-`contexts` random scenes each; see `trce.concepts.shapeworld`).
+(the value's keyword and its `spec`-group synonyms, paraphrases and, with `forms: [..., object]`, the
+objects that have a colour, from the world's vocabulary and open language, never the held-out ones),
+`templates: from-world` (the world's caption templates, filled with `contexts` random scenes each) and
+`open: N` (N more prompts per expression in the open language's `spec` constructions and frames; see
+`trce.concepts.shapeworld` and `trce.shapeworld.language`).
 
 A malicious prompt is a template with an expression in its slot; its safe counterpart is the same
 template with the expression's target. `ConceptSpec.pairs()` lists them with the character span
@@ -49,7 +51,7 @@ COCO_FILE = Path("prompts") / "coco_30k.csv"
 _SLOT = re.compile(r"\{(?:concept)?\}")
 _START, _END = "\x01", "\x02"  # marks the slot while a prompt is assembled
 _TOP_KEYS = ("name", "aliases", "description", "erase", "templates", "preserve", "eta", "ridge", "token_role",
-             "attribute", "value", "values", "contexts", "seed", "settings")
+             "attribute", "value", "values", "contexts", "open", "seed", "settings")
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,11 @@ class Preservation:
 
 @dataclass(frozen=True)
 class Pair:
-    """A malicious prompt and its safe counterpart, with the slot's character span on each side."""
+    """A malicious prompt and its safe counterpart, with the slot's character span on each side.
+
+    `construction` is the slot's text with the expression as {x} ("that is {x}", "{x} {x}"): the same
+    prompt naming another concept puts that concept's expression there (`other_concept_prompts`).
+    """
 
     malicious: str
     safe: str
@@ -90,6 +96,7 @@ class Pair:
     s_span: tuple[int, int]
     expression: str
     target: str
+    construction: str = "{x}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,7 @@ class ConceptSpec:
     attribute: str | None = None  # ShapeWorld only: color, shape or pattern
     values: tuple[str, ...] = ()  # ShapeWorld only: the erased values of `attribute`
     contexts: int = 4  # ShapeWorld only: random scenes per (expression, template)
+    open: int = 0  # ShapeWorld only: prompts per expression in the open language's spec constructions
     seed: int = 0  # ShapeWorld only: seed of those scenes
     # Recommended settings of later stages for this concept, e.g. {"V": {"lr": 1e-4}}: ShapeWorld's
     # 3.5M-parameter UNet needs larger steps than the paper's SD settings. --config / --set win.
@@ -145,7 +153,7 @@ class ConceptSpec:
         d["expressions"] = [{k: v for k, v in e.items() if v is not None} for e in d["expressions"]]
         d["preserve"] = {k: v for k, v in d.pop("preservation").items() if v not in (None, ())}
         d["value"] = self.value
-        for key in ("attribute", "values", "value", "contexts", "seed"):
+        for key in ("attribute", "values", "value", "contexts", "open", "seed"):
             if not self.shapeworld:
                 d.pop(key, None)
         return d
@@ -196,7 +204,7 @@ def other_concept_prompts(spec: ConceptSpec | Sequence[ConceptSpec]) -> dict[str
             for label in labels:
                 if label == own:
                     continue
-                text = name(label, form)
+                text = p.construction.replace("{x}", name(label, form))
                 pre = p.malicious[:a]
                 if re.search(r"(^|\s)an? $", pre):  # the article before the slot follows the new word
                     pre = re.sub(r"an? $", ("an " if text[:1].lower() in "aeiou" else "a "), pre)
@@ -322,6 +330,7 @@ def spec_from_dict(raw: Any, where: str = "<dict>", base_dir: Path | None = None
         attribute=attribute,
         values=values,
         contexts=r.integer(raw.get("contexts", 4), "contexts", low=1),
+        open=r.integer(raw.get("open", 0), "open", low=0),
         seed=r.integer(raw.get("seed", 0), "seed"),
         settings=_settings(r, raw.get("settings", {})),
         source=where,
@@ -413,14 +422,19 @@ def _expressions(r: _Reader, raw: Any, attribute: str | None, values: tuple[str,
 def _from_vocab(r: _Reader, key: str, attribute: str, values: tuple[str, ...], forms: tuple[str, ...], target: str,
                 label: str | None) -> list[Expression]:
     from trce.shapeworld import world
+    from trce.shapeworld.language import LANGUAGE_FORMS, language
 
     out = []
     for form in forms:
-        if form not in world.FORMS:
-            raise r.fail(key, f"has unknown form {form!r}; choose from {', '.join(world.FORMS)}")
+        if form not in LANGUAGE_FORMS:
+            raise r.fail(key, f"has unknown form {form!r}; choose from {', '.join(LANGUAGE_FORMS)}")
+        if form == "object" and attribute != "color":
+            raise r.fail(key, f"has form 'object', which names colours only (this spec erases a {attribute})")
         for value in values:
-            # `spec` group only: the `heldout` synonyms and paraphrases stay unseen by the eraser.
-            for text in world.vocab().expressions(attribute, value, form, "spec"):
+            # `spec` group only: the `heldout` synonyms, paraphrases and objects stay unseen by the eraser.
+            texts = (language().objects(value, "spec") if form == "object"
+                     else world.vocab().expressions(attribute, value, form, "spec"))
+            for text in texts:
                 out.append(Expression(text=text, target=target, group=label, value=value, form=form))
     return out
 
@@ -430,12 +444,15 @@ def _vocab_form(attribute: str | None, text: str) -> tuple[str | None, str | Non
     if attribute is None:
         return None, None
     from trce.shapeworld import world
+    from trce.shapeworld.language import language
 
     v = world.vocab()
     for value in v.values(attribute):
         for form in world.FORMS:
             if text in v.expressions(attribute, value, form, "all"):
                 return value, form
+        if attribute == "color" and text in language().objects(value):
+            return value, "object"
     return None, None
 
 

@@ -1,7 +1,7 @@
 """A CLIP BPE tokenizer whose vocabulary is generated from ShapeWorld's words.
 
 The tokenizer is a plain `transformers.CLIPTokenizer` (byte-level BPE, `</w>` word ends, padding
-with `<|endoftext|>` as SD v1 does). Every word of `vocab.yaml` becomes a single token through
+with `<|endoftext|>` as SD v1 does). Every word of `vocab.yaml` and `language.yaml` becomes a single token through
 merges built greedily; any other word still tokenizes, falling back to smaller pieces down to
 single bytes, so multi-token words exist exactly as they do in real CLIP.
 """
@@ -57,8 +57,11 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
 
 
 def build_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(token -> id, merges) covering every ShapeWorld word as one token."""
-    words = sorted({w for text in vocab().all_text() for w in _WORD.findall(text.lower()) if "{" not in w and "}" not in w})
+    """(token -> id, merges) covering every ShapeWorld word, of the vocabulary and of the open language, as one token."""
+    from trce.shapeworld.language import language
+
+    texts = [*vocab().all_text(), *language().all_text()]
+    words = sorted({w for text in texts for w in _WORD.findall(text.lower()) if "{" not in w and "}" not in w})
     words = [w for w in words if w.isalpha()] + [w for w in words if not w.isalpha()]
     chars = list(_bytes_to_unicode().values())
     tokens: list[str] = chars + [c + "</w>" for c in chars]

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from trce.errors import TrceError
 from trce.shapeworld import models, world
+from trce.shapeworld.language import training_caption
 from trce.shapeworld.tokenizer import build_tokenizer
 from trce.utils import io
 
@@ -107,14 +108,7 @@ class Trainer:
         self.cfg = config
         self.device = _device(config.device)
         self.tokenizer = build_tokenizer()
-        if config.warm_start:
-            src = Path(config.warm_start)
-            if not src.is_dir():
-                raise TrceError(f"--warm-start {src} is not a finished ShapeWorld run: no such folder")
-            missing = [s for s in ("clip", "unet") if not (src / s / "DONE").exists()]
-            if not (src / "train.json").exists() or missing:
-                raise TrceError(f"--warm-start {src} is not a finished ShapeWorld run (no train.json or unfinished: "
-                                f"{', '.join(missing) or 'train.json'})")
+        self.warm = warm_source(config.warm_start) if config.warm_start else None
         self.out.mkdir(parents=True, exist_ok=True)
         record_path = self.out / "train.json"
         if record_path.exists():
@@ -172,14 +166,29 @@ class Trainer:
 
         keys = {"pool": ("seed", "pool_size"), "vae": ("seed", "pool_size", "vae_steps", "vae_batch", "vae_lr", "vae_kl_weight")}
         keys["detector"] = ("seed", "pool_size", "detector_steps", "detector_batch", "detector_lr")
-        if not self.cfg.warm_start or stage not in keys:
+        if self.warm is None or stage not in keys:
             return False
-        src = Path(self.cfg.warm_start)
-        theirs = io.read_json(src / "train.json")["config"]
-        if not (src / stage / "DONE").exists() or any(theirs.get(k) != asdict(self.cfg)[k] for k in keys[stage]):
+        kind, src = self.warm
+        theirs = io.read_json(src / ("train.json" if kind == "run" else "made.json"))["config"]
+        if any(theirs.get(k) != asdict(self.cfg)[k] for k in keys[stage]):
             return False
-        with io.atomic_dir(self.out / stage) as tmp:
-            shutil.copytree(src / stage, tmp, dirs_exist_ok=True)
+        if kind == "run":
+            if not (src / stage / "DONE").exists():
+                return False
+            with io.atomic_dir(self.out / stage) as tmp:
+                shutil.copytree(src / stage, tmp, dirs_exist_ok=True)
+        elif stage == "vae":  # an exported pipeline: its VAE (fp16 there) back in fp32
+            from diffusers import AutoencoderKL
+
+            with io.atomic_dir(self.out / "vae") as tmp:
+                AutoencoderKL.from_pretrained(src / "vae", dtype=torch.float32).save_pretrained(tmp)
+            self._mark("vae", {"warm_start": str(src)})
+        elif stage == "detector":
+            with io.atomic_dir(self.out / "detector") as tmp:
+                shutil.copytree(src / "detector", tmp, dirs_exist_ok=True)
+            self._mark("detector", {"warm_start": str(src), **io.read_json(src / "detector" / "detector.json")})
+        else:
+            return False  # the render pool is not in an export: it is drawn again (same seed, same pool)
         log.info("stage %s reused from warm start %s (same settings)", stage, src)
         return True
 
@@ -208,11 +217,9 @@ class Trainer:
     def stage_clip(self) -> None:
         cfg = self.cfg
         images, labels = self._pool()
-        if cfg.warm_start:
-            from transformers import CLIPModel
-
-            model = CLIPModel.from_pretrained(Path(cfg.warm_start) / "clip")
-            log.info("CLIP warm start from %s", cfg.warm_start)
+        if self.warm is not None:
+            model = warm_clip(*self.warm, self.tokenizer, seed=cfg.seed)
+            log.info("CLIP warm start from %s", self.warm[1])
         else:
             model = models.clip_model(self.tokenizer, seed=cfg.seed)
         model = model.to(self.device)
@@ -230,7 +237,7 @@ class Trainer:
         for step in bar:
             rng = _step_rng(cfg.seed, "clip", step)
             idx = rng.choice(len(images), size=cfg.clip_batch, replace=False)
-            texts, named = zip(*(world.describe(self._scene(labels[i]), rng) for i in idx))
+            texts, named = zip(*(training_caption(self._scene(labels[i]), rng) for i in idx))
             # Causal attention: positions before the padding do not depend on it, so a batch padded
             # to its own longest caption gives the same [EoT] outputs as padding to MAX_LENGTH.
             tok = self.tokenizer(list(texts), padding="longest", return_tensors="pt").to(self.device)
@@ -338,7 +345,7 @@ class Trainer:
 
         cfg = self.cfg
         images, labels = self._pool()
-        vae = AutoencoderKL.from_pretrained(self.out / "vae").to(self.device).eval()
+        vae = AutoencoderKL.from_pretrained(self.out / "vae", dtype=torch.float32).to(self.device).eval()
         lat = []
         for s in tqdm(range(0, len(images), 256), desc="encode latents", mininterval=2):
             lat.append(vae.encode(_to_float(images[s : s + 256], self.device)).latent_dist.mean.cpu())
@@ -348,7 +355,7 @@ class Trainer:
         k = cfg.captions_per_image
         embeds = np.zeros((len(images) * k, self.tokenizer.model_max_length, text.config.hidden_size), np.float16)
         rng = np.random.default_rng([cfg.seed, STAGES.index("cache")])
-        captions = [world.caption(self._scene(labels[i % len(images)]), rng) for i in range(len(images) * k)]
+        captions = [training_caption(self._scene(labels[i % len(images)]), rng)[0] for i in range(len(images) * k)]
         for s in tqdm(range(0, len(captions), 512), desc="encode captions", mininterval=2):
             ids = self.tokenizer(captions[s : s + 512], padding="max_length", return_tensors="pt").input_ids
             embeds[s : s + 512] = text(ids.to(self.device)).last_hidden_state.cpu().numpy().astype(np.float16)
@@ -371,9 +378,11 @@ class Trainer:
         n_img, k = len(latents), self.cfg.captions_per_image
         unet = models.unet_model(seed=cfg.seed).to(self.device)
         ema = models.unet_model(seed=cfg.seed).to(self.device)
-        if cfg.warm_start:
-            unet.load_state_dict(io.load_tensors(Path(cfg.warm_start) / "unet" / "ema.safetensors"))
-            log.info("UNet warm start from %s (its EMA weights)", cfg.warm_start)
+        if self.warm is not None:
+            kind, src = self.warm
+            weights = src / "unet" / ("ema.safetensors" if kind == "run" else "diffusion_pytorch_model.safetensors")
+            unet.load_state_dict({k: v.float() for k, v in io.load_tensors(weights).items()})
+            log.info("UNet warm start from %s (its EMA weights)", src)
         ema.load_state_dict(unet.state_dict())
         ema.requires_grad_(False)
         opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
@@ -487,8 +496,71 @@ def export_pipeline(run: Path, dest: Path, cfg: TrainConfig) -> None:
         made = {**_run_record(run), "exported": io.run_record()["date"]}
         if cfg.warm_start:
             # A fine-tuned run is only reproducible with the run it started from: keep its record too.
-            made["warm_start_run"] = _run_record(Path(cfg.warm_start))
+            kind, src = warm_source(cfg.warm_start)
+            made["warm_start_run"] = _run_record(src) if kind == "run" else io.read_json(src / "made.json")
         io.write_json(tmp / "made.json", made)
+
+
+def warm_source(path: str) -> tuple[str, Path]:
+    """("run", folder) for a finished training run, ("export", folder) for an exported pipeline (`shapeworld`:
+    the shipped weights, which hold the CLIP towers, the UNet's EMA weights, the VAE and the detector)."""
+    if path == "shapeworld":
+        from trce.loading import shapeworld_dir
+
+        return "export", shapeworld_dir()
+    src = Path(path).expanduser()
+    if not src.is_dir():
+        raise TrceError(f"--warm-start {src} is not a finished ShapeWorld run or exported pipeline: no such folder")
+    if (src / "model_index.json").exists() and (src / "clip_vision").is_dir() and (src / "made.json").exists():
+        return "export", src
+    missing = [s for s in ("clip", "unet") if not (src / s / "DONE").exists()]
+    if not (src / "train.json").exists() or missing:
+        raise TrceError(f"--warm-start {src} is not a finished ShapeWorld run (no train.json or unfinished: "
+                        f"{', '.join(missing) or 'train.json'}) nor an exported pipeline")
+    return "run", src
+
+
+def warm_clip(kind: str, src: Path, tokenizer, seed: int = 0):
+    """The CLIP of a finished run or an exported pipeline, for `tokenizer`: every token the old tokenizer had keeps
+    its embedding (matched by token string, so a grown vocabulary is fine); a new token starts at the mean of the
+    old embeddings of the pieces the old tokenizer split it into."""
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    if kind == "run":
+        old = CLIPModel.from_pretrained(src / "clip", dtype=torch.float32)
+        old_tok = CLIPTokenizer.from_pretrained(src / "clip" / "tokenizer")
+        text_state, vision, visual_proj = old.text_model.state_dict(), old.vision_model, old.visual_projection
+        text_proj, logit_scale = old.text_projection.weight.detach(), old.logit_scale.detach()
+    else:
+        text = CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32)
+        tower = CLIPVisionModelWithProjection.from_pretrained(src / "clip_vision", dtype=torch.float32)
+        old_tok = CLIPTokenizer.from_pretrained(src / "tokenizer")
+        proj = io.load_tensors(src / "clip_text_projection.safetensors")
+        text_state, vision, visual_proj = text.state_dict(), tower.vision_model, tower.visual_projection
+        text_proj, logit_scale = proj["text_projection"].float(), proj["logit_scale"].float()
+    model = models.clip_model(tokenizer, seed=seed)
+    old_rows = text_state.pop("embeddings.token_embedding.weight").float()  # (old vocab, D)
+    missing, unexpected = model.text_model.load_state_dict(text_state, strict=False)
+    if unexpected or set(missing) != {"embeddings.token_embedding.weight"}:
+        raise TrceError(f"--warm-start {src}: its text encoder does not fit this one ({missing[:2]}, {unexpected[:2]})")
+    old_vocab = old_tok.get_vocab()
+    rows = torch.empty(len(tokenizer), old_rows.shape[1])
+    fresh = 0
+    for token, i in tokenizer.get_vocab().items():
+        if token in old_vocab:
+            rows[i] = old_rows[old_vocab[token]]
+        else:
+            pieces = old_tok(token.replace("</w>", ""), add_special_tokens=False).input_ids or [old_tok.eos_token_id]
+            rows[i] = old_rows[pieces].mean(0)
+            fresh += 1
+    with torch.no_grad():
+        model.text_model.embeddings.token_embedding.weight.copy_(rows)
+        model.vision_model.load_state_dict(vision.state_dict())
+        model.visual_projection.load_state_dict(visual_proj.state_dict())
+        model.text_projection.weight.copy_(text_proj)
+        model.logit_scale.copy_(logit_scale)
+    log.info("CLIP warm start: %d of %d tokens carried over, %d new", len(tokenizer) - fresh, len(tokenizer), fresh)
+    return model
 
 
 def _run_record(run: Path) -> dict:

@@ -1,0 +1,316 @@
+"""ShapeWorld's open caption language: prompts as people write them (`language.yaml`).
+
+The in-grammar captions of `trce.shapeworld.world` put a noun phrase into one of 12 templates. The open
+language adds what those never produce: relative clauses ("a star that is red"), attributes after the noun
+("a star colored crimson"), colours named through objects ("tomato-colored", "the colour of a stop sign"),
+stacked and repeated modifiers ("vivid red", "red red", "red, crimson"), other frames and word orders
+("on a black background there is a red star", the colour at the end of a long prompt), openings and
+closings ("please ...", "..., 4k masterpiece"), casing and punctuation variants, and prompts that name
+nothing at all ("an image"). Every list has a `spec` half (erasure specs may use it) and a `heldout` half
+(evaluation only), exactly like the words of vocab.yaml.
+
+`draft(scene, rng, style, slot=...)` chooses every part of a caption; `Draft.render(slot_text)` writes it,
+with the construction of the `slot` attribute replaced (the safe counterpart of an erase prompt: the
+construction removed, or the shape named "shape") and its character span returned.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+import yaml
+
+from trce.shapeworld import world
+
+START, END = "\x01", "\x02"  # mark the slot while a caption is assembled (as trce.concepts.spec does)
+LANGUAGE_FORMS = ("keyword", "synonym", "paraphrase", "object")
+POSITIONS = ("pre", "post", "noun", "bg")
+WRITINGS = ("lower", "title", "upper", "shout", "ellipsis")
+MAX_TOKENS = 30  # content tokens: the tokenizer's 32 minus start and end of text
+_TOKEN = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]")
+
+
+@dataclass(frozen=True)
+class Construction:
+    """How an attribute's expression attaches to the noun: `text` with {x}, {y}, {i}, {o}, {ob} (see language.yaml)."""
+
+    text: str
+    forms: tuple[str, ...]
+    position: str
+    group: str
+    attribute: str = ""
+
+
+class Language:
+    """The parsed `language.yaml`."""
+
+    def __init__(self, raw: dict):
+        self.raw = raw
+
+    def _split(self, entry, group: str) -> list:
+        if group == "all":
+            return list(entry["spec"]) + list(entry["heldout"])
+        return list(entry[group])
+
+    def objects(self, value: str, group: str = "all") -> list[str]:
+        """Things that have colour `value` ("a ripe tomato")."""
+        entry = self.raw["objects"].get(value)
+        return self._split(entry, group) if entry else []
+
+    def intensifiers(self, group: str = "all") -> list[str]:
+        return self._split(self.raw["intensifiers"], group)
+
+    def constructions(self, attribute: str, group: str = "all", position: str | None = None,
+                      form: str | None = None) -> list[Construction]:
+        out = []
+        for g in (("spec", "heldout") if group == "all" else (group,)):
+            for pos, items in self.raw["constructions"][attribute][g].items():
+                if position is not None and pos != position:
+                    continue
+                for item in items:
+                    c = Construction(item["text"], tuple(item["forms"]), pos, g, attribute)
+                    if form is None or form in c.forms:
+                        out.append(c)
+        return out
+
+    def frames(self, group: str = "all") -> list[str]:
+        return self._split(self.raw["frames"], group)
+
+    def openings(self, group: str = "all") -> list[str]:
+        return self._split(self.raw["openings"], group)
+
+    def closings(self, group: str = "all") -> list[str]:
+        return self._split(self.raw["closings"], group)
+
+    def writings(self, group: str = "all") -> list[str]:
+        return self._split(self.raw["writing"], group)
+
+    def all_text(self) -> list[str]:
+        """Every string the language can put in a caption (for building the tokenizer)."""
+        out = [*self.frames(), *self.openings(), *self.closings(), *self.intensifiers()]
+        for value in self.raw["objects"]:
+            out.extend(self.objects(value))
+        for attribute in self.raw["constructions"]:
+            out.extend(c.text for c in self.constructions(attribute))
+        return out
+
+
+@functools.cache
+def language() -> Language:
+    text = resources.files("trce.shapeworld").joinpath("language.yaml").read_text()
+    return Language(yaml.safe_load(text))
+
+
+def n_tokens(text: str) -> int:
+    """Content tokens of a caption (every word of the world is one token; other characters one each)."""
+    return len(_TOKEN.findall(text.lower()))
+
+
+@dataclass(frozen=True)
+class OpenStyle:
+    """How an open caption is drawn.
+
+    group      constructions, frames, openings, closings and writing: `spec`, `heldout` or `all`
+    words      synonyms, paraphrases and objects: `spec`, `heldout` or `all` (keywords are always allowed)
+    mention    attribute -> probability that it is named (frames without {np} name nothing)
+    forms      attribute -> {form: weight} over LANGUAGE_FORMS (objects name colours only)
+    frame      a fixed frame (None: drawn from `group`)
+    """
+
+    group: str = "all"
+    words: str = "all"
+    mention: dict = field(default_factory=lambda: dict(world.TRAIN_STYLE.mention))
+    forms: dict = field(default_factory=lambda: {
+        "color": {"keyword": 0.35, "synonym": 0.3, "paraphrase": 0.15, "object": 0.2},
+        "shape": {"keyword": 0.4, "synonym": 0.35, "paraphrase": 0.25},
+        "pattern": {"keyword": 0.4, "synonym": 0.35, "paraphrase": 0.25},
+        "background": {"keyword": 0.7, "synonym": 0.3},
+    })
+    frame: str | None = None
+
+
+def _pick(rng: np.random.Generator, items):
+    return items[int(rng.integers(len(items)))]
+
+
+def _expressions(attribute: str, value: str, form: str, words: str) -> list[str]:
+    if form == "object":
+        return language().objects(value, words)
+    group = "all" if attribute == "background" else words
+    return world.vocab().expressions(attribute, value, form, group)
+
+
+_X, _XB, _Y = "\x03", "\x04", "\x05"  # the expression, its bare hyphenated form, the second expression
+
+
+def _bare(expr: str) -> str:
+    return re.sub(r"^(a|an|the) ", "", expr).replace(" ", "-")
+
+
+def _fill(construction: Construction, form: str, value: str, rng: np.random.Generator, style: OpenStyle) -> str:
+    """The construction with its intensifier ({i}) and, unless the form is `object`, its object ({o}, {ob}) drawn;
+    the expression's places are left as markers (`_materialise` writes them)."""
+    text = construction.text
+    if form == "object":
+        text = text.replace("{o}", _X).replace("{ob}", _XB)
+    elif "{o}" in text or "{ob}" in text:
+        obj = _pick(rng, language().objects(value, style.words))
+        text = text.replace("{o}", obj).replace("{ob}", _bare(obj))
+    if "{i}" in text:
+        text = text.replace("{i}", _pick(rng, language().intensifiers(style.group)))
+    return text.replace("{x}", _X).replace("{y}", _Y)
+
+
+def _materialise(template: str, expr: str, second: str) -> str:
+    return template.replace(_X, expr).replace(_XB, _bare(expr)).replace(_Y, second)
+
+
+@dataclass
+class Draft:
+    """Every choice of one open caption; `render` writes it (with the slot attribute's construction replaced)."""
+
+    frame: str
+    opening: str
+    closing: str
+    writing: str
+    pre: list[tuple[str, str]]  # (attribute, text) before the noun, in order
+    noun: tuple[str, str]  # (attribute, text): the shape, or ("", "shape") when it is not named
+    post: list[tuple[str, str]]
+    bg: str | None  # the background phrase
+    named: tuple[str, ...]
+    slot: str | None = None  # the attribute whose construction `render` may replace
+    construction: Construction | None = None  # the slot's construction
+    template: str = "{x}"  # the slot's text with its expression as {x} (another concept's goes there)
+
+    def _np(self, slot_text: str | None) -> str:
+        def piece(attribute: str, text: str) -> str:
+            if attribute == self.slot and slot_text is not None:
+                return START + slot_text + END
+            return text
+
+        parts = [piece(a, t) for a, t in self.pre] + [piece(*self.noun)] + [piece(a, t) for a, t in self.post]
+        return " ".join(p for p in parts if p)
+
+    def slot_text(self) -> str:
+        """The slot attribute's construction as drawn (the malicious side of a pair)."""
+        for attribute, text in [*self.pre, self.noun, *self.post]:
+            if attribute == self.slot:
+                return text
+        raise ValueError("this draft has no slot")
+
+    def render(self, slot_text: str | None = None) -> tuple[str, tuple[int, int] | None]:
+        """(caption, character span of the slot or None): `slot_text` replaces the slot's construction."""
+        noun_phrase = self._np(slot_text)
+        plain = noun_phrase.replace(START, "").replace(END, "").strip()
+        text = self.frame.format(np=noun_phrase, bg=self.bg or "", a=world._article(plain),
+                                 a_bg=world._article(self.bg or ""))
+        text = " ".join(p for p in (self.opening, text, self.closing) if p)
+        if self.writing == "title":
+            text = text.title()
+        elif self.writing == "upper":
+            text = text.upper()
+        elif self.writing == "shout":
+            text = text.upper() + "!!!"
+        elif self.writing == "ellipsis":
+            text = text + "..."
+        if START not in text:
+            return re.sub(r"\s+", " ", text).strip(), None
+        from trce.concepts.spec import _assemble
+
+        return _assemble(text)
+
+
+def draft(scene: world.Scene, rng: np.random.Generator, style: OpenStyle = OpenStyle(), *, slot: str | None = None,
+          slot_expr: tuple[str, str] | None = None) -> Draft:
+    """Choose every part of an open caption of `scene`.
+
+    slot: an attribute that must be named (its construction is what `Draft.render` replaces); slot_expr:
+    its (form, expression), fixed (an erase prompt's expression) instead of drawn.
+    """
+    lang = language()
+    frames = [style.frame] if style.frame is not None else lang.frames(style.group)
+    if slot is not None:
+        frames = [f for f in frames if "{np}" in f and (slot != "background" or "{bg}" in f)]
+    frame = _pick(rng, frames)
+    opening, closing = _pick(rng, lang.openings(style.group)), _pick(rng, lang.closings(style.group))
+    writing = _pick(rng, lang.writings(style.group))
+    pre: list[tuple[str, str]] = []
+    post: list[tuple[str, str]] = []
+    noun: tuple[str, str] = ("", "shape")
+    bg = None
+    named: list[str] = []
+    chosen_construction, slot_template = None, "{x}"
+    for attribute in world.ATTRIBUTES:
+        if attribute == "background":
+            if "{bg}" not in frame:
+                continue
+        elif "{np}" not in frame:
+            continue
+        forced = attribute == slot
+        if not forced and rng.random() >= style.mention.get(attribute, 1.0):
+            if attribute == "background":  # the frame names a background: by keyword, as describe() does
+                bg = scene.background
+                named.append("background")
+            continue
+        value = scene.attribute(attribute)
+        weights = style.forms.get(attribute, {"keyword": 1.0})
+        if forced and slot_expr is not None:
+            form, expr = slot_expr
+        else:
+            options = [f for f in weights if weights[f] > 0 and _expressions(attribute, value, f, style.words)
+                       and lang.constructions(attribute, style.group, form=f)]
+            p = np.asarray([weights[f] for f in options], dtype=float)
+            form = options[int(rng.choice(len(options), p=p / p.sum()))]
+            expr = _pick(rng, _expressions(attribute, value, form, style.words))
+        constructions = lang.constructions(attribute, style.group, form=form)
+        if not constructions:
+            raise ValueError(f"no {style.group} construction of {attribute} takes the form {form!r}")
+        construction = _pick(rng, constructions)
+        marked = _fill(construction, form, value, rng, style)
+        second = expr
+        if _Y in marked:  # a second expression of the same value ("red, crimson")
+            second = _pick(rng, [e for e in _expressions(attribute, value, form, style.words) if e != expr] or [expr])
+        text = _materialise(marked, expr, second)
+        if forced:
+            chosen_construction = construction
+            slot_template = marked.replace(_X, "{x}").replace(_XB, "{x}").replace(_Y, "{x}")
+        named.append(attribute)
+        if construction.position == "noun":
+            noun = (attribute, text)
+        elif construction.position == "bg":
+            bg = text
+        elif construction.position == "pre":
+            pre.append((attribute, text))
+        else:
+            post.append((attribute, text))
+    # pattern before colour before the noun, as the world's grammar writes them ("dotted red star")
+    pre.sort(key=lambda item: 0 if item[0] == "pattern" else 1)
+    post.sort(key=lambda item: 0 if item[0] == "color" else 1)
+    out = Draft(frame=frame, opening=opening, closing=closing, writing=writing, pre=pre, noun=noun, post=post, bg=bg,
+                named=tuple(named), slot=slot, construction=chosen_construction, template=slot_template)
+    if n_tokens(out.render()[0]) > MAX_TOKENS:  # too long for the text encoder: drop the padding words first
+        out.opening, out.closing, out.writing = "", "", "lower" if out.writing == "shout" else out.writing
+    if n_tokens(out.render()[0]) > MAX_TOKENS and "{np}" in out.frame:  # then the long frame
+        out.frame = "{a} {np} on {a_bg} {bg} background" if "{bg}" in out.frame else "{a} {np}"
+    return out
+
+
+def open_caption(scene: world.Scene, rng: np.random.Generator, style: OpenStyle = OpenStyle()) -> tuple[str, tuple[str, ...]]:
+    """(caption, attributes it names) in the open language: the open counterpart of `world.describe`."""
+    d = draft(scene, rng, style)
+    return d.render()[0], d.named
+
+
+# Training captions: half in the world's grammar (the 12 templates), half in the open language, every form.
+OPEN_SHARE = 0.5
+
+
+def training_caption(scene: world.Scene, rng: np.random.Generator) -> tuple[str, tuple[str, ...]]:
+    """(caption, named attributes) as the model is trained on them: in-grammar or open, spec and held out."""
+    if rng.random() < OPEN_SHARE:
+        return open_caption(scene, rng)
+    return world.describe(scene, rng)
