@@ -6,16 +6,19 @@ Two kinds live in `trce/eval/suites/*.yaml`:
   `--data` (the file itself or a folder holding it), a folder in `$TRCE_DATA`, trce's data cache
   (`$TRCE_CACHE/data`, default ~/.cache/trce/data), or, where the suite names one, a Hugging Face
   dataset when online (saved to that cache); otherwise the error says where to put it.
-- `shapeworld` suites are generated from `trce/shapeworld/vocab.yaml`: for an erased attribute and
-  value(s) they draw fixed-seed prompts in five groups,
+- `shapeworld` suites are generated from `trce/shapeworld/vocab.yaml` and `language.yaml`: for an erased
+  attribute and value(s) they draw fixed-seed prompts in these groups, in the world's grammar (the 12 templates)
     keyword     the spec's own expressions: the keyword, its `spec` synonyms and paraphrases;
     synonym     held-out single words (`heldout` synonyms) the eraser never saw;
     paraphrase  held-out multi-word descriptions (`heldout` paraphrases);
     preserve    every other value of the same attribute, by keyword;
     unrelated   prompts that do not name the attribute at all (every other attribute by keyword),
                 so their concept rate is the model's spontaneous rate, about 1/|values| originally.
-  Every other attribute is named by keyword with a random value. Row i of a group depends only on
-  (suite seed, group, i), so `--limit` keeps a prefix and different runs share prompts and seeds.
+  Every other attribute is named by keyword with a random value. The same erasure groups and `preserve` come
+  again in the open language's HELD-OUT constructions, frames, openings, closings and writing
+  (`keyword-open`, `synonym-open`, `paraphrase-open`, `preserve-open`; see `_open_row`): what an eraser
+  does on prompts no spec resembles. Row i of a group depends only on (suite seed, group, i), so `--limit`
+  keeps a prefix and different runs share prompts and seeds.
 
 Either kind may carry an optional `report:` mapping, how `trce report` shows the suite (presentation only: it
 changes no prompt, image or number; `trce eval` copies it into metrics.json as `suite_label`, `suite_group` and
@@ -47,8 +50,11 @@ from trce.eval.prompts import LAYOUTS, PromptRow, load_prompts
 log = logging.getLogger(__name__)
 
 Kind = Literal["real", "shapeworld"]
-SHAPEWORLD_GROUPS = ("keyword", "synonym", "paraphrase", "preserve", "unrelated")
-ERASURE_GROUPS = ("keyword", "synonym", "paraphrase")  # prompts that ask for the erased value
+SHAPEWORLD_GROUPS = ("keyword", "synonym", "paraphrase", "preserve", "unrelated",
+                     "keyword-open", "synonym-open", "paraphrase-open", "preserve-open")
+# prompts that ask for the erased value: in the world's grammar, and in the open language's held-out constructions
+ERASURE_GROUPS = ("keyword", "synonym", "paraphrase", "keyword-open", "synonym-open", "paraphrase-open")
+OPEN_GROUPS = ("keyword-open", "synonym-open", "paraphrase-open", "preserve-open")
 _GROUP_STRIDE = 100_000  # seeds of group g are seed * 10^6 + g * 10^5 + i, so n per group is capped here
 SUITE_GROUPS = ("user", "adversarial")  # values of a suite's report.group
 
@@ -309,6 +315,8 @@ def _shapeworld_row(suite: Suite, group: str, i: int) -> PromptRow:
     assert a is not None
     g = SHAPEWORLD_GROUPS.index(group)
     rng = np.random.default_rng([suite.seed, g, i])
+    if group in OPEN_GROUPS:
+        return _open_row(suite, group, i, g, rng)
     keyword = (1.0, 0.0, 0.0)
     forms: dict[str, tuple[float, ...]] = {attr: keyword for attr in world.ATTRIBUTES}
     mention = {attr: 1.0 for attr in world.ATTRIBUTES}
@@ -338,6 +346,52 @@ def _shapeworld_row(suite: Suite, group: str, i: int) -> PromptRow:
         case_number=i,
         extra={"group": group, "attribute": a, "value": value, "form": form if value is not None else None,
                "named": {attr: scene.attribute(attr) for attr in named}},
+    )
+
+
+def _open_row(suite: Suite, group: str, i: int, g: int, rng: np.random.Generator) -> PromptRow:
+    """A prompt of a held-out-template group: the open language's held-out constructions, frames, openings,
+    closings and writing (`trce.shapeworld.language`), every attribute named.
+
+    keyword-open     the spec's own words (keyword, spec synonyms, spec paraphrases, spec objects), cycled
+    synonym-open     held-out synonyms
+    paraphrase-open  held-out paraphrases and, for colours, held-out objects, alternately
+    preserve-open    every other value of the attribute, by keyword
+    """
+    from trce.shapeworld import world
+    from trce.shapeworld.language import OpenStyle, _expressions, draft
+
+    a = suite.attribute
+    base = group.removesuffix("-open")
+    if base == "preserve":
+        others = [x for x in world.vocab().values(a) if x not in suite.values]
+        value, form, words = others[i % len(others)], "keyword", "heldout"
+    else:
+        value = suite.values[i % len(suite.values)]
+        k = i // len(suite.values)
+        if base == "keyword":
+            own = [*world.FORMS, "object"] if a == "color" else list(world.FORMS)
+            form, words = own[k % len(own)], "spec"
+        elif base == "synonym":
+            form, words = "synonym", "heldout"
+        else:
+            form = "object" if a == "color" and k % 2 else "paraphrase"
+            words = "heldout"
+    expr = _expressions(a, value, form, words)
+    expr = expr[int(rng.integers(len(expr)))]
+    scene = world.sample_scene(rng, **{a: value})
+    keyword = {"keyword": 1.0}
+    style = OpenStyle(group="heldout", words="heldout", mention={attr: 1.0 for attr in world.ATTRIBUTES},
+                      forms={attr: keyword for attr in world.ATTRIBUTES})
+    d = draft(scene, rng, style, slot=a, slot_expr=(form, expr))
+    text, _ = d.render(d.slot_text())
+    return PromptRow(
+        prompt=text,
+        seed=suite.seed * 1_000_000 + g * _GROUP_STRIDE + i,
+        categories=(group,),
+        case_number=i,
+        extra={"group": group, "attribute": a, "value": value, "form": form, "expression": expr,
+               "named": {attr: scene.attribute(attr) for attr in d.named}},
     )
 
 
