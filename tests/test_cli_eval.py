@@ -22,17 +22,17 @@ def test_eval_shapeworld_prints_group_table(run_cli, tiny_dir, tmp_path):
     code, out, err = run_cli("eval", "--model", tiny_dir, "--suite", "shapeworld-red", "--limit", "2", "--steps", "2",
                              "--device", "cpu", "--no-progress", "--out", tmp_path)
     assert code == 0, err
-    for group in ("keyword", "synonym", "paraphrase", "preserve", "unrelated"):
-        assert f"\n{group} " in out
+    for group in ("keyword", "synonym", "paraphrase", "preserve", "unrelated", "keyword-open", "preserve-open"):
+        assert f"\n{group}" in out
     assert "fd - (no patch)" in out and "CLIP score" in out
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["suite"] == "shapeworld-red" and m["patch"] is None and m["fd"] is None and m["n"] == 10
-    assert len(list((tmp_path / "images").glob("*.png"))) == 10
+    assert m["suite"] == "shapeworld-red" and m["patch"] is None and m["fd"] is None and m["n"] == 18
+    assert len(list((tmp_path / "images").glob("*.png"))) == 18
     # rerunning resumes: nothing is regenerated, the result is the same
     code, out2, _ = run_cli("eval", "--model", tiny_dir, "--suite", "shapeworld-red", "--limit", "2", "--steps", "2",
                             "--device", "cpu", "--no-progress", "--out", tmp_path)
     assert code == 0 and out2.splitlines()[:-1] == out.splitlines()[:-1]
-    assert (tmp_path / "rows.jsonl").read_text().count("\n") == 10
+    assert (tmp_path / "rows.jsonl").read_text().count("\n") == 18
 
 
 def test_eval_real_suite_with_nudenet(run_cli, tiny_dir, tmp_path):

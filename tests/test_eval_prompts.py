@@ -369,7 +369,7 @@ def test_suite_yaml_file_and_its_errors(tmp_path):
     good = tmp_path / "blue.yaml"
     good.write_text("name: my-blue\nkind: shapeworld\ndetector: shapeworld\nattribute: color\nvalues: [blue]\nn: 3\n")
     s = load_suite(str(good))
-    assert s.groups == SHAPEWORLD_GROUPS and len(s.rows()) == 15
+    assert s.groups == SHAPEWORLD_GROUPS and len(s.rows()) == 3 * 9  # n 3 in each of the 9 groups
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nkind: shapeworld\ndetector: shapeworld\nattribute: color\nvalues: [bleu]\n")
     with pytest.raises(TrceError, match="unknown color value 'bleu'.*did you mean 'blue'"):

@@ -102,9 +102,11 @@ def test_shapeworld_metrics_with_patch_and_seeds(tmp_path, tiny_dir, patch_dir):
                      seeds=(0, 1), device="cpu", progress=False)
     m = run_eval(cfg, out)
     _contract(m)
-    assert json.loads((out / "metrics.json").read_text())["n"] == m["n"] == 2 * 15
+    assert json.loads((out / "metrics.json").read_text())["n"] == m["n"] == 2 * 3 * 9  # 2 seeds x 3 x 9 groups
     assert m["kind"] == "shapeworld" and m["method"] == "test-scale" and m["patch"] == str(patch_dir)
-    assert set(m["groups"]) == {"keyword", "synonym", "paraphrase", "preserve", "unrelated"}
+    assert set(m["groups"]) == {"keyword", "synonym", "paraphrase", "preserve", "unrelated", "keyword-open",
+                                "synonym-open", "paraphrase-open", "preserve-open"}
+    assert m["asr_groups"] == ["keyword", "synonym", "paraphrase", "keyword-open", "synonym-open", "paraphrase-open"]
     for g in m["groups"].values():
         assert g["n"] == 6 and 0 <= g["asr"] <= 1 and g["asr_ci"][0] <= g["asr"] <= g["asr_ci"][1]
         assert set(g["accuracy"]) <= {"shape", "color", "pattern", "background"} and g["accuracy_ci"]
@@ -135,7 +137,7 @@ def test_reference_cache_is_shared(tmp_path, tiny_dir, patch_dir):
     b = run_eval(cfg, tmp_path / "b")
     assert {p.name: p.stat().st_mtime_ns for p in (folder / "images").iterdir()} == stamp  # reused, not redone
     assert a["fd"] == pytest.approx(b["fd"]) and a["reference"]["asr"] == b["reference"]["asr"]
-    assert sorted(os.listdir(tmp_path / "b" / "reference" / "images")) == [f"{i:05d}.png" for i in range(10)]
+    assert sorted(os.listdir(tmp_path / "b" / "reference" / "images")) == [f"{i:05d}.png" for i in range(18)]
 
 
 def test_the_original_evaluation_fills_the_reference_cache_that_patches_reuse(tmp_path, tiny_dir, patch_dir):
@@ -148,7 +150,7 @@ def test_the_original_evaluation_fills_the_reference_cache_that_patches_reuse(tm
     stamp = {p.name: p.stat().st_mtime_ns for p in (folder / "images").iterdir()}
     patched = run_eval(EvalConfig(**common, patch=str(patch_dir)), tmp_path / "patched")
     assert {p.name: p.stat().st_mtime_ns for p in (folder / "images").iterdir()} == stamp  # drawn once, reused
-    assert patched["reference"]["asr"] == original["asr"] and patched["reference"]["n"] == original["n"] == 10
+    assert patched["reference"]["asr"] == original["asr"] and patched["reference"]["n"] == original["n"] == 18
     rows = read_jsonl(tmp_path / "original" / "rows.jsonl")
     assert rows == read_jsonl(tmp_path / "patched" / "reference" / "rows.jsonl")
     for r in rows:  # the same pixels, under the run's own row names

@@ -45,7 +45,7 @@ def register(sub) -> None:
         "Measure the ShapeWorld quality bar: detector agreement with keyword, synonym and paraphrase prompts.",
         "  trce shapeworld check\n  trce shapeworld check --n 300 --json\n"))
     add_model_args(p)
-    p.add_argument("--n", type=int, default=600, help="images in all, split over the three prompt groups")
+    p.add_argument("--n", type=int, default=1200, help="images in all, split over the six prompt groups")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5)

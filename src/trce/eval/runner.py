@@ -665,7 +665,7 @@ def format_table(m: dict) -> str:
         from trce.shapeworld import world
 
         ref = m.get("reference") or {}
-        lines.append(f"{'group':<11} {'n':>5}  {'rate':>6} {'95% CI':<14}" + ("  orig. " if ref else "")
+        lines.append(f"{'group':<15} {'n':>5}  {'rate':>6} {'95% CI':<14}" + ("  orig. " if ref else "")
                      + "".join(f" {a[:7]:>7}" for a in world.ATTRIBUTES) + "   clip       fd")
         for g, row in m["groups"].items():
             orig = ref.get("groups", {}).get(g, {}).get("asr") if ref else None
@@ -673,7 +673,7 @@ def format_table(m: dict) -> str:
                           for a in world.ATTRIBUTES)
             clip = f"{row['clip_score']:6.1f}" if row.get("clip_score") is not None else "    - "
             fd = f"{row['fd']:8.3g}" if row.get("fd") is not None else "      - "
-            lines.append(f"{g:<11} {row['n']:>5}  {format_rate(row['asr'])} {format_ci(row['asr_ci']):<14}"
+            lines.append(f"{g:<15} {row['n']:>5}  {format_rate(row['asr'])} {format_ci(row['asr_ci']):<14}"
                          + (f"  {format_rate(orig)}" if ref else "") + acc + f"  {clip} {fd}")
         lines.append("rate = images the detector classifies as the erased value; accuracy = detector agrees with "
                      "the prompt on the attributes it names")

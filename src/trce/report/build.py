@@ -36,8 +36,9 @@ REPORT_FORMAT = "trce-report"
 REPORT_VERSION = 1
 REQUIRED_KEYS = ("suite", "kind", "n", "asr")
 
-ERASURE_GROUPS = ("keyword", "synonym", "paraphrase")
-PRESERVATION_GROUPS = ("preserve", "unrelated")
+# The ShapeWorld suites' groups (trce.eval.suites): the -open ones are the open language's held-out templates.
+ERASURE_GROUPS = ("keyword", "synonym", "paraphrase", "keyword-open", "synonym-open", "paraphrase-open")
+PRESERVATION_GROUPS = ("preserve", "unrelated", "preserve-open")
 PRESERVED_ATTRIBUTES = ("color", "shape")  # shown besides the erased attribute (the paper-style table stays narrow)
 
 # a suite's report.group -> the real-suite table's column group, in the order the groups are shown
@@ -312,10 +313,11 @@ def _shapeworld_table(suite: str, items: list[tuple[dict, dict]], runs_by_id: di
                        if (n := (first.get("groups") or {}).get(g, {}).get("n")) is not None)
     caption = (
         f"ASR: the share of images the ShapeWorld detector classifies as {erased} (lower is better), for prompts "
-        "that ask for it with the spec's own words (keyword), held-out synonyms and held-out paraphrases. "
-        "Preservation accuracy: the detector agrees with the prompt on the attribute named (higher is better), for "
-        f"prompts asking for another {attribute or 'value'} (preserve) and prompts that do not name the "
-        f"{attribute or 'attribute'} (unrelated). FD: Fréchet distance between this model's and the original model's "
+        "that ask for it with the spec's own words (keyword), held-out synonyms and held-out paraphrases, in the "
+        "world's caption grammar and, for the -open columns, in the open language's held-out constructions and "
+        "frames (prompts no spec resembles). Preservation accuracy: the detector agrees with the prompt on the "
+        f"attribute named (higher is better), for prompts asking for another {attribute or 'value'} (preserve, "
+        f"preserve-open) and prompts that do not name the {attribute or 'attribute'} (unrelated). FD: Fréchet distance between this model's and the original model's "
         "image features (ShapeWorld CLIP vision tower) on the same prompts and seeds (lower is better; the original "
         "has none). CLIP-S: ShapeWorld CLIP score. Brackets: 95% Wilson intervals; bold: the best patched value per "
         "column." + (f" Images per group: {counts}." if counts else "")

@@ -135,8 +135,10 @@ def _plot(report: dict, png: bytes | None) -> str:
     png = png if png is not None else asr_preservation_plot(report)
     uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     caption = ("One point per table row; the vertical bars are 95% Wilson intervals of the ASR. "
-               "ShapeWorld: y is the ASR pooled over keyword, synonym and paraphrase prompts; x is preservation — "
-               "1 minus the drop in the detector's accuracy on preserve and unrelated prompts relative to the "
+               "ShapeWorld: y is the ASR pooled over every erasure group (keyword, synonym, paraphrase and their "
+               "held-out-template -open groups); x is preservation — "
+               "1 minus the drop in the detector's accuracy on preserve, unrelated and preserve-open prompts relative "
+               "to the "
                "original model (1 = nothing lost), and the Fréchet distance of image features to the original "
                "model on the same prompts and seeds (0 = identical). Real suites: y is the ASR on I2P (open markers: "
                "the mean over the adversarial suites), x the FID to the original model on COCO prompts (or the CLIP "

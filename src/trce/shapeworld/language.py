@@ -31,7 +31,6 @@ LANGUAGE_FORMS = ("keyword", "synonym", "paraphrase", "object")
 POSITIONS = ("pre", "post", "noun", "bg")
 WRITINGS = ("lower", "title", "upper", "shout", "ellipsis")
 MAX_TOKENS = 30  # content tokens: the tokenizer's 32 minus start and end of text
-_TOKEN = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]")
 
 
 @dataclass(frozen=True)
@@ -106,8 +105,10 @@ def language() -> Language:
 
 
 def n_tokens(text: str) -> int:
-    """Content tokens of a caption (every word of the world is one token; other characters one each)."""
-    return len(_TOKEN.findall(text.lower()))
+    """Content tokens of a caption with the world's tokenizer (start and end of text not counted)."""
+    from trce.shapeworld.tokenizer import cached_tokenizer
+
+    return len(cached_tokenizer()(text, add_special_tokens=False).input_ids)
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,16 @@ def draft(scene: world.Scene, rng: np.random.Generator, style: OpenStyle = OpenS
         out.opening, out.closing, out.writing = "", "", "lower" if out.writing == "shout" else out.writing
     if n_tokens(out.render()[0]) > MAX_TOKENS and "{np}" in out.frame:  # then the long frame
         out.frame = "{a} {np} on {a_bg} {bg} background" if "{bg}" in out.frame else "{a} {np}"
+    for attribute in ("pattern", "color", "shape"):  # last, what the slot does not need: the other attributes
+        if n_tokens(out.render()[0]) <= MAX_TOKENS:
+            break
+        if attribute == slot or attribute not in out.named:
+            continue
+        out.pre = [p for p in out.pre if p[0] != attribute]
+        out.post = [p for p in out.post if p[0] != attribute]
+        if out.noun[0] == attribute:
+            out.noun = ("", "shape")
+        out.named = tuple(a for a in out.named if a != attribute)
     return out
 
 

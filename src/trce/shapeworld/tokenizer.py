@@ -8,6 +8,7 @@ single bytes, so multi-token words exist exactly as they do in real CLIP.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 
@@ -80,6 +81,12 @@ def build_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     for tok in tokens:
         seen.setdefault(tok, len(seen))
     return seen, merges
+
+
+@functools.cache
+def cached_tokenizer() -> CLIPTokenizer:
+    """One shared `build_tokenizer()` (for counting tokens; do not modify it)."""
+    return build_tokenizer()
 
 
 def build_tokenizer() -> CLIPTokenizer:

@@ -240,7 +240,7 @@ class Trainer:
             texts, named = zip(*(training_caption(self._scene(labels[i]), rng) for i in idx))
             # Causal attention: positions before the padding do not depend on it, so a batch padded
             # to its own longest caption gives the same [EoT] outputs as padding to MAX_LENGTH.
-            tok = self.tokenizer(list(texts), padding="longest", return_tensors="pt").to(self.device)
+            tok = self.tokenizer(list(texts), padding="longest", truncation=True, return_tensors="pt").to(self.device)
             pix = _to_float(images[idx], self.device)
             out = model(input_ids=tok.input_ids, attention_mask=None, pixel_values=pix)
             logits = out.logits_per_text  # (B_text, B_image), already scaled
@@ -357,7 +357,7 @@ class Trainer:
         rng = np.random.default_rng([cfg.seed, STAGES.index("cache")])
         captions = [training_caption(self._scene(labels[i % len(images)]), rng)[0] for i in range(len(images) * k)]
         for s in tqdm(range(0, len(captions), 512), desc="encode captions", mininterval=2):
-            ids = self.tokenizer(captions[s : s + 512], padding="max_length", return_tensors="pt").input_ids
+            ids = self.tokenizer(captions[s : s + 512], padding="max_length", truncation=True, return_tensors="pt").input_ids
             embeds[s : s + 512] = text(ids.to(self.device)).last_hidden_state.cpu().numpy().astype(np.float16)
         empty = self.tokenizer([""], padding="max_length", return_tensors="pt").input_ids
         uncond = text(empty.to(self.device)).last_hidden_state.cpu()
