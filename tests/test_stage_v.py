@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import replace
 
@@ -15,7 +16,7 @@ from trce.families import family_of
 from trce.methods import trajectories
 from trce.methods.stage_v import StageVConfig, epoch_plan, erase_v, stage_v_loss, trainable_parameters, triplet_loss
 from trce.methods.trajectories import Reference, concept_trajectories, initial_noise, uncond_trajectories
-from trce.utils import io
+from trce.utils import cachefile, io
 
 PAIRS = [("a red circle", "a blue circle"), ("a red square", "a blue square"), ("a red star", "a green star")]
 TINY = StageVConfig(n_trajectories=4, n_uncond=8, ddim_steps=6, epochs=1, preserve_batch=2, cache_batch_size=4,
@@ -179,7 +180,7 @@ def test_uncond_targets_are_the_reference_prediction(pipe, tmp_path):
     assert data.step.min() >= 0 and data.step.max() < 6
 
 
-def test_cache_is_reused_extended_and_never_mixed(pipe, tmp_path, monkeypatch):
+def test_cache_is_reused_extended_and_never_mixed(pipe, tmp_path, monkeypatch, caplog):
     ref = Reference.from_pipe(pipe)
     built: list[int] = []
     real = trajectories._concept_rows
@@ -206,11 +207,13 @@ def test_cache_is_reused_extended_and_never_mixed(pipe, tmp_path, monkeypatch):
     other = concept_trajectories(ref, PAIRS, 2, **{**kw, "beta": 10.0})
     assert other.path != four.path and built[-2:] == [0, 1]
     assert len(list(tmp_path.glob("concept-*.safetensors"))) == 2
-    # A file whose stored key does not match its name is refused, not used.
+    # A file whose stored key does not match its name is never used: it is rebuilt (the same values).
     tensors = io.load_tensors(four.path)
-    io.save_tensors(four.path, tensors, metadata={"key": json.dumps({**four.key, "beta": 1.0})})
-    with pytest.raises(TrceError, match="other settings"):
-        concept_trajectories(ref, PAIRS, 2, **kw)
+    cachefile.save(four.path, tensors, {**four.key, "beta": 1.0})
+    with caplog.at_level(logging.WARNING):
+        rebuilt = concept_trajectories(ref, PAIRS, 2, **kw)
+    assert "made for other settings" in caplog.text and built[-2:] == [0, 1]
+    assert torch.allclose(rebuilt.f_unsafe, four.f_unsafe[:2], atol=1e-6)
 
 
 # --------------------------------------------------------------------------- faults
@@ -263,7 +266,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(pipe, tmp_path):
     poisoned = int(plan.trajectory[2].flatten()[0])  # drawn by the third step
     tensors = io.load_tensors(data.path)
     tensors["f_safe"][poisoned] = float("nan")
-    io.save_tensors(data.path, tensors, metadata={"key": json.dumps(data.key)})
+    cachefile.save(data.path, tensors, data.key)  # a valid cache file holding a NaN target
     ckpt = tmp_path / "run"
     with pytest.raises(TrceError, match=r"not finite\) at step 3 of 4.*step 2\) is kept"):
         erase_v(pipe, PAIRS, cfg, cache_dir=tmp_path, checkpoint_dir=ckpt, progress=False)

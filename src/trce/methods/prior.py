@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from trce.errors import TrceError
 from trce.families import family_of
 from trce.tokens import PRESERVE_ROLES, needs_padding, parse_role, role_positions, tokenize
-from trce.utils import io
+from trce.utils import cachefile
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,14 @@ def cache_dir(explicit: str | Path | None = None) -> Path:
     return Path(os.environ.get("TRCE_CACHE") or Path.home() / ".cache" / "trce").expanduser()
 
 
-def prior_key(fingerprint_id: str, prompts: Sequence[str], role: str, max_length: int) -> str:
+def prior_record(fingerprint_id: str, prompts: Sequence[str], role: str, max_length: int) -> dict:
+    """Everything the prior depends on (stored in its cache file and checked on reading)."""
     digest = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
-    raw = json.dumps({"model": fingerprint_id, "prompts": digest, "role": role, "max_length": max_length})
+    return {"model": fingerprint_id, "prompts": digest, "role": role, "max_length": max_length}
+
+
+def prior_key(fingerprint_id: str, prompts: Sequence[str], role: str, max_length: int) -> str:
+    raw = json.dumps(prior_record(fingerprint_id, prompts, role, max_length))
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
@@ -75,17 +80,14 @@ def preservation_prior(
 
         fingerprint_id = fingerprint(pipe)["id"]
     tok = fam.tokenizer(pipe)
+    record = prior_record(fingerprint_id, prompts, "+".join(parts), tok.model_max_length)
     key = prior_key(fingerprint_id, prompts, "+".join(parts), tok.model_max_length)
     path = cache_dir(cache) / "priors" / f"{key}.safetensors"
-    if use_cache and path.exists():
-        try:
-            stored = io.load_tensors(path)
-            cov, count = stored["cov"], int(stored["count"].item())
-            if cov.shape == (width, width):
-                log.info("preservation prior: cache hit %s", path)
-                return Prior(cov, count, len(prompts), role, key, True, time.perf_counter() - t0)
-        except (TrceError, KeyError) as exc:
-            log.warning("ignoring a damaged prior cache file %s (%s); recomputing", path, exc)
+    stored = cachefile.load(path, record, "preservation prior") if use_cache else None
+    if stored is not None and "cov" in stored and tuple(stored["cov"].shape) == (width, width):
+        log.info("preservation prior: cache hit %s", path)
+        return Prior(stored["cov"], int(stored["count"].item()), len(prompts), role, key, True,
+                     time.perf_counter() - t0)
 
     cov = torch.zeros(width, width, dtype=torch.float64)
     count = 0
@@ -107,7 +109,7 @@ def preservation_prior(
         bar.close()
     cov /= count
     if use_cache:
-        io.save_tensors(path, {"cov": cov, "count": torch.tensor([count], dtype=torch.int64)},
-                        metadata={"model": fingerprint_id, "role": role, "prompts": str(len(prompts))})
+        cachefile.save(path, {"cov": cov, "count": torch.tensor([count], dtype=torch.int64)}, record,
+                       prompts=str(len(prompts)))
         log.info("preservation prior: %d prompts, %d embeddings, cached in %s", len(prompts), count, path)
     return Prior(cov, count, len(prompts), role, key, False, time.perf_counter() - t0)

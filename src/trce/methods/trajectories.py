@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from trce.errors import TrceError
 from trce.methods.training import encode_prompts, guided_ddim
-from trce.utils import io
+from trce.utils import cachefile, io
 
 log = logging.getLogger(__name__)
 
@@ -227,23 +227,13 @@ def _uncond_rows(ref: Reference, indices: list[int], *, steps: int, shape, seed:
 
 # --------------------------------------------------------------------------- the on-disk cache
 def _load(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
-    if not path.exists():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as exc:  # a truncated or foreign file; safetensors raises several types
-        raise TrceError(f"trajectory cache {path} is corrupt ({exc}); delete it to rebuild") from exc
-    if json.loads(meta.get("key", "null")) != json.loads(json.dumps(key, default=str)):
-        raise TrceError(f"trajectory cache {path} holds other settings than its name says; delete it to rebuild")
-    return io.load_tensors(path)
+    """The cache file's rows, or None when it is missing, corrupt or made for another key (it is rebuilt)."""
+    return cachefile.load(path, key, "stage V trajectory")
 
 
 def _save(path: Path, key: dict, tensors: dict[str, torch.Tensor]) -> None:
     n = next(iter(tensors.values())).shape[0]
-    io.save_tensors(path, tensors, metadata={"key": json.dumps(key, default=str), "count": str(n)})
+    cachefile.save(path, tensors, key, count=str(n))
 
 
 def _cat(a: dict | None, b: dict, shared: Sequence[str] = ()) -> dict[str, torch.Tensor]:
