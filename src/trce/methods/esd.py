@@ -61,18 +61,20 @@ class ESDConfig:
     ddim_steps: int = 50
     sample_guidance: float = 3.0
     cache_trajectories: int = 4
+    checkpoint_every: int = 100  # iterations between checkpoints (operational: not part of the run's key)
 
     def __post_init__(self) -> None:
         for name, kind in (("params", Group), ("latents", Latents)):
             choose(f"ESD {name}", getattr(self, name), get_args(kind))
-        check_numbers(self, "ESD", integers=("iterations", "batch_size", "ddim_steps", "cache_trajectories"),
+        check_numbers(self, "ESD", integers=("iterations", "batch_size", "ddim_steps", "cache_trajectories",
+                                             "checkpoint_every"),
                       positive=("lr",), non_negative=("negative_guidance", "sample_guidance"))
         if not isinstance(self.neutral_prompt, str):
             raise TrceError(f"ESD neutral_prompt must be a string, got {self.neutral_prompt!r}")
 
 
 def erase_esd(pipe, erase_prompts: list[str], config: ESDConfig = ESDConfig(), *, spec: dict | None = None,
-              progress: bool = True, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100,
+              progress: bool = True, checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
               cache_dir: str | Path | None = None) -> Edit:
     """Erase the concept of `erase_prompts` with ESD; returns the Edit (the pipeline is left unchanged).
 
@@ -83,7 +85,8 @@ def erase_esd(pipe, erase_prompts: list[str], config: ESDConfig = ESDConfig(), *
     if isinstance(erase_prompts, str) or not erase_prompts or not all(isinstance(p, str) and p.strip()
                                                                        for p in erase_prompts):
         raise TrceError(f"ESD needs a non-empty list of non-empty erase prompts, got {erase_prompts!r}")
-    if checkpoint_every < 1:
+    checkpoint_every = config.checkpoint_every if checkpoint_every is None else checkpoint_every
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise TrceError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     from trce.loading import fingerprint
 

@@ -132,12 +132,14 @@ class KPOPConfig:
     # latents of the preservation prompts themselves (cached: trajectories of as many of them as there are erase
     # prompts, drawn once; current: one more denoising per iteration)
     preserve_latents: PreserveLatents = "erase"
+    checkpoint_every: int = 100  # iterations between checkpoints (operational: not part of the run's key)
 
     def __post_init__(self) -> None:
         for name, kind in (("params", Group), ("mode", Mode), ("sites", Sites), ("latents", Latents),
                            ("prompt_init", PromptInit), ("neutral", Neutral), ("preserve_latents", PreserveLatents)):
             choose(f"KPOP {name}", getattr(self, name), get_args(kind))
-        check_numbers(self, "KPOP", integers=("iterations", "batch_size", "ddim_steps", "cache_trajectories"),
+        check_numbers(self, "KPOP", integers=("iterations", "batch_size", "ddim_steps", "cache_trajectories",
+                                              "checkpoint_every"),
                       positive=("lr", "prompt_lr", "lam"),
                       non_negative=("sample_guidance", "negative_guidance", "negative_others", "preserve_weight"))
         for name in ("prompt_size", "prompt_tokens"):
@@ -193,7 +195,7 @@ def _initial_prompt(config: KPOPConfig, erase_emb: torch.Tensor, m_p: int, gen: 
 def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig(), *, neutral_prompt: str | None = None,
                safe_prompts: list[str] | None = None, preserve_prompts: Sequence[str] | None = None,
                other_prompts: Sequence[Sequence[str]] | None = None, spec: dict | None = None, progress: bool = True,
-               checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100,
+               checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
                cache_dir: str | Path | None = None) -> Edit:
     """Erase the concept of `erase_prompts` with KPOP; returns the Edit (the pipeline is left unchanged).
 
@@ -208,7 +210,8 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
     if isinstance(erase_prompts, str) or not erase_prompts or not all(isinstance(p, str) and p.strip()
                                                                        for p in erase_prompts):
         raise TrceError(f"KPOP needs a non-empty list of non-empty erase prompts, got {erase_prompts!r}")
-    if checkpoint_every < 1:
+    checkpoint_every = config.checkpoint_every if checkpoint_every is None else checkpoint_every
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise TrceError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     erase_prompts = list(erase_prompts)
     if neutral_prompt is not None:

@@ -313,7 +313,7 @@ def run_checkpoints(what: str, settings: dict, base: dict, checkpoint_dir: str |
                     cache_dir: str | Path | None) -> Checkpoints | None:
     """The checkpoints of a KPOP / ESD run keyed by its settings and base model: in `checkpoint_dir` when given,
     else in `<cache_dir>/runs/<what>-<digest>` (None: no cache, no checkpoints)."""
-    key = {"settings": settings, "base": base["id"]}
+    key = {"settings": {k: v for k, v in settings.items() if k != "checkpoint_every"}, "base": base["id"]}
     if checkpoint_dir is not None:
         return Checkpoints(checkpoint_dir, key, what)
     if cache_dir is None:
