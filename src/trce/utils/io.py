@@ -11,8 +11,10 @@ import contextlib
 import datetime as _dt
 import errno
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -27,17 +29,51 @@ from safetensors.torch import load_file, save_file
 
 from trce.errors import TrceError
 
+log = logging.getLogger(__name__)
+
+
+class WriteError(TrceError):
+    """A file could not be written: the disk is full or the place is read-only (`errno` says which)."""
+
+    def __init__(self, path: Path, code: int, reason: str = ""):
+        self.path, self.errno = Path(path), code
+        if code == errno.ENOSPC:
+            text = f"disk full while writing {path}; free space and rerun (finished work is kept)"
+        else:
+            text = f"cannot write {path}: {reason or os.strerror(code)}"
+        super().__init__(text)
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR)
+
+
+def _write_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the one inside a SafetensorError's text (safetensors reports
+    a full disk as "I/O error: No space left on device (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    if isinstance(exc, SafetensorError):
+        found = re.search(r"os error (\d+)", str(exc))
+        return int(found.group(1)) if found else None
+    return None
+
 
 @contextlib.contextmanager
 def _disk_errors(path: Path) -> Iterator[None]:
+    """Turn a full disk or a read-only place while writing `path` into one clear `WriteError` naming `path`."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise TrceError(f"disk full while writing {path}; free space and rerun (finished work is kept)") from exc
-        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise TrceError(f"cannot write {path}: {exc.strerror}") from exc
+    except WriteError as exc:
+        if exc.path != path:  # a file inside a folder written as a whole: name the folder the user asked for
+            raise WriteError(path, exc.errno) from exc
         raise
+    except (OSError, SafetensorError) as exc:
+        code = _write_errno(exc)
+        if code not in _WRITE_ERRNOS:
+            raise
+        reason = "a file stands where a folder should be" if code == errno.ENOTDIR else ""
+        raise WriteError(path, errno.ENOSPC if code == errno.EDQUOT else code,
+                         reason or getattr(exc, "strerror", None) or "") from exc
 
 
 def _umask() -> int:
@@ -55,9 +91,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp_path = Path(tmp)
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
         try:
             yield tmp_path
+            # mkstemp makes 0600 and some writers (safetensors) replace the file: outputs get the usual mode
+            os.chmod(tmp_path, 0o666 & ~_umask())
             os.replace(tmp_path, path)
         finally:
             if tmp_path.exists():
@@ -203,8 +240,6 @@ def save_png(path: str | os.PathLike, image) -> None:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Every complete JSON line of `path` (a missing file is empty; a line cut short by a kill is dropped)."""
-    import logging
-
     path = Path(path)
     if not path.exists():
         return []
@@ -215,7 +250,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         try:
             out.append(json.loads(line))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            logging.getLogger(__name__).info("%s: dropping an incomplete line (an interrupted run); it is redone", path)
+            log.info("%s: dropping an incomplete line (an interrupted run); it is redone", path)
     return out
 
 
@@ -241,3 +276,136 @@ def check_run_key(path: str | os.PathLike, key: dict, state, what: str) -> None:
     state.wait_for_everyone()
     if state.is_main_process and not path.exists():
         write_json(path, {"key": key})
+
+
+def check_writable(path: str | os.PathLike, field: str, *, kind: str = "folder", replace: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: a file where a folder must be (or the reverse),
+    a read-only place. The nearest existing folder at or above the output must take a new file (a probe file is
+    made and removed); the output itself may be missing (it is made). `kind` is "folder" or "file"; `replace`:
+    a folder written as a whole (a patch) is made beside the old one, so its parent must take it."""
+    target = Path(path).expanduser()
+    if target.exists() and kind == "folder" and not target.is_dir():
+        raise TrceError(f"{field} {path} is a file, not a folder; give a folder path", field=field)
+    if target.is_dir() and kind == "file":
+        raise TrceError(f"{field} {path} is a folder; give a file path", field=field)
+    probe = target if kind == "folder" and not replace else target.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise TrceError(f"{field} {path}: {probe} is a file, not a folder", field=field)
+    try:
+        fd, name = tempfile.mkstemp(prefix=".trce-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise TrceError(f"{field} {path} cannot be written ({probe}: {exc.strerror}); choose a writable place",
+                        field=field) from exc
+
+
+def usable_folder(path: str | os.PathLike) -> str | None:
+    """None when `path` can be made and written into (a probe file is made and removed), else why not."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        return "it is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".trce-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+_HELD: dict[Path, int] = {}  # locks this process holds, by target: run_lock is re-entrant
+
+
+@contextlib.contextmanager
+def run_lock(path: str | os.PathLike, field: str = "out", *, wait: bool = False) -> Iterator[None]:
+    """Hold the lock of output `path` for the block, so that two trce processes never write one output at once.
+
+    The lock is `.NAME.lock` beside `path`, taken with `flock`: the operating system releases it when its process
+    ends, however it ends, so a run killed with `kill -9` never blocks the next one (the file it leaves is reused).
+    Another process holding it: one clear error naming that process, or with `wait` (a shared cache), waiting for
+    it. Re-entrant within a process; where the file system takes no locks, the run goes on unlocked.
+    """
+    target = Path(path).expanduser().resolve()
+    if target in _HELD:
+        _HELD[target] += 1
+        try:
+            yield
+        finally:
+            _HELD[target] -= 1
+        return
+    lock = _lock_file(target)
+    fd = _acquire(lock, path, field, wait)
+    _HELD[target] = 1
+    try:
+        yield
+    finally:
+        del _HELD[target]
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            os.close(fd)
+
+
+def _lock_file(target: Path) -> Path:
+    """`.NAME.lock` beside `target`; inside it (`.trce.lock`) when `target` is a folder whose parent cannot be written
+    (`--out .` in a read-only home): the same answer for every process that asks."""
+    beside = target.parent / f".{target.name}.lock"
+    try:
+        beside.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(beside, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask()))
+    except OSError as exc:
+        if target.is_dir() and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            return target / ".trce.lock"
+        with _disk_errors(beside):
+            raise
+    return beside
+
+
+def _acquire(lock: Path, path, field: str, wait: bool) -> int | None:
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unlocked
+        return None
+    while True:
+        with _disk_errors(lock):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise
+                log.info("%s is being written by another trce process (%s); waiting for it", path, _lock_holder(fd))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise TrceError(f"{field} {path} is being written by another trce process ({holder}); wait for it to "
+                            "finish or choose another folder", field=field) from None
+        except OSError as exc:  # a file system without locks (some network mounts)
+            os.close(fd)
+            log.debug("no lock for %s (%s): going on without one", path, exc)
+            return None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its previous holder removed while this process waited for it
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv[:3]),
+                             "started": _dt.datetime.now().isoformat(timespec="seconds")}).encode())
+    return fd
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']}, {info.get('command') or 'trce'}, started {info.get('started', '?')}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown"

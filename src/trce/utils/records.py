@@ -61,15 +61,20 @@ class Records:
         shard = self.path if self.state.num_processes == 1 else self.path.with_name(
             f"{self.path.stem}.rank{self.state.process_index}{self.path.suffix}")
         with contextlib.ExitStack() as stack:
-            handles: list = []
+            handles: list[int] = []
 
             def append(batch: list[dict]) -> None:
-                if not handles:  # opened on the first batch: a process with nothing to do writes no file
-                    handles.append(stack.enter_context(open(shard, "a", encoding="utf-8")))
-                fh = handles[0]
-                fh.write("".join(json.dumps(r) + "\n" for r in batch))
-                fh.flush()
-                os.fsync(fh.fileno())
+                # Unbuffered, so that nothing is left to flush on closing after a failed write. A full disk is one
+                # clear line (`io.WriteError`); a line it cut short is dropped on reading and its item redone.
+                data = "".join(json.dumps(r) + "\n" for r in batch).encode("utf-8")
+                with io._disk_errors(shard):
+                    if not handles:  # opened on the first batch: a process with nothing to do writes no file
+                        handles.append(os.open(shard, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666))
+                        stack.callback(os.close, handles[0])
+                    fd = handles[0]
+                    while data:
+                        data = data[os.write(fd, data):]
+                    os.fsync(fd)
 
             yield append
 
