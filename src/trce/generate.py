@@ -1,12 +1,21 @@
 """Batched, seeded image generation with a diffusers pipeline.
 
-Each prompt gets its own CPU `torch.Generator`, so an image depends only on (model, prompt, seed,
-guidance, steps, size): not on the batch it was drawn in, nor on the device.
+An image depends only on (model, prompt, seed, guidance, steps, size) and the device and dtype it is drawn on:
+not on the batch it was drawn in, its neighbours or its place in the list, so a resumed evaluation gives the
+images an uninterrupted one gives. Two things make that true:
+
+- each prompt gets its own CPU `torch.Generator` (its initial noise does not depend on the device);
+- the pipeline is always called with the same number of prompts, `chunk_size(height, width)` (16 for ShapeWorld's
+  32x32, 4 for SD's 512x512, 1 above 724x724: about a million pixels a call), the last call of a run padded with
+  copies of its last prompt. Batched matrix products round differently for different batch sizes (one grey level
+  in a few pixels between 8 and 100 prompts a call), never for the same one. `batch_size` only says how many
+  images are handed back (judged and recorded) together.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +28,44 @@ from trce.errors import TrceError
 
 log = logging.getLogger(__name__)
 
+# The largest image side trce draws. SD-class models are trained at 512-1024 px and draw repeated, broken objects
+# far above their size, and a 2048x2048 image already needs tens of GB in an SD 1.x UNet's attention layers.
+MAX_SIZE = 2048
+DRAW_PIXELS = 1 << 20  # pixels per pipeline call (a power-of-two number of images, at most MAX_CHUNK)
+MAX_CHUNK = 16
+
+
+def check_size(value, field: str = "size") -> None:
+    """An image side: None (the model's own) or a multiple of 8 from 8 to MAX_SIZE."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
+        raise TrceError(f"{field} must be a positive multiple of 8 (the VAE halves the side three times), "
+                        f"got {value!r}", field=field)
+    if value > MAX_SIZE:
+        raise TrceError(f"{field} must be at most {MAX_SIZE}, got {value}: SD-class models are trained at "
+                        f"512-1024 px and {MAX_SIZE} px already needs tens of GB", field=field)
+
+
+def check_guidance(value, field: str = "guidance") -> None:
+    """A classifier-free guidance scale: a finite number >= 0 (1 or less draws without guidance)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise TrceError(f"{field} must be a finite number >= 0 (1 or less: no classifier-free guidance), "
+                        f"got {value!r}", field=field)
+
+
+def check_count(value, field: str) -> None:
+    """A count (steps, images, batch size): an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TrceError(f"{field} must be at least 1, got {value!r}", field=field)
+
+
+def chunk_size(height: int, width: int) -> int:
+    """Prompts per pipeline call at this size: the largest power of two with at most DRAW_PIXELS pixels in all,
+    from 1 to MAX_CHUNK. Every call draws exactly this many (see the module doc)."""
+    n = max(1, min(MAX_CHUNK, DRAW_PIXELS // (height * width)))
+    return 1 << (n.bit_length() - 1)
+
 
 @dataclass(frozen=True)
 class GenSettings:
@@ -29,19 +76,45 @@ class GenSettings:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise TrceError(f"steps must be at least 1, got {self.steps}", field="steps")
-        if self.batch_size < 1:
-            raise TrceError(f"batch_size must be at least 1, got {self.batch_size}", field="batch_size")
+        check_count(self.steps, "steps")
+        check_guidance(self.guidance)
+        check_count(self.batch_size, "batch_size")
         for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise TrceError(f"{name} must be a positive multiple of 8, got {value}", field=name)
+            check_size(getattr(self, name), name)
 
 
-def _batches(order: list[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(order), size):
-        yield order[start : start + size]
+def check_settings(pipe, settings: GenSettings) -> None:
+    """What only the model can tell: `steps` within its scheduler's training steps."""
+    most = getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
+    if most is not None and settings.steps > int(most):
+        raise TrceError(f"steps must be at most {most} (the scheduler's training steps), got {settings.steps}",
+                        field="steps")
+
+
+def warn_long_prompts(pipe, prompts: Sequence[str]) -> int:
+    """Say (one log line) how many prompts are longer than the model reads: the text encoder sees only their
+    first tokens. Returns how many."""
+    from trce.families import family_of
+
+    tok = family_of(pipe).tokenizer(pipe)
+    limit = int(tok.model_max_length)
+    # a token covers at least one character, so only prompts longer than the context can be cut
+    lengths = {p: len(tok(p, truncation=False).input_ids) for p in set(prompts) if len(p) > limit - 2}
+    long = [i for i, p in enumerate(prompts) if lengths.get(p, 0) > limit]
+    if long:
+        first = prompts[long[0]]
+        log.warning("%d of %d prompts %s longer than the model's %d tokens and %s truncated to them (the text "
+                    "encoder reads no further); the first, #%d, has %d tokens: %r", len(long), len(prompts),
+                    "is" if len(long) == 1 else "are", limit, "is" if len(long) == 1 else "are", long[0],
+                    lengths[first], first[:60] + ("..." if len(first) > 60 else ""))
+    return len(long)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "not enough memory" in text
+                                           or "can't allocate memory" in text))
 
 
 @torch.no_grad()
@@ -55,45 +128,56 @@ def generate_iter(
     desc: str = "generate",
     embeds: torch.Tensor | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Yield (indices, images) per batch as they finish; images are uint8 (B, H, W, 3).
+    """Yield (indices, images) per batch of `settings.batch_size` as they finish; images are uint8 (B, H, W, 3).
 
-    Prompts with different guidance scales are never batched together. With `embeds` ((N, L, D) conditionings
-    as the model family encodes them: soft prompts), image i is drawn from embeds[i] instead of prompts[i]'s
-    text; the unconditional half of guidance is the empty prompt, as for text.
+    Prompts with different guidance scales are never drawn together; each is drawn in calls of exactly
+    `chunk_size` prompts (see the module doc). With `embeds` ((N, L, D) conditionings as the model family encodes
+    them: soft prompts), image i is drawn from embeds[i] instead of prompts[i]'s text; the unconditional half of
+    guidance is the empty prompt, as for text.
     """
+    from trce.families import family_of
+
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     if embeds is not None and len(embeds) != len(prompts):
         raise ValueError("one conditioning per prompt")
-    if embeds is not None:
-        from trce.families import family_of
-
-        family = family_of(pipe)
+    family = family_of(pipe)
+    check_settings(pipe, settings)
     guidances = list(guidances) if guidances is not None else [settings.guidance] * len(prompts)
     by_guidance: dict[float, list[int]] = {}
     for i, g in enumerate(guidances):
+        check_guidance(g)
         by_guidance.setdefault(float(g), []).append(i)
+    native = family.image_size(pipe)
+    height, width = settings.height or native, settings.width or native
+    chunk = chunk_size(height, width)
     bar = tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress, mininterval=1)
     t0 = time.time()
     try:
         for guidance, order in by_guidance.items():
-            for idx in _batches(order, settings.batch_size):
-                gens = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in idx]
-                text = ({"prompt": [prompts[i] for i in idx]} if embeds is None
-                        else family.pipeline_inputs(pipe, embeds[idx]))
-                out = pipe(
-                    **text,
-                    num_inference_steps=settings.steps,
-                    guidance_scale=guidance,
-                    generator=gens,
-                    height=settings.height,
-                    width=settings.width,
-                    output_type="np",
-                )
-                images = np.clip(np.round(out.images * 255), 0, 255).astype(np.uint8)
+            ready: list[tuple[int, np.ndarray]] = []
+            for start in range(0, len(order), chunk):
+                idx = order[start : start + chunk]
+                padded = idx + [idx[-1]] * (chunk - len(idx))  # the same call size every time: same rounding
+                gens = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in padded]
+                text = ({"prompt": [prompts[i] for i in padded]} if embeds is None
+                        else family.pipeline_inputs(pipe, embeds[padded]))
+                try:
+                    out = pipe(**text, num_inference_steps=settings.steps, guidance_scale=guidance, generator=gens,
+                               height=height, width=width, output_type="np")
+                except (RuntimeError, MemoryError) as exc:
+                    if not isinstance(exc, MemoryError) and not _out_of_memory(exc):
+                        raise
+                    raise TrceError(f"size {height}x{width} does not fit in memory on {family.denoiser(pipe).device} "
+                                    f"({chunk} images a call); choose a smaller size", field="size") from exc
+                images = np.clip(np.round(out.images[: len(idx)] * 255), 0, 255).astype(np.uint8)
+                ready.extend(zip(idx, images))
                 bar.update(len(idx))
                 bar.set_postfix(img_s=f"{bar.n / max(1e-9, time.time() - t0):.2f}")
-                yield idx, images
+                last = start + chunk >= len(order)
+                while len(ready) >= settings.batch_size or (last and ready):
+                    batch, ready = ready[: settings.batch_size], ready[settings.batch_size :]
+                    yield [i for i, _ in batch], np.stack([img for _, img in batch])
     finally:
         bar.close()
 
@@ -132,8 +216,8 @@ def generate_images(pipe, prompts: str | Sequence[str], seeds: int | Sequence[in
     """
     import contextlib
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise TrceError(f"n must be at least 1, got {n!r}", field="n")
+    check_count(n, "n")
+    check_size(size)
     if isinstance(prompts, str):
         if not isinstance(seeds, int) or isinstance(seeds, bool):
             raise TrceError(f"seeds must be one integer for one prompt, got {seeds!r}", field="seed")
@@ -151,4 +235,5 @@ def generate_images(pipe, prompts: str | Sequence[str], seeds: int | Sequence[in
             from trce.methods.kpop import hidden_prompt_installed
 
             stack.enter_context(hidden_prompt_installed(pipe, edit))
+        warn_long_prompts(pipe, prompts)
         return generate(pipe, prompts, seeds, settings, progress=progress)
