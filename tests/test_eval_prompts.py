@@ -268,7 +268,7 @@ def test_plain_files_and_multiline_fields(tmp_path):
     (b"", "empty"),
     (b"text,other\nx,y\n", "no column 'prompt'"),
     (b"prompt\n", "no rows"),
-    (b"prompt,evaluation_seed,case_number\nhi,abc,1\n", "should be a number"),
+    (b"prompt,evaluation_seed,case_number\nhi,abc,1\n", "should be an integer"),
     (b"prompt\n\xff\xfe bad\n", "not UTF-8"),
     (b"prompt,x\na,b,c\n", "more fields"),
 ])

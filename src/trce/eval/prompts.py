@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ def detect_layout(header: list[str]) -> str:
         return "i2p"
     if "prompt" in cols and "evaluation_guidance" in cols and "evaluation_seed" in cols:
         return "p4d"
-    if {"prompt", "evaluation_seed", "case_number"} <= cols:
+    if {"prompt", "evaluation_seed"} <= cols:  # case_number is optional: a seed column is never ignored
         return "case-number"
     return "csv"
 
@@ -102,9 +103,13 @@ def _number(path: Path, line: int, column: str, value: str, kind: type) -> int |
     if not value:
         return None
     try:
-        return kind(float(value)) if kind is int else kind(value)
-    except ValueError as exc:
-        raise TrceError(f"prompt file {path}, row {line}: column {column!r} should be a number, got {value!r}") from exc
+        number = float(value)
+        if not math.isfinite(number) or (kind is float and number < 0) or (kind is int and not number.is_integer()):
+            raise ValueError(value)
+        return kind(number) if kind is int else kind(value)
+    except (ValueError, OverflowError) as exc:
+        what = "an integer" if kind is int else "a finite number >= 0"
+        raise TrceError(f"prompt file {path}, row {line}: column {column!r} should be {what}, got {value!r}") from exc
 
 
 def load_prompts(path: str | Path, layout: str = "auto", columns: dict[str, str] | None = None,
@@ -117,6 +122,8 @@ def load_prompts(path: str | Path, layout: str = "auto", columns: dict[str, str]
     A missing, empty or malformed file is one `TrceError` naming the file and the problem.
     """
     path = Path(path)
+    if path.is_dir():
+        raise TrceError(f"prompt file {path} is a folder; give a CSV or TXT file")
     if not path.is_file():
         raise TrceError(f"prompt file {path} does not exist")
     if layout != "auto" and layout not in LAYOUTS:
