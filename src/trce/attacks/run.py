@@ -53,6 +53,7 @@ class AttackOptions(ImageOptions):
     progress: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
                                        or self.limit < 1):
             raise TrceError(f"limit must be at least 1, got {self.limit!r}", field="limit")
@@ -251,25 +252,40 @@ def prepare(suite: str, attack_name: str, budget: Any, opts: AttackOptions):
 
 def _run(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: AttackOptions, record: dict,
          prepared: dict | None = None, state=None) -> AttackResult | None:
+    """The attack run in `out`, holding its lock (`io.run_lock`: a second run into `out` is refused)."""
+    from trce.families import family_of
+    from trce.utils import io
+    from trce.utils.processes import process_state
+
+    io.check_folder(out, "out")
+    io.check_writable(out, "out")
+    if state is None:
+        state = process_state(family_of(pipe).denoiser(pipe).device.type == "cpu")
+    with io.run_lock(out, "out") if state.is_main_process else contextlib.nullcontext():
+        return _attack(pipe, suite, attack_name, edit, budget, out, reference, opts, record, prepared, state)
+
+
+def _attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: AttackOptions, record: dict,
+            prepared: dict | None, state) -> AttackResult | None:
     from trce.attacks.base import AttackConfig
     from trce.eval.detectors import make_detector
     from trce.eval.prompts import PromptRow
     from trce.eval.runner import generate_rows
     from trce.families import family_of
+    from trce.generate import check_settings, warn_long_prompts
     from trce.loading import fingerprint
     from trce.utils import io
-    from trce.utils.processes import process_state
 
     t0 = time.time()
-    io.check_folder(out, "out")
     p = prepared or prepare(suite, attack_name, budget, opts)
     mod, budget, suite, targets, rows = p["mod"], p["budget"], p["suite"], p["targets"], p["rows"]
     settings, guidances, size = p["settings"], p["guidances"], p["size"]
     seeds = [t.seed for t in targets]
     family = family_of(pipe)
     denoiser = family.denoiser(pipe)
-    if state is None:
-        state = process_state(denoiser.device.type == "cpu")
+    check_settings(pipe, settings)
+    if state.is_main_process:
+        warn_long_prompts(pipe, [t.prompt for t in targets])
     device = state.device if state.num_processes > 1 else denoiser.device
     attribute, values = (suite.attribute, suite.values) if suite.kind == "shapeworld" else (None, ())
     detector = make_detector(p["detector"], opts.threshold, attribute=attribute, values=values, device=str(device))

@@ -5,6 +5,7 @@ The output folder's layout is described in `trce.attacks.run`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -65,22 +66,28 @@ def cmd_attack(args) -> int:
     from trce.attacks.run import CSV_NAME, AttackOptions, _run, prepare
     from trce.edit import load_patch
     from trce.loading import load_pipeline, resolve_device
+    from trce.utils import io
     from trce.utils.processes import process_state
 
     options = AttackOptions(limit=args.limit, seed=args.seed, groups=args.groups, concept=args.concept, ban=args.ban,
                             pairs=args.pairs, data=args.data, progress=not args.no_progress,
                             **image_options(args))
     prepared = prepare(args.suite, args.attack, args.budget, options)  # every input checked before the model loads
+    out = Path(args.out)
+    io.check_folder(out, "out")
+    io.check_writable(out, "out")
     edit = load_patch(args.patch) if args.patch is not None else None
     cpu = args.device == "cpu" or not torch.cuda.is_available()
     state = process_state(cpu)
     device = state.device if state.num_processes > 1 else resolve_device(args.device)
-    pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
-    reference = (load_pipeline(args.reference_model, device=device, dtype=args.dtype)
-                 if args.reference_model is not None and prepared["mod"].NEEDS_REFERENCE else None)
-    record = {k: v for k, v in vars(args).items() if k not in ("func", "flags")}
-    metrics = _run(pipe, args.suite, args.attack, edit, args.budget, Path(args.out), reference,
-                   options, record, prepared=prepared, state=state)
+    # a second run into the same --out is refused here, before its models load
+    with io.run_lock(out, "out") if state.is_main_process else contextlib.nullcontext():
+        pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
+        reference = (load_pipeline(args.reference_model, device=device, dtype=args.dtype)
+                     if args.reference_model is not None and prepared["mod"].NEEDS_REFERENCE else None)
+        record = {k: v for k, v in vars(args).items() if k not in ("func", "flags")}
+        metrics = _run(pipe, args.suite, args.attack, edit, args.budget, out, reference,
+                       options, record, prepared=prepared, state=state)
     if metrics is None:  # a non-main process of a sharded run: rank 0 reports
         return 0
     if args.json:

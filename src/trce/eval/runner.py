@@ -22,6 +22,7 @@ rank 0 merges the shards and computes the metrics after `wait_for_everyone`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,6 +63,22 @@ class ImageOptions:
     detector: str | None = None
     threshold: float | None = None
 
+    def __post_init__(self) -> None:
+        import math
+
+        from trce.generate import check_count, check_guidance, check_size
+
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) is not None:
+                check_count(getattr(self, name), name)
+        if self.guidance is not None:
+            check_guidance(self.guidance)
+        check_size(self.size)
+        if self.threshold is not None and (isinstance(self.threshold, bool)
+                                           or not isinstance(self.threshold, (int, float))
+                                           or not math.isfinite(self.threshold)):
+            raise TrceError(f"threshold must be a finite number, got {self.threshold!r}", field="threshold")
+
 
 @dataclass(frozen=True)
 class EvalOptions(ImageOptions):
@@ -82,9 +99,17 @@ class EvalOptions(ImageOptions):
     progress: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "seeds", tuple(self.seeds))
         if (self.suite is None) == (self.prompts is None):
             raise TrceError("give exactly one of suite and prompts (a prompt file)", field="suite")
+        if self.prompts is not None:
+            path = Path(self.prompts).expanduser()
+            if path.is_dir():
+                raise TrceError(f"prompts {self.prompts} is a folder, not a prompt file (a CSV or TXT file)",
+                                field="prompts")
+            if not path.exists():
+                raise TrceError(f"prompts {self.prompts} does not exist", field="prompts")
         if not self.seeds:
             raise TrceError("seeds needs at least one seed offset", field="seeds")
         if any(isinstance(s, bool) or not isinstance(s, int) for s in self.seeds):
@@ -223,12 +248,12 @@ class _Plan:
     settings: GenSettings
     steps: int
     size: int | None
-    detector: str
+    detector: Detector
     attribute: str | None
     values: tuple[str, ...]
 
 
-def _plan(options: EvalOptions) -> _Plan:
+def _plan(options: EvalOptions, device) -> _Plan:
     suite = load_suite(options.suite) if options.suite is not None else _ad_hoc_suite(options)
     if options.prompts is not None:
         rows = load_prompts(options.prompts)
@@ -242,11 +267,13 @@ def _plan(options: EvalOptions) -> _Plan:
     size = options.size if options.size is not None else d.size
     settings = GenSettings(steps=steps, guidance=options.guidance if options.guidance is not None else d.guidance,
                            height=size, width=size, batch_size=options.batch_size or d.batch_size)
-    detector = options.detector or suite.detector
+    name = options.detector or suite.detector
     attribute, values = _concept(options, suite)
-    if detector == "shapeworld" and attribute is None:
+    if name == "shapeworld" and attribute is None:
         raise TrceError("the shapeworld detector needs the erased concept: concept attribute=value (e.g. color=red)",
                         field="concept")
+    detector = make_detector(name, options.threshold, attribute=attribute, values=values,
+                             q16_weights=options.q16_weights, device=str(device))
     return _Plan(suite, rows, settings, steps, size, detector, attribute, values)
 
 
@@ -288,37 +315,62 @@ def run_eval(config: EvalConfig, out: str | Path) -> Metrics | None:
     from trce.loading import load_pipeline, resolve_device
 
     out = Path(out)
-    _check_folders(out, config.reference_cache)
-    options = config.options()
-    plan = _plan(options)
+    options = _check_folders(out, config.options())
     cpu = config.device == "cpu" or not torch.cuda.is_available()
     state = process_state(cpu)
     device = state.device if state.num_processes > 1 else resolve_device(config.device)
-    edit = load_patch(config.patch) if config.patch is not None else None
-    pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
-    return _run(pipe, edit, options, out, plan, record={**asdict(config), "out": str(out)}, state=state)
+    plan = _plan(options, device)
+    with _locked(out, state):  # a second run into `out` is refused here, before its model loads
+        edit = load_patch(config.patch) if config.patch is not None else None
+        pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
+        return _run(pipe, edit, options, out, plan, record={**asdict(config), "out": str(out)}, state=state)
 
 
-def _check_folders(out: Path, reference_cache: str | None) -> None:
+def _check_folders(out: Path, options: EvalOptions) -> EvalOptions:
+    """Refuse an output folder that cannot be written before any work; a reference cache that cannot be written is
+    left out (one log line) and the original model's images are drawn into `out`."""
     io.check_folder(out, "out")
-    io.check_folder(reference_cache, "reference_cache")
+    io.check_folder(options.reference_cache, "reference_cache")
+    io.check_writable(out, "out")
+    if options.reference_cache is not None:
+        problem = io.usable_folder(options.reference_cache)
+        if problem is not None:
+            log.warning("reference cache %s cannot be used (%s); drawing the original model's images into %s "
+                        "without it", options.reference_cache, problem, out)
+            options = dataclasses.replace(options, reference_cache=None)
+    return options
+
+
+def _locked(out: Path, state):
+    """`out`'s lock (`io.run_lock`), held by the main process of a run."""
+    return io.run_lock(out, "out") if state.is_main_process else contextlib.nullcontext()
 
 
 def _run(pipe, edit, options: EvalOptions, out: Path, plan: _Plan | None, record: dict, state=None) -> Metrics | None:
     from trce.families import family_of
-    from trce.loading import fingerprint
 
-    t0 = time.time()
-    _check_folders(out, options.reference_cache)
-    plan = plan or _plan(options)
-    suite, rows, settings = plan.suite, plan.rows, plan.settings
+    options = _check_folders(out, options)
     family = family_of(pipe)
     denoiser = family.denoiser(pipe)
     if state is None:
         state = process_state(denoiser.device.type == "cpu")
     device = state.device if state.num_processes > 1 else denoiser.device
-    detector = make_detector(plan.detector, options.threshold, attribute=plan.attribute, values=plan.values,
-                             q16_weights=options.q16_weights, device=str(device))
+    plan = plan or _plan(options, device)
+    with _locked(out, state):
+        return _evaluate(pipe, edit, options, out, plan, record, state, device)
+
+
+def _evaluate(pipe, edit, options: EvalOptions, out: Path, plan: _Plan, record: dict, state, device) -> Metrics | None:
+    from trce.families import family_of
+    from trce.generate import check_settings, warn_long_prompts
+    from trce.loading import fingerprint
+
+    t0 = time.time()
+    suite, rows, settings = plan.suite, plan.rows, plan.settings
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    detector = plan.detector
+    check_settings(pipe, settings)
     base = fingerprint(pipe)
     if edit is not None and options.hidden_prompt:
         from trce.methods.kpop import hidden_prompt
@@ -331,6 +383,8 @@ def _run(pipe, edit, options: EvalOptions, out: Path, plan: _Plan | None, record
            "detector": detector.info(), "dtype": str(denoiser.dtype),
            **({"hidden_prompt": True} if options.hidden_prompt else {})}
     io.check_run_key(out / "eval.json", key, state, "an evaluation")
+    if state.is_main_process:
+        warn_long_prompts(pipe, [r.prompt for r in rows])
 
     d = suite.defaults
     base_seeds = [r.seed if r.seed is not None else d.seed + i for i, r in enumerate(rows)]
@@ -406,8 +460,10 @@ def _reference(pipe, rows, seeds, guidances, ref_dir: Path, settings, detector, 
     digest = hashlib.sha256(json.dumps(ckey, sort_keys=True, default=str).encode()).hexdigest()[:16]
     cache = Path(config.reference_cache).expanduser() / f"{suite.name}-{digest}"
     names = [hashlib.sha1(f"{r.prompt}\0{s}\0{g}".encode()).hexdigest()[:20] for r, s, g in zip(rows, seeds, guidances)]
-    cached = generate_rows(pipe, rows, seeds, guidances, cache, settings, detector, state, names=names,
-                           progress=config.progress, desc=f"reference {suite.name}")
+    # runs sharing the cache draw into it one at a time (a later one finds the images drawn)
+    with io.run_lock(cache, "reference_cache", wait=True) if state.is_main_process else contextlib.nullcontext():
+        cached = generate_rows(pipe, rows, seeds, guidances, cache, settings, detector, state, names=names,
+                               progress=config.progress, desc=f"reference {suite.name}")
     if state.is_main_process:
         (ref_dir / IMAGES).mkdir(parents=True, exist_ok=True)
         recs = []
