@@ -155,7 +155,7 @@ class Edit:
         """Write this edit as a patch folder, atomically."""
         folder = Path(folder)
         meta_weights = {p: list(t.shape) for p, t in self.weights.items()}
-        with io.atomic_dir(folder) as tmp:
+        with io.run_lock(folder, "folder"), io.atomic_dir(folder) as tmp:
             io.save_tensors(tmp / "weights.safetensors", dict(self.weights))
             files = {"weights.safetensors": _sha256(tmp / "weights.safetensors")}
             if self.extras:
@@ -190,26 +190,80 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_patch(folder: str | Path) -> Edit:
-    """Read a patch folder; a missing, truncated, corrupt or foreign folder is one clear error."""
-    folder = Path(folder)
+def _patch_meta(folder: Path) -> dict:
+    """patch.json of a patch folder, its fields checked for type: a patch.json that lies is one clear error."""
+    where = f"patch {folder}"
+    if not folder.exists():
+        raise TrceError(f"{where} does not exist", field="patch")
     if not folder.is_dir():
-        raise TrceError(f"patch folder {folder} does not exist")
+        raise TrceError(f"{where} is a file, not a patch folder (the folder `trce erase --out` wrote)", field="patch")
+    if not (folder / "patch.json").is_file():
+        raise TrceError(f"{where} is not a trce patch folder (no patch.json)", field="patch")
     meta = io.read_json(folder / "patch.json")
+    if not isinstance(meta, dict):
+        raise TrceError(f"{where}: patch.json must hold a mapping, got {type(meta).__name__}", field="patch")
     if meta.get("format") != PATCH_FORMAT:
-        raise TrceError(f"{folder} is not a trce patch (patch.json has format {meta.get('format')!r})")
-    if meta.get("format_version", 0) > PATCH_VERSION:
-        raise TrceError(f"patch {folder} uses format version {meta['format_version']}; upgrade trce to read it")
+        raise TrceError(f"{folder} is not a trce patch (patch.json has format {meta.get('format')!r})", field="patch")
+
+    def bad(key: str, want: str) -> TrceError:
+        value = repr(meta.get(key))
+        return TrceError(f"{where}: patch.json field {key!r} must be {want}, got "
+                         f"{value if len(value) < 60 else value[:57] + '...'}", field="patch")
+
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise bad("format_version", "an integer")
+    if version > PATCH_VERSION:
+        raise TrceError(f"{where} uses format version {version}; upgrade trce to read it", field="patch")
+    if not isinstance(meta.get("method"), str) or not meta["method"]:
+        raise bad("method", "the name of the method that made it")
+    files = meta.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise bad("files", "a mapping of file names to SHA-256 checksums")
+    if any(Path(name).name != name or name.startswith(".") for name in files):
+        raise bad("files", "a mapping of file names inside the folder to checksums")
+    tensors = meta.get("tensors", {})
+    if not isinstance(tensors, dict) or not all(
+            isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
+            for shape in tensors.values()):
+        raise bad("tensors", "a mapping of tensor paths to shapes (lists of integers)")
+    base = meta.get("base")
+    if base is not None and not (isinstance(base, dict) and isinstance(base.get("id"), str)
+                                 and isinstance(base.get("arch"), str) and isinstance(base.get("probe"), list)
+                                 and all(isinstance(x, (int, float)) for x in base["probe"])):
+        raise bad("base", "the base model's fingerprint (a mapping with id, arch and probe)")
+    for key in ("spec", "settings", "info"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise bad(key, "a mapping")
+    if not isinstance(meta.get("extras", []), list):
+        raise bad("extras", "a list of names")
+    return meta
+
+
+def load_patch(folder: str | Path) -> Edit:
+    """Read a patch folder; a missing, truncated, corrupt or foreign folder, or a patch.json that lies, is one clear
+    error. A patch that records no base model (an `Edit` made without one) loads with a warning: only the shapes of
+    its tensors can be checked against a model."""
+    folder = Path(folder).expanduser()
+    meta = _patch_meta(folder)
     for name, digest in meta.get("files", {}).items():
         if not (folder / name).exists():
-            raise TrceError(f"patch {folder} is missing {name}")
+            raise TrceError(f"patch {folder} is missing {name}", field="patch")
         if _sha256(folder / name) != digest:
-            raise TrceError(f"patch file {folder / name} is corrupt or truncated (checksum mismatch)")
+            raise TrceError(f"patch {folder}: {name} is corrupt or truncated (checksum mismatch)", field="patch")
     weights = io.load_tensors(folder / "weights.safetensors")
     expected = meta.get("tensors", {})
     if set(expected) != set(weights):
-        raise TrceError(f"patch {folder}: weights.safetensors does not hold the tensors patch.json lists")
+        raise TrceError(f"patch {folder}: weights.safetensors does not hold the tensors patch.json lists",
+                        field="patch")
+    for path, shape in expected.items():
+        if list(weights[path].shape) != shape:
+            raise TrceError(f"patch {folder}: tensor {path} has shape {tuple(weights[path].shape)}, but patch.json "
+                            f"says {tuple(shape)}", field="patch")
     extras = io.load_tensors(folder / "extras.safetensors") if (folder / "extras.safetensors").exists() else {}
+    if meta.get("base") is None:
+        log.warning("patch %s records no base model (patch.json base: null): trce cannot check that it was made "
+                    "for the model it is applied to, only that its tensors fit", folder)
     return Edit(weights=weights, method=meta["method"], spec=meta.get("spec") or {}, settings=meta.get("settings") or {},
                 base=meta.get("base"), extras=extras, info=meta.get("info") or {}, source=str(folder),
                 files=dict(meta.get("files") or {}))

@@ -82,9 +82,12 @@ def load_pipeline(
     elif _HUB_ID.match(model):
         pipe = _from_hub(model, dt)
     else:
+        import difflib
+
+        close = difflib.get_close_matches(model, BUILTIN_MODELS, n=1)
         raise TrceError(
-            f"unknown model {model!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), not an existing folder, "
-            "and not a hub id of the form owner/name"
+            f"unknown model {model!r}{f' (did you mean {close[0]!r}?)' if close else ''}: not a built-in "
+            f"({', '.join(BUILTIN_MODELS)}), not an existing folder, and not a hub id of the form owner/name"
         )
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(dev)
