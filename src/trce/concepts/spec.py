@@ -548,14 +548,21 @@ def read_prompt_file(path: str | Path, column: str = "prompt") -> list[str]:
     path = Path(path)
     if not path.exists():
         raise TrceError(f"preservation prompt file {path} does not exist")
-    if path.suffix.lower() != ".csv":
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if column not in (reader.fieldnames or []):
-            columns = ", ".join(f for f in reader.fieldnames or [] if f)
-            raise TrceError(f"{path} has no column {column!r}; columns: {columns}")
-        return [row[column].strip() for row in reader if (row.get(column) or "").strip()]
+    if path.is_dir():
+        raise TrceError(f"preservation prompt file {path} is a folder; give a CSV or TXT file")
+    try:
+        if path.suffix.lower() != ".csv":
+            return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if column not in (reader.fieldnames or []):
+                columns = ", ".join(f for f in reader.fieldnames or [] if f)
+                raise TrceError(f"{path} has no column {column!r}; columns: {columns}")
+            return [row[column].strip() for row in reader if (row.get(column) or "").strip()]
+    except UnicodeDecodeError as exc:
+        raise TrceError(f"preservation prompt file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except csv.Error as exc:
+        raise TrceError(f"preservation prompt file {path} is not a readable CSV: {exc}") from exc
 
 
 def _subset(prompts: list[str], n: int | None, seed: int) -> list[str]:
@@ -573,14 +580,31 @@ def builtin_dir() -> Path:
     return Path(str(resources.files("trce.concepts").joinpath("builtin")))
 
 
+MAX_SPEC_BYTES = 1 << 20  # a spec names prompts and settings; long prompt lists go in a prompt file it names
+
+
 def read_spec_file(path: str | Path) -> ConceptSpec:
     path = Path(path).expanduser()
     if not path.exists():
         raise TrceError(f"concept spec file {path} does not exist")
+    if path.is_dir():
+        raise TrceError(f"concept spec {path} is a folder; give a spec YAML file")
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise TrceError(f"concept spec {path} is {size / 1e6:.1f} MB; a spec is at most {MAX_SPEC_BYTES >> 20} MB "
+                        "(put long prompt lists in a file it names: preserve: {file: ...})")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrceError(f"concept spec {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise TrceError(f"cannot read concept spec {path}: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise TrceError(f"concept spec {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if raw is None:
+        raise TrceError(f"concept spec {path} is empty; a spec needs at least name, erase and templates")
     return spec_from_dict(raw, where=str(path), base_dir=path.parent)
 
 
