@@ -12,6 +12,7 @@ from typing import Any
 
 from trce.cli.common import add_model_args, parser_kwargs, read_yaml_mapping
 from trce.errors import TrceError
+from trce.utils import io
 
 log = logging.getLogger("trce")
 
@@ -20,7 +21,7 @@ RUN_KEYS = ("concept", "method", "stages", "eta", "ridge", "token_role", "preser
 T_FLAGS = ("eta", "ridge", "token_role", "preserve_role")  # flags that fill stage T's settings
 # library fields shown as this command's flags in error messages (other settings keep their names: --set X.name)
 ERASE_FLAGS = {"eta": "--eta", "ridge": "--ridge", "token_role": "--token-role", "preserve_role": "--preserve-role",
-               "seed": "--seed", "data": "--data", "cache": "--cache"}
+               "seed": "--seed", "data": "--data", "cache": "--cache", "out": "--out", "folder": "--out"}
 
 
 def register(sub) -> None:
@@ -106,7 +107,7 @@ def _concept_names(values: Any) -> list[str]:
 def _check_out(out: Path, marker: str, what: str) -> None:
     """Refuse to replace a folder that is not one of ours (an existing `marker` file says it is)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
-        raise TrceError(f"--out {out} exists and is not a {what}; choose a new folder")
+        raise TrceError(f"out {out} exists and is not a {what}; choose a new folder", field="out")
 
 
 def _sections(method, cfg: dict[str, Any], flags: dict[str, Any], assignments: list[str]) -> dict[str, dict]:
@@ -173,14 +174,16 @@ def cmd_erase(args) -> int:
                     **stage_settings)
     out = Path(args.out)
     _check_out(out, "patch.json", "trce patch folder")
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    t0 = time.perf_counter()
-    edit = run(pipe, the_plan)
-    seconds = time.perf_counter() - t0
-    record = {"command": "erase", "model": args.model, **the_plan.record(), "data": settings.get("data"),
-              "cache": settings.get("cache"), "no_cache": args.no_cache, "device": str(pipe.device),
-              "dtype": args.dtype, "seconds": round(seconds, 1)}
-    edit.save(out, config=record, seeds={"seed": seed})
+    io.check_writable(out, "out", replace=True)  # before any work: a read-only place is found now, not after training
+    with io.run_lock(out, "out"):  # a second `trce erase` into the same --out is refused, not mixed
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        t0 = time.perf_counter()
+        edit = run(pipe, the_plan)
+        seconds = time.perf_counter() - t0
+        record = {"command": "erase", "model": args.model, **the_plan.record(), "data": settings.get("data"),
+                  "cache": settings.get("cache"), "no_cache": not the_plan.context.use_cache,
+                  "device": str(pipe.device), "dtype": args.dtype, "seconds": round(seconds, 1)}
+        edit.save(out, config=record, seeds={"seed": seed})
     print(f"erased {edit.spec.get('name')} with {method.name} stage {','.join(the_plan.stages)} on {args.model}: "
           f"{len(edit.weights)} tensors in {seconds:.1f} s -> {out}")
     return 0
@@ -193,9 +196,11 @@ def cmd_export(args) -> int:
 
     out = Path(args.out)
     _check_out(out, "model_index.json", "diffusers pipeline folder")
+    io.check_writable(out, "out", replace=True)
     patch = load_patch(args.patch)  # refuse a broken patch before loading the model
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    export(pipe, patch, out, record={"command": "export", "model": args.model, "patch": str(args.patch)})
+    with io.run_lock(out, "out"):
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        export(pipe, patch, out, record={"command": "export", "model": args.model, "patch": str(args.patch)})
     print(f"exported {args.model} with the {patch.method} patch {args.patch} ({len(patch.weights)} tensors) -> {out}")
     return 0
 

@@ -34,15 +34,18 @@ def register(sub) -> None:
 
 def cmd_generate(args) -> int:
     from trce.edit import load_patch
-    from trce.generate import generate_images, image_grid
+    from trce.generate import check_count, check_guidance, check_size, generate_images, image_grid
     from trce.loading import load_pipeline
     from trce.utils import io
 
-    if args.n < 1:
-        raise TrceError(f"--n must be at least 1, got {args.n}")
+    check_count(args.n, "n")  # every value is checked before the model loads
+    check_count(args.steps, "steps")
+    check_guidance(args.guidance)
+    check_size(args.size)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise TrceError(f"--out must end in .png, got {args.out!r}")
+    io.check_writable(out, "out", kind="file")
     if args.with_hidden_prompt and not args.patch:
         raise TrceError("--with-hidden-prompt needs --patch DIR (a KPOP patch)")
     edit = load_patch(args.patch) if args.patch else None  # a broken patch is refused before the model loads

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from trce.cli.common import parser_kwargs
 from trce.errors import TrceError
+from trce.utils import io
 
 log = logging.getLogger("trce")
 
@@ -39,6 +40,9 @@ def cmd_report(args) -> int:
         raise TrceError(f"--out must end in .html, got {args.out!r}")
     if args.grid_size < 0:
         raise TrceError(f"--grid-size must be 0 or more, got {args.grid_size}")
+    io.check_writable(out, "out", kind="file")
+    if args.markdown is not None:
+        io.check_writable(args.markdown, "markdown", kind="file")
     markdown = write_report(args.runs, out, markdown=args.markdown, grid_size=args.grid_size, title=args.title,
                             blur=not args.no_blur)
     log.info("wrote %s (%.1f MB) and %s", out, out.stat().st_size / 1e6, out.with_suffix(".json"))

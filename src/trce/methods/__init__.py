@@ -100,9 +100,26 @@ def plan(concept, method: str = "trce", stages: str | Sequence[str] | None = Non
             merged.update(s.settings.get(stage, {}))
         merged.update(settings.get(stage) or {})
         configs[stage] = make_config(stage, merged, seed=seed)
+    if use_cache:
+        use_cache = _cache_usable(cache)
     context = Context(seed=seed, data_dir=data, cache_dir=cache, use_cache=use_cache, progress=progress,
                       checkpoint_dir=checkpoint_dir)
     return Plan(method=m, stages=chosen, specs=tuple(specs), configs=configs, context=context)
+
+
+def _cache_usable(cache: str | Path | None) -> bool:
+    """Whether the cache folder can be written, found out before any work; one that cannot (a read-only place, a
+    file in the way) is left out with one log line, and the erasure runs without a cache."""
+    from trce.methods.prior import cache_dir
+    from trce.utils import io
+
+    folder = cache_dir(cache)
+    problem = io.usable_folder(folder)
+    if problem is None:
+        return True
+    log.warning("cache folder %s cannot be used (%s); carrying on without a cache: nothing is reused or "
+                "checkpointed (set TRCE_CACHE or the cache folder to a writable place)", folder, problem)
+    return False
 
 
 def erase(pipe, concept, method: str = "trce", stages: str | Sequence[str] | None = None, *, seed: int = 0,
