@@ -25,8 +25,23 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with trce's one-line errors: `trce: error: argument --seed: invalid int value: '1.5' (...)`."""
+
+    def error(self, message: str):
+        self.exit(2, f"trce: error: {message} (see `{self.prog} --help`)\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, `kill PID`): ends a run as Ctrl-C does, with the resume hint."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="trce",
         description="Reliable concept erasure for text-to-image diffusion models, with an offline testbed (ShapeWorld).",
         epilog=EXAMPLES,
@@ -63,11 +78,17 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="trce: %(message)s", stream=sys.stderr)
     _quiet_libraries(verbose=args.verbose)
+    # SIGTERM ends a run as Ctrl-C does: outputs are written atomically, locks released, the resume hint printed
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return int(args.func(args) or 0)
     except TrceError as exc:
@@ -75,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         rename = renamed if callable(renamed) else (lambda field: flag(field, renamed))
         print(f"trce: error: {exc.message_for(rename)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("trce: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"trce: {what}; finished work is kept: rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 __all__ = ["add_model_args", "build_parser", "main", "parser_kwargs"]
