@@ -169,7 +169,8 @@ def generate_iter(
                     if not isinstance(exc, MemoryError) and not _out_of_memory(exc):
                         raise
                     raise TrceError(f"size {height}x{width} does not fit in memory on {family.denoiser(pipe).device} "
-                                    f"({chunk} images a call); choose a smaller size", field="size") from exc
+                                    f"({chunk} image{'s' if chunk > 1 else ''} a call); choose a smaller size",
+                                    field="size") from exc
                 images = np.clip(np.round(out.images[: len(idx)] * 255), 0, 255).astype(np.uint8)
                 ready.extend(zip(idx, images))
                 bar.update(len(idx))

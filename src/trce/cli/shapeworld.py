@@ -59,9 +59,12 @@ TRAIN_OPTIONS = ("pool_size", "clip_steps", "vae_steps", "detector_steps", "unet
 
 def cmd_train(args) -> int:
     from trce.shapeworld.train import train
+    from trce.utils import io
 
-    export, dest = train(args.out, seed=args.seed, device=args.device, tiny=args.tiny, ship=args.ship,
-                         **{k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None})
+    io.check_writable(args.out, "out")  # before the training, not after its first stage
+    with io.run_lock(args.out, "out"):  # a second training into the same --out is refused
+        export, dest = train(args.out, seed=args.seed, device=args.device, tiny=args.tiny, ship=args.ship,
+                             **{k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None})
     log.info("ShapeWorld pipeline written to %s", export)
     if dest is not None:
         log.info("installed into %s", dest)
@@ -75,8 +78,8 @@ def cmd_check(args) -> int:
 
     if args.n < 3:
         raise TrceError(f"--n must be at least 3 (one image per group), got {args.n}")
+    settings = GenSettings(steps=args.steps, guidance=args.guidance, batch_size=100)  # checked before loading
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    settings = GenSettings(steps=args.steps, guidance=args.guidance, batch_size=100)
     result = run_check(pipe, n=args.n, seed=args.seed, settings=settings, progress=not args.json)
     if args.json:
         print(json.dumps(result, indent=2))
