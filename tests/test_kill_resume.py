@@ -91,13 +91,15 @@ def test_erase_resumes_after_kill_9(method, settings, marker, tiny_dir, tmp_path
 
 
 def test_eval_resumes_after_kill_9_and_ctrl_c_says_how(tiny_dir, tmp_path):
-    args = ["eval", "--model", tiny_dir, "--suite", "shapeworld-red", "--limit", 2, "--steps", 3, "--batch-size", 2,
+    # 54 rows: four pipeline calls of 16 images (trce.generate.chunk_size), whose rows land in bursts of 16
+    args = ["eval", "--model", tiny_dir, "--suite", "shapeworld-red", "--limit", 6, "--steps", 3, "--batch-size", 2,
             "--no-progress"]
     _run([*args, "--out", tmp_path / "whole"], tmp_path / "c")
     out = tmp_path / "run"
     killed = _kill_when([*args, "--out", out], tmp_path / "c", lambda: _lines(out / "rows.jsonl") >= 2)
     assert killed.returncode == -signal.SIGKILL
-    stopped = _kill_when([*args, "--out", out], tmp_path / "c", lambda: _lines(out / "rows.jsonl") >= 6,
+    before = _lines(out / "rows.jsonl")  # Ctrl-C once the rerun has drawn more: mid-run, not before it started
+    stopped = _kill_when([*args, "--out", out], tmp_path / "c", lambda: _lines(out / "rows.jsonl") > before,
                          sig=signal.SIGINT)
     assert stopped.returncode == 130 and "rerun the same command to resume" in stopped.stderr
     assert not list(out.rglob("*.tmp")) and not (out / "metrics.json").exists()  # nothing half-written
