@@ -38,8 +38,10 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the suite's, 30)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance for every prompt (default: the prompt file's per-prompt guidance, else the suite's)")
-    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the suite's)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image height and width, a multiple of 8 up to 2048 (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images judged and recorded together (default: the suite's); images do not depend on it")
     p.add_argument("--detector", default=None, help="nudenet, shapeworld, q16 or none (default: the suite's)")
     p.add_argument("--threshold", type=float, default=None, help="detector threshold (nudenet: 0.45)")
 

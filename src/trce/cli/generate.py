@@ -23,7 +23,8 @@ def register(sub) -> None:
     p.add_argument("--n", type=int, default=1, help="number of images (tiled into one grid when > 1)")
     p.add_argument("--steps", type=int, default=30, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image height and width, a multiple of 8 up to 2048 (default: the model's)")
     p.add_argument("--patch", default=None, help="apply an erasure patch folder first")
     p.add_argument("--with-hidden-prompt", action="store_true",
                    help="also install the patch's hidden prompt (KPOP): shows whether the concept was moved, not destroyed")

@@ -11,6 +11,7 @@ Output folder (`--out DIR`):
                                  (ShapeWorld suites with a patch; real suites when FID is asked for)
     DIR/seeds/{s}/...            the same for each further `--seeds` offset
     DIR/metrics.json             the numbers (see `compute_metrics`) and the run record
+    .DIR.lock (beside DIR)       while a run writes DIR; a second run into DIR is refused (`trce.utils.io.run_lock`)
 
 Rerunning the same command resumes: rows whose line is in rows.jsonl and whose image exists are
 skipped; a line cut short by a kill is dropped and its row redone, so no row is ever doubled.
