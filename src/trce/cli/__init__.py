@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="trce: %(message)s", stream=sys.stderr)
+    if argv is None:  # the `trce` command itself (not a call from Python): share the CPUs with other trce jobs
+        from trce.utils import threads
+
+        threads.configure()  # before torch starts, so that OpenMP's wait policy takes effect
     _quiet_libraries(verbose=args.verbose)
     # SIGTERM ends a run as Ctrl-C does: outputs are written atomically, locks released, the resume hint printed
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
