@@ -68,3 +68,15 @@ def test_sd14_arch_has_sd14_parameter_counts():
     counts = parameter_counts(pipe)
     assert abs(counts["unet"] - 859.52e6) < 1e6
     assert abs(counts["text_encoder"] - 123.06e6) < 1e6
+
+
+@pytest.mark.slow
+def test_sd2_arch_has_sd21_parameter_counts_and_is_the_sd2_family():
+    from trce.families import family_of
+    from trce.loading import parameter_counts
+
+    pipe = load_pipeline("sd2-arch", device="cpu")
+    counts = parameter_counts(pipe)
+    assert abs(counts["unet"] - 865.91e6) < 1e6  # SD 2.1's UNet
+    assert abs(counts["text_encoder"] - 340.39e6) < 1e6  # OpenCLIP ViT-H/14's text tower, 23 layers as SD 2 uses it
+    assert family_of(pipe).name == "sd2" and pipe.scheduler.config.prediction_type == "v_prediction"

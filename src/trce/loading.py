@@ -25,7 +25,7 @@ from trce.errors import TrceError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("shapeworld", "sd14-arch")
+BUILTIN_MODELS = ("shapeworld", "sd14-arch", "sd2-arch")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -77,6 +77,8 @@ def load_pipeline(
         pipe = _from_folder(shapeworld_dir(), dt, name="shapeworld")
     elif model == "sd14-arch":
         pipe = sd14_arch_pipeline(dt)
+    elif model == "sd2-arch":
+        pipe = sd2_arch_pipeline(dt)
     elif Path(model).expanduser().exists():
         pipe = _from_folder(Path(model).expanduser(), dt, name=model)
     elif _HUB_ID.match(model):
@@ -192,6 +194,44 @@ def sd14_arch_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
     vae = AutoencoderKL(**SD14_VAE)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    return pipe.to(dtype=dtype)
+
+
+# --------------------------------------------------------------------------- SD 2.1 architecture (768-v)
+SD21_UNET: dict[str, Any] = {
+    **SD14_UNET, "sample_size": 96, "cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20),
+    "use_linear_projection": True, "upcast_attention": True,
+}
+SD21_TEXT: dict[str, Any] = {
+    **SD14_TEXT, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
+    "hidden_act": "gelu", "projection_dim": 512,
+}
+
+
+def sd2_arch_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """SD 2.1's UNet (768-v: v-prediction, 96x96 latents), OpenCLIP ViT-H text encoder (as `CLIPTextModel`, 1024-d,
+    23 layers), VAE and DDIM, built from config with random weights. The tokenizer is ShapeWorld's BPE padded to
+    77 tokens with "!", as OpenCLIP's tokenizer pads."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from trce.shapeworld.models import scheduler
+    from trce.shapeworld.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = 77
+    tokenizer.pad_token = "!"
+    text_cfg = dict(SD21_TEXT, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD21_UNET)
+    text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    vae = AutoencoderKL(**SD14_VAE)
+    sched = DDIMScheduler.from_config({**scheduler().config, "prediction_type": "v_prediction"})
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
     return pipe.to(dtype=dtype)

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 
-def tiny_pipeline(seed: int = 0, text_width: int = 32):
+def tiny_pipeline(seed: int = 0, text_width: int = 32, family: str = "sd1", prediction_type: str = "epsilon"):
+    """A tiny random pipeline of a model family: `sd1` (ShapeWorld's layout) or `sd2` (padding "!", linear
+    projections, `prediction_type` epsilon or v_prediction)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -19,6 +21,9 @@ def tiny_pipeline(seed: int = 0, text_width: int = 32):
     from trce.shapeworld.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
+    sd2 = family == "sd2"
+    if sd2:
+        tok.pad_token = "!"  # OpenCLIP pads with "!", not with end-of-text
     torch.manual_seed(seed)
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok), hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
@@ -28,25 +33,30 @@ def tiny_pipeline(seed: int = 0, text_width: int = 32):
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_width, attention_head_dim=4, norm_num_groups=32,
+        cross_attention_dim=text_width, attention_head_dim=4, norm_num_groups=32, use_linear_projection=sd2,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
         up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 16, 16], layers_per_block=1,
         latent_channels=4, norm_num_groups=8, sample_size=32,
     )
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler(),
+    sched = scheduler()
+    if prediction_type != "epsilon":
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config({**sched.config, "prediction_type": prediction_type})
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.trce_model_name = "tiny"
     return pipe
 
 
-def tiny_pipeline_dir(folder: str | Path, seed: int = 0) -> Path:
-    """Save a tiny pipeline as a diffusers folder (loadable with `--model FOLDER`)."""
+def tiny_pipeline_dir(folder: str | Path, seed: int = 0, **kwargs) -> Path:
+    """Save a tiny pipeline as a diffusers folder (loadable with `--model FOLDER`); kwargs as `tiny_pipeline`."""
     folder = Path(folder)
     if not (folder / "model_index.json").exists():
-        tiny_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+        tiny_pipeline(seed, **kwargs).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

@@ -27,8 +27,9 @@ import torch
 
 from trce.errors import TrceError, choose
 
-# name -> "module:Class"; `family_of` tries them in this order.
+# name -> "module:Class"; `family_of` tries them in this order (the more specific first).
 FAMILIES: dict[str, str] = {
+    "sd2": "trce.families.sd2:SD2Family",
     "sd1": "trce.families.sd1:SD1Family",
 }
 
