@@ -36,7 +36,8 @@ from trce.methods.stage_t import StageTConfig, erase, erase_uce
 from trce.registry import Context
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CONCEPTS = {"sd14-arch": ("sexual", "church"), "shapeworld": ("shapeworld-red", "shapeworld-3shapes")}
+CONCEPTS = {"sd14-arch": ("sexual", "church"), "sd2-arch": ("sexual", "church"),
+            "shapeworld": ("shapeworld-red", "shapeworld-3shapes")}
 
 
 def _rss_mb() -> float:

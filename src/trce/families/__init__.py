@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -38,6 +39,25 @@ FAMILIES: dict[str, str] = {
 #   cross-attn      every cross-attention parameter (KPOP/ESD-x: objects and styles)
 #   non-cross-attn  everything but cross-attention, the time embedding and the output layers (ESD-u: nudity)
 GROUPS = ("visual", "cross-attn", "non-cross-attn")
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """A place where text enters the denoiser through linear layers: what TRCE stage T maps (Eq. 5).
+
+    name      "tokens" (one state per token position: token roles choose which) or "pooled" (one vector per
+              prompt, e.g. SDXL's pooled CLIP embedding)
+    paths     `Edit` paths of the weights that read it
+    columns   the slice [start, stop) of those weights' input columns that read it (None: all of them)
+    """
+
+    name: str
+    paths: tuple[str, ...]
+    columns: tuple[int, int] | None = None
+
+    @property
+    def per_token(self) -> bool:
+        return self.name == "tokens"
 
 
 class ModelFamily:
@@ -82,9 +102,26 @@ class ModelFamily:
         """Width D of the text states the text projections read."""
         raise NotImplementedError
 
-    def hidden_states(self, pipe, ids: torch.Tensor, cut_at_eos: int | None = None) -> torch.Tensor:
-        """(N, L) token ids -> (N, L', D) the text states the projections read, position by position."""
+    def token_states(self, pipe, prompts: Sequence[str], cut_at_eos: bool = False,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (N, L) of the role tokenizer, states (N, L', D)): the per-token text states the "tokens" input's
+        weights read, position by position. With `cut_at_eos` only the positions up to the batch's last first
+        end-of-text are encoded (L' <= L; causal encoders give the same values there)."""
         raise NotImplementedError
+
+    def pooled_states(self, pipe, prompts: Sequence[str]) -> torch.Tensor:
+        """(N, P): the per-prompt vectors a "pooled" text input reads (families that have one)."""
+        raise NotImplementedError
+
+    def text_inputs(self, pipe) -> list[TextInput]:
+        """Where text enters the denoiser through linear layers (stage T maps each): per-token states, and for
+        some families a pooled vector too."""
+        return [TextInput("tokens", tuple(self.text_projections(pipe)))]
+
+    def unconditional(self, pipe) -> torch.Tensor:
+        """(1, L, D): the conditioning of classifier-free guidance's unconditional half, as the pipeline forms it
+        (SD: the empty prompt encoded; SDXL with force_zeros_for_empty_prompt: zeros)."""
+        return self.encode(pipe, [""])
 
     def encode(self, pipe, prompts: Sequence[str]) -> torch.Tensor:
         """(N, L, D) conditioning, exactly as the pipeline conditions on `prompts` (no guidance half)."""

@@ -57,10 +57,12 @@ class SD1Family(ModelFamily):
     def text_width(self, pipe) -> int:
         return int(pipe.text_encoder.config.hidden_size)
 
-    def hidden_states(self, pipe, ids: torch.Tensor, cut_at_eos: int | None = None) -> torch.Tensor:
-        from trce.tokens import encode
+    def token_states(self, pipe, prompts: Sequence[str], cut_at_eos: bool = False,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        from trce.tokens import encode, tokenize
 
-        return encode(pipe.text_encoder, ids, cut_at_eos)
+        ids = tokenize(pipe.tokenizer, prompts)  # (N, L)
+        return ids, encode(pipe.text_encoder, ids, pipe.tokenizer.eos_token_id if cut_at_eos else None)
 
     @torch.no_grad()
     def encode(self, pipe, prompts: Sequence[str]) -> torch.Tensor:

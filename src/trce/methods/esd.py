@@ -97,7 +97,7 @@ def erase_esd(pipe, erase_prompts: list[str], config: ESDConfig = ESDConfig(), *
     device = unet.device
     erase_emb = encode_prompts(pipe, list(erase_prompts), device=device)  # (n, m_c, d)
     neutral_emb = encode_prompts(pipe, [config.neutral_prompt], device=device)  # (1, m_c, d)
-    uncond = encode_prompts(pipe, [""], device=device)  # (1, m_c, d): CFG's unconditional branch when drawing z_t
+    uncond = family.unconditional(pipe).to(device=device, dtype=torch.float32)  # (1, m_c, d): CFG's unconditional half
     trainable = family.trainable(unet, config.params)
     settings = {**dataclasses.asdict(config), "erase_prompts": list(erase_prompts),
                 "trainable": {"group": config.params, "tensors": len(trainable),

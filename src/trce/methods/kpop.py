@@ -231,7 +231,7 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
         neutral_emb = encode_prompts(pipe, list(safe_prompts), device=device)  # (n, m_c, d), row i for prompt i
     else:
         neutral_emb = encode_prompts(pipe, [config.neutral_prompt], device=device)  # (1, m_c, d)
-    uncond = encode_prompts(pipe, [""], device=device)  # (1, m_c, d): CFG's unconditional branch when drawing z_t
+    uncond = family.unconditional(pipe).to(device=device, dtype=torch.float32)  # (1, m_c, d): CFG's unconditional half
     keep_emb = None
     if config.preserve_weight > 0:
         keep = [p for p in (preserve_prompts or []) if isinstance(p, str) and p.strip()]

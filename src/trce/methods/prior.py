@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from trce.errors import TrceError
 from trce.families import family_of
-from trce.tokens import PRESERVE_ROLES, needs_padding, parse_role, role_positions, tokenize
+from trce.tokens import PRESERVE_ROLES, needs_padding, parse_role, role_positions
 from trce.utils import cachefile
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,15 @@ def preservation_prior(
     use_cache: bool = True,
     batch_size: int = 64,
     progress: bool = True,
+    text_input: str = "tokens",
 ) -> Prior:
-    """C over every `role` position of `prompts`, from the disk cache when it holds it."""
+    """C over every `role` position of `prompts` (of the family's per-token states; with text_input "pooled",
+    over the prompts' pooled vectors, one each, and `role` is not used), from the disk cache when it holds it."""
     t0 = time.perf_counter()
-    parts = parse_role(role, PRESERVE_ROLES)
+    pooled = text_input == "pooled"
+    parts = ("pooled",) if pooled else parse_role(role, PRESERVE_ROLES)
     fam = family_of(pipe)
-    width = fam.text_width(pipe)
+    width = fam.pooled_states(pipe, [""]).shape[-1] if pooled else fam.text_width(pipe)
     if not prompts:
         return Prior(torch.zeros(width, width, dtype=torch.float64), 0, 0, role, "", False, 0.0)
     if fingerprint_id is None:
@@ -91,20 +94,24 @@ def preservation_prior(
 
     cov = torch.zeros(width, width, dtype=torch.float64)
     count = 0
-    cut = None if needs_padding(parts) else tok.eos_token_id  # eot/sot only: skip the padding columns
+    cut = not pooled and not needs_padding(parts)  # eot/sot only: skip the padding columns
     bar = tqdm(total=len(prompts), desc="preservation prior", unit="prompt", disable=not progress, mininterval=1)
     try:
         for s in range(0, len(prompts), batch_size):
-            ids = tokenize(tok, prompts[s : s + batch_size])  # (B, L)
-            hidden = fam.hidden_states(pipe, ids, cut).to("cpu", torch.float64)  # (B, L', D)
-            rows = [hidden[i, role_positions(tok, ids[i], parts)] for i in range(len(ids))]
-            e = torch.cat(rows)  # (n, D)
+            batch = prompts[s : s + batch_size]
+            if pooled:
+                e = fam.pooled_states(pipe, batch).to("cpu", torch.float64)  # (B, P)
+            else:
+                ids, hidden = fam.token_states(pipe, batch, cut)  # (B, L), (B, L', D)
+                hidden = hidden.to("cpu", torch.float64)
+                rows = [hidden[i, role_positions(tok, ids[i], parts)] for i in range(len(ids))]
+                e = torch.cat(rows)  # (n, D)
             if not torch.isfinite(e).all():
                 raise TrceError("the text encoder produced NaN/inf embeddings for the preservation prompts "
                                 "(try --dtype fp32)")
             cov += e.T @ e
             count += e.shape[0]
-            bar.update(len(ids))
+            bar.update(len(batch))
     finally:
         bar.close()
     cov /= count

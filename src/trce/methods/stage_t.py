@@ -40,7 +40,6 @@ from trce.tokens import (
     pair_positions,
     parse_role,
     token_span,
-    tokenize,
 )
 
 log = logging.getLogger(__name__)
@@ -98,8 +97,21 @@ def erase_uce(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTCon
 
 # --------------------------------------------------------------------------- the solve
 def projection_paths(pipe) -> list[str]:
-    """Exact paths of every linear layer that carries text into the denoiser (SD: every `attn2.to_k/to_v`)."""
+    """Exact paths of every linear layer that carries per-token text into the denoiser (SD: every
+    `attn2.to_k/to_v`)."""
     return family_of(pipe).text_projections(pipe)
+
+
+def pooled_pair_embeddings(pipe, pairs: Sequence[Pair], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e_m, e_s): the pooled text vectors (n_pairs, P) of the malicious and the safe prompts, float64."""
+    fam = family_of(pipe)
+    prompts = list(dict.fromkeys([p.malicious for p in pairs] + [p.safe for p in pairs]))
+    vecs = torch.cat([fam.pooled_states(pipe, prompts[s:s + batch_size]).cpu().double()
+                      for s in range(0, len(prompts), batch_size)])  # (N, P)
+    index = {p: i for i, p in enumerate(prompts)}
+    em = vecs[[index[p.malicious] for p in pairs]]
+    es = vecs[[index[p.safe] for p in pairs]]
+    return em, es
 
 
 def solve_transform(em: torch.Tensor, es: torch.Tensor, cov: torch.Tensor, eta: float, ridge: float,
@@ -144,11 +156,19 @@ def solve_transform(em: torch.Tensor, es: torch.Tensor, cov: torch.Tensor, eta: 
     return t, {"lambda": lam, "condition": condition, "erase_residual": residual, "preserve_drift": drift}
 
 
-def apply_transform(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """W' = W·T in float64 on W's device (CPU for devices without float64), cast back; returned on CPU."""
+def apply_transform(weight: torch.Tensor, t: torch.Tensor, columns: tuple[int, int] | None = None) -> torch.Tensor:
+    """W' = W·T in float64 on W's device (CPU for devices without float64), cast back; returned on CPU.
+
+    With `columns` (start, stop) only those input columns are transformed: W'[:, a:b] = W[:, a:b]·T (the pooled
+    text columns of a layer that also reads other inputs)."""
     device = weight.device if weight.device.type in ("cpu", "cuda") else torch.device("cpu")
     w = weight.detach().to(device, torch.float64)  # (out, D)
-    new = w @ t.to(device)  # (out, D)
+    if columns is None:
+        new = w @ t.to(device)  # (out, D)
+    else:
+        a, b = columns
+        new = w.clone()
+        new[:, a:b] = w[:, a:b] @ t.to(device)  # (out, b - a)
     if not torch.isfinite(new).all():
         raise TrceError("the stage-T edit produced NaN/inf weights; set a larger --ridge")
     return new.to(weight.dtype).cpu()
@@ -169,14 +189,17 @@ def pair_embeddings(pipe, pairs: Sequence[Pair], role: str, batch_size: int = 64
         return empty, empty.clone(), 0
     prompts = list(dict.fromkeys([p.malicious for p in pairs] + [p.safe for p in pairs]))
     index = {p: i for i, p in enumerate(prompts)}
-    ids = tokenize(tok, prompts)  # (N, L)
-    cut = None if needs_padding(parts) else tok.eos_token_id
+    cut = not needs_padding(parts)
     h = None  # (N, L, D); unread padding stays 0
+    id_rows = []
     for s in tqdm(range(0, len(prompts), batch_size), desc="encode pairs", disable=not progress, mininterval=1):
-        out = fam.hidden_states(pipe, ids[s : s + batch_size], cut).cpu()  # (B, L', D), L' <= L
+        batch_ids, out = fam.token_states(pipe, prompts[s : s + batch_size], cut)  # (B, L), (B, L', D), L' <= L
+        out = out.cpu()
         if h is None:
-            h = torch.zeros(len(prompts), ids.shape[1], width, dtype=out.dtype)
+            h = torch.zeros(len(prompts), batch_ids.shape[1], width, dtype=out.dtype)
         h[s : s + out.shape[0], : out.shape[1]] = out
+        id_rows.append(batch_ids)
+    ids = torch.cat(id_rows)  # (N, L)
     rows_m: list[tuple[int, int]] = []
     rows_s: list[tuple[int, int]] = []
     dropped = 0
@@ -250,9 +273,21 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
     if em.shape[0] == 0:
         log.warning("stage T: %s has no embeddings to map; the edit changes nothing", "+".join(s.name for s in specs))
     t, diag = solve_transform(em, es, prior.cov, eta, ridge)
+    solved = {"tokens": t}
+    pooled_info = None
+    inputs = family_of(pipe).text_inputs(pipe)
+    if any(inp.name == "pooled" for inp in inputs):
+        # the pooled path (SDXL's pooled CLIP embedding): the same closed form on one vector per prompt
+        pm, ps = pooled_pair_embeddings(pipe, pairs, config.batch_size)
+        pprior = preservation_prior(pipe, prompts, "all", base["id"], context.cache_dir, context.use_cache,
+                                    config.batch_size, context.progress, text_input="pooled")
+        solved["pooled"], pdiag = solve_transform(pm, ps, pprior.cov, eta, ridge)
+        pooled_info = {"embeddings": int(pm.shape[0]), "prior_cache": pprior.key, "prior_cached": pprior.cached,
+                       **{k: pdiag[k] for k in ("condition", "erase_residual", "preserve_drift", "lambda")}}
     weights = {}
-    for path in tqdm(projection_paths(pipe), desc=f"{method} stage T", unit="layer", disable=not context.progress):
-        weights[path] = apply_transform(resolve(pipe, path), t)
+    layers = [(path, inp) for inp in inputs for path in inp.paths]
+    for path, inp in tqdm(layers, desc=f"{method} stage T", unit="layer", disable=not context.progress):
+        weights[path] = apply_transform(resolve(pipe, path), solved[inp.name], inp.columns)
     t4 = time.perf_counter()
 
     record = spec_record(specs)
@@ -265,6 +300,7 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
         "preserve_prompts": len(prompts), "preserve_embeddings": prior.count, "prior_cache": prior.key,
         "prior_cached": prior.cached, "condition": diag["condition"], "erase_residual": diag["erase_residual"],
         "preserve_drift": diag["preserve_drift"], "tensors": len(weights),
+        **({"pooled": pooled_info} if pooled_info is not None else {}),
         "seconds": {"prompts": t1 - t0, "encode": t2 - t1, "prior": t3 - t2, "solve": t4 - t3,
                     "total": time.perf_counter() - t0},
     }

@@ -373,7 +373,7 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
     t_concept, pair_index = concept.timesteps.to(device), concept.pair_index.to(device)
     u_lat, u_t, u_tgt = uncond.latents.to(device), uncond.timesteps.to(device), uncond.target.to(device)
     emb_m = encode_prompts(pipe, [m for m, _ in pairs], chunk=64, device=device)  # (P, L, D)
-    emb_null = encode_prompts(pipe, [""], chunk=64, device=device)  # (1, L, D)
+    emb_null = family.unconditional(pipe).to(device=device, dtype=torch.float32)  # (1, L, D)
 
     n_traj, keep = len(concept), concept.timesteps.shape[0]
     plan_args = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "world": world,

@@ -116,6 +116,11 @@ class Reference:
         return encode_prompts(self.encode_pipe, prompts, chunk=batch_size, device=self.device,
                               dtype=self.denoiser.dtype)
 
+    def unconditional(self) -> torch.Tensor:
+        """(1, L, D): guidance's unconditional conditioning as the pipeline forms it, on the denoiser's device."""
+        with torch.no_grad():
+            return self.family.unconditional(self.encode_pipe).to(device=self.device, dtype=self.denoiser.dtype)
+
     def eps(self, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """The prediction at (z, t) under emb, in float32; z (B, C, h, w), t scalar or (B,), emb (B, L, D)."""
         ctx = (torch.autocast(self.device.type, dtype=self.compute_dtype) if self.compute_dtype is not None
@@ -335,7 +340,7 @@ def concept_trajectories(ref: Reference, pairs: Sequence[tuple[str, str]], n: in
 
     def make(indices: list[int]) -> dict[str, torch.Tensor]:
         if not emb:  # encode lazily: a cache hit needs no text encoder
-            emb["null"] = ref.encode([""])
+            emb["null"] = ref.unconditional()
             emb["m"] = ref.encode([m for m, _ in pairs])
             emb["s"] = ref.encode([s for _, s in pairs])
         rows = _concept_rows(ref, indices, pairs, order, steps=steps, keep=keep, guidance=guidance, beta=beta,
@@ -360,7 +365,7 @@ def uncond_trajectories(ref: Reference, n: int, *, steps: int, image_size: int |
 
     def make(indices: list[int]) -> dict[str, torch.Tensor]:
         if not emb:
-            emb["null"] = ref.encode([""])
+            emb["null"] = ref.unconditional()
         return _uncond_rows(ref, indices, steps=steps, shape=shape, seed=seed, emb_null=emb["null"])
 
     # One UNet row per trajectory and step (3 for concepts), and trajectories that stop at similar
