@@ -80,3 +80,15 @@ def test_sd2_arch_has_sd21_parameter_counts_and_is_the_sd2_family():
     assert abs(counts["unet"] - 865.91e6) < 1e6  # SD 2.1's UNet
     assert abs(counts["text_encoder"] - 340.39e6) < 1e6  # OpenCLIP ViT-H/14's text tower, 23 layers as SD 2 uses it
     assert family_of(pipe).name == "sd2" and pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+@pytest.mark.slow
+def test_sdxl_arch_has_sdxl_base_parameter_counts_and_is_the_sdxl_family():
+    from trce.families import family_of
+    from trce.loading import parameter_counts
+
+    pipe = load_pipeline("sdxl-arch", device="cpu", dtype="bf16")
+    counts = parameter_counts(pipe)
+    assert abs(counts["unet"] - 2567.46e6) < 1e6  # SDXL base 1.0
+    assert abs(counts["text_encoder_2"] - 694.66e6) < 1e6  # OpenCLIP ViT-bigG/14's text tower with its projection
+    assert family_of(pipe).name == "sdxl" and family_of(pipe).pooled_width(pipe) == 1280

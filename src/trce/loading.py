@@ -25,7 +25,7 @@ from trce.errors import TrceError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("shapeworld", "sd14-arch", "sd2-arch")
+BUILTIN_MODELS = ("shapeworld", "sd14-arch", "sd2-arch", "sdxl-arch")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -79,6 +79,8 @@ def load_pipeline(
         pipe = sd14_arch_pipeline(dt)
     elif model == "sd2-arch":
         pipe = sd2_arch_pipeline(dt)
+    elif model == "sdxl-arch":
+        pipe = sdxl_arch_pipeline(dt)
     elif Path(model).expanduser().exists():
         pipe = _from_folder(Path(model).expanduser(), dt, name=model)
     elif _HUB_ID.match(model):
@@ -234,6 +236,48 @@ def sd2_arch_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
         vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
+    return pipe.to(dtype=dtype)
+
+
+# --------------------------------------------------------------------------- SDXL base 1.0 architecture
+SDXL_UNET: dict[str, Any] = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
+    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32,
+}
+SDXL_TEXT2: dict[str, Any] = {  # OpenCLIP ViT-bigG/14's text tower
+    **SD14_TEXT, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+    "hidden_act": "gelu", "projection_dim": 1280,
+}
+
+
+def sdxl_arch_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """SDXL base 1.0's UNet (about 2.57 B parameters), CLIP ViT-L and OpenCLIP ViT-bigG text encoders (the second
+    with its projection: the pooled embedding), VAE and DDIM, built from config with random weights (about 14 GB
+    in fp32). Tokenizers: ShapeWorld's BPE padded to 77 tokens, the second with "!"."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from trce.shapeworld.models import scheduler
+    from trce.shapeworld.tokenizer import build_tokenizer
+
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
+    for tok in (tokenizer, tokenizer_2):
+        tok.model_max_length = 77
+    tokenizer_2.pad_token = "!"
+    ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SDXL_UNET)
+    text = CLIPTextModel(CLIPTextConfig(**{**SD14_TEXT, **ids, "pad_token_id": tokenizer.pad_token_id}))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**SDXL_TEXT2, **ids, "pad_token_id": tokenizer_2.pad_token_id}))
+    vae = AutoencoderKL(**{**SD14_VAE, "sample_size": 1024, "scaling_factor": 0.13025})
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler(),
+                                     force_zeros_for_empty_prompt=True)
     return pipe.to(dtype=dtype)
 
 

@@ -83,3 +83,44 @@ def die_after_checkpoint(monkeypatch, module, name: str = "save_state") -> None:
         raise Killed
 
     monkeypatch.setattr(module, name, save_then_die)
+
+
+def tiny_sdxl_pipeline(seed: int = 0, widths: tuple[int, int] = (32, 32), pooled: int = 32):
+    """A tiny random `StableDiffusionXLPipeline`: two CLIP text encoders (the second with a projection, padding
+    "!"), a UNet reading their concatenated token states and the pooled embedding with size ids."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from trce.shapeworld.models import scheduler
+    from trce.shapeworld.tokenizer import build_tokenizer
+
+    tok, tok2 = build_tokenizer(), build_tokenizer()
+    tok2.pad_token = "!"
+
+    def text_config(tokenizer, width: int, projection: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, projection_dim=projection)
+
+    torch.manual_seed(seed)
+    text = CLIPTextModel(text_config(tok, widths[0], widths[0]))
+    text2 = CLIPTextModelWithProjection(text_config(tok2, widths[1], pooled))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=sum(widths), attention_head_dim=4, norm_num_groups=32, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled + 6 * time_dim,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 16, 16], layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=32,
+    )
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok2,
+                                     unet=unet, scheduler=scheduler(), force_zeros_for_empty_prompt=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.trce_model_name = "tiny-sdxl"
+    return pipe

@@ -23,15 +23,16 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"model        {info['model']}  ({info['family']}, {info['device']}, {info['dtype']})")
+    w = max(12, *(len(name) + 1 for name in info["parameters"]))
+    print(f"{'model':<{w}} {info['model']}  ({info['family']}, {info['device']}, {info['dtype']})")
     for name, n in info["parameters"].items():
-        print(f"{name:<12} {n / 1e6:9.2f} M parameters")
-    print(f"{'total':<12} {info['parameters_total'] / 1e6:9.2f} M parameters")
+        print(f"{name:<{w}} {n / 1e6:9.2f} M parameters")
+    print(f"{'total':<{w}} {info['parameters_total'] / 1e6:9.2f} M parameters")
     if "image_size" in info:
         side = info.get("unet_sample_size")
-        print(f"image        {info['image_size']}x{info['image_size']}" + (f" (latent {side}x{side})" if side else ""))
+        print(f"{'image':<{w}} {info['image_size']}x{info['image_size']}" + (f" (latent {side}x{side})" if side else ""))
     if "text_width" in info:
-        print(f"text         width {info['text_width']}, {info['max_tokens']} tokens; "
+        print(f"{'text':<{w}} width {info['text_width']}, {info['max_tokens']} tokens; "
               f"{info.get('cross_attention_layers', 0)} cross-attention layers")
-    print(f"fingerprint  {info['fingerprint']}")
+    print(f"{'fingerprint':<{w}} {info['fingerprint']}")
     return 0

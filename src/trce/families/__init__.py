@@ -30,6 +30,7 @@ from trce.errors import TrceError, choose
 
 # name -> "module:Class"; `family_of` tries them in this order (the more specific first).
 FAMILIES: dict[str, str] = {
+    "sdxl": "trce.families.sdxl:SDXLFamily",
     "sd2": "trce.families.sd2:SD2Family",
     "sd1": "trce.families.sd1:SD1Family",
 }
@@ -117,6 +118,10 @@ class ModelFamily:
         """Where text enters the denoiser through linear layers (stage T maps each): per-token states, and for
         some families a pooled vector too."""
         return [TextInput("tokens", tuple(self.text_projections(pipe)))]
+
+    def token_part(self, cond: torch.Tensor) -> torch.Tensor:
+        """The per-token rows of a conditioning (N, L, D) made by `encode` (families that pack more drop it)."""
+        return cond
 
     def unconditional(self, pipe) -> torch.Tensor:
         """(1, L, D): the conditioning of classifier-free guidance's unconditional half, as the pipeline forms it

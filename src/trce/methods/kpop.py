@@ -240,7 +240,7 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
                             "spec's `preserve:` section gives them); none were given")
         keep_emb = encode_prompts(pipe, keep, chunk=256, device=device)  # (n_k, m_c, d)
     other_emb = _other_concepts(pipe, config, erase_prompts, other_prompts, device)  # (n, J-1, m_c, d) or None
-    _, m_c, d = erase_emb.shape
+    _, m_c, d = family.token_part(erase_emb).shape  # the prompt sits beside the text tokens
     m_p = config.prompt_shape_tokens(m_c)
     trainable = family.trainable(unet, config.params)
     settings = {
@@ -261,7 +261,7 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
     with training_state(unet, trainable) as originals, injected(pipe, None, config.mode, config.sites) as slot:
         params = dict(unet.named_parameters())
         train = [params[name] for name in trainable]
-        prompt = torch.nn.Parameter(_initial_prompt(config, erase_emb, m_p, gen).to(device))  # (m_p, d)
+        prompt = torch.nn.Parameter(_initial_prompt(config, family.token_part(erase_emb), m_p, gen).to(device))
         opt_p = torch.optim.Adam([prompt], lr=config.prompt_lr)
         opt = torch.optim.Adam(train, lr=config.lr)
         history: dict[str, list[float]] = {"transfer": [], "removal": [], "l1": [], "l2": [], "l3": []}

@@ -54,6 +54,7 @@ class StageTConfig:
     token_role: str | None = None
     preserve_role: str = "all"  # a role over the preservation prompts, or "same" (the mapped role minus key)
     batch_size: int = 64
+    pooled: bool = True  # also map the pooled text path where the family has one (SDXL); False: the ablation
 
     def __post_init__(self) -> None:
         for name in ("eta", "ridge"):
@@ -275,7 +276,7 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
     t, diag = solve_transform(em, es, prior.cov, eta, ridge)
     solved = {"tokens": t}
     pooled_info = None
-    inputs = family_of(pipe).text_inputs(pipe)
+    inputs = [inp for inp in family_of(pipe).text_inputs(pipe) if config.pooled or inp.name != "pooled"]
     if any(inp.name == "pooled" for inp in inputs):
         # the pooled path (SDXL's pooled CLIP embedding): the same closed form on one vector per prompt
         pm, ps = pooled_pair_embeddings(pipe, pairs, config.batch_size)

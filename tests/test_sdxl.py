@@ -1,0 +1,83 @@
+"""SDXL: the family packs both encoders and the pooled path; stage T closes both doors the concept enters by; every
+method runs erase -> patch -> apply -> eval -> revert on a tiny random StableDiffusionXLPipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import trce
+from trce.families import family_of
+from trce.methods.stage_t import StageTConfig, erase, pooled_pair_embeddings
+from trce.registry import Context
+from trce.testing import tiny_sdxl_pipeline
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl") / "pipe"
+    tiny_sdxl_pipeline().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_the_family_packs_token_states_pooled_and_size_ids():
+    pipe = tiny_sdxl_pipeline()
+    fam = family_of(pipe)
+    assert fam.name == "sdxl" and fam.text_width(pipe) == 64 and fam.pooled_width(pipe) == 32
+    cond = fam.encode(pipe, ["a red circle"])
+    embeds, _, pooled, _ = pipe.encode_prompt(["a red circle"], device="cpu", do_classifier_free_guidance=False)
+    assert torch.equal(cond[:, :-1], embeds) and torch.equal(cond[:, -1, :32], pooled)
+    assert cond[0, -1, 32:38].tolist() == [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]  # 8 latent px x vae scale 4
+    null = fam.unconditional(pipe)  # force_zeros_for_empty_prompt: zeros, as the pipeline uses
+    assert not null[:, :-1].any() and not null[:, -1, :32].any() and null[0, -1, 32:38].any()
+    inputs = {i.name: i for i in fam.text_inputs(pipe)}
+    assert inputs["pooled"].paths == ("unet.add_embedding.linear_1.weight",) and inputs["pooled"].columns == (0, 32)
+    assert all(".attn2.to_" in p for p in inputs["tokens"].paths)
+
+
+def test_stage_t_closes_both_doors(tmp_path):
+    pipe = tiny_sdxl_pipeline()
+    spec = trce.load_concept("shapeworld-red")
+    ctx = Context(cache_dir=tmp_path, progress=False)
+    edit = erase(pipe, spec, StageTConfig(eta=0.0, ridge=1e-10), ctx)
+    w = pipe.unet.add_embedding.linear_1.weight.detach()
+    new = edit.weights["unet.add_embedding.linear_1.weight"]
+    assert torch.equal(new[:, 32:], w[:, 32:])  # the size-id columns are left alone
+    pm, ps = pooled_pair_embeddings(pipe, spec.pairs())
+    # Eq. 5 with eta = 0 on the pooled columns: W' = argmin sum ||W' e_m - W e_s||^2, so the residual is orthogonal
+    # to the malicious pooled vectors (the normal equations), and it is smaller than the gap it closes
+    residual = pm @ new[:, :32].double().T - ps @ w[:, :32].double().T  # (pairs, out)
+    gap = (pm - ps) @ w[:, :32].double().T
+    assert (pm.T @ residual).norm() < 1e-4 * (pm.T @ (ps @ w[:, :32].double().T)).norm()
+    assert residual.norm() < gap.norm()
+    assert edit.info["pooled"]["embeddings"] == len(spec.pairs())
+    without = erase(pipe, spec, StageTConfig(eta=0.0, ridge=1e-10, pooled=False), ctx)  # the ablation
+    assert "unet.add_embedding.linear_1.weight" not in without.weights and "pooled" not in without.info
+
+
+TINY = {
+    "trce": {"V": {"n_trajectories": 2, "n_uncond": 4, "ddim_steps": 2, "epochs": 1}},
+    "uce": {},
+    "kpop": {"kpop": {"iterations": 2, "ddim_steps": 2, "latents": "current", "batch_size": 2}},
+    "esd": {"esd": {"iterations": 2, "ddim_steps": 2, "latents": "current", "batch_size": 2}},
+}
+
+
+@pytest.mark.parametrize("method", list(TINY))
+def test_every_method_erases_applies_evaluates_and_reverts(method, sdxl_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRCE_CACHE", str(tmp_path / "cache"))
+    pipe = trce.load_pipeline(str(sdxl_dir))
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    edit = trce.erase(pipe, "shapeworld-red", method=method, progress=False, **TINY[method])
+    assert edit.weights and all(p.startswith("unet.") for p in edit.weights)
+    edit.save(tmp_path / "patch")
+    metrics = trce.evaluate(pipe, "shapeworld-red", edit=trce.load_patch(tmp_path / "patch"), limit=1, steps=2,
+                            progress=False)
+    assert metrics["n"] == 9 and metrics["method"] == method
+    if method == "kpop":
+        from trce.methods.kpop import hidden_prompt_installed
+
+        with hidden_prompt_installed(pipe, edit, apply=True):  # the hidden prompt fits the 2048-wide (here 64) text
+            assert trce.generate_images(pipe, "a red star", 0, steps=2, progress=False).shape == (1, 32, 32, 3)
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
