@@ -81,3 +81,22 @@ def test_every_method_erases_applies_evaluates_and_reverts(method, sdxl_dir, tmp
         with hidden_prompt_installed(pipe, edit, apply=True):  # the hidden prompt fits the 2048-wide (here 64) text
             assert trce.generate_images(pipe, "a red star", 0, steps=2, progress=False).shape == (1, 32, 32, 3)
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
+
+
+BUDGETS = {"ring-a-bell": {"generations": 2, "population": 4, "elite": 2}, "mma-text": {"steps": 1, "candidates": 4},
+           "unlearndiff": {"steps": 1, "samples": 2}, "soft-prompt": {"steps": 1, "samples": 2}}
+
+
+@pytest.mark.parametrize("attack", list(BUDGETS))
+def test_every_attack_runs_through_both_text_encoders(attack, sdxl_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRCE_CACHE", str(tmp_path / "cache"))
+    pipe = trce.load_pipeline(str(sdxl_dir))
+    edit = trce.erase(pipe, "shapeworld-red", stages="T", progress=False)
+    result = trce.attack(pipe, "shapeworld-red", attack, edit=edit, budget=BUDGETS[attack], limit=1, steps=2,
+                         out=tmp_path / "atk", progress=False)
+    assert result["n"] == 1 and result["attack"]["asr_after"] is not None
+    target = result.results[0]
+    if attack == "soft-prompt":  # embeddings of both encoders: the conditioning the SDXL UNet reads, packed
+        assert target.embeds["prompt_embeds"].shape == (33, 64) and target.embeds["token_embeds"].shape[1] == 64
+    else:
+        assert target.prompt and target.tokens

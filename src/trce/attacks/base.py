@@ -13,10 +13,12 @@ Banned words. The concept's own words (`Vocabulary(banned=...)`; see `shapeworld
 `spec_banned`) are removed from the candidate vocabulary, by exact word, case-insensitive, as
 MMA-Diffusion removes its sensitive words: an attack that types "red" to get red proves nothing.
 
-Free slots. `encode_with(text_encoder, ids, slots, embeds)` runs the text encoder with the token
-embeddings at `slots` replaced by `embeds` (a forward hook on the input-embedding layer, removed
-in `finally`), so gradients reach `embeds`. GCG's one-hot gradient, PEZ-style projected
-gradients and soft prompts all go through it.
+Free slots. `family.encode_ids(pipe, ids, slots, embeds)` runs the text encoder(s) with the token
+embeddings at `slots` replaced by `embeds` (a forward hook on each input-embedding layer, removed
+in `finally`, `slot_embeddings`), so gradients reach `embeds`; it returns the conditioning the denoiser
+reads. With several text encoders (SDXL) a token's embedding is the concatenation of each encoder's row
+(`family.input_table`). GCG's one-hot gradient, PEZ-style projected gradients and soft prompts all go
+through it.
 
 Driver. `run_targets` solves targets one by one with a tqdm bar; with `AttackConfig.results` it
 appends one JSON line per finished target (fsynced), and a rerun skips targets whose line matches
@@ -240,8 +242,7 @@ class Vocabulary:
         from trce.families import family_of
 
         fam = family_of(pipe)
-        return cls.build(fam.tokenizer(pipe), banned,
-                         limit=fam.text_encoder(pipe).get_input_embeddings().num_embeddings)
+        return cls.build(fam.tokenizer(pipe), banned, limit=fam.input_table(pipe).shape[0])
 
     @classmethod
     def build(cls, tokenizer, banned: Sequence[str] = (), limit: int | None = None) -> Vocabulary:
@@ -328,23 +329,33 @@ def compose(tokenizer, tokens: Sequence[int], prompt: str | None = None) -> tupl
     return torch.tensor(ids, dtype=torch.long), slice(1, 1 + len(tokens)), body
 
 
-def encode_with(text_encoder, ids: torch.Tensor, slots: slice | None = None,
-                embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) ids -> (B, L, D) last hidden state, with token embeddings at `slots` replaced by
-    `embeds` ((B or 1, k, D), differentiable)."""
+@contextlib.contextmanager
+def slot_embeddings(text_encoder, slots: slice | None, embeds: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, `text_encoder` reads `embeds` ((B or 1, k, E), differentiable) as the token embeddings at
+    `slots` (a forward hook on the input-embedding layer, removed on exit)."""
+    if embeds is None:
+        yield
+        return
     layer = text_encoder.get_input_embeddings()
 
-    def swap(module, args, out):  # out: (B, L, D) token embeddings, before position embeddings
+    def swap(module, args, out):  # out: (B, L, E) token embeddings, before position embeddings
         out = out.clone()
         out[:, slots] = embeds.to(out.dtype).expand(out.shape[0], -1, -1)
         return out
 
-    handle = layer.register_forward_hook(swap) if embeds is not None else None
+    handle = layer.register_forward_hook(swap)
     try:
-        return text_encoder(ids.to(text_encoder.device)).last_hidden_state
+        yield
     finally:
-        if handle is not None:
-            handle.remove()
+        handle.remove()
+
+
+def encode_with(text_encoder, ids: torch.Tensor, slots: slice | None = None,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) ids -> (B, L, D) last hidden state, with token embeddings at `slots` replaced by
+    `embeds` ((B or 1, k, D), differentiable)."""
+    with slot_embeddings(text_encoder, slots, embeds):
+        return text_encoder(ids.to(text_encoder.device)).last_hidden_state
 
 
 @contextlib.contextmanager

@@ -36,7 +36,6 @@ from trce.attacks.base import (
     Vocabulary,
     check_budget,
     compose,
-    encode_with,
     finite,
     frozen,
     run_targets,
@@ -92,10 +91,10 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
     from trce.families import family_of
 
     fam = family_of(pipe)
-    te, tok = fam.text_encoder(pipe), fam.tokenizer(pipe)
-    layer = te.get_input_embeddings()
+    tok = fam.tokenizer(pipe)
+    full = fam.input_table(pipe).detach()
     vocab = Vocabulary.for_pipeline(pipe, config.banned)
-    table = layer.weight.detach()[vocab.ids.to(layer.weight.device)].float()  # (A, D)
+    table = full[vocab.ids.to(full.device)].float()  # (A, E): every encoder's embedding of each candidate
     base, slots, _ = compose(tok, [int(vocab.ids[0])] * budget.tokens)
     eos = torch.tensor([slots.stop])  # the [EoT] position right after the K tokens
 
@@ -105,7 +104,7 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
         for s in range(0, len(rows), budget.batch_size):
             ids = base.repeat(len(rows[s : s + budget.batch_size]), 1)
             ids[:, slots] = vocab.ids[rows[s : s + budget.batch_size]]
-            h = encode_with(te, ids)
+            h = fam.encode_ids(pipe, ids)
             out.append(_loss(_features(h, eos.expand(len(ids)), budget.match), goal).cpu())
         return torch.cat(out)
 
@@ -114,7 +113,7 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
         onehot = F.one_hot(rows.to(table.device), len(vocab)).float().requires_grad_(True)  # (K, A)
         with torch.enable_grad():
             embeds = onehot @ table  # (K, D)
-            h = encode_with(te, base[None], slots, embeds[None])
+            h = fam.encode_ids(pipe, base[None], slots, embeds[None])
             loss = _loss(_features(h, eos, budget.match), goal)[0]
             (grad,) = torch.autograd.grad(loss, onehot)
         return grad.cpu()
@@ -124,7 +123,7 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
         gen = torch.Generator().manual_seed(seed)
         ids = tokenize(tok, [target.prompt])
         with torch.no_grad():
-            goal = _features(encode_with(te, ids), first_eos(ids, tok.eos_token_id), budget.match)[0]
+            goal = _features(fam.encode_ids(pipe, ids), first_eos(ids, tok.eos_token_id), budget.match)[0]
         rows = vocab.sample((budget.tokens,), gen)
         current = finite(evaluate(rows[None], goal)[0], NAME, target, 0)
         start, best, best_rows = current, current, rows.clone()
@@ -151,5 +150,5 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
             objective_plain=None, steps=budget.steps, seconds=0.0, extra={"match": budget.match},
         )
 
-    with frozen(te):
+    with frozen(*fam.text_encoders(pipe)):
         return run_targets(NAME, targets, config, solve, progress)

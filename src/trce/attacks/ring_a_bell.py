@@ -40,7 +40,6 @@ from trce.attacks.base import (
     Vocabulary,
     check_budget,
     compose,
-    encode_with,
     finite,
     run_targets,
     target_seed,
@@ -141,7 +140,7 @@ def encode_texts(pipe, prompts: Sequence[str], batch_size: int = 256) -> torch.T
 
     fam = family_of(pipe)
     ids = tokenize(fam.tokenizer(pipe), prompts)
-    return torch.cat([encode_with(fam.text_encoder(pipe), ids[s : s + batch_size]).float()
+    return torch.cat([fam.encode_ids(pipe, ids[s : s + batch_size]).float()
                       for s in range(0, len(ids), batch_size)])
 
 
@@ -169,7 +168,8 @@ class _Fitness:
         from trce.families import family_of
 
         fam = family_of(pipe)
-        self.te, self.vocab, self.metric, self.batch = fam.text_encoder(pipe), vocab, metric, batch_size
+        self.encode = lambda ids: fam.encode_ids(pipe, ids)
+        self.vocab, self.metric, self.batch = vocab, metric, batch_size
         self.base, self.slots, _ = compose(fam.tokenizer(pipe), [int(vocab.ids[0])] * tokens)
 
     def ids(self, rows: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ class _Fitness:
 
     @torch.no_grad()
     def __call__(self, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        out = [distance(encode_with(self.te, self.ids(rows[s : s + self.batch])), target, self.metric).cpu()
+        out = [distance(self.encode(self.ids(rows[s : s + self.batch])), target, self.metric).cpu()
                for s in range(0, len(rows), self.batch)]
         return torch.cat(out)
 

@@ -77,7 +77,6 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
     from trce.families import family_of
 
     fam = family_of(pipe)
-    te = fam.text_encoder(pipe)
     vocab = Vocabulary.for_pipeline(pipe, config.banned)
     table = candidate_table(pipe, vocab)
 
@@ -117,5 +116,5 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
             extra={"nearest": vocab.text(project(best_soft, table)), "label": "knowledge left"},
         )
 
-    with frozen(te, fam.denoiser(pipe)):
+    with frozen(*fam.text_encoders(pipe), fam.denoiser(pipe)):
         return run_targets(NAME, targets, config, solve, progress)

@@ -40,7 +40,6 @@ from trce.attacks.base import (
     Vocabulary,
     check_budget,
     compose,
-    encode_with,
     finite,
     frozen,
     project,
@@ -159,7 +158,7 @@ class WhiteBox:
         fam = family_of(pipe)
         budget = config.budget
         self.pipe, self.vocab, self.table, self.target, self.attack = pipe, vocab, table, target, attack
-        self.text_encoder, tokenizer = fam.text_encoder(pipe), fam.tokenizer(pipe)
+        self.family, tokenizer = fam, fam.tokenizer(pipe)
         self.seed = target_seed(config, target)
         self.gen = torch.Generator().manual_seed(self.seed)
         latents = latents_for(reference, target, budget, config.size)
@@ -167,12 +166,12 @@ class WhiteBox:
         self.rows = vocab.sample((budget.tokens,), self.gen)  # (k,) the starting prefix
         self.ids, self.slots, _ = compose(tokenizer, vocab.ids[self.rows].tolist(), target.prompt)
         with torch.no_grad():
-            plain = encode_with(self.text_encoder, tokenize(tokenizer, [target.prompt]))
+            plain = fam.encode_ids(pipe, tokenize(tokenizer, [target.prompt]))
             self.plain = finite(self.objective(plain), attack, target, 0, _HINT)
 
     def cond(self, embeds: torch.Tensor) -> torch.Tensor:
         """(k, D) prefix embeddings -> (1, L, D) text encoding of [prefix; prompt]."""
-        return encode_with(self.text_encoder, self.ids[None], self.slots, embeds[None])
+        return self.family.encode_ids(self.pipe, self.ids[None], self.slots, embeds[None])
 
     def loss(self, embeds: torch.Tensor) -> torch.Tensor:
         return self.objective(self.cond(embeds))
@@ -182,7 +181,7 @@ def candidate_table(pipe, vocab: Vocabulary) -> torch.Tensor:
     """(A, D) fp32 input embeddings of the candidate tokens."""
     from trce.families import family_of
 
-    w = family_of(pipe).text_encoder(pipe).get_input_embeddings().weight.detach()
+    w = family_of(pipe).input_table(pipe).detach()
     return w[vocab.ids.to(w.device)].float()
 
 
@@ -197,7 +196,7 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
     from trce.families import family_of
 
     fam = family_of(pipe)
-    te, tok = fam.text_encoder(pipe), fam.tokenizer(pipe)
+    tok = fam.tokenizer(pipe)
     vocab = Vocabulary.for_pipeline(pipe, config.banned)
     table = candidate_table(pipe, vocab)
 
@@ -235,5 +234,5 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
             extra={"metric": budget.metric, "samples": budget.samples},
         )
 
-    with frozen(te, fam.denoiser(pipe)):
+    with frozen(*fam.text_encoders(pipe), fam.denoiser(pipe)):
         return run_targets(NAME, targets, config, solve, progress)

@@ -96,7 +96,21 @@ class ModelFamily:
         raise NotImplementedError
 
     def text_encoder(self, pipe) -> torch.nn.Module:
-        """The text encoder whose token embeddings attacks optimise (the one `tokenizer` feeds)."""
+        """The (first) text encoder, the one `tokenizer` feeds."""
+        raise NotImplementedError
+
+    def text_encoders(self, pipe) -> list[torch.nn.Module]:
+        """Every text encoder (attacks freeze them all)."""
+        return [self.text_encoder(pipe)]
+
+    def input_table(self, pipe) -> torch.Tensor:
+        """(V, E) a token's input embedding, every encoder's row concatenated: the space attacks optimise in."""
+        return self.text_encoder(pipe).get_input_embeddings().weight
+
+    def encode_ids(self, pipe, ids: torch.Tensor, slots: slice | None = None,
+                   embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids of the role tokenizer -> (B, L(+1), D) conditioning, with the token embeddings at `slots`
+        replaced by `embeds` ((B or 1, k, E), E the width of `input_table`; differentiable)."""
         raise NotImplementedError
 
     def text_width(self, pipe) -> int:

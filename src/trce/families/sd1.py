@@ -57,6 +57,12 @@ class SD1Family(ModelFamily):
     def text_width(self, pipe) -> int:
         return int(pipe.text_encoder.config.hidden_size)
 
+    def encode_ids(self, pipe, ids: torch.Tensor, slots: slice | None = None,
+                   embeds: torch.Tensor | None = None) -> torch.Tensor:
+        from trce.attacks.base import encode_with
+
+        return encode_with(pipe.text_encoder, ids, slots, embeds)
+
     def token_states(self, pipe, prompts: Sequence[str], cut_at_eos: bool = False,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         from trce.tokens import encode, tokenize

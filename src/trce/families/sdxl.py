@@ -50,6 +50,31 @@ class SDXLFamily(SD1Family):
     def text_width(self, pipe) -> int:
         return int(pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size)
 
+    def text_encoders(self, pipe) -> list[torch.nn.Module]:
+        return [pipe.text_encoder, pipe.text_encoder_2]
+
+    def input_table(self, pipe) -> torch.Tensor:
+        a = pipe.text_encoder.get_input_embeddings().weight
+        b = pipe.text_encoder_2.get_input_embeddings().weight
+        return torch.cat([a, b.to(a.device, a.dtype)], dim=1)  # (V, E1 + E2): the tokenizers share their vocabulary
+
+    def encode_ids(self, pipe, ids: torch.Tensor, slots: slice | None = None,
+                   embeds: torch.Tensor | None = None) -> torch.Tensor:
+        from trce.attacks.base import slot_embeddings
+        from trce.tokens import first_eos
+
+        te1, te2 = pipe.text_encoder, pipe.text_encoder_2
+        e1 = te1.get_input_embeddings().weight.shape[1]
+        ids2 = ids.clone()  # the second tokenizer pads with its own token after the end of text
+        after = torch.arange(ids.shape[1])[None] > first_eos(ids, pipe.tokenizer.eos_token_id)[:, None]
+        ids2[after] = pipe.tokenizer_2.pad_token_id
+        with slot_embeddings(te1, slots, None if embeds is None else embeds[..., :e1]):
+            h1 = te1(ids.to(te1.device), output_hidden_states=True).hidden_states[-2]
+        with slot_embeddings(te2, slots, None if embeds is None else embeds[..., e1:]):
+            out2 = te2(ids2.to(te2.device), output_hidden_states=True)
+        hidden = torch.cat([h1, out2.hidden_states[-2].to(h1.device)], dim=-1)
+        return self._pack(pipe, hidden, out2.text_embeds)
+
     def pooled_width(self, pipe_or_unet) -> int:
         unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
         return int(unet.config.projection_class_embeddings_input_dim
