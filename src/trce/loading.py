@@ -122,9 +122,11 @@ def _from_folder(folder: Path, dtype: torch.dtype, name: str):
     class_name = str(index.get("_class_name", "")) if isinstance(index, dict) else ""
     family = family_for_class(class_name)  # an architecture trce has no family for is refused here
     cls = getattr(diffusers, class_name)
+    # components saved as absent (SD3 without T5, no safety checker) are passed as None
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
     try:
         pipe = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
-                                   **family.load_kwargs)
+                                   **{**absent, **family.load_kwargs})
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise TrceError(f"cannot load the pipeline in {folder}: {str(exc).splitlines()[0]}") from exc
     return pipe

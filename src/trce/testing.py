@@ -124,3 +124,45 @@ def tiny_sdxl_pipeline(seed: int = 0, widths: tuple[int, int] = (32, 32), pooled
     pipe.set_progress_bar_config(disable=True)
     pipe.trce_model_name = "tiny-sdxl"
     return pipe
+
+
+def tiny_sd3_pipeline(seed: int = 0, widths: tuple[int, int] = (32, 32)):
+    """A tiny random `StableDiffusion3Pipeline` without T5 (`text_encoder_3=None`, as SD3 allows): CLIP-L and
+    CLIP-G stand-ins (with projections: the pooled vectors), a two-block MMDiT, flow matching."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from trce.shapeworld.tokenizer import build_tokenizer
+
+    tok, tok2 = build_tokenizer(), build_tokenizer()
+    tok2.pad_token = "!"
+
+    def encoder(tokenizer, width: int) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=width))
+
+    torch.manual_seed(seed)
+    text, text2 = encoder(tok, widths[0]), encoder(tok2, widths[1])
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=sum(widths), caption_projection_dim=16,
+        pooled_projection_dim=sum(widths), pos_embed_max_size=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 16, 16], layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0,
+    )
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                    text_encoder=text, tokenizer=tok, text_encoder_2=text2, tokenizer_2=tok2,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.trce_model_name = "tiny-sd3"
+    return pipe

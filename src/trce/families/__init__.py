@@ -30,6 +30,7 @@ from trce.errors import TrceError, choose
 
 # name -> "module:Class"; `family_of` tries them in this order (the more specific first).
 FAMILIES: dict[str, str] = {
+    "sd3": "trce.families.sd3:SD3Family",
     "sdxl": "trce.families.sdxl:SDXLFamily",
     "sd2": "trce.families.sd2:SD2Family",
     "sd1": "trce.families.sd1:SD1Family",

@@ -1,0 +1,237 @@
+"""SD 3 / 3.5: a rectified-flow MMDiT (`SD3Transformer2DModel`) with joint text-image attention, read by CLIP-L,
+CLIP-G and (optionally) T5.
+
+How TRCE carries over (the paper's equations are in ../shared/papers/METHOD_NOTES.md):
+
+Stage T. There is no cross-attention: all token text enters the transformer through ONE linear layer,
+`transformer.context_embedder` (joint_attention_dim -> inner width), applied to the concatenated CLIP-L and
+CLIP-G penultimate states (padded to joint_attention_dim) followed by T5's states; the pooled CLIP vectors
+(CLIP-L's and CLIP-G's projected [EoT], concatenated) enter through
+`transformer.time_text_embed.text_embedder.linear_1`. Both are linear maps of text-encoder outputs, so Eq. 5
+applies to them exactly as to SD's to_k/to_v: W' = W T with T mapping the erase prompts' [EoT] rows (CLIP, roles
+from the first tokenizer) onto their safe counterparts', with the preservation prior over every CLIP row of the
+preservation prompts; and the pooled layer gets its own T on the pooled vectors. With T5 omitted
+(`text_encoder_3=None`, which SD3 allows and ShapeWorld's miniature uses) the T5 rows are zeros and the edit
+cannot touch them; with T5 present its rows live in the same 4096-d input space, and the prior (over CLIP rows)
+leaves directions the CLIP rows never visit to the ridge — a T5-aware prior is not implemented yet.
+
+Stage V. Trajectory steering on flow matching: the model predicts a velocity v = ε − x0; Eq. 6-8 use the
+original model's guided predictions ε(∅) + β(ε(c) − ε(∅)) as f_safe / f_unsafe, which for velocities is the
+same affine combination (weights summing to one), so the triplet loss compares velocities consistently. The
+trained layers are the image stream's attention (`attn.to_q/to_k/to_v/to_out`: the analogue of attn1 +
+attn2.to_q), the guided trajectories are drawn with a stateless Euler flow sampler, early steps only.
+
+ESD and UCE run unchanged (UCE's keyword rows through the same context_embedder solve). KPOP's prompt needs a
+joint-attention processor that adds context tokens; it is not implemented for this family yet.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from trce.errors import TrceError, choose
+from trce.families import GROUPS, ModelFamily, TextInput
+
+
+class FlowSampler:
+    """A stateless Euler sampler over a flow-matching schedule with the DDIM-style surface methods use:
+    `timesteps`, `init_noise_sigma`, `scale_model_input`, `step(v, t, z).prev_sample`."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, scheduler_config: dict, steps: int, device=None):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(copy.deepcopy(dict(scheduler_config)))
+        sched.set_timesteps(steps, device=device)
+        self.timesteps, self.sigmas = sched.timesteps, sched.sigmas
+        self.config = sched.config
+
+    def scale_model_input(self, z: torch.Tensor, t) -> torch.Tensor:
+        return z
+
+    def step(self, velocity: torch.Tensor, t, z: torch.Tensor):
+        from types import SimpleNamespace
+
+        i = int((self.timesteps == torch.as_tensor(t, device=self.timesteps.device)).nonzero()[0])
+        return SimpleNamespace(prev_sample=z + (self.sigmas[i + 1] - self.sigmas[i]).to(z.dtype) * velocity)
+
+
+class SD3Family(ModelFamily):
+    name = "sd3"
+    description = "Stable Diffusion 3 / 3.5: MMDiT with joint attention, CLIP-L + CLIP-G (+ optional T5), flow matching"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    denoiser_name = "transformer"
+    denoiser_classes = ("SD3Transformer2DModel",)
+    load_kwargs: ClassVar[dict] = {}
+
+    def identity_modules(self, pipe) -> dict[str, torch.nn.Module]:
+        out = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+        if getattr(pipe, "text_encoder_3", None) is not None:
+            out["text_encoder_3"] = pipe.text_encoder_3
+        return out
+
+    # ------------------------------------------------------------------ text
+    def tokenizer(self, pipe):
+        return pipe.tokenizer
+
+    def text_encoder(self, pipe) -> torch.nn.Module:
+        return pipe.text_encoder
+
+    def text_encoders(self, pipe) -> list[torch.nn.Module]:
+        return [m for m in (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)) if m is not None]
+
+    def text_width(self, pipe) -> int:
+        return int(pipe.transformer.config.joint_attention_dim)
+
+    def _clip_states(self, pipe, ids1: torch.Tensor, ids2: torch.Tensor, slots=None, embeds=None):
+        from trce.attacks.base import slot_embeddings
+
+        te1, te2 = pipe.text_encoder, pipe.text_encoder_2
+        e1 = te1.get_input_embeddings().weight.shape[1]
+        with slot_embeddings(te1, slots, None if embeds is None else embeds[..., :e1]):
+            o1 = te1(ids1.to(te1.device), output_hidden_states=True)
+        with slot_embeddings(te2, slots, None if embeds is None else embeds[..., e1:]):
+            o2 = te2(ids2.to(te2.device), output_hidden_states=True)
+        hidden = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2].to(o1.hidden_states[-2].device)], dim=-1)
+        width = self.text_width(pipe)
+        hidden = torch.nn.functional.pad(hidden, (0, width - hidden.shape[-1]))  # (N, L, joint width)
+        pooled = torch.cat([o1.text_embeds, o2.text_embeds.to(o1.text_embeds.device)], dim=-1)  # (N, P)
+        return hidden, pooled
+
+    def _ids2(self, pipe, ids: torch.Tensor) -> torch.Tensor:
+        from trce.tokens import first_eos
+
+        ids2 = ids.clone()
+        after = torch.arange(ids.shape[1])[None] > first_eos(ids, pipe.tokenizer.eos_token_id)[:, None]
+        ids2[after] = pipe.tokenizer_2.pad_token_id
+        return ids2
+
+    @torch.no_grad()
+    def token_states(self, pipe, prompts: Sequence[str], cut_at_eos: bool = False,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        from trce.tokens import first_eos, tokenize
+
+        ids = tokenize(pipe.tokenizer, prompts)
+        run = ids
+        if cut_at_eos:
+            run = ids[:, : int(first_eos(ids, pipe.tokenizer.eos_token_id).max()) + 1]
+        hidden, _ = self._clip_states(pipe, run, self._ids2(pipe, run))
+        return ids, hidden
+
+    @torch.no_grad()
+    def pooled_states(self, pipe, prompts: Sequence[str]) -> torch.Tensor:
+        from trce.tokens import tokenize
+
+        ids = tokenize(pipe.tokenizer, prompts)
+        return self._clip_states(pipe, ids, self._ids2(pipe, ids))[1]
+
+    def text_projections(self, pipe) -> list[str]:
+        return ["transformer.context_embedder.weight"]
+
+    def text_inputs(self, pipe) -> list[TextInput]:
+        return [TextInput("tokens", ("transformer.context_embedder.weight",)),
+                TextInput("pooled", ("transformer.time_text_embed.text_embedder.linear_1.weight",))]
+
+    def _pack(self, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        n, _, d = hidden.shape
+        extra = torch.zeros(n, 1, d, dtype=hidden.dtype, device=hidden.device)
+        extra[:, 0, :pooled.shape[-1]] = pooled.to(hidden.dtype)
+        return torch.cat([hidden, extra], dim=1)
+
+    def _t5_rows(self, pipe, n: int, like: torch.Tensor) -> torch.Tensor:
+        if getattr(pipe, "text_encoder_3", None) is not None:
+            raise TrceError("conditioning from token ids with T5 is not implemented; load the pipeline with "
+                            "text_encoder_3=None")
+        return torch.zeros(n, 256, like.shape[-1], dtype=like.dtype, device=like.device)
+
+    @torch.no_grad()
+    def encode(self, pipe, prompts: Sequence[str]) -> torch.Tensor:
+        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, device=pipe.text_encoder.device,
+                                                  num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return self._pack(embeds, pooled)
+
+    def encode_ids(self, pipe, ids: torch.Tensor, slots: slice | None = None,
+                   embeds: torch.Tensor | None = None) -> torch.Tensor:
+        hidden, pooled = self._clip_states(pipe, ids, self._ids2(pipe, ids), slots, embeds)
+        return self._pack(torch.cat([hidden, self._t5_rows(pipe, len(ids), hidden)], dim=1), pooled)
+
+    def input_table(self, pipe) -> torch.Tensor:
+        a = pipe.text_encoder.get_input_embeddings().weight
+        b = pipe.text_encoder_2.get_input_embeddings().weight
+        return torch.cat([a, b.to(a.device, a.dtype)], dim=1)
+
+    def token_part(self, cond: torch.Tensor) -> torch.Tensor:
+        return cond[:, :-1]
+
+    # ------------------------------------------------------------------ denoiser
+    def _pooled_width(self, denoiser) -> int:
+        return int(denoiser.config.pooled_projection_dim)
+
+    def predict(self, denoiser, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=z.device).reshape(-1).expand(len(z))
+        kwargs = {"hidden_states": z, "timestep": t, "encoder_hidden_states": cond[:, :-1],
+                  "pooled_projections": cond[:, -1, :self._pooled_width(denoiser)]}
+        if params is None:
+            return denoiser(**kwargs).sample
+        return torch.func.functional_call(denoiser, params, (), kwargs).sample
+
+    def trainable(self, denoiser, group: str) -> dict[str, torch.nn.Parameter]:
+        group = choose("parameter group", group, GROUPS)
+        image_attn = (".attn.to_q.", ".attn.to_k.", ".attn.to_v.", ".attn.to_out.")
+        text_attn = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.")
+        out = {}
+        for name, param in denoiser.named_parameters():
+            dotted = f".{name}"
+            if group == "visual":
+                keep = any(k in dotted for k in image_attn)
+            elif group == "cross-attn":  # where the text stream enters attention: the joint attention's text side
+                keep = any(k in dotted for k in text_attn)
+            else:
+                keep = (not any(k in dotted for k in text_attn)
+                        and not name.startswith(("time_text_embed.", "proj_out.", "norm_out.")))
+            if keep:
+                out[name] = param
+        if not out:
+            raise TrceError(f"the transformer has no parameters in group {group!r}")
+        return out
+
+    def injection_layers(self, denoiser, sites: str) -> list[str]:
+        raise TrceError("KPOP's prompt injection needs a joint-attention processor, which is not implemented for "
+                        "SD3/FLUX yet; use trce, uce or esd")
+
+    def latent_shape(self, pipe_or_denoiser, image_size: int | None = None, scale: int | None = None,
+                     ) -> tuple[int, int, int]:
+        denoiser = getattr(pipe_or_denoiser, "transformer", pipe_or_denoiser)
+        scale = scale if scale is not None else int(getattr(pipe_or_denoiser, "vae_scale_factor", 8))
+        side = int(denoiser.config.sample_size) if image_size is None else image_size // scale
+        if image_size is not None and (image_size <= 0 or image_size % scale):
+            raise TrceError(f"image size {image_size} must be a positive multiple of {scale}")
+        return int(denoiser.config.in_channels), side, side
+
+    def sampler(self, scheduler_config: dict, steps: int, device=None):
+        return FlowSampler(scheduler_config, steps, device)
+
+    def noised(self, pipe, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = (t.float() / pipe.scheduler.config.num_train_timesteps).view(-1, *([1] * (z0.dim() - 1)))
+        return (1 - sigma) * z0 + sigma * noise, noise - z0  # flow matching: the velocity target
+
+    # ------------------------------------------------------------------ drawing
+    def pipeline_inputs(self, pipe, cond: torch.Tensor) -> dict[str, Any]:
+        dev, dt = pipe.text_encoder.device, pipe.text_encoder.dtype
+        return {"prompt_embeds": cond[:, :-1].to(dev, dt),
+                "pooled_prompt_embeds": cond[:, -1, :self._pooled_width(pipe.transformer)].to(dev, dt)}
+
+    def image_size(self, pipe) -> int:
+        return int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
+
+    def info(self, pipe) -> dict[str, Any]:
+        t = pipe.transformer.config
+        return {"image_size": self.image_size(pipe), "text_width": self.text_width(pipe),
+                "max_tokens": pipe.tokenizer.model_max_length, "joint_blocks": int(t.num_layers),
+                "t5": getattr(pipe, "text_encoder_3", None) is not None}
