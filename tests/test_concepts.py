@@ -8,6 +8,7 @@ import yaml
 from trce.concepts import builtin_specs, load_spec, preservation_prompts
 from trce.errors import TrceError
 from trce.shapeworld import world
+from trce.shapeworld.language import language
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAPEWORLD = ("shapeworld-red", "shapeworld-star", "shapeworld-striped", "shapeworld-3shapes")
@@ -69,15 +70,22 @@ def test_shapeworld_specs_use_only_spec_group_expressions(name):
         allowed |= set(v.expressions(spec.attribute, value, "paraphrase", "spec"))
         heldout |= set(v.expressions(spec.attribute, value, "synonym", "heldout"))
         heldout |= set(v.expressions(spec.attribute, value, "paraphrase", "heldout"))
+        if spec.attribute == "color":  # objects that have the colour ("a strawberry"), with forms: [..., object]
+            objects = language().objects(value, "spec")
+            allowed |= set(objects) if any(e.form == "object" for e in spec.expressions) else set()
+            heldout |= set(language().objects(value, "heldout"))
     assert {e.text for e in spec.expressions} == allowed
     pairs = spec.pairs()
-    assert len(pairs) == len(spec.expressions) * len(spec.templates) * spec.contexts
+    grammar = len(spec.expressions) * len(spec.templates) * spec.contexts
+    assert spec.open > 0 and len(pairs) == grammar + len(spec.expressions) * spec.open
     for p in pairs:
-        assert p.malicious[p.m_span[0] : p.m_span[1]] == p.expression
-        assert p.safe[p.s_span[0] : p.s_span[1]] == p.target
-        words = f" {p.malicious} "
+        slot = p.malicious[p.m_span[0] : p.m_span[1]]
+        core = p.expression.lower().removeprefix("a ").removeprefix("an ")  # "{ob}-colored" drops the article
+        assert core.replace(" ", "-") in slot.lower().replace(" ", "-"), (slot, p.expression)
+        assert p.safe[p.s_span[0] : p.s_span[1]].lower() == p.target
+        words = f" {p.malicious.lower()} "
         assert not any(f" {h} " in words for h in heldout), p.malicious  # held-out words never reach the eraser
-        safe = f" {p.safe} "
+        safe = f" {p.safe.lower()} "
         assert not any(f" {a} " in safe for a in allowed | heldout), p.safe  # the safe side names no erased value
 
 
@@ -202,9 +210,12 @@ def test_other_concept_prompts_name_each_other_erased_concept_in_the_slot():
         a, b = p.m_span
         for q, other in zip(others, [v for v in ("circle", "star", "triangle") if v != value]):
             named = next(e for e in spec.expressions if e.value == other and e.form == form)
-            # only the slot (and its article) changes
-            assert q.endswith(named.text + p.malicious[b:])
-            assert q[: len(q) - len(named.text) - (len(p.malicious) - b)].rstrip("an ") == p.malicious[:a].rstrip("an ")
+            # only the slot (and its article) changes, written in the prompt's case
+            text = p.construction.replace("{x}", named.text)
+            assert q.lower().endswith((text + p.malicious[b:]).lower())
+            head = q[: len(q) - len(text) - (len(p.malicious) - b)]
+            assert head.lower().rstrip("an ") == p.malicious[:a].lower().rstrip("an ")
+            assert (q.upper() == q) == (p.malicious.upper() == p.malicious)
     # the article before the slot follows the new word: "an orb" -> "a star", "a triangle"
     orb = next(k for k in table if " an orb " in f" {k} ")
     assert all(f" a {w} " in f" {q} " for q, w in zip(table[orb], ("pentagram", "trigon"))), table[orb]

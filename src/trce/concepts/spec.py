@@ -172,6 +172,15 @@ def spec_record(spec: ConceptSpec | Sequence[ConceptSpec]) -> dict:
     return {"name": "+".join(s.name for s in specs), "concepts": [s.to_dict() for s in specs]}
 
 
+def _same_case(text: str, like: str) -> str:
+    """`text` written as `like` is (open-language prompts come in lower, Title and UPPER case)."""
+    if like.isupper() and len(like) > 1:
+        return text.upper()
+    if like[:1].isupper():
+        return text.title()
+    return text
+
+
 def other_concept_prompts(spec: ConceptSpec | Sequence[ConceptSpec]) -> dict[str, list[str]]:
     """For each malicious prompt, the same prompt with each *other* erased concept in its slot.
 
@@ -204,10 +213,11 @@ def other_concept_prompts(spec: ConceptSpec | Sequence[ConceptSpec]) -> dict[str
             for label in labels:
                 if label == own:
                     continue
-                text = p.construction.replace("{x}", name(label, form))
+                text = _same_case(p.construction.replace("{x}", name(label, form)), p.malicious[a:b])
                 pre = p.malicious[:a]
-                if re.search(r"(^|\s)an? $", pre):  # the article before the slot follows the new word
-                    pre = re.sub(r"an? $", ("an " if text[:1].lower() in "aeiou" else "a "), pre)
+                if m := re.search(r"(^|\s)(an?) $", pre, flags=re.IGNORECASE):  # the article follows the new word
+                    article = _same_case("an" if text[:1].lower() in "aeiou" else "a", m.group(2))
+                    pre = pre[: m.start(2)] + article + " "
                 prompts.append(pre + text + p.malicious[b:])
             out.setdefault(p.malicious, prompts)
     return out

@@ -108,7 +108,7 @@ def n_tokens(text: str) -> int:
     """Content tokens of a caption with the world's tokenizer (start and end of text not counted)."""
     from trce.shapeworld.tokenizer import cached_tokenizer
 
-    return len(cached_tokenizer()(text, add_special_tokens=False).input_ids)
+    return len(cached_tokenizer()(text, add_special_tokens=False, verbose=False).input_ids)
 
 
 @dataclass(frozen=True)
