@@ -166,3 +166,40 @@ def tiny_sd3_pipeline(seed: int = 0, widths: tuple[int, int] = (32, 32)):
     pipe.set_progress_bar_config(disable=True)
     pipe.trce_model_name = "tiny-sd3"
     return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True, width: int = 32):
+    """A tiny random `FluxPipeline` (dev-like with `guidance_embeds`, schnell-like without): a CLIP-L stand-in
+    (pooled vector), a tiny T5 encoder (token states; the world's tokenizer stands in for T5's, which is not
+    available offline), one joint and one single-stream block, flow matching with FLUX's dynamic shift."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from trce.shapeworld.tokenizer import build_tokenizer
+
+    tok, tok2 = build_tokenizer(), build_tokenizer()
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=width))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
+                                 num_heads=2, pad_token_id=tok2.pad_token_id, eos_token_id=tok2.eos_token_id,
+                                 decoder_start_token_id=tok2.pad_token_id)).eval()  # eval: no dropout, as loaded
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=width, pooled_projection_dim=width, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 2, 2),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 16, 16], layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
+                        tokenizer_2=tok2, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.trce_model_name = "tiny-flux"
+    return pipe

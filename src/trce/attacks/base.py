@@ -336,18 +336,21 @@ def slot_embeddings(text_encoder, slots: slice | None, embeds: torch.Tensor | No
     if embeds is None:
         yield
         return
-    layer = text_encoder.get_input_embeddings()
+    table = text_encoder.get_input_embeddings()
+    # the embedding layers that read that table: T5's stack runs its own module tied to the shared one
+    layers = [m for m in text_encoder.modules() if isinstance(m, torch.nn.Embedding) and m.weight is table.weight]
 
     def swap(module, args, out):  # out: (B, L, E) token embeddings, before position embeddings
         out = out.clone()
         out[:, slots] = embeds.to(out.dtype).expand(out.shape[0], -1, -1)
         return out
 
-    handle = layer.register_forward_hook(swap)
+    handles = [m.register_forward_hook(swap) for m in layers or [table]]
     try:
         yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 def encode_with(text_encoder, ids: torch.Tensor, slots: slice | None = None,

@@ -87,13 +87,17 @@ def reference_latents(pipe, targets: Sequence[Target], *, steps: int = 30, guida
                       size: int | None = None) -> list[torch.Tensor]:
     """Per target, (images, c, h, w) fp32 latents the pipeline draws from its prompt (DDIM, seeded, with
     the target's own guidance where it has one, else `guidance`)."""
+    from trce.families import family_of
+
+    family = family_of(pipe)
+    size = size or family.image_size(pipe)  # the model's native size (FluxPipeline's own default is another)
     out = []
     for t in targets:
         gens = [torch.Generator("cpu").manual_seed(image_seed(t.seed, k)) for k in range(images)]
         g = t.guidance if t.guidance is not None else guidance
         res = pipe(prompt=[t.prompt] * images, num_inference_steps=steps, guidance_scale=g, generator=gens,
                    height=size, width=size, output_type="latent")
-        out.append(res.images.float().cpu())
+        out.append(family.latents_out(pipe, res.images, size).float().cpu())
     return out
 
 

@@ -32,7 +32,11 @@ def cmd_info(args) -> int:
         side = info.get("unet_sample_size")
         print(f"{'image':<{w}} {info['image_size']}x{info['image_size']}" + (f" (latent {side}x{side})" if side else ""))
     if "text_width" in info:
-        print(f"{'text':<{w}} width {info['text_width']}, {info['max_tokens']} tokens; "
-              f"{info.get('cross_attention_layers', 0)} cross-attention layers")
+        if "joint_blocks" in info:  # MMDiT: text joins the image tokens in joint attention
+            blocks = f"{info['joint_blocks']} joint" + (f" + {info['single_blocks']} single-stream"
+                                                        if "single_blocks" in info else "") + " blocks"
+        else:
+            blocks = f"{info.get('cross_attention_layers', 0)} cross-attention layers"
+        print(f"{'text':<{w}} width {info['text_width']}, {info['max_tokens']} tokens; {blocks}")
     print(f"{'fingerprint':<{w}} {info['fingerprint']}")
     return 0

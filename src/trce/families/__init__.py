@@ -30,6 +30,7 @@ from trce.errors import TrceError, choose
 
 # name -> "module:Class"; `family_of` tries them in this order (the more specific first).
 FAMILIES: dict[str, str] = {
+    "flux": "trce.families.flux:FluxFamily",
     "sd3": "trce.families.sd3:SD3Family",
     "sdxl": "trce.families.sdxl:SDXLFamily",
     "sd2": "trce.families.sd2:SD2Family",
@@ -170,6 +171,10 @@ class ModelFamily:
                      ) -> tuple[int, int, int]:
         """(C, h, w) of the latents of an image of `image_size` pixels (None: the model's own)."""
         raise NotImplementedError
+
+    def latents_out(self, pipe, latents: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
+        """The pipeline's `output_type="latent"` result as (N, C, h, w) latents (FLUX returns them packed)."""
+        return latents
 
     def sampler(self, scheduler_config: dict, steps: int, device=None):
         """A fresh sampler for trajectories that methods draw themselves (the pipeline's own is left alone)."""

@@ -43,11 +43,14 @@ class FlowSampler:
 
     init_noise_sigma = 1.0
 
-    def __init__(self, scheduler_config: dict, steps: int, device=None):
+    def __init__(self, scheduler_config: dict, steps: int, device=None, sigmas=None, mu: float | None = None):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         sched = FlowMatchEulerDiscreteScheduler.from_config(copy.deepcopy(dict(scheduler_config)))
-        sched.set_timesteps(steps, device=device)
+        if sigmas is None:
+            sched.set_timesteps(steps, device=device, mu=mu)
+        else:  # FLUX: the pipeline's own sigmas, shifted by mu
+            sched.set_timesteps(device=device, sigmas=list(sigmas), mu=mu)
         self.timesteps, self.sigmas = sched.timesteps, sched.sigmas
         self.config = sched.config
 

@@ -141,7 +141,7 @@ class NoisyLatents:
         self.emb, self.uncond = emb, uncond  # (n, m_c, d), (1, m_c, d)
         self.scheduler = self.family.sampler(pipe.scheduler.config, config.ddim_steps)
         self.device = emb.device
-        self.shape = self.family.latent_shape(denoiser)
+        self.shape = self.family.latent_shape(pipe)  # the pipeline's native size (a FLUX transformer has none)
         self.cache: torch.Tensor | None = None
         if config.latents == "cached":
             self.cache = self._trajectories(originals, torch.Generator("cpu").manual_seed(config.seed + cache_seed))

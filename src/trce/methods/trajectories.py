@@ -158,7 +158,8 @@ class UncondTrajectories:
 
 
 def latent_shape(ref: Reference, image_size: int | None) -> tuple[int, int, int]:
-    return ref.family.latent_shape(ref.denoiser, image_size, scale=ref.vae_scale_factor)
+    size = image_size if image_size is not None else ref.family.image_size(ref.encode_pipe)  # None: the native size
+    return ref.family.latent_shape(ref.denoiser, size, scale=ref.vae_scale_factor)
 
 
 def initial_noise(kind: str, seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
