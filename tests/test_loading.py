@@ -92,3 +92,16 @@ def test_sdxl_arch_has_sdxl_base_parameter_counts_and_is_the_sdxl_family():
     assert abs(counts["unet"] - 2567.46e6) < 1e6  # SDXL base 1.0
     assert abs(counts["text_encoder_2"] - 694.66e6) < 1e6  # OpenCLIP ViT-bigG/14's text tower with its projection
     assert family_of(pipe).name == "sdxl" and family_of(pipe).pooled_width(pipe) == 1280
+
+
+@pytest.mark.slow
+def test_sd3_arch_has_sd35_medium_parameter_counts_and_is_the_sd3_family():
+    from trce.families import family_of
+    from trce.loading import parameter_counts
+
+    pipe = load_pipeline("sd3-arch", device="cpu", dtype="bf16")
+    counts = parameter_counts(pipe)
+    assert abs(counts["transformer"] - 2243.17e6) < 1e6  # SD 3.5 medium's MMDiT-X
+    assert abs(counts["text_encoder_2"] - 694.66e6) < 1e6
+    fam = family_of(pipe)
+    assert fam.name == "sd3" and fam.text_width(pipe) == 4096 and fam.image_size(pipe) == 1024
