@@ -51,6 +51,7 @@ SHAPEWORLD = ("shapeworld-red", "shapeworld-star", "shapeworld-striped", "shapew
 TINY = {  # stage settings small enough for the tiny pipeline; --set and the Python mapping give the same config
     "trce": {"V": {"n_trajectories": 2, "n_uncond": 4, "ddim_steps": 2, "epochs": 1, "checkpoint_every": 1}},
     "uce": {},
+    "rece": {"rece": {"robust": 1}},
     "kpop": {"kpop": {"iterations": 2, "ddim_steps": 2, "latents": "current", "batch_size": 2}},
     "esd": {"esd": {"iterations": 2, "ddim_steps": 2, "latents": "current", "batch_size": 2}},
 }

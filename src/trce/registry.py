@@ -172,6 +172,13 @@ register(Method(
     stages=(Stage("T", "trce.methods.stage_t:run_uce", _T, "closed-form edit at the keyword tokens"),),
 ))
 register(Method(
+    name="rece", display="RECE",
+    description="RECE baseline (Gong et al. 2024): UCE re-solved round after round with closed-form adversarial "
+                "embeddings found against the edited model",
+    stages=(Stage("rece", "trce.methods.stage_t:run_rece", "trce.methods.stage_t:RECEConfig",
+                  "UCE's closed form iterated with closed-form adversaries (RECE Eq. 8)"),),
+))
+register(Method(
     name="kpop", display="KPOP",
     description="KPOP: a learnable prompt in cross-attention absorbs the concept while the model forgets it "
                 "(alternating knowledge transfer and removal, Eq. 5-7); the prompt ships in the patch",

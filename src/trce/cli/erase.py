@@ -17,10 +17,12 @@ from trce.utils import io
 log = logging.getLogger("trce")
 
 # Keys a `--config run.yaml` may set besides the settings sections (command-line flags win over the file).
-RUN_KEYS = ("concept", "method", "stages", "eta", "ridge", "token_role", "preserve_role", "data", "seed", "cache")
-T_FLAGS = ("eta", "ridge", "token_role", "preserve_role")  # flags that fill stage T's settings
+RUN_KEYS = ("concept", "method", "stages", "eta", "ridge", "token_role", "preserve_role", "robust", "data", "seed",
+            "cache")
+T_FLAGS = ("eta", "ridge", "token_role", "preserve_role", "robust")  # flags that fill stage T's (or RECE's) settings
 # library fields shown as this command's flags in error messages (other settings keep their names: --set X.name)
 ERASE_FLAGS = {"eta": "--eta", "ridge": "--ridge", "token_role": "--token-role", "preserve_role": "--preserve-role",
+               "robust": "--robust",
                "seed": "--seed", "data": "--data", "cache": "--cache", "out": "--out", "folder": "--out"}
 
 
@@ -55,6 +57,9 @@ def register(sub) -> None:
     p.add_argument("--preserve-role", default=argparse.SUPPRESS,
                    help="stage T: token positions of the preservation prompts: all (default), eot, eot-all, sot, "
                         "a '+' combination, or same (the mapped role without key)")
+    p.add_argument("--robust", type=int, default=argparse.SUPPRESS, metavar="R",
+                   help="harden stage T: R rounds of adversaries found against the edited model, then a re-solve "
+                        "(trce, uce; rece hardens by default)")
     p.add_argument("--config", default=argparse.SUPPRESS,
                    help="a YAML file with any of: " + ", ".join(RUN_KEYS) + ", and settings sections (T:, V:, ...)")
     p.add_argument("--data", default=argparse.SUPPRESS,
@@ -128,10 +133,11 @@ def _sections(method, cfg: dict[str, Any], flags: dict[str, Any], assignments: l
             out[stage] = dict(value)
     t_values = {k: v for k, v in flags.items() if k in T_FLAGS and v is not None}
     if t_values:
-        if "T" not in method.stage_names:
+        closed = next((s for s in ("T", "rece") if s in method.stage_names), None)
+        if closed is None:
             raise TrceError(f"--{next(iter(t_values)).replace('_', '-')} is a setting of stage T, which method "
                             f"{method.name!r} does not have (its stages: {', '.join(method.stage_names)})")
-        out.setdefault("T", {}).update(t_values)
+        out.setdefault(closed, {}).update(t_values)
     for item in assignments:
         key, sep, value = item.partition("=")
         stage, dot, name = key.partition(".")

@@ -124,7 +124,7 @@ def _cache_usable(cache: str | Path | None) -> bool:
 
 def erase(pipe, concept, method: str = "trce", stages: str | Sequence[str] | None = None, *, seed: int = 0,
           data: str | Path | None = None, cache: str | Path | None = None, use_cache: bool = True,
-          progress: bool = True, checkpoint_dir: str | Path | None = None,
+          progress: bool = True, checkpoint_dir: str | Path | None = None, robust: int | None = None,
           **settings: Mapping[str, Any] | None):
     """Erase `concept` from `pipe` with `method`; returns the `Edit` (the pipeline is left unchanged).
 
@@ -134,9 +134,25 @@ def erase(pipe, concept, method: str = "trce", stages: str | Sequence[str] | Non
     seed      the run's seed; data: the data folder (COCO captions); cache: priors, trajectories and
               checkpoints (default $TRCE_CACHE or ~/.cache/trce); use_cache=False computes everything
     settings  per stage, by name: `T={"eta": 0.01}`, `V={"epochs": 1}`, `kpop={"iterations": 50}`
+    robust    hardening rounds of the closed-form stage (`T`, or RECE's): shorthand for `T={"robust": R}`
     """
+    if robust is not None:
+        stage = robust_stage(method)
+        settings[stage] = {**(settings.get(stage) or {}), "robust": robust}
     return run(pipe, plan(concept, method, stages, seed=seed, data=data, cache=cache, use_cache=use_cache,
                           progress=progress, checkpoint_dir=checkpoint_dir, **settings))
+
+
+def robust_stage(method: str) -> str:
+    """The stage whose `robust` setting hardens `method` (TRCE's and UCE's T, RECE's rece)."""
+    from trce.registry import get_method
+
+    m = get_method(method)
+    for stage in m.stage_names:
+        if stage in ("T", "rece"):
+            return stage
+    raise TrceError(f"robust= hardens a closed-form stage (T); method {m.name!r} has none "
+                    f"(its stages: {', '.join(m.stage_names)})", field="robust")
 
 
 def run(pipe, plan: Plan):

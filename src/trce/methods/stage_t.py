@@ -55,6 +55,17 @@ class StageTConfig:
     preserve_role: str = "all"  # a role over the preservation prompts, or "same" (the mapped role minus key)
     batch_size: int = 64
     pooled: bool = True  # also map the pooled text path where the family has one (SDXL); False: the ablation
+    # hardening (trce.methods.robust): rounds of adversaries found against the edited model, then a re-solve
+    robust: int = 0  # R rounds (0: plain stage T)
+    robust_attack: str = "closed-form+soft"  # closed-form (RECE's), soft (white-box soft prompts) or both
+    robust_reg: float = 0.1  # RECE's λ, relative to tr(Tᵀ G T) / D
+    robust_prompts: int = 16  # spec prompts attacked per round (soft)
+    robust_tokens: int = 5  # soft vectors before the prompt
+    robust_steps: int = 30  # Adam steps per soft prompt
+    robust_samples: int = 4  # noisy latents in the denoising objective
+    robust_lr: float = 0.01
+    robust_reference_steps: int = 20  # sampling steps of the original model's reference images
+    robust_guidance: float = 7.5
 
     def __post_init__(self) -> None:
         for name in ("eta", "ridge"):
@@ -68,6 +79,25 @@ class StageTConfig:
             parse_role(self.preserve_role, PRESERVE_ROLES)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise TrceError(f"stage T batch_size must be a positive integer, got {self.batch_size!r}")
+        from trce.methods.robust import ADVERSARIES
+
+        for name in ("robust", "robust_prompts", "robust_tokens", "robust_steps", "robust_samples",
+                     "robust_reference_steps"):
+            value = getattr(self, name)
+            low = 0 if name == "robust" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise TrceError(f"{name} must be an integer >= {low}, got {value!r}", field=name)
+        for name in ("robust_reg", "robust_lr", "robust_guidance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise TrceError(f"{name} must be a number > 0, got {value!r}", field=name)
+        if self.robust_attack not in ADVERSARIES:
+            import difflib
+
+            close = difflib.get_close_matches(str(self.robust_attack), ADVERSARIES, n=1)
+            raise TrceError(f"unknown robust_attack {self.robust_attack!r}"
+                            + (f" (did you mean {close[0]!r}?)" if close else "")
+                            + f"; choose from {', '.join(ADVERSARIES)}", field="robust_attack")
 
 
 def run_trce(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, context: Context) -> Edit:
@@ -82,6 +112,22 @@ def run_uce(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, context: C
         raise TrceError(f"UCE maps the keyword tokens (token role 'key'), not {config.token_role!r}; "
                         "use method trce for other token roles")
     return _erase(pipe, specs, replace(config, token_role="key"), "uce", context)
+
+
+@dataclass(frozen=True)
+class RECEConfig(StageTConfig):
+    """RECE (Gong et al., ECCV 2024): UCE's closed form re-solved with closed-form adversarial embeddings, round
+    after round (its published recipe: keyword rows, closed-form adversaries only)."""
+
+    robust: int = 3
+    robust_attack: str = "closed-form"
+
+
+def run_rece(pipe, specs: Sequence[ConceptSpec], config: RECEConfig, context: Context) -> Edit:
+    """RECE (the registry's stage function): UCE (token role `key`) hardened by closed-form adversaries."""
+    if config.token_role not in (None, "key"):
+        raise TrceError(f"RECE maps the keyword tokens (token role 'key'), not {config.token_role!r}")
+    return _erase(pipe, specs, replace(config, token_role="key"), "rece", context)
 
 
 def erase(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig | None = None,
@@ -148,13 +194,18 @@ def solve_transform(em: torch.Tensor, es: torch.Tensor, cov: torch.Tensor, eta: 
     if condition > 1e12:
         log.warning("stage T: the system is ill-conditioned (condition number %.1e); consider a larger --ridge",
                     condition)
+    return t, {"lambda": lam, "condition": condition, **diagnostics(t, em, es, cov)}
+
+
+def diagnostics(t: torch.Tensor, em: torch.Tensor, es: torch.Tensor, cov: torch.Tensor) -> dict[str, float]:
+    """Embedding-space diagnostics of W' = W T (layer independent): how much of the malicious -> safe gap the edit
+    closes (erase_residual, 0 = exact), and the mean squared relative change of the preserved embeddings."""
+    em, es, cov = em.double(), es.double(), cov.double()
     gap = torch.linalg.norm(em - es)
-    # Embedding-space diagnostics (layer independent): how much of the malicious -> safe gap the edit
-    # closes (0 = exact), and the mean squared relative change of the preserved embeddings.
     residual = float(torch.linalg.norm(em @ t.T - es) / gap) if gap > 0 else 0.0
-    d = t - eye
+    d = t - torch.eye(t.shape[0], dtype=t.dtype)
     drift = float(torch.trace(d @ cov @ d.T) / torch.trace(cov)) if torch.trace(cov) > 0 else 0.0
-    return t, {"lambda": lam, "condition": condition, "erase_residual": residual, "preserve_drift": drift}
+    return {"erase_residual": residual, "preserve_drift": drift}
 
 
 def apply_transform(weight: torch.Tensor, t: torch.Tensor, columns: tuple[int, int] | None = None) -> torch.Tensor:
@@ -182,12 +233,19 @@ def pair_embeddings(pipe, pairs: Sequence[Pair], role: str, batch_size: int = 64
 
     `dropped` counts pairs that gave no position (an expression cut off by truncation, for `key`).
     """
+    em, es, dropped, _ = pair_rows(pipe, pairs, role, batch_size, progress)
+    return em, es, dropped
+
+
+def pair_rows(pipe, pairs: Sequence[Pair], role: str, batch_size: int = 64, progress: bool = True,
+              ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """`pair_embeddings` and (n,) the index of the pair each row came from."""
     parts = parse_role(role, ROLES)
     fam = family_of(pipe)
     tok, width = fam.tokenizer(pipe), fam.text_width(pipe)
     if not pairs:
         empty = torch.zeros(0, width, dtype=torch.float64)
-        return empty, empty.clone(), 0
+        return empty, empty.clone(), 0, torch.zeros(0, dtype=torch.long)
     prompts = list(dict.fromkeys([p.malicious for p in pairs] + [p.safe for p in pairs]))
     index = {p: i for i, p in enumerate(prompts)}
     cut = not needs_padding(parts)
@@ -203,8 +261,9 @@ def pair_embeddings(pipe, pairs: Sequence[Pair], role: str, batch_size: int = 64
     ids = torch.cat(id_rows)  # (N, L)
     rows_m: list[tuple[int, int]] = []
     rows_s: list[tuple[int, int]] = []
+    row_pair: list[int] = []
     dropped = 0
-    for pair in pairs:
+    for i, pair in enumerate(pairs):
         im, is_ = index[pair.malicious], index[pair.safe]
         m_span = s_span = None
         if "key" in parts:
@@ -216,19 +275,20 @@ def pair_embeddings(pipe, pairs: Sequence[Pair], role: str, batch_size: int = 64
             continue
         rows_m.extend((im, p) for p, _ in positions)
         rows_s.extend((is_, q) for _, q in positions)
+        row_pair.extend([i] * len(positions))
     if dropped:
         log.warning("stage T: %d of %d pairs have no %s tokens (cut off by truncation) and were skipped",
                     dropped, len(pairs), role)
     if not rows_m:
         empty = torch.zeros(0, width, dtype=torch.float64)
-        return empty, empty.clone(), dropped
+        return empty, empty.clone(), dropped, torch.zeros(0, dtype=torch.long)
     im_t, pm_t = torch.tensor(rows_m).T
     is_t, ps_t = torch.tensor(rows_s).T
     em = h[im_t, pm_t].double()  # (n, D)
     es = h[is_t, ps_t].double()  # (n, D)
     if not (torch.isfinite(em).all() and torch.isfinite(es).all()):
         raise TrceError("the text encoder produced NaN/inf embeddings for the concept prompts (try --dtype fp32)")
-    return em, es, dropped
+    return em, es, dropped, torch.tensor(row_pair, dtype=torch.long)
 
 
 # --------------------------------------------------------------------------- the method
@@ -266,7 +326,7 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
     pairs = [p for s in specs for p in s.pairs()]
     prompts = list(dict.fromkeys(p for s in specs for p in s.preservation_prompts(context.data_dir)))
     t1 = time.perf_counter()
-    em, es, dropped = pair_embeddings(pipe, pairs, role, config.batch_size, context.progress)
+    em, es, dropped, row_pair = pair_rows(pipe, pairs, role, config.batch_size, context.progress)
     t2 = time.perf_counter()
     prior = preservation_prior(pipe, prompts, preserve_role, base["id"], context.cache_dir, context.use_cache,
                                config.batch_size, context.progress)
@@ -274,9 +334,22 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
     if em.shape[0] == 0:
         log.warning("stage T: %s has no embeddings to map; the edit changes nothing", "+".join(s.name for s in specs))
     t, diag = solve_transform(em, es, prior.cov, eta, ridge)
+    inputs = [inp for inp in family_of(pipe).text_inputs(pipe) if config.pooled or inp.name != "pooled"]
+    token_input = next(inp for inp in inputs if inp.name == "tokens")
+    robust_info = None
+    if config.robust and em.shape[0]:
+        from trce.methods.robust import harden
+
+        def token_edit(tt: torch.Tensor) -> Edit:
+            return Edit(weights={p: apply_transform(resolve(pipe, p), tt, token_input.columns)
+                                 for p in token_input.paths}, method=method)
+
+        t, robust_info = harden(pipe, pairs=pairs, em=em, es=es, row_pair=row_pair, cov=prior.cov, t=t,
+                                solve=lambda a, b: solve_transform(a, b, prior.cov, eta, ridge), make_edit=token_edit,
+                                config=config, paths=token_input.paths, seed=context.seed, progress=context.progress)
+        diag = diag | diagnostics(t, em, es, prior.cov)  # the hardened T on the spec's own rows
     solved = {"tokens": t}
     pooled_info = None
-    inputs = [inp for inp in family_of(pipe).text_inputs(pipe) if config.pooled or inp.name != "pooled"]
     if any(inp.name == "pooled" for inp in inputs):
         # the pooled path (SDXL's pooled CLIP embedding): the same closed form on one vector per prompt
         pm, ps = pooled_pair_embeddings(pipe, pairs, config.batch_size)
@@ -296,12 +369,17 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
         "stage": "T", "eta": eta, "ridge": ridge, "lambda": diag["lambda"], "token_role": role,
         "preserve_role": preserve_role, "key_alignment": "last target token", "dtype": "float64",
     }
+    if config.robust:
+        settings["robust"] = {k: getattr(config, k) for k in (
+            "robust", "robust_attack", "robust_reg", "robust_prompts", "robust_tokens", "robust_steps",
+            "robust_samples", "robust_lr", "robust_reference_steps", "robust_guidance")}
     info = {
         "pairs": len(pairs), "pairs_dropped": dropped, "embeddings": int(em.shape[0]),
         "preserve_prompts": len(prompts), "preserve_embeddings": prior.count, "prior_cache": prior.key,
         "prior_cached": prior.cached, "condition": diag["condition"], "erase_residual": diag["erase_residual"],
         "preserve_drift": diag["preserve_drift"], "tensors": len(weights),
         **({"pooled": pooled_info} if pooled_info is not None else {}),
+        **({"robust": robust_info} if robust_info is not None else {}),
         "seconds": {"prompts": t1 - t0, "encode": t2 - t1, "prior": t3 - t2, "solve": t4 - t3,
                     "total": time.perf_counter() - t0},
     }
