@@ -25,7 +25,7 @@ from trce.errors import TrceError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("shapeworld", "sd14-arch", "sd2-arch", "sdxl-arch", "sd3-arch")
+BUILTIN_MODELS = ("shapeworld", "shapeworld-xl", "shapeworld-dit", "sd14-arch", "sd2-arch", "sdxl-arch", "sd3-arch")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -75,6 +75,10 @@ def load_pipeline(
     dt = resolve_dtype(dtype, dev)
     if model == "shapeworld":
         pipe = _from_folder(shapeworld_dir(), dt, name="shapeworld")
+    elif model in ("shapeworld-xl", "shapeworld-dit"):
+        from trce.shapeworld.miniatures import load_miniature
+
+        pipe = load_miniature(model, dt)
     elif model == "sd14-arch":
         pipe = sd14_arch_pipeline(dt)
     elif model == "sd2-arch":

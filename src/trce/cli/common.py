@@ -28,8 +28,8 @@ def parser_kwargs(help_text: str, examples: str) -> dict:
 
 def add_model_args(p: argparse.ArgumentParser, default: str | None = "shapeworld") -> None:
     p.add_argument("--model", default=default, required=default is None,
-                   help="shapeworld, sd14-arch, sd2-arch, sdxl-arch, sd3-arch, a local diffusers folder, or a hub id such as "
-                        "CompVis/stable-diffusion-v1-4")
+                   help="shapeworld, shapeworld-xl, shapeworld-dit, sd14-arch, sd2-arch, sdxl-arch, sd3-arch, a local "
+                        "diffusers folder, or a hub id such as CompVis/stable-diffusion-v1-4")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
 

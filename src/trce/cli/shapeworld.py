@@ -22,8 +22,13 @@ def register(sub) -> None:
         "Train every ShapeWorld component from scratch (resumable: rerun the same command to continue).",
         "  trce shapeworld train --out runs/sw               # about 1.5-2 h on 2 CPU cores, minutes on a GPU\n"
         "  trce shapeworld train --out runs/sw --ship        # and install the result into the package\n"
-        "  trce shapeworld train --out /tmp/t --tiny         # a seconds-long smoke run\n"))
+        "  trce shapeworld train --out /tmp/t --tiny         # a seconds-long smoke run\n"
+        "  trce shapeworld train --family sdxl --out runs/xl --ship   # ShapeWorld-XL: an SDXL denoiser around it\n"
+        "  trce shapeworld train --family sd3 --out runs/dit --ship   # ShapeWorld-DiT: an SD3 transformer\n"))
     p.add_argument("--out", required=True, help="run folder (created; reused to resume)")
+    p.add_argument("--family", default="sd1", choices=["sd1", "sdxl", "sd3"],
+                   help="sd1: every ShapeWorld component (the shipped model); sdxl / sd3: the denoiser of "
+                        "ShapeWorld-XL / ShapeWorld-DiT, around the shipped text encoder and VAE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--tiny", action="store_true", help="a seconds-long configuration for smoke tests")
@@ -31,8 +36,8 @@ def register(sub) -> None:
     p.add_argument("--clip-steps", type=int, default=None)
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--detector-steps", type=int, default=None)
-    p.add_argument("--unet-steps", type=int, default=None)
-    p.add_argument("--unet-batch", type=int, default=None)
+    p.add_argument("--unet-steps", type=int, default=None, help="denoiser steps (sdxl / sd3 too)")
+    p.add_argument("--unet-batch", type=int, default=None, help="denoiser batch (sdxl / sd3 too)")
     p.add_argument("--clip-lr", type=float, default=None)
     p.add_argument("--clip-aux-weight", type=float, default=None,
                    help="weight of the attribute heads added to the contrastive CLIP loss (default 1.0; 0 = pure CLIP)")
@@ -62,10 +67,32 @@ def cmd_train(args) -> int:
     from trce.utils import io
 
     io.check_writable(args.out, "out")  # before the training, not after its first stage
+    if args.family != "sd1":
+        return _train_miniature(args)
     with io.run_lock(args.out, "out"):  # a second training into the same --out is refused
         export, dest = train(args.out, seed=args.seed, device=args.device, tiny=args.tiny, ship=args.ship,
                              **{k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None})
     log.info("ShapeWorld pipeline written to %s", export)
+    if dest is not None:
+        log.info("installed into %s", dest)
+    return 0
+
+
+def _train_miniature(args) -> int:
+    from trce.shapeworld.miniatures import train_miniature
+    from trce.utils import io
+
+    sd1_only = [k for k in TRAIN_OPTIONS if k not in ("unet_steps", "unet_batch", "pool_size")
+                and getattr(args, k) is not None]
+    if sd1_only:
+        raise TrceError(f"--{sd1_only[0].replace('_', '-')} trains a part of the sd1 model; --family "
+                        f"{args.family} trains only the denoiser (--unet-steps, --unet-batch, --pool-size)")
+    names = {"unet_steps": "steps", "unet_batch": "batch", "pool_size": "pool_size"}
+    overrides = {new: getattr(args, old) for old, new in names.items() if getattr(args, old) is not None}
+    with io.run_lock(args.out, "out"):
+        export, dest = train_miniature(args.out, args.family, seed=args.seed, device=args.device, tiny=args.tiny,
+                                       ship_it=args.ship, **overrides)
+    log.info("ShapeWorld %s denoiser written to %s", args.family, export)
     if dest is not None:
         log.info("installed into %s", dest)
     return 0

@@ -1,0 +1,399 @@
+"""ShapeWorld miniatures of the other model families: ShapeWorld-XL (a `StableDiffusionXLPipeline`) and
+ShapeWorld-DiT (a `StableDiffusion3Pipeline`), each a new denoiser trained on ShapeWorld around the shipped
+SD 1.x-style model's parts.
+
+What each reuses, and why:
+- the VAE (32x32x3 <-> 8x8x4) and the attribute detector: the denoiser is what differs between families;
+- the text encoder: ShapeWorld's CLIP text tower (trained on the open caption language, weights v3) serves as
+  BOTH of SDXL's encoders and both of SD3's CLIP encoders, with its trained text projection giving the pooled
+  vectors. One trained tower is what this world has; the two-encoder interface (concatenated penultimate
+  states, the pooled path, SDXL's size ids, SD3's context embedder) is what the miniature exercises, and the
+  halves being equal changes nothing a method does (stage T solves on the concatenated states with a ridge);
+- SD3's T5 is omitted (`text_encoder_3=None`, as SD3 allows): the pipeline then feeds 256 zero rows after the
+  CLIP rows, and the transformer is trained with exactly those, so it draws as the pipeline conditions it.
+
+Training: the render pool and its captions (in the world's grammar and the open language, as v3 was trained),
+latents from the shipped VAE, text states cached once, then the denoiser alone — epsilon prediction with
+Min-SNR weighting under SD's DDPM schedule for SDXL; rectified flow (x_t = (1-σ) x0 + σ ε, target ε − x0,
+logit-normal σ as SD3 trains) for the DiT. EMA weights are exported; every stage resumes.
+
+Shipped: only the denoiser and its record (`weights-xl/`, `weights-dit/`); `trce.load_pipeline("shapeworld-xl")`
+assembles the pipeline from them and the shipped ShapeWorld parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trce.errors import TrceError, choose
+from trce.shapeworld import world
+from trce.utils import io
+
+log = logging.getLogger(__name__)
+
+MINIATURES = {"sdxl": ("shapeworld-xl", "weights-xl", "unet"), "sd3": ("shapeworld-dit", "weights-dit", "transformer")}
+NAMES = {name: family for family, (name, _, _) in MINIATURES.items()}
+T5_ROWS = 256  # the zero rows SD3's pipeline feeds without T5 (its max_sequence_length)
+TIME_IDS = (32.0, 32.0, 0.0, 0.0, 32.0, 32.0)  # SDXL's size ids at ShapeWorld's 32 px: original, crop, target
+
+
+def miniature_dir(family: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("trce.shapeworld").joinpath(MINIATURES[family][1])))
+
+
+# --------------------------------------------------------------------------- components
+def text_encoder(base: Path, projection: bool, dtype=torch.float32):
+    """ShapeWorld's CLIP text tower from an exported pipeline folder; with `projection`, as a
+    `CLIPTextModelWithProjection` carrying the trained text projection (its `text_embeds`: the pooled vector)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    text = CLIPTextModel.from_pretrained(base / "text_encoder", dtype=torch.float32)
+    if not projection:
+        return text.to(dtype)
+    model = CLIPTextModelWithProjection(text.config)
+    model.text_model.load_state_dict(text.state_dict())  # CLIPTextModel holds the text transformer's parts
+    proj = io.load_tensors(base / "clip_text_projection.safetensors")["text_projection"].float()
+    with torch.no_grad():
+        model.text_projection.weight.copy_(proj)
+    return model.eval().to(dtype)
+
+
+def denoiser_model(family: str, seed: int = 0):
+    """The miniature's denoiser, about the size of ShapeWorld's UNet."""
+    torch.manual_seed(seed)
+    if family == "sdxl":
+        from diffusers import UNet2DConditionModel
+
+        time_dim = 16
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(48, 96, 96),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=512, attention_head_dim=8, norm_num_groups=16, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=128 + 6 * time_dim,
+        )
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=512, caption_projection_dim=128, pooled_projection_dim=256,
+        pos_embed_max_size=8,
+    )
+
+
+def flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=1.0)  # 8x8 latents: no resolution shift
+
+
+def assemble(family: str, denoiser, base: Path, dtype=torch.float32):
+    """The miniature's diffusers pipeline: `denoiser` with the ShapeWorld parts of the exported folder `base`."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(base / "vae", dtype=torch.float32)
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        from trce.shapeworld.models import scheduler
+
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder(base, False), text_encoder_2=text_encoder(base, True), tokenizer=tok,
+            tokenizer_2=CLIPTokenizer.from_pretrained(base / "tokenizer"), unet=denoiser, scheduler=scheduler(),
+            force_zeros_for_empty_prompt=True)
+    else:
+        from diffusers import StableDiffusion3Pipeline
+
+        vae.register_to_config(shift_factor=0.0)
+        pipe = StableDiffusion3Pipeline(
+            transformer=denoiser, scheduler=flow_scheduler(), vae=vae, text_encoder=text_encoder(base, True),
+            tokenizer=tok, text_encoder_2=text_encoder(base, True),
+            tokenizer_2=CLIPTokenizer.from_pretrained(base / "tokenizer"), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def load_miniature(name: str, dtype=torch.float32, folder: Path | None = None):
+    """`trce.load_pipeline("shapeworld-xl" | "shapeworld-dit")`: the shipped denoiser with the shipped parts."""
+    from trce.loading import shapeworld_dir
+
+    family = NAMES[name]
+    folder = folder or miniature_dir(family)
+    sub = folder / MINIATURES[family][2]
+    if not (sub / "config.json").exists():
+        raise TrceError(f"the {name} weights are missing from this install ({folder}); build them with "
+                        f"`trce shapeworld train --family {family} --out DIR --ship`")
+    cls = _denoiser_class(family)
+    denoiser = cls.from_pretrained(sub, dtype=torch.float32, use_safetensors=True, local_files_only=True)
+    pipe = assemble(family, denoiser, shapeworld_dir(), dtype)
+    pipe.trce_model_name = name
+    return pipe
+
+
+def _denoiser_class(family: str):
+    import diffusers
+
+    return getattr(diffusers, "UNet2DConditionModel" if family == "sdxl" else "SD3Transformer2DModel")
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class MiniatureConfig:
+    family: str = "sdxl"
+    seed: int = 0
+    pool_size: int = 80_000
+    captions_per_image: int = 2
+    steps: int = 3000
+    batch: int = 128
+    lr: float = 3e-4
+    warmup: int = 200
+    ema: float = 0.999
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    checkpoint_every: int = 250
+    device: str = "auto"
+    base: str = "shapeworld"  # the exported ShapeWorld pipeline whose parts are reused
+
+    def __post_init__(self) -> None:
+        choose("model family of a ShapeWorld miniature", self.family, MINIATURES)
+
+    @classmethod
+    def tiny(cls, family: str, seed: int = 0) -> MiniatureConfig:
+        return cls(family=family, seed=seed, pool_size=64, captions_per_image=1, steps=4, batch=8, warmup=2,
+                   checkpoint_every=2)
+
+
+class MiniatureTrainer:
+    STAGES = ("cache", "denoiser", "export")
+
+    def __init__(self, out: str | Path, config: MiniatureConfig):
+        from trce.loading import shapeworld_dir
+        from trce.shapeworld.train import _device
+
+        self.out, self.cfg = Path(out), config
+        self.device = _device(config.device)
+        self.base = shapeworld_dir() if config.base == "shapeworld" else Path(config.base).expanduser()
+        if not (self.base / "clip_text_projection.safetensors").exists():
+            raise TrceError(f"--base {self.base} is not an exported ShapeWorld pipeline (no clip_text_projection)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        record = self.out / "train.json"
+        if record.exists():
+            previous = io.read_json(record)["config"]
+            if previous != asdict(config):
+                changed = sorted(k for k in previous if previous.get(k) != asdict(config).get(k))
+                raise TrceError(f"{self.out} holds a run with other settings ({', '.join(changed)}); use a new --out "
+                                "or the same settings")
+        else:
+            io.write_json(record, io.run_record(asdict(config), {"seed": config.seed}, device=str(self.device),
+                                                base=io.read_json(self.base / "made.json").get("exported")))
+
+    def _done(self, stage: str) -> bool:
+        return (self.out / stage / "DONE").exists()
+
+    def run(self) -> Path:
+        for stage in self.STAGES:
+            if self._done(stage):
+                log.info("stage %s already done, skipping", stage)
+                continue
+            t0 = time.time()
+            getattr(self, f"stage_{stage}")()
+            log.info("stage %s took %.1f s", stage, time.time() - t0)
+        return self.out / "export"
+
+    @torch.no_grad()
+    def stage_cache(self) -> None:
+        """Render the pool, encode latents with the shipped VAE and captions with the shipped text tower."""
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTokenizer
+
+        from trce.shapeworld.language import training_caption
+        from trce.shapeworld.train import _to_float
+
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, 31])
+        scenes = [world.sample_scene(rng) for _ in range(cfg.pool_size)]
+        images = np.stack([world.render(s) for s in tqdm(scenes, desc="render pool", mininterval=2)])
+        vae = AutoencoderKL.from_pretrained(self.base / "vae", dtype=torch.float32).to(self.device).eval()
+        lat = [vae.encode(_to_float(images[s:s + 256], self.device)).latent_dist.mean.cpu()
+               for s in tqdm(range(0, len(images), 256), desc="encode latents", mininterval=2)]
+        latents = torch.cat(lat) * float(vae.config.scaling_factor)  # (N, 4, 8, 8), as the pipeline scales them
+        tok = CLIPTokenizer.from_pretrained(self.base / "tokenizer")
+        text = text_encoder(self.base, True).to(self.device)
+        k = cfg.captions_per_image
+        captions = [training_caption(scenes[i % len(scenes)], rng)[0] for i in range(len(scenes) * k)]
+        n, length, width = len(captions), tok.model_max_length, text.config.hidden_size
+        states = np.zeros((n, length, width), np.float16)  # penultimate states, what both pipelines read
+        pooled = np.zeros((n, text.config.projection_dim), np.float16)
+        for s in tqdm(range(0, n, 512), desc="encode captions", mininterval=2):
+            ids = tok(captions[s:s + 512], padding="max_length", truncation=True, return_tensors="pt").input_ids
+            out = text(ids.to(self.device), output_hidden_states=True)
+            states[s:s + 512] = out.hidden_states[-2].cpu().numpy().astype(np.float16)
+            pooled[s:s + 512] = out.text_embeds.cpu().numpy().astype(np.float16)
+        d = self.out / "cache"
+        d.mkdir(exist_ok=True)
+        io.save_tensors(d / "latents.safetensors", {"latents": latents, "pooled": torch.from_numpy(pooled)})
+        with io.atomic_path(d / "states.npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, states)
+        io.write_json(d / "DONE", {"images": len(scenes), "captions": n})
+
+    # -- the two objectives ---------------------------------------------------------------------------
+    def _condition(self, states: torch.Tensor, pooled: torch.Tensor, drop: torch.Tensor):
+        """(B, 32, 256) penultimate states, (B, 128) pooled, (B,) caption dropout -> the denoiser's text inputs,
+        exactly as the pipeline forms them (dropped captions: SDXL's zeros, SD3's empty prompt's encoding)."""
+        tokens = torch.cat([states, states], -1)  # (B, 32, 512) both encoders
+        if self.cfg.family == "sdxl":
+            keep = (~drop).float()
+            return tokens * keep[:, None, None], pooled * keep[:, None]
+        pooled2 = torch.cat([pooled, pooled], -1)  # (B, 256)
+        tokens = torch.where(drop[:, None, None], self._empty[0].expand_as(tokens), tokens)
+        pooled2 = torch.where(drop[:, None], self._empty[1].expand_as(pooled2), pooled2)
+        zeros = torch.zeros(len(tokens), T5_ROWS, tokens.shape[-1], device=tokens.device)
+        return torch.cat([tokens, zeros], 1), pooled2  # (B, 32 + 256, 512), (B, 256)
+
+    @torch.no_grad()
+    def _empty_prompt(self):
+        from transformers import CLIPTokenizer
+
+        tok = CLIPTokenizer.from_pretrained(self.base / "tokenizer")
+        text = text_encoder(self.base, True).to(self.device)
+        out = text(tok([""], padding="max_length", return_tensors="pt").input_ids.to(self.device),
+                   output_hidden_states=True)
+        pen = out.hidden_states[-2]
+        return torch.cat([pen, pen], -1), torch.cat([out.text_embeds, out.text_embeds], -1)
+
+    def _loss(self, model, x0: torch.Tensor, tokens, pooled, step: int) -> torch.Tensor:
+        cfg = self.cfg
+        g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        b = len(x0)
+        if cfg.family == "sdxl":
+            t = torch.randint(0, 1000, (b,), generator=g).to(self.device)
+            xt = self._ddpm.add_noise(x0, noise, t)
+            ids = torch.tensor(TIME_IDS, device=self.device).expand(b, -1)
+            pred = model(xt, t, tokens, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+            snr = self._alphas[t] / (1 - self._alphas[t])
+            weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # Min-SNR-γ for ε prediction
+            return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        sigma = torch.sigmoid(torch.randn(b, generator=g)).to(self.device)  # logit-normal, as SD3 trains
+        s = sigma.view(-1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=tokens,
+                     pooled_projections=pooled).sample
+        return ((pred - (noise - x0)) ** 2).mean()
+
+    def stage_denoiser(self) -> None:
+        from trce.shapeworld.train import _cosine_lr
+
+        cfg = self.cfg
+        cache = io.load_tensors(self.out / "cache" / "latents.safetensors")
+        latents, pooled_all = cache["latents"], cache["pooled"]
+        states = np.load(self.out / "cache" / "states.npy", mmap_mode="r")
+        n_img, k = len(latents), cfg.captions_per_image
+        if cfg.family == "sdxl":
+            from diffusers import DDPMScheduler
+
+            from trce.shapeworld.models import scheduler
+
+            self._ddpm = DDPMScheduler.from_config(scheduler().config)
+            self._alphas = self._ddpm.alphas_cumprod.to(self.device)
+        else:
+            self._empty = self._empty_prompt()
+        model = denoiser_model(cfg.family, cfg.seed).to(self.device)
+        ema = denoiser_model(cfg.family, cfg.seed).to(self.device)
+        ema.load_state_dict(model.state_dict())
+        ema.requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+        ckdir = self.out / "denoiser"
+        start = 0
+        if (ckdir / "last.json").exists():
+            meta = io.read_json(ckdir / "last.json")
+            start = meta["step"]
+            model.load_state_dict(io.load_tensors(ckdir / "model.safetensors"))
+            ema.load_state_dict(io.load_tensors(ckdir / "ema.safetensors"))
+            io.load_optimizer_state(opt, io.load_tensors(ckdir / "opt.safetensors"), meta["opt"])
+            log.info("resuming %s training at step %d", cfg.family, start)
+        losses: list[float] = []
+        bar = tqdm(range(start, cfg.steps), desc=f"{cfg.family} denoiser", initial=start, total=cfg.steps,
+                   mininterval=2)
+        for step in bar:
+            rng = np.random.default_rng([cfg.seed, 4242, step])  # the step's batch: the same after a resume
+            cap = rng.choice(n_img * k, size=cfg.batch, replace=False)
+            order = np.argsort(cap)
+            st = torch.from_numpy(states[cap[order]].astype(np.float32))[np.argsort(order)].to(self.device)
+            po = pooled_all[torch.from_numpy(cap)].float().to(self.device)
+            drop = torch.from_numpy(rng.random(cfg.batch) < cfg.caption_dropout).to(self.device)
+            tokens, pooled = self._condition(st, po, drop)
+            x0 = latents[torch.from_numpy(cap % n_img)].to(self.device)
+            loss = self._loss(model, x0, tokens, pooled, step)
+            if not torch.isfinite(loss):
+                raise TrceError(f"{cfg.family} loss became {loss.item()} at step {step}; the last checkpoint is kept "
+                                f"in {ckdir}")
+            for grp in opt.param_groups:
+                grp["lr"] = cfg.lr * _cosine_lr(step, cfg.steps, cfg.warmup)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                decay = min(cfg.ema, (1 + step) / (10 + step))
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(p, 1 - decay)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                ckdir.mkdir(exist_ok=True)
+                io.save_tensors(ckdir / "model.safetensors", model.state_dict())
+                io.save_tensors(ckdir / "ema.safetensors", ema.state_dict())
+                tensors, scalars = io.optimizer_state(opt)
+                io.save_tensors(ckdir / "opt.safetensors", tensors)
+                io.write_json(ckdir / "last.json", {"step": step + 1, "loss": float(np.mean(losses[-50:])),
+                                                    "opt": scalars})  # written last: it makes the checkpoint count
+        io.write_json(ckdir / "DONE", {"steps": cfg.steps, "final_loss": io.read_json(ckdir / "last.json")["loss"]})
+
+    def stage_export(self) -> None:
+        model = denoiser_model(self.cfg.family, self.cfg.seed)
+        model.load_state_dict(io.load_tensors(self.out / "denoiser" / "ema.safetensors"))
+        record = io.read_json(self.out / "train.json")
+        record["stages"] = {s: io.read_json(self.out / s / "DONE") for s in ("cache", "denoiser")}
+        record["exported"] = io.run_record()["date"]
+        with io.atomic_dir(self.out / "export") as tmp:
+            model.to(torch.float16).save_pretrained(tmp / MINIATURES[self.cfg.family][2], safe_serialization=True)
+            io.write_json(tmp / "made.json", record)
+        io.write_json(self.out / "export" / "DONE", {"path": str(self.out / "export")})
+
+
+def ship(family: str, export: Path) -> Path:
+    """Install an exported miniature denoiser as the package's shipped one."""
+    import shutil
+
+    dest = miniature_dir(family)
+    with io.atomic_dir(dest) as tmp:
+        shutil.copytree(export, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
+    return dest
+
+
+def train_miniature(out: str | Path, family: str, *, seed: int = 0, device: str = "auto", tiny: bool = False,
+                    ship_it: bool = False, **overrides) -> tuple[Path, Path | None]:
+    """`trce shapeworld train --family sdxl|sd3`: train (or resume) the miniature's denoiser into `out`; returns
+    (the exported folder, where it was installed when `ship_it`)."""
+    from dataclasses import fields, replace
+
+    known = {f.name for f in fields(MiniatureConfig)}
+    for name in overrides:
+        choose(f"ShapeWorld {family} training setting", name, known)
+    cfg = MiniatureConfig.tiny(family, seed) if tiny else MiniatureConfig(family=family, seed=seed)
+    cfg = replace(cfg, device=device, **overrides)
+    export = MiniatureTrainer(out, cfg).run()
+    return export, (ship(family, export) if ship_it else None)
