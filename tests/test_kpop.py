@@ -244,3 +244,16 @@ def test_the_preservation_term_keeps_the_preserved_prompts_outputs(tiny_pipe, wh
     assert kept.info["history"]["l3"][0] == pytest.approx(0.0, abs=1e-10)  # theta' = theta at iteration 1
     assert _drift(tiny_pipe, kept, keep) < 0.5 * _drift(tiny_pipe, free, keep)
     assert _drift(tiny_pipe, kept, ERASE) > 0  # and the erase prompts still move
+
+
+def test_max_prompts_takes_a_seeded_subset_of_the_spec_prompts(tiny_pipe):
+    import trce
+
+    settings = {"iterations": 1, "ddim_steps": 2, "latents": "current", "batch_size": 1, "max_prompts": 5}
+    a = trce.erase(tiny_pipe, "shapeworld-red", method="kpop", kpop=settings, progress=False, use_cache=False)
+    b = trce.erase(tiny_pipe, "shapeworld-red", method="kpop", kpop=settings, progress=False, use_cache=False)
+    spec_prompts = [p.malicious for p in trce.load_concept("shapeworld-red").pairs()]
+    assert len(a.settings["erase_prompts"]) == 5 and a.settings["erase_prompts"] == b.settings["erase_prompts"]
+    assert set(a.settings["erase_prompts"]) <= set(spec_prompts)
+    with pytest.raises(TrceError, match="max_prompts must be an integer >= 0, got -1"):
+        KPOPConfig(max_prompts=-1)

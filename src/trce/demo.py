@@ -44,12 +44,11 @@ class DemoConfig:
     # Stage V and KPOP, shortened for a CPU demo, on top of the spec's own `settings` (learning rates
     # for ShapeWorld's small UNet). Stage V keeps its 300 optimizer steps (50 trajectories x 6
     # epochs instead of 100 x 3) but caches fewer, shorter trajectories; KPOP runs 200 of the spec's 400 iterations
-    # on trajectories of 10 DDIM steps instead of 20: its cache of 2 x 288 trajectories takes half the time, and on
-    # shapeworld-red (40 prompts a group) both leave 0% red, and the hidden prompt brings back 10 / 10 / 20% red
-    # (10 / 7.5 / 17.5% with 20 steps).
+    # on trajectories of 10 DDIM steps instead of 20, for a seeded 288 of the spec's 600 erase prompts (the cache
+    # holds one trajectory per prompt and per preservation prompt).
     stage_v: dict = field(default_factory=lambda: {"n_trajectories": 50, "n_uncond": 200, "epochs": 6,
                                                    "ddim_steps": 20, "cache_batch_size": 50})
-    kpop: dict = field(default_factory=lambda: {"iterations": 200, "ddim_steps": 10})
+    kpop: dict = field(default_factory=lambda: {"iterations": 200, "ddim_steps": 10, "max_prompts": 288})
 
     def __post_init__(self) -> None:
         for name in self.methods:

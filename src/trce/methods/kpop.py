@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -133,6 +134,9 @@ class KPOPConfig:
     # prompts, drawn once; current: one more denoising per iteration)
     preserve_latents: PreserveLatents = "erase"
     checkpoint_every: int = 100  # iterations between checkpoints (operational: not part of the run's key)
+    # erase prompts used (a seeded subset of the spec's; 0 = all): with `latents: cached` the cache holds as many
+    # trajectories as prompts, so a short run need not draw trajectories it will never sample
+    max_prompts: int = 0
 
     def __post_init__(self) -> None:
         for name, kind in (("params", Group), ("mode", Mode), ("sites", Sites), ("latents", Latents),
@@ -140,6 +144,7 @@ class KPOPConfig:
             choose(f"KPOP {name}", getattr(self, name), get_args(kind))
         check_numbers(self, "KPOP", integers=("iterations", "batch_size", "ddim_steps", "cache_trajectories",
                                               "checkpoint_every"),
+                      non_negative_integers=("max_prompts",),
                       positive=("lr", "prompt_lr", "lam"),
                       non_negative=("sample_guidance", "negative_guidance", "negative_others", "preserve_weight"))
         for name in ("prompt_size", "prompt_tokens"):
@@ -419,6 +424,9 @@ def run(pipe, specs, config: KPOPConfig, context: Context) -> Edit:
 
     safe = {p.malicious: p.safe for s in specs for p in s.pairs()}  # each erase prompt's safe counterpart
     prompts = list(safe)
+    if config.max_prompts and len(prompts) > config.max_prompts:
+        rng = np.random.default_rng([config.seed, 7331])
+        prompts = [prompts[i] for i in sorted(rng.choice(len(prompts), config.max_prompts, replace=False))]
     keep = None
     if config.preserve_weight > 0:  # read only when used: COCO captions need the data folder
         keep = list(dict.fromkeys(p for s in specs for p in s.preservation_prompts(context.data_dir)))

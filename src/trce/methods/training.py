@@ -27,12 +27,16 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- settings and records
 def check_numbers(config: Any, what: str, integers: Sequence[str] = (), positive: Sequence[str] = (),
-                  non_negative: Sequence[str] = ()) -> None:
-    """Positive integers, positive finite numbers and finite numbers >= 0 among a config's fields, by name."""
+                  non_negative: Sequence[str] = (), non_negative_integers: Sequence[str] = ()) -> None:
+    """Positive integers, integers >= 0, positive finite numbers and finite numbers >= 0 among a config's fields."""
     for name in integers:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise TrceError(f"{what} {name} must be a positive integer, got {value!r}")
+    for name in non_negative_integers:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise TrceError(f"{what} {name} must be an integer >= 0, got {value!r}")
     for name, low_ok in [(n, False) for n in positive] + [(n, True) for n in non_negative]:
         value = getattr(config, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
