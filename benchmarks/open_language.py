@@ -12,7 +12,8 @@ Rows (each `trce.erase` with the spec's settings unless said otherwise, evaluate
   and `open` prompts per expression in the open language's spec constructions, keyword, spec synonyms,
   spec paraphrases and spec objects);
 - trce T (grammar only), trce T+V (grammar only): the same spec without its open-language prompts and objects
-  (`open: 0`, forms keyword/synonym/paraphrase): the erasers as they were before the open language.
+  (`open: 0`, forms keyword/synonym/paraphrase): the erasers as they were before the open language;
+- trce T (open 12), trce T+V (open 12): half as many open-language prompts per expression as the shipped spec's 24.
 
 `results.json` is rewritten after each row (an interrupted run goes on from the next one); `table.md` holds the
 red rate per group (lower is better) and the other colours' and shapes' accuracy on in-grammar and open
@@ -34,6 +35,11 @@ ERASURE = ("keyword", "synonym", "paraphrase", "keyword-open", "synonym-open", "
 PRESERVE = ("preserve", "preserve-open")
 
 
+def open_12(spec):
+    """The spec with 12 open-language prompts per expression (the shipped spec has 24)."""
+    return dataclasses.replace(spec, open=12)
+
+
 def grammar_only(spec):
     """The spec as erasers saw it before the open language: no open prompts, no object expressions."""
     return dataclasses.replace(spec, open=0, expressions=tuple(e for e in spec.expressions if e.form != "object"))
@@ -43,8 +49,10 @@ ROWS = {  # label -> (method, stages, spec transform)
     "original": None,
     "uce": ("uce", None, None),
     "trce T (grammar only)": ("trce", "T", grammar_only),
+    "trce T (open 12)": ("trce", "T", open_12),
     "trce T": ("trce", "T", None),
     "trce T+V (grammar only)": ("trce", None, grammar_only),
+    "trce T+V (open 12)": ("trce", None, open_12),
     "trce T+V": ("trce", None, None),
     "kpop": ("kpop", None, None),
     "esd": ("esd", None, None),

@@ -44,7 +44,7 @@ class DemoConfig:
     # Stage V and KPOP, shortened for a CPU demo, on top of the spec's own `settings` (learning rates
     # for ShapeWorld's small UNet). Stage V keeps its 300 optimizer steps (50 trajectories x 6
     # epochs instead of 100 x 3) but caches fewer, shorter trajectories; KPOP runs 200 of the spec's 400 iterations
-    # on trajectories of 10 DDIM steps instead of 20, for a seeded 288 of the spec's 600 erase prompts (the cache
+    # on trajectories of 10 DDIM steps instead of 20, for a seeded 288 of the spec's 720 erase prompts (the cache
     # holds one trajectory per prompt and per preservation prompt).
     stage_v: dict = field(default_factory=lambda: {"n_trajectories": 50, "n_uncond": 200, "epochs": 6,
                                                    "ddim_steps": 20, "cache_batch_size": 50})
