@@ -11,7 +11,16 @@ from trce.errors import TrceError
 from trce.loading import fingerprint, same_base
 from trce.methods import erase as erase_method
 from trce.methods.prior import preservation_prior
-from trce.methods.stage_t import StageTConfig, erase, erase_uce, pair_embeddings, projection_paths
+from trce.methods.stage_t import (
+    StageTConfig,
+    apply_transform,
+    erase,
+    erase_uce,
+    pair_embeddings,
+    projection_paths,
+    solve_low_rank,
+    solve_transform,
+)
 from trce.registry import Context, get_method
 from trce.tokens import role_positions, tokenize
 
@@ -230,3 +239,22 @@ def test_trce_stages_t_then_v_make_one_edit(tiny_pipe, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     edit.apply(tiny_pipe)  # the base check passes: the patch belongs to the unedited model
     edit.revert(tiny_pipe)
+
+
+def test_the_low_rank_factors_are_the_transform():
+    """T − I = (B − M) M⁻¹ has rank ≤ n: I + u·vt is T, and W + (W u) vt is W·T, with and without columns."""
+    gen = torch.Generator().manual_seed(0)
+    d, n = 48, 7
+    em, es = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, d, generator=gen, dtype=torch.float64)
+    pk = torch.randn(200, d, generator=gen, dtype=torch.float64)
+    cov = pk.T @ pk / 200
+    t, _ = solve_transform(em, es, cov, eta=0.1, ridge=1e-4)
+    lr = solve_low_rank(em, es, cov, eta=0.1, ridge=1e-4)
+    assert lr is not None and lr.u.shape == (d, n) and lr.vt.shape == (n, d)
+    assert torch.allclose(torch.eye(d, dtype=torch.float64) + lr.u @ lr.vt, t, atol=1e-10)
+    w = torch.randn(30, d, generator=gen)
+    assert torch.allclose(apply_transform(w, t, low_rank=lr), apply_transform(w, t), atol=1e-5)
+    wide = torch.randn(30, d + 5, generator=gen)
+    assert torch.equal(apply_transform(wide, t, (5, d + 5), lr)[:, :5], wide[:, :5])
+    assert torch.allclose(apply_transform(wide, t, (5, d + 5), lr), apply_transform(wide, t, (5, d + 5)), atol=1e-5)
+    assert solve_low_rank(torch.randn(d, d, dtype=torch.float64), es[:1].repeat(d, 1), cov, 0.1, 1e-4) is None
