@@ -111,6 +111,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())
         try:
             yield tmp
+            # safetensors (save_pretrained) writes 0600 files: everything in the folder gets the usual modes
+            for sub in tmp.rglob("*"):
+                if not sub.is_symlink():
+                    os.chmod(sub, (0o777 if sub.is_dir() else 0o666) & ~_umask())
             if path.exists():
                 old = path.with_name(f".{path.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
