@@ -19,6 +19,7 @@ from trce.shapeworld.miniatures import (
     assemble,
     denoiser_model,
     load_miniature,
+    miniature_dir,
     text_encoder,
     train_miniature,
 )
@@ -74,3 +75,16 @@ def test_the_cli_trains_a_miniature_and_refuses_sd1_options(tmp_path, run_cli):
     code, _, err = run_cli("shapeworld", "train", "--family", "sdxl", "--tiny", "--clip-steps", "3",
                            "--out", tmp_path / "xl")
     assert code == 2 and "--clip-steps trains a part of the sd1 model" in err
+
+
+def test_the_shipped_xl_miniature_is_a_plain_sdxl_pipeline():
+    """ShapeWorld-XL ships in the package (denoiser + made.json) and assembles around ShapeWorld's parts."""
+    from trce.loading import load_pipeline
+
+    pipe = load_pipeline("shapeworld-xl", device="cpu")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and family_of(pipe).name == "sdxl"
+    made = json.loads((miniature_dir("sdxl") / "made.json").read_text())
+    assert made["config"]["family"] == "sdxl" and made["config"]["steps"] == 3000
+    image = pipe(["a red circle on a blue background"], num_inference_steps=2, height=32, width=32,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3)
