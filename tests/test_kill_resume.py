@@ -91,8 +91,10 @@ def test_erase_resumes_after_kill_9(method, settings, marker, tiny_dir, tmp_path
 
 
 def test_eval_resumes_after_kill_9_and_ctrl_c_says_how(tiny_dir, tmp_path):
-    # 54 rows: four pipeline calls of 16 images (trce.generate.chunk_size), whose rows land in bursts of 16
-    args = ["eval", "--model", tiny_dir, "--suite", "shapeworld-red", "--limit", 6, "--steps", 3, "--batch-size", 2,
+    # 108 rows: seven pipeline calls of 16 images (trce.generate.chunk_size), whose rows land in bursts of 16; with
+    # 54 rows a kill landing late on a loaded machine left the rerun one burst, finished before Ctrl-C reached it;
+    # 20 steps make each burst last long enough for the signal to land mid-run
+    args = ["eval", "--model", tiny_dir, "--suite", "shapeworld-red", "--limit", 12, "--steps", 20, "--batch-size", 2,
             "--no-progress"]
     _run([*args, "--out", tmp_path / "whole"], tmp_path / "c")
     out = tmp_path / "run"
