@@ -247,6 +247,18 @@ def sd2_arch_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
     return pipe.to(dtype=dtype)
 
 
+def _two_tokenizers():
+    """The SDXL / SD3 tokenizer pair of the random-weight architectures (ShapeWorld's BPE at 77 tokens; the
+    second pads with "!" as OpenCLIP bigG does) and the special-token ids both text configs need."""
+    from trce.shapeworld.tokenizer import build_tokenizer
+
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
+    for tok in (tokenizer, tokenizer_2):
+        tok.model_max_length = 77
+    tokenizer_2.pad_token = "!"
+    return tokenizer, tokenizer_2, {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+
+
 # --------------------------------------------------------------------------- SDXL base 1.0 architecture
 SDXL_UNET: dict[str, Any] = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -271,13 +283,8 @@ def sdxl_arch_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from trce.shapeworld.models import scheduler
-    from trce.shapeworld.tokenizer import build_tokenizer
 
-    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
-    for tok in (tokenizer, tokenizer_2):
-        tok.model_max_length = 77
-    tokenizer_2.pad_token = "!"
-    ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    tokenizer, tokenizer_2, ids = _two_tokenizers()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**SDXL_UNET)
     text = CLIPTextModel(CLIPTextConfig(**{**SD14_TEXT, **ids, "pad_token_id": tokenizer.pad_token_id}))
@@ -315,13 +322,7 @@ def sd3_arch_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from trce.shapeworld.tokenizer import build_tokenizer
-
-    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
-    for tok in (tokenizer, tokenizer_2):
-        tok.model_max_length = 77
-    tokenizer_2.pad_token = "!"
-    ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    tokenizer, tokenizer_2, ids = _two_tokenizers()
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(**SD35M_TRANSFORMER)
     text = CLIPTextModelWithProjection(CLIPTextConfig(**{**SD14_TEXT, **ids, "pad_token_id": tokenizer.pad_token_id}))
