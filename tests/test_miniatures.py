@@ -14,8 +14,10 @@ from trce.errors import TrceError
 from trce.families import family_of
 from trce.loading import shapeworld_dir
 from trce.shapeworld.miniatures import (
+    T5_ROWS,
     MiniatureConfig,
     MiniatureTrainer,
+    RepeatedRowAttnProcessor,
     assemble,
     denoiser_model,
     load_miniature,
@@ -47,9 +49,38 @@ def test_training_conditions_as_the_pipeline_does(family, tmp_path):
         else:
             embeds, neg, pool, neg_pool = pipe.encode_prompt(prompts, None, None, device="cpu",
                                                              do_classifier_free_guidance=True)
-            assert tokens.shape == embeds.shape  # 32 CLIP rows + 256 zero rows (no T5)
-            assert torch.allclose(tokens[0], embeds[0], atol=1e-5) and torch.allclose(pooled[0], pool[0], atol=1e-5)
-            assert torch.allclose(tokens[1], neg[1], atol=1e-5) and torch.allclose(pooled[1], neg_pool[1], atol=1e-5)
+            # the pipeline: 32 CLIP rows + T5_ROWS zero rows (no T5); training: the 32 rows + one zero row that
+            # stands for them (RepeatedRowAttnProcessor, tested equal below)
+            assert embeds.shape[1] == tokens.shape[1] - 1 + T5_ROWS and not embeds[:, tokens.shape[1] - 1:].any()
+            n = tokens.shape[1]
+            assert not tokens[:, -1].any()
+            assert torch.allclose(tokens[0], embeds[0, :n], atol=1e-5) and torch.allclose(pooled[0], pool[0], atol=1e-5)
+            assert torch.allclose(tokens[1], neg[1, :n], atol=1e-5) and torch.allclose(pooled[1], neg_pool[1], atol=1e-5)
+
+
+def test_one_stand_in_row_trains_the_function_of_the_pipelines_256_zero_rows():
+    """ShapeWorld-DiT trains with one zero row for T5's 256 (a sixth of the sequence); the transformer must compute
+    the same velocity from both, for trained-looking (non-zero) weights and every block, the last included."""
+    model = denoiser_model("sd3", seed=0).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # diffusers zero-initialises some outputs: make every path matter
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 4, 8, 8)
+    clip = torch.randn(2, 32, 512)
+    pooled = torch.randn(2, 256)
+    t = torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        full = model(hidden_states=x, timestep=t, pooled_projections=pooled,
+                     encoder_hidden_states=torch.cat([clip, torch.zeros(2, T5_ROWS, 512)], 1)).sample
+        model.set_attn_processor(RepeatedRowAttnProcessor(T5_ROWS))
+        short = model(hidden_states=x, timestep=t, pooled_projections=pooled,
+                      encoder_hidden_states=torch.cat([clip, torch.zeros(2, 1, 512)], 1)).sample
+        model.set_attn_processor(RepeatedRowAttnProcessor(1))
+        once = model(hidden_states=x, timestep=t, pooled_projections=pooled,
+                     encoder_hidden_states=torch.cat([clip, torch.zeros(2, 1, 512)], 1)).sample
+    assert torch.allclose(full, short, atol=1e-4, rtol=1e-4), (full - short).abs().max()
+    assert (full - once).abs().max() > 100 * (full - short).abs().max()  # one plain zero row is another function
 
 
 @pytest.mark.parametrize("family, name, cls", [("sdxl", "shapeworld-xl", "StableDiffusionXLPipeline"),

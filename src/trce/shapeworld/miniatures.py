@@ -10,7 +10,11 @@ What each reuses, and why:
   states, the pooled path, SDXL's size ids, SD3's context embedder) is what the miniature exercises, and the
   halves being equal changes nothing a method does (stage T solves on the concatenated states with a ridge);
 - SD3's T5 is omitted (`text_encoder_3=None`, as SD3 allows): the pipeline then feeds 256 zero rows after the
-  CLIP rows, and the transformer is trained with exactly those, so it draws as the pipeline conditions it.
+  CLIP rows, and the transformer is trained as if with exactly those, so it draws as the pipeline conditions it.
+  Training feeds ONE zero row standing for the 256 (`RepeatedRowAttnProcessor`): identical context rows stay
+  identical through every joint block (same modulation, same attention query, same feed-forward), so 256 of them
+  act in attention as one key with its logit raised by log 256. That is the same function (tested equal) at a
+  sixth of the joint sequence (16 image + 32 CLIP + 1 rows instead of 16 + 32 + 256).
 
 Training: the render pool and its captions (in the world's grammar and the open language, as v3 was trained),
 latents from the shipped VAE, text states cached once, then the denoiser alone — epsilon prediction with
@@ -89,6 +93,40 @@ def denoiser_model(family: str, seed: int = 0):
         num_attention_heads=4, joint_attention_dim=512, caption_projection_dim=128, pooled_projection_dim=256,
         pos_embed_max_size=8,
     )
+
+
+class RepeatedRowAttnProcessor:
+    """Joint attention (SD3's `JointAttnProcessor2_0` computation) in which the LAST context row stands for
+    `repeats` identical rows: softmax over n identical keys is one key with weight n, i.e. logit + log n, and
+    their values are equal, so the output of every query is unchanged. Used by ShapeWorld-DiT training only."""
+
+    def __init__(self, repeats: int):
+        self.log_repeats = float(np.log(repeats))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        import torch.nn.functional as F
+
+        b, n_img = hidden_states.shape[:2]
+
+        def heads(x):  # (B, S, H*d) -> (B, H, S, d)
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)  # (B, H, S, d)
+        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
+        bias[-1] = self.log_repeats  # the one row that is `repeats` rows
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))  # (B, H, S, d)
+        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)  # (B, S, H*d)
+        img, ctx = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        return attn.to_out[1](attn.to_out[0](img)), ctx
 
 
 def flow_scheduler():
@@ -259,8 +297,8 @@ class MiniatureTrainer:
         pooled2 = torch.cat([pooled, pooled], -1)  # (B, 256)
         tokens = torch.where(drop[:, None, None], self._empty[0].expand_as(tokens), tokens)
         pooled2 = torch.where(drop[:, None], self._empty[1].expand_as(pooled2), pooled2)
-        zeros = torch.zeros(len(tokens), T5_ROWS, tokens.shape[-1], device=tokens.device)
-        return torch.cat([tokens, zeros], 1), pooled2  # (B, 32 + 256, 512), (B, 256)
+        zero = torch.zeros(len(tokens), 1, tokens.shape[-1], device=tokens.device)  # stands for T5_ROWS rows
+        return torch.cat([tokens, zero], 1), pooled2  # (B, 32 + 1, 512), (B, 256)
 
     @torch.no_grad()
     def _empty_prompt(self):
@@ -311,6 +349,8 @@ class MiniatureTrainer:
         else:
             self._empty = self._empty_prompt()
         model = denoiser_model(cfg.family, cfg.seed).to(self.device)
+        if cfg.family == "sd3":
+            model.set_attn_processor(RepeatedRowAttnProcessor(T5_ROWS))  # one zero row for the pipeline's 256
         ema = denoiser_model(cfg.family, cfg.seed).to(self.device)
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)
