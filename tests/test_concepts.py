@@ -223,3 +223,24 @@ def test_other_concept_prompts_name_each_other_erased_concept_in_the_slot():
     assert i2p["a photo of exposed breasts"] == ["a photo of racism", "a photo of bullying", "a photo of violence",
                                                  "a photo of self-harm", "a photo of gore", "a photo of illegal drugs"]
     assert set(map(len, other_concept_prompts(load_spec("sexual")).values())) == {0}  # one concept: no others
+
+
+def test_family_settings_win_on_their_family_only(tmp_path):
+    """A spec's `family_settings` apply on that family (over `settings`, under the caller's); `trce.erase` and the
+    CLI take the family from the pipeline; a bad family or setting name is refused by name."""
+    from trce.methods import plan
+
+    raw = _minimal(settings={"V": {"lr": 1e-4}, "T": {"eta": 0.5}},
+                   family_settings={"sdxl": {"V": {"lr": 3e-5}, "T": {"eta": 0.03}}})
+    spec = load_spec(_write(tmp_path, raw))
+    assert (plan(spec).configs["V"].lr, plan(spec).configs["T"].eta) == (1e-4, 0.5)
+    assert (plan(spec, family="sd1").configs["V"].lr, plan(spec, family="sd1").configs["T"].eta) == (1e-4, 0.5)
+    xl = plan(spec, family="sdxl")
+    assert (xl.configs["V"].lr, xl.configs["T"].eta, xl.record()["family"]) == (3e-5, 0.03, "sdxl")
+    assert plan(spec, family="sdxl", V={"lr": 1e-3}).configs["V"].lr == 1e-3  # the caller still wins
+    later = plan(spec, V={"epochs": 2}).for_family("sdxl")  # what `run` does with the pipeline's family
+    assert (later.configs["V"].lr, later.configs["V"].epochs) == (3e-5, 2)
+    with pytest.raises(TrceError, match=r"family_settings\.sdxlx.*did you mean 'sdxl'"):
+        load_spec(_write(tmp_path, _minimal(family_settings={"sdxlx": {"V": {"lr": 1.0}}})))
+    with pytest.raises(TrceError, match=r"family_settings\.sdxl\.V.*unknown V setting 'lrr'"):
+        load_spec(_write(tmp_path, _minimal(family_settings={"sdxl": {"V": {"lrr": 1.0}}})))

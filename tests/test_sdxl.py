@@ -3,6 +3,8 @@ method runs erase -> patch -> apply -> eval -> revert on a tiny random StableDif
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -100,3 +102,23 @@ def test_every_attack_runs_through_both_text_encoders(attack, sdxl_dir, tmp_path
         assert target.embeds["prompt_embeds"].shape == (33, 64) and target.embeds["token_embeds"].shape[1] == 64
     else:
         assert target.prompt and target.tokens
+
+
+def test_a_specs_sdxl_settings_reach_the_erasure_from_python_and_the_cli(sdxl_dir, tmp_path, run_cli, monkeypatch):
+    """`family_settings: {sdxl: ...}` in a spec applies on an SDXL pipeline, through `trce.erase` and `trce erase`."""
+    import json
+
+    import yaml
+
+    monkeypatch.setenv("TRCE_CACHE", str(tmp_path / "cache"))
+    spec = yaml.safe_load(Path(trce.load_concept("shapeworld-red").source).read_text())
+    spec["family_settings"] = {"sdxl": {"T": {"eta": 0.75}}, "sd1": {"T": {"eta": 0.25}}}
+    path = tmp_path / "red.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    pipe = trce.load_pipeline(str(sdxl_dir))
+    edit = trce.erase(pipe, str(path), stages="T", progress=False)
+    assert edit.settings["eta"] == 0.75
+    code, _, err = run_cli("erase", "--model", sdxl_dir, "--concept", path, "--stages", "T", "--out", tmp_path / "p")
+    assert code == 0, err
+    record = json.loads((tmp_path / "p" / "patch.json").read_text())
+    assert record["config"]["settings"]["T"]["eta"] == 0.75 and record["config"]["family"] == "sdxl"

@@ -58,7 +58,7 @@ class DemoConfig:
             raise TrceError("--limit and --steps must be at least 1")
 
 
-def _plan(name: str, cfg: DemoConfig):
+def _plan(name: str, cfg: DemoConfig, family: str | None = None):
     from trce.methods import plan
 
     method, stages = METHODS[name]
@@ -66,15 +66,16 @@ def _plan(name: str, cfg: DemoConfig):
     settings = {"V": cfg.stage_v} if "V" in m_stages else {}
     if "kpop" in m_stages:
         settings["kpop"] = cfg.kpop
-    return plan(CONCEPT, method, stages, seed=cfg.seed, progress=False, **settings)
+    return plan(CONCEPT, method, stages, seed=cfg.seed, progress=False, family=family, **settings)
 
 
 def _erase(pipe, name: str, folder: Path, cfg: DemoConfig) -> tuple[Path, bool]:
     """The patch of one demo method, made or reused; True when it was (re)made."""
+    from trce.families import family_of
     from trce.loading import fingerprint
     from trce.methods import run
 
-    plan = _plan(name, cfg)
+    plan = _plan(name, cfg, family_of(pipe).name)
     # Everything the patch depends on: a rerun reuses it only when all of this is unchanged.
     key = plan.key(fingerprint(pipe)["id"])
     if (folder / "patch.json").exists():

@@ -152,6 +152,7 @@ def _sections(method, cfg: dict[str, Any], flags: dict[str, Any], assignments: l
 
 
 def cmd_erase(args) -> int:
+    from trce.families import family_of
     from trce.loading import load_pipeline
     from trce.methods import plan, run
     from trce.registry import get_method, sections
@@ -183,6 +184,7 @@ def cmd_erase(args) -> int:
     io.check_writable(out, "out", replace=True)  # before any work: a read-only place is found now, not after training
     with io.run_lock(out, "out"):  # a second `trce erase` into the same --out is refused, not mixed
         pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        the_plan = the_plan.for_family(family_of(pipe).name)  # the specs' family_settings for this model
         t0 = time.perf_counter()
         edit = run(pipe, the_plan)
         seconds = time.perf_counter() - t0

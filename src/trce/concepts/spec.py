@@ -51,7 +51,7 @@ COCO_FILE = Path("prompts") / "coco_30k.csv"
 _SLOT = re.compile(r"\{(?:concept)?\}")
 _START, _END = "\x01", "\x02"  # marks the slot while a prompt is assembled
 _TOP_KEYS = ("name", "aliases", "description", "erase", "templates", "preserve", "eta", "ridge", "token_role",
-             "attribute", "value", "values", "contexts", "open", "seed", "settings")
+             "attribute", "value", "values", "contexts", "open", "seed", "settings", "family_settings")
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,10 @@ class ConceptSpec:
     # Recommended settings of later stages for this concept, e.g. {"V": {"lr": 1e-4}}: ShapeWorld's
     # 3.5M-parameter UNet needs larger steps than the paper's SD settings. --config / --set win.
     settings: dict = field(default_factory=dict, compare=False, hash=False)
+    # Per model family, settings that win over `settings` (and the spec's eta / ridge through T's) on that
+    # family, e.g. {"sdxl": {"T": {"eta": 0.03}, "V": {"lr": 1e-4}}}: a setting tuned on one denoiser need
+    # not transfer to another (measured on ShapeWorld-XL). --config / --set still win.
+    family_settings: dict = field(default_factory=dict, compare=False, hash=False)
     source: str | None = field(default=None, compare=False)  # the YAML file it came from
 
     @property
@@ -343,24 +347,33 @@ def spec_from_dict(raw: Any, where: str = "<dict>", base_dir: Path | None = None
         open=r.integer(raw.get("open", 0), "open", low=0),
         seed=r.integer(raw.get("seed", 0), "seed"),
         settings=_settings(r, raw.get("settings", {})),
+        family_settings=_family_settings(r, raw.get("family_settings", {})),
         source=where,
     )
 
 
-def _settings(r: _Reader, raw: Any) -> dict:
+def _settings(r: _Reader, raw: Any, key: str = "settings") -> dict:
     """Recommended settings per stage, validated through the method registry (unknown names fail here, not
     mid-run; `trce.registry` imports no method to do it)."""
     from trce.registry import check_settings, sections
 
     known = tuple(sections())
-    raw = r.mapping(raw, "settings", known)
+    raw = r.mapping(raw, key, known)
     out = {}
     for stage, values in raw.items():
         try:
             out[stage] = check_settings(stage, values)
         except TrceError as exc:
-            raise r.fail(f"settings.{stage}", str(exc)) from None
+            raise r.fail(f"{key}.{stage}", str(exc)) from None
     return out
+
+
+def _family_settings(r: _Reader, raw: Any) -> dict:
+    """`family_settings: {sdxl: {V: {...}}}`: per model family (see `trce.families`), settings as in `settings`."""
+    from trce.families import family_names
+
+    raw = r.mapping(raw, "family_settings", tuple(family_names()))
+    return {fam: _settings(r, values, f"family_settings.{fam}") for fam, values in raw.items()}
 
 
 def _shapeworld_target(r: _Reader, raw: dict) -> tuple[str, tuple[str, ...]]:

@@ -65,11 +65,21 @@ class Plan:
     specs: tuple
     configs: Mapping[str, Any]
     context: Context
+    family: str | None = None  # the model family whose `family_settings` the configs took (None: none)
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the caller's settings per stage
+
+    def for_family(self, family: str) -> Plan:
+        """The same plan with the specs' `family_settings` of `family` merged in (the caller's settings still win)."""
+        if family == self.family:
+            return self
+        configs = _configs(self.stages, self.specs, family, self.overrides, self.context.seed)
+        return dataclasses.replace(self, configs=configs, family=family)
 
     def record(self) -> dict:
         """A JSON-able record: what `trce erase` writes into the patch's run record."""
         return {"method": self.method.name, "stages": list(self.stages), "concepts": [s.name for s in self.specs],
-                "settings": {k: dataclasses.asdict(v) for k, v in self.configs.items()}, "seed": self.context.seed}
+                "settings": {k: dataclasses.asdict(v) for k, v in self.configs.items()}, "seed": self.context.seed,
+                **({"family": self.family} if self.family else {})}
 
     def key(self, base_id: str | None = None) -> str:
         """A digest of everything the resulting Edit depends on (with the base model's fingerprint id)."""
@@ -79,9 +89,10 @@ class Plan:
 
 def plan(concept, method: str = "trce", stages: str | Sequence[str] | None = None, *, seed: int = 0,
          data: str | Path | None = None, cache: str | Path | None = None, use_cache: bool = True,
-         progress: bool = True, checkpoint_dir: str | Path | None = None,
+         progress: bool = True, checkpoint_dir: str | Path | None = None, family: str | None = None,
          **settings: Mapping[str, Any] | None) -> Plan:
-    """Resolve an erasure without running it (the arguments of `erase`)."""
+    """Resolve an erasure without running it (the arguments of `erase`; `family`: the model family whose
+    `family_settings` the specs apply, which `run` fills in from the pipeline when left out)."""
     m = get_method(method)
     chosen = m.parse_stages(stages)
     for section, values in settings.items():
@@ -93,18 +104,28 @@ def plan(concept, method: str = "trce", stages: str | Sequence[str] | None = Non
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TrceError(f"seed must be an integer, got {seed!r}")
     specs = resolve_concepts(concept)
-    configs = {}
-    for stage in chosen:
-        merged: dict[str, Any] = {}
-        for s in specs:
-            merged.update(s.settings.get(stage, {}))
-        merged.update(settings.get(stage) or {})
-        configs[stage] = make_config(stage, merged, seed=seed)
+    overrides = {k: dict(v) for k, v in settings.items() if v}
+    configs = _configs(chosen, specs, family, overrides, seed)
     if use_cache:
         use_cache = _cache_usable(cache)
     context = Context(seed=seed, data_dir=data, cache_dir=cache, use_cache=use_cache, progress=progress,
                       checkpoint_dir=checkpoint_dir)
-    return Plan(method=m, stages=chosen, specs=tuple(specs), configs=configs, context=context)
+    return Plan(method=m, stages=chosen, specs=tuple(specs), configs=configs, context=context, family=family,
+                overrides=overrides)
+
+
+def _configs(stages, specs, family: str | None, overrides: Mapping, seed: int) -> dict:
+    """Each stage's config: the specs' `settings`, then their `family_settings[family]`, then the caller's."""
+    configs = {}
+    for stage in stages:
+        merged: dict[str, Any] = {}
+        for s in specs:
+            merged.update(s.settings.get(stage, {}))
+        for s in specs:
+            merged.update(s.family_settings.get(family, {}).get(stage, {}) if family else {})
+        merged.update(overrides.get(stage) or {})
+        configs[stage] = make_config(stage, merged, seed=seed)
+    return configs
 
 
 def _cache_usable(cache: str | Path | None) -> bool:
@@ -139,8 +160,10 @@ def erase(pipe, concept, method: str = "trce", stages: str | Sequence[str] | Non
     if robust is not None:
         stage = robust_stage(method)
         settings[stage] = {**(settings.get(stage) or {}), "robust": robust}
+    from trce.families import family_of
+
     return run(pipe, plan(concept, method, stages, seed=seed, data=data, cache=cache, use_cache=use_cache,
-                          progress=progress, checkpoint_dir=checkpoint_dir, **settings))
+                          progress=progress, checkpoint_dir=checkpoint_dir, family=family_of(pipe).name, **settings))
 
 
 def robust_stage(method: str) -> str:
@@ -161,6 +184,7 @@ def run(pipe, plan: Plan):
     from trce.families import family_of
     from trce.loading import fingerprint
 
+    plan = plan.for_family(family_of(pipe).name)  # a no-op when the plan was made for this family
     m = plan.method
     functions = {s: m.stage(s).function(m.name) for s in plan.stages}  # fail before any work when one is missing
     specs = list(plan.specs)
