@@ -36,10 +36,11 @@ def _run(args, cache: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def _kill_when(args, cache: Path, ready: Callable[[], bool], sig: int = signal.SIGKILL) -> subprocess.CompletedProcess:
+def _kill_when(args, cache: Path, ready: Callable[[], bool], sig: int = signal.SIGKILL,
+               env: dict | None = None) -> subprocess.CompletedProcess:
     """Start the command, send `sig` as soon as `ready()` holds; the process must not have finished by then."""
-    proc = subprocess.Popen(_cli(*args), env={**ENV, "TRCE_CACHE": str(cache)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cli(*args), env={**ENV, "TRCE_CACHE": str(cache), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     try:
         while not ready():
@@ -91,18 +92,19 @@ def test_erase_resumes_after_kill_9(method, settings, marker, tiny_dir, tmp_path
 
 
 def test_eval_resumes_after_kill_9_and_ctrl_c_says_how(tiny_dir, tmp_path):
-    # 108 rows: seven pipeline calls of 16 images (trce.generate.chunk_size), whose rows land in bursts of 16; with
-    # 54 rows a kill landing late on a loaded machine left the rerun one burst, finished before Ctrl-C reached it;
-    # 20 steps make each burst last long enough for the signal to land mid-run
-    args = ["eval", "--model", tiny_dir, "--suite", "shapeworld-red", "--limit", 12, "--steps", 20, "--batch-size", 2,
+    # 54 rows in bursts of 16 (trce.generate.chunk_size); each run holds (sleeps, TRCE_TEST_HOLD_AFTER_RECORDS) after
+    # its first burst, so the signals land mid-run however loaded the machine is
+    args = ["eval", "--model", tiny_dir, "--suite", "shapeworld-red", "--limit", 6, "--steps", 2, "--batch-size", 2,
             "--no-progress"]
+    hold = {"TRCE_TEST_HOLD_AFTER_RECORDS": "1"}
     _run([*args, "--out", tmp_path / "whole"], tmp_path / "c")
     out = tmp_path / "run"
-    killed = _kill_when([*args, "--out", out], tmp_path / "c", lambda: _lines(out / "rows.jsonl") >= 2)
+    killed = _kill_when([*args, "--out", out], tmp_path / "c", lambda: _lines(out / "rows.jsonl") >= 1, env=hold)
     assert killed.returncode == -signal.SIGKILL
     before = _lines(out / "rows.jsonl")  # Ctrl-C once the rerun has drawn more: mid-run, not before it started
+    assert 0 < before < 54
     stopped = _kill_when([*args, "--out", out], tmp_path / "c", lambda: _lines(out / "rows.jsonl") > before,
-                         sig=signal.SIGINT)
+                         sig=signal.SIGINT, env=hold)
     assert stopped.returncode == 130 and "rerun the same command to resume" in stopped.stderr
     assert not list(out.rglob("*.tmp")) and not (out / "metrics.json").exists()  # nothing half-written
     _run([*args, "--out", out], tmp_path / "c")
