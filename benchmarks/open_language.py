@@ -13,7 +13,13 @@ Rows (each `trce.erase` with the spec's settings unless said otherwise, evaluate
   spec paraphrases and spec objects);
 - trce T (grammar only), trce T+V (grammar only): the same spec without its open-language prompts and objects
   (`open: 0`, forms keyword/synonym/paraphrase): the erasers as they were before the open language;
-- trce T (open 12), trce T+V (open 12): half as many open-language prompts per expression as the shipped spec's 24.
+- trce T (open 12), trce T+V (open 12): half as many open-language prompts per expression as the shipped spec's 24;
+- trce T (no pooled), trce T+V (no pooled): the shipped spec with stage T's pooled-path edit off (`T.pooled=false`):
+  on SDXL / SD3 / FLUX the ablation that asks whether the concept comes back through the pooled text embedding (on
+  SD 1.x, which has no pooled path, the same as trce T / trce T+V).
+
+`--model shapeworld-xl` (or shapeworld-dit) runs the same rows on a miniature of another family: the spec's
+`family_settings` for that family apply, as in `trce erase`.
 
 `results.json` is rewritten after each row (an interrupted run goes on from the next one); `table.md` holds the
 red rate per group (lower is better) and the other colours' and shapes' accuracy on in-grammar and open
@@ -45,27 +51,30 @@ def grammar_only(spec):
     return dataclasses.replace(spec, open=0, expressions=tuple(e for e in spec.expressions if e.form != "object"))
 
 
-ROWS = {  # label -> (method, stages, spec transform)
+NO_POOLED = {"T": {"pooled": False}}
+ROWS = {  # label -> (method, stages, spec transform, settings per stage)
     "original": None,
-    "uce": ("uce", None, None),
-    "trce T (grammar only)": ("trce", "T", grammar_only),
-    "trce T (open 12)": ("trce", "T", open_12),
-    "trce T": ("trce", "T", None),
-    "trce T+V (grammar only)": ("trce", None, grammar_only),
-    "trce T+V (open 12)": ("trce", None, open_12),
-    "trce T+V": ("trce", None, None),
-    "kpop": ("kpop", None, None),
-    "esd": ("esd", None, None),
+    "uce": ("uce", None, None, {}),
+    "trce T (grammar only)": ("trce", "T", grammar_only, {}),
+    "trce T (open 12)": ("trce", "T", open_12, {}),
+    "trce T": ("trce", "T", None, {}),
+    "trce T (no pooled)": ("trce", "T", None, NO_POOLED),
+    "trce T+V (grammar only)": ("trce", None, grammar_only, {}),
+    "trce T+V (open 12)": ("trce", None, open_12, {}),
+    "trce T+V": ("trce", None, None, {}),
+    "trce T+V (no pooled)": ("trce", None, None, NO_POOLED),
+    "kpop": ("kpop", None, None, {}),
+    "esd": ("esd", None, None, {}),
 }
 
 
-def run_row(pipe, out: Path, label: str, limit: int, steps: int) -> dict:
+def run_row(pipe, model: str, out: Path, label: str, limit: int, steps: int) -> dict:
     slug = label.replace(" ", "-").replace("(", "").replace(")", "").replace("+", "")
     patch = out / "patches" / slug
     seconds = None
     edit = None
     if ROWS[label] is not None:
-        method, stages, transform = ROWS[label]
+        method, stages, transform, settings = ROWS[label]
         if (patch / "patch.json").exists():
             edit = trce.load_patch(patch)
             seconds = io.read_json(patch / "patch.json").get("config", {}).get("seconds")
@@ -73,7 +82,7 @@ def run_row(pipe, out: Path, label: str, limit: int, steps: int) -> dict:
             spec = trce.load_concept(CONCEPT)
             spec = transform(spec) if transform else spec
             t0 = time.time()
-            edit = trce.erase(pipe, spec, method=method, stages=stages)
+            edit = trce.erase(pipe, spec, method=method, stages=stages, **settings)
             seconds = round(time.time() - t0, 1)
             edit.save(patch, config={"benchmark": "open_language", "row": label, "seconds": seconds})
             edit = trce.load_patch(patch)
@@ -85,7 +94,7 @@ def run_row(pipe, out: Path, label: str, limit: int, steps: int) -> dict:
             "asr_ci": {g: groups[g]["asr_ci"] for g in ERASURE if g in groups},
             "accuracy": {g: {a: groups[g]["accuracy"].get(a) for a in ("color", "shape")} for g in PRESERVE
                          if g in groups},
-            "fd": m.get("fd"), "n": limit}
+            "fd": m.get("fd"), "n": limit, "model": model}
 
 
 def table(rows: list[dict]) -> str:
@@ -121,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     for label in [x.strip() for x in args.rows.split(",") if x.strip()]:
         if label not in ROWS:
             raise SystemExit(f"unknown row {label!r}; rows: {', '.join(ROWS)}")
-        if label in done and done[label]["n"] == args.limit:
+        if label in done and done[label]["n"] == args.limit and done[label].get("model", "shapeworld") == args.model:
             rows.append(done[label])
             continue
-        rows.append(run_row(pipe, out, label, args.limit, args.steps))
+        rows.append(run_row(pipe, args.model, out, label, args.limit, args.steps))
         done[label] = rows[-1]
         io.write_json(results_path, list(done.values()))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
