@@ -332,7 +332,7 @@ class MiniatureTrainer:
         return ((pred - (noise - x0)) ** 2).mean()
 
     def stage_denoiser(self) -> None:
-        from trce.shapeworld.train import _cosine_lr
+        from trce.shapeworld.train import denoiser_loop
 
         cfg = self.cfg
         cache = io.load_tensors(self.out / "cache" / "latents.safetensors")
@@ -355,19 +355,8 @@ class MiniatureTrainer:
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-        ckdir = self.out / "denoiser"
-        start = 0
-        if (ckdir / "last.json").exists():
-            meta = io.read_json(ckdir / "last.json")
-            start = meta["step"]
-            model.load_state_dict(io.load_tensors(ckdir / "model.safetensors"))
-            ema.load_state_dict(io.load_tensors(ckdir / "ema.safetensors"))
-            io.load_optimizer_state(opt, io.load_tensors(ckdir / "opt.safetensors"), meta["opt"])
-            log.info("resuming %s training at step %d", cfg.family, start)
-        losses: list[float] = []
-        bar = tqdm(range(start, cfg.steps), desc=f"{cfg.family} denoiser", initial=start, total=cfg.steps,
-                   mininterval=2)
-        for step in bar:
+
+        def loss_at(step: int) -> torch.Tensor:
             rng = np.random.default_rng([cfg.seed, 4242, step])  # the step's batch: the same after a resume
             cap = rng.choice(n_img * k, size=cfg.batch, replace=False)
             order = np.argsort(cap)
@@ -376,30 +365,12 @@ class MiniatureTrainer:
             drop = torch.from_numpy(rng.random(cfg.batch) < cfg.caption_dropout).to(self.device)
             tokens, pooled = self._condition(st, po, drop)
             x0 = latents[torch.from_numpy(cap % n_img)].to(self.device)
-            loss = self._loss(model, x0, tokens, pooled, step)
-            if not torch.isfinite(loss):
-                raise TrceError(f"{cfg.family} loss became {loss.item()} at step {step}; the last checkpoint is kept "
-                                f"in {ckdir}")
-            for grp in opt.param_groups:
-                grp["lr"] = cfg.lr * _cosine_lr(step, cfg.steps, cfg.warmup)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            with torch.no_grad():
-                decay = min(cfg.ema, (1 + step) / (10 + step))
-                for pe, p in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(p, 1 - decay)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                ckdir.mkdir(exist_ok=True)
-                io.save_tensors(ckdir / "model.safetensors", model.state_dict())
-                io.save_tensors(ckdir / "ema.safetensors", ema.state_dict())
-                tensors, scalars = io.optimizer_state(opt)
-                io.save_tensors(ckdir / "opt.safetensors", tensors)
-                io.write_json(ckdir / "last.json", {"step": step + 1, "loss": float(np.mean(losses[-50:])),
-                                                    "opt": scalars})  # written last: it makes the checkpoint count
+            return self._loss(model, x0, tokens, pooled, step)
+
+        ckdir = self.out / "denoiser"
+        denoiser_loop(model, ema, opt, loss_at, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, ema_decay=cfg.ema,
+                      ckdir=ckdir, model_file="model.safetensors", checkpoint_every=cfg.checkpoint_every,
+                      desc=f"{cfg.family} denoiser")
         io.write_json(ckdir / "DONE", {"steps": cfg.steps, "final_loss": io.read_json(ckdir / "last.json")["loss"]})
 
     def stage_export(self) -> None:

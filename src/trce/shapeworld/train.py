@@ -96,6 +96,50 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def denoiser_loop(model, ema, opt, loss_at, *, steps: int, lr: float, warmup: int, ema_decay: float, ckdir: Path,
+                  model_file: str, checkpoint_every: int, desc: str) -> None:
+    """The denoiser training loop of ShapeWorld's UNet and of its miniatures (`trce.shapeworld.miniatures`):
+    `loss_at(step)` is the step's loss (its batch drawn from the step alone, so a resumed run draws the same);
+    cosine lr with warmup, gradient clipping at 1, EMA weights, a checkpoint (model, EMA, optimizer; last.json
+    written last: it makes the checkpoint count) every `checkpoint_every` steps and at the end, resumed from
+    `ckdir` when one is there; a non-finite loss stops with the last checkpoint kept."""
+    start = 0
+    if (ckdir / "last.json").exists():
+        meta = io.read_json(ckdir / "last.json")
+        start = meta["step"]
+        model.load_state_dict(io.load_tensors(ckdir / model_file))
+        ema.load_state_dict(io.load_tensors(ckdir / "ema.safetensors"))
+        io.load_optimizer_state(opt, io.load_tensors(ckdir / "opt.safetensors"), meta["opt"])
+        log.info("resuming %s training at step %d", desc, start)
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, mininterval=2)
+    losses: list[float] = []
+    for step in bar:
+        loss = loss_at(step)
+        if not torch.isfinite(loss):
+            raise TrceError(f"{desc} loss became {loss.item()} at step {step}; the last checkpoint is kept in {ckdir}")
+        for grp in opt.param_groups:
+            grp["lr"] = lr * _cosine_lr(step, steps, warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            ckdir.mkdir(exist_ok=True)
+            io.save_tensors(ckdir / model_file, model.state_dict())
+            io.save_tensors(ckdir / "ema.safetensors", ema.state_dict())
+            tensors, scalars = io.optimizer_state(opt)
+            io.save_tensors(ckdir / "opt.safetensors", tensors)
+            io.write_json(ckdir / "last.json", {"step": step + 1, "loss": float(np.mean(losses[-50:])),
+                                                "opt": scalars})
+            log.info("%s checkpoint at step %d (loss %.4f)", desc, step + 1, np.mean(losses[-50:]))
+
+
 def _to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
     x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float()
@@ -388,19 +432,9 @@ class Trainer:
         opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
         noise_sched = DDPMScheduler.from_config(models.scheduler().config)
         alphas = noise_sched.alphas_cumprod.to(self.device)
-        ckdir = self.out / "unet"
-        start = 0
-        if (ckdir / "last.json").exists():
-            meta = io.read_json(ckdir / "last.json")
-            start = meta["step"]
-            unet.load_state_dict(io.load_tensors(ckdir / "unet.safetensors"))
-            ema.load_state_dict(io.load_tensors(ckdir / "ema.safetensors"))
-            io.load_optimizer_state(opt, io.load_tensors(ckdir / "opt.safetensors"), meta["opt"])
-            log.info("resuming UNet training at step %d", start)
         uncond_dev = uncond.to(self.device)
-        bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps, mininterval=2)
-        losses = []
-        for step in bar:
+
+        def loss_at(step: int) -> torch.Tensor:
             rng = _step_rng(cfg.seed, "unet", step)
             cap = rng.choice(n_img * k, size=cfg.unet_batch, replace=False)
             img = cap % n_img
@@ -417,35 +451,14 @@ class Trainer:
             # Min-SNR-gamma weighting (Hang et al. 2023) for epsilon prediction: converges faster.
             snr = alphas[t] / (1 - alphas[t])
             weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
-            loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
-            if not torch.isfinite(loss):
-                raise TrceError(f"UNet loss became {loss.item()} at step {step}; the last checkpoint is kept in {ckdir}")
-            for grp in opt.param_groups:
-                grp["lr"] = cfg.unet_lr * _cosine_lr(step, cfg.unet_steps, cfg.unet_warmup)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-            with torch.no_grad():
-                decay = min(cfg.unet_ema, (1 + step) / (10 + step))
-                for pe, p in zip(ema.parameters(), unet.parameters()):
-                    pe.lerp_(p, 1 - decay)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
-                self._save_unet_checkpoint(ckdir, step + 1, unet, ema, opt, float(np.mean(losses[-50:])))
+            return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+        ckdir = self.out / "unet"
+        denoiser_loop(unet, ema, opt, loss_at, steps=cfg.unet_steps, lr=cfg.unet_lr, warmup=cfg.unet_warmup,
+                      ema_decay=cfg.unet_ema, ckdir=ckdir, model_file="unet.safetensors",
+                      checkpoint_every=cfg.checkpoint_every, desc="unet")
         final = io.read_json(ckdir / "last.json")
         self._mark("unet", {"steps": cfg.unet_steps, "final_loss": final["loss"]})
-
-    def _save_unet_checkpoint(self, ckdir: Path, step: int, unet, ema, opt, loss: float) -> None:
-        ckdir.mkdir(exist_ok=True)
-        io.save_tensors(ckdir / "unet.safetensors", unet.state_dict())
-        io.save_tensors(ckdir / "ema.safetensors", ema.state_dict())
-        tensors, scalars = io.optimizer_state(opt)
-        io.save_tensors(ckdir / "opt.safetensors", tensors)
-        # last.json is written last: it is what makes the checkpoint count.
-        io.write_json(ckdir / "last.json", {"step": step, "loss": loss, "opt": scalars})
-        log.info("checkpoint at step %d (loss %.4f)", step, loss)
 
     def stage_export(self) -> None:
         export_pipeline(self.out, self.out / "export", self.cfg)
