@@ -35,7 +35,7 @@ def test_the_readme_python_section_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_the_top_level_api_lists_what_exists():
-    assert {"trce", "uce", "kpop", "esd"} <= set(trce.methods())
+    assert {"trce", "uce", "kpop", "esd", "advunlearn"} <= set(trce.methods())
     assert "shapeworld-red" in trce.concepts() and "shapeworld-red" in trce.suites()
     assert trce.attacks() == ["ring-a-bell", "mma-text", "unlearndiff", "soft-prompt"] and "sd1" in trce.families()
     assert trce.load_concept("red").name == "shapeworld-red"
@@ -54,6 +54,8 @@ TINY = {  # stage settings small enough for the tiny pipeline; --set and the Pyt
     "rece": {"rece": {"robust": 1}},
     "kpop": {"kpop": {"iterations": 2, "ddim_steps": 2, "latents": "current", "batch_size": 2}},
     "esd": {"esd": {"iterations": 2, "ddim_steps": 2, "latents": "current", "batch_size": 2}},
+    "advunlearn": {"advunlearn": {"iterations": 2, "warmup": 0, "attack_steps": 1, "ddim_steps": 2,
+                                  "latents": "current", "batch_size": 2, "preserve_batch": 2}},
 }
 
 

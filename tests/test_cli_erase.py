@@ -96,7 +96,7 @@ def test_two_concepts_in_one_patch(tiny_dir, tmp_path, run_cli, cache):
 @pytest.mark.parametrize("args, needles", [
     (["--concept", "shapeworld-rde"], ["unknown concept 'shapeworld-rde'", "did you mean 'shapeworld-red'",
                                         "available:", "sexual"]),
-    (["--concept", "shapeworld-red", "--method", "esd-x"], ["unknown method 'esd-x'", "available: esd, kpop, rece, trce, uce"]),
+    (["--concept", "shapeworld-red", "--method", "esd-x"], ["unknown method 'esd-x'", "available: advunlearn, esd, kpop, rece, trce, uce"]),
     (["--concept", "shapeworld-red", "--stages", "X"], ["method 'trce' has no stage 'X'"]),
     (["--concept", "shapeworld-red", "--method", "uce", "--stages", "V"], ["method 'uce' has no stage 'V'"]),
     (["--concept", "shapeworld-red", "--method", "uce", "--token-role", "eot"], ["UCE maps the keyword tokens"]),

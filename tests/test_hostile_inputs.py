@@ -394,7 +394,7 @@ ROWS: list[Row] = [
     row("model-misspelled", "info --model shapewrld", r"unknown model 'shapewrld'.*did you mean 'shapeworld'"),
     row("concept-misspelled", "erase --model {tiny} --concept shapeworld-rde --out {tmp}/p",
         r"unknown concept 'shapeworld-rde' \(did you mean 'shapeworld-red'\?\)", absent=["p"], setup=no_model_load),
-    row("method-unknown", ERASE + " --method esdx --out {tmp}/p", r"unknown method 'esdx'.*available: esd, kpop",
+    row("method-unknown", ERASE + " --method esdx --out {tmp}/p", r"unknown method 'esdx'.*available: advunlearn, esd, kpop",
         absent=["p"], setup=no_model_load),
     row("stage-unknown", "erase --model {tiny} --concept shapeworld-red --stages T,W --out {tmp}/p",
         r"method 'trce' has no stage 'W'", absent=["p"], setup=no_model_load),

@@ -190,6 +190,14 @@ register(Method(
                 "neutral noise on the erase prompts; params cross-attn = ESD-x, non-cross-attn = ESD-u",
     stages=(Stage("esd", "trce.methods.esd:run", "trce.methods.esd:ESDConfig"),),
 ))
+register(Method(
+    name="advunlearn", display="AdvUnlearn",
+    description="AdvUnlearn baseline (Zhang et al. 2024): ESD's loss at adversarial soft-prompt prefixes found against "
+                "the current model each step, plus a utility term on the preservation prompts; trains the text "
+                "encoder (module=unet: the denoiser as ESD-x/-u)",
+    stages=(Stage("advunlearn", "trce.methods.advunlearn:run", "trce.methods.advunlearn:AdvUnlearnConfig",
+                  "min-max: inner soft-prompt attack, outer ESD step + utility term"),),
+))
 
 
 def get_method(name: str) -> Method:
