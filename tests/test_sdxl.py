@@ -122,3 +122,12 @@ def test_a_specs_sdxl_settings_reach_the_erasure_from_python_and_the_cli(sdxl_di
     assert code == 0, err
     record = json.loads((tmp_path / "p" / "patch.json").read_text())
     assert record["config"]["settings"]["T"]["eta"] == 0.75 and record["config"]["family"] == "sdxl"
+
+
+def test_pooled_states_cut_after_the_end_of_text_equal_the_full_encoding():
+    """The pooled path's vectors are computed on the prompt up to its end-of-text only (causal attention): they
+    must equal what the pipeline's own encode_prompt gives on the padded 77 positions."""
+    pipe = tiny_sdxl_pipeline()
+    prompts = ["a red star", "a big blue circle with stripes on a grey background", ""]
+    _, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    assert torch.allclose(family_of(pipe).pooled_states(pipe, prompts), pooled, atol=1e-6)

@@ -97,10 +97,14 @@ class SDXLFamily(SD1Family):
 
     @torch.no_grad()
     def pooled_states(self, pipe, prompts: Sequence[str]) -> torch.Tensor:
-        from trce.tokens import tokenize
+        from trce.tokens import first_eos, tokenize
 
-        ids2 = tokenize(pipe.tokenizer_2, prompts)
-        return pipe.text_encoder_2(ids2.to(pipe.text_encoder_2.device)).text_embeds  # (N, P)
+        ids2 = tokenize(pipe.tokenizer_2, prompts)  # (N, L)
+        # CLIP's attention is causal and the pooled vector is read at the end-of-text token, so the positions after
+        # the batch's last end-of-text change nothing: cut them (a prompt of 20 tokens runs 20 positions, not 77;
+        # on sdxl-arch's 694M-parameter second encoder this was most of stage T's pooled-path time)
+        keep = int(first_eos(ids2, pipe.tokenizer_2.eos_token_id).max()) + 1
+        return pipe.text_encoder_2(ids2[:, :keep].to(pipe.text_encoder_2.device)).text_embeds  # (N, P)
 
     def text_inputs(self, pipe) -> list[TextInput]:
         p = self.pooled_width(pipe)
