@@ -167,6 +167,24 @@ class ModelFamily:
         """Attention-processor names (as in `denoiser.attn_processors`) that read the text, at KPOP's `sites`."""
         raise NotImplementedError
 
+    def injection_processor(self, inner, slot, name: str):
+        """The processor that wraps layer `name`'s own processor `inner` and injects `slot.prompt` there
+        (`trce.prompt_injection`; cross-attention by default)."""
+        from trce.prompt_injection import PromptInjectionProcessor
+
+        return PromptInjectionProcessor(inner, slot, name)
+
+    def injection_width(self, pipe) -> int:
+        """Width d of an injected (KPOP) prompt: the width of the context rows the injected layers read beside it
+        (cross-attention: the text states, `text_width`)."""
+        return self.text_width(pipe)
+
+    def injection_rows(self, pipe, cond: torch.Tensor) -> torch.Tensor:
+        """(N, m_c, d): the context rows of conditioning `cond` (N, L, D) as an injected prompt sits beside them,
+        width `injection_width`: KPOP sizes its prompt in m_c and initialises it from these (cross-attention: the
+        text states themselves, `token_part`)."""
+        return self.token_part(cond)
+
     def latent_shape(self, pipe_or_denoiser, image_size: int | None = None, scale: int | None = None,
                      ) -> tuple[int, int, int]:
         """(C, h, w) of the latents of an image of `image_size` pixels (None: the model's own)."""

@@ -28,7 +28,20 @@ prediction. FLUX.1-schnell has no guidance embedding; the same formula applies.
 
 Attacks optimise T5 tokens (the role tokenizer): the pooled CLIP vector follows the decoded text of the
 candidate ids (discrete attacks), and is held at the decoded prompt while continuous slots change T5's
-inputs only. ESD and UCE run unchanged; KPOP's prompt needs a joint-attention processor (not implemented).
+inputs only. ESD and UCE run unchanged.
+
+KPOP. As for SD3 (`trce.families.sd3`: the prompt p joins the context rows of the joint attention,
+C -> [C; p], its output rows dropped; width d = the context embedder's output, the inner width 3072, not
+T5's 4096; initialised from LN(context_embedder(T5 rows)); sites over the 19 joint blocks, `mid` = block
+9). FLUX's joint attention also rotates queries and keys by `image_rotary_emb`, built from
+[txt_ids; img_ids], text first, txt_ids all 0 (identity rotation): the prompt rows get the identity
+rotation too (position id 0), inserted after the text rows and before the image rows, so a prompt row
+is positioned exactly like a text row (`trce.prompt_injection.identity_rotary_rows`).
+
+The 38 single-stream blocks are never injected: they have no separate context stream (text and image rows
+are one sequence through shared weights, and the model cuts the image rows out of it by the text's length
+after the last block), so extra rows there would have to be carried through every later block. The prompt
+reaches them only through what the joint blocks wrote into the image and text streams.
 """
 
 from __future__ import annotations

@@ -21,8 +21,27 @@ same affine combination (weights summing to one), so the triplet loss compares v
 trained layers are the image stream's attention (`attn.to_q/to_k/to_v/to_out`: the analogue of attn1 +
 attn2.to_q), the guided trajectories are drawn with a stateless Euler flow sampler, early steps only.
 
-ESD and UCE run unchanged (UCE's keyword rows through the same context_embedder solve). KPOP's prompt needs a
-joint-attention processor that adds context tokens; it is not implemented for this family yet.
+ESD and UCE run unchanged (UCE's keyword rows through the same context_embedder solve).
+
+KPOP. The learnable prompt p joins the context rows of the joint attention at the chosen blocks,
+C -> [C; p] (`trce.prompt_injection.JointPromptInjectionProcessor`; its doc has the equations): the
+joint softmax reads m_p more keys and values, p's own output rows are dropped, so every block keeps its
+shapes. p therefore lives in the context stream's width at the attention, d = the context embedder's
+output width (`caption_projection_dim`, the blocks' inner width), not the text encoder's
+(`injection_width`). The rows it is sized by and initialised from (`injection_rows`) are the text's
+context rows as a joint attention first sees them: LN(context_embedder(C)), the first block's
+norm1_context with the timestep modulation left out (shift 0, scale 1); k m_c of them for `concat`,
+where m_c counts every token row (CLIP's and T5's, also T5's zero rows when T5 is omitted). In joint
+attention a concat prompt is not an exact no-op even when it copies the text (the image keys are not
+copied: the copies raise the text's logits by log(k+1)), so KPOP's transfer loss does not start at 0 here.
+`add` (C -> C + p, m_p = m_c or 1) works as in cross-attention and starts exactly at the original.
+
+Sites over the N joint blocks `transformer_blocks.i` (a DiT has no bottleneck; the middle of the stack
+stands in for the UNet's mid block): `mid` = the middle block(s), (N-1)//2 .. N//2 (one for odd N, two
+for even N); `mid+up` = from there to the last block (the UNet's mid block plus its decoder half);
+`all` = every joint block. Only each block's joint attention `attn` is wrapped (SD3.5's extra
+image-only `attn2` reads no text). The last block (context_pre_only) still reads the text as K and V;
+its context output is discarded by the block anyway.
 """
 
 from __future__ import annotations
@@ -62,6 +81,12 @@ class FlowSampler:
 
         i = int((self.timesteps == torch.as_tensor(t, device=self.timesteps.device)).nonzero()[0])
         return SimpleNamespace(prev_sample=z + (self.sigmas[i + 1] - self.sigmas[i]).to(z.dtype) * velocity)
+
+
+def joint_blocks_at(n: int, sites: str) -> range:
+    """Indices of KPOP's `sites` in a stack of n joint blocks (see the module doc)."""
+    lo, hi = (n - 1) // 2, n // 2  # the middle block (odd n) or the two middle blocks (even n)
+    return {"mid": range(lo, hi + 1), "mid+up": range(lo, n), "all": range(n)}[sites]
 
 
 class SD3Family(ModelFamily):
@@ -205,8 +230,32 @@ class SD3Family(ModelFamily):
         return out
 
     def injection_layers(self, denoiser, sites: str) -> list[str]:
-        raise TrceError("KPOP's prompt injection needs a joint-attention processor, which is not implemented for "
-                        "SD3/FLUX yet; use trce, uce or esd")
+        from trce.prompt_injection import SITES
+
+        sites = choose("prompt injection site", sites, SITES)
+        blocks = getattr(denoiser, "transformer_blocks", None) or []
+        processors = denoiser.attn_processors
+        names = [f"transformer_blocks.{i}.attn.processor" for i in joint_blocks_at(len(blocks), sites)]
+        names = [name for name in names if name in processors]
+        if not names:
+            raise TrceError(f"the transformer has no joint attention layer at injection site {sites!r}")
+        return names
+
+    def injection_processor(self, inner, slot, name: str):
+        from trce.prompt_injection import JointPromptInjectionProcessor
+
+        return JointPromptInjectionProcessor(inner, slot, name)
+
+    def injection_width(self, pipe) -> int:
+        return int(self.denoiser(pipe).context_embedder.out_features)  # the context stream's width
+
+    @torch.no_grad()
+    def injection_rows(self, pipe, cond: torch.Tensor) -> torch.Tensor:
+        embedder = self.denoiser(pipe).context_embedder
+        w = embedder.weight
+        rows = embedder(self.token_part(cond).to(w.device, w.dtype)).float()  # (N, m_c, d)
+        # the joint attention reads LN(c) (1 + scale) + shift; without the timestep's modulation: LN(c)
+        return torch.nn.functional.layer_norm(rows, rows.shape[-1:], eps=1e-6).to(cond.device)
 
     def latent_shape(self, pipe_or_denoiser, image_size: int | None = None, scale: int | None = None,
                      ) -> tuple[int, int, int]:

@@ -1,8 +1,9 @@
 """KPOP: erasing a concept with a learnable prompt (Bui et al., "Removing Undesirable Concepts in
 Text-to-Image Diffusion Models with Learnable Prompts"; equations in METHOD_NOTES.md).
 
-A prompt p (m_p tokens x text width) is injected into cross-attention (`trce.prompt_injection`)
-and two objectives alternate, one Adam step each per iteration:
+A prompt p (m_p tokens x width d) is injected into the attention layers that read the text
+(`trce.prompt_injection`: cross-attention, or the joint attention of an MMDiT, where p joins the
+context rows) and two objectives alternate, one Adam step each per iteration:
 
 - knowledge transfer (Eq. 5-6): p <- p - eta_p grad_p || eps_theta'(z_t, c_e, p) - eps_theta(z_t, c_e) ||^2
   (the current model plus p must still draw the concept: its knowledge moves into p);
@@ -42,6 +43,11 @@ Noisy latents z_t (`latents`):
 - `cached`: `cache_trajectories` DDIM trajectories per erase prompt are drawn once with the
   original model and kept; each iteration takes a random (prompt, trajectory, step). About 8x
   cheaper per iteration; z_t always shows the concept as the original model draws it.
+
+The prompt's width d and the rows it is sized by (m_p = k m_c) and initialised from are the model
+family's (`injection_width`, `injection_rows`): the text states for cross-attention, the context
+stream at the joint attention for MMDiTs (SD3, FLUX), whose width is the transformer's, not the
+text encoder's.
 
 The pipeline is left as it was (weights, dtype, processors, requires_grad): the result is an
 `Edit` whose weights are the trained tensors and whose extras hold the hidden prompt, which
@@ -180,7 +186,7 @@ class KPOPConfig:
 
 
 def _initial_prompt(config: KPOPConfig, erase_emb: torch.Tensor, m_p: int, gen: torch.Generator) -> torch.Tensor:
-    """p_0, (m_p, d)."""
+    """p_0, (m_p, d), from the erase prompts' context rows erase_emb (n, m_c, d) (the family's `injection_rows`)."""
     init = config.prompt_init
     if init == "auto":
         init = "erase" if config.mode == "concat" else "zeros"
@@ -193,6 +199,7 @@ def _initial_prompt(config: KPOPConfig, erase_emb: torch.Tensor, m_p: int, gen: 
             return (mean if m_p == m_c else mean.mean(0, keepdim=True)).clone()
         # concat: the text's own tokens repeated k times; for one erase prompt, softmax over the
         # duplicated keys gives back the original output, so the transfer starts from a no-op
+        # (cross-attention; in joint attention the copies raise the text's logits by log(k+1) instead)
         return mean.repeat(-(-m_p // m_c), 1)[:m_p].clone()
     return torch.randn(m_p, d, generator=gen) * erase_emb.std().item()  # random, at the embeddings' scale
 
@@ -245,7 +252,8 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
                             "spec's `preserve:` section gives them); none were given")
         keep_emb = encode_prompts(pipe, keep, chunk=256, device=device)  # (n_k, m_c, d)
     other_emb = _other_concepts(pipe, config, erase_prompts, other_prompts, device)  # (n, J-1, m_c, d) or None
-    _, m_c, d = family.token_part(erase_emb).shape  # the prompt sits beside the text tokens
+    erase_rows = family.injection_rows(pipe, erase_emb)  # (n, m_c, d): the context rows the prompt sits beside
+    _, m_c, d = erase_rows.shape
     m_p = config.prompt_shape_tokens(m_c)
     trainable = family.trainable(unet, config.params)
     settings = {
@@ -266,7 +274,7 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
     with training_state(unet, trainable) as originals, injected(pipe, None, config.mode, config.sites) as slot:
         params = dict(unet.named_parameters())
         train = [params[name] for name in trainable]
-        prompt = torch.nn.Parameter(_initial_prompt(config, family.token_part(erase_emb), m_p, gen).to(device))
+        prompt = torch.nn.Parameter(_initial_prompt(config, erase_rows, m_p, gen).to(device))
         opt_p = torch.optim.Adam([prompt], lr=config.prompt_lr)
         opt = torch.optim.Adam(train, lr=config.lr)
         history: dict[str, list[float]] = {"transfer": [], "removal": [], "l1": [], "l2": [], "l3": []}
@@ -464,9 +472,9 @@ def hidden_prompt_installed(pipe, edit: Edit, apply: bool = False) -> Iterator[A
     """
     prompt, injection = hidden_prompt(edit)
     family = family_of(pipe)
-    width = family.text_width(pipe)
+    width = family.injection_width(pipe)
     if prompt.ndim != 2 or prompt.shape[-1] != width:
-        raise TrceError(f"the hidden prompt has shape {tuple(prompt.shape)}, which does not fit this model's text "
+        raise TrceError(f"the hidden prompt has shape {tuple(prompt.shape)}, which does not fit this model's prompt "
                         f"width {width}")
     denoiser = family.denoiser(pipe)
     prompt = prompt.to(device=denoiser.device, dtype=denoiser.dtype)
