@@ -104,7 +104,7 @@ def plan(concept, method: str = "trce", stages: str | Sequence[str] | None = Non
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TrceError(f"seed must be an integer, got {seed!r}")
     specs = resolve_concepts(concept)
-    overrides = {k: dict(v) for k, v in settings.items() if v}
+    overrides = _hardened(m, {k: dict(v) for k, v in settings.items() if v})
     configs = _configs(chosen, specs, family, overrides, seed)
     if use_cache:
         use_cache = _cache_usable(cache)
@@ -112,6 +112,19 @@ def plan(concept, method: str = "trce", stages: str | Sequence[str] | None = Non
                       checkpoint_dir=checkpoint_dir)
     return Plan(method=m, stages=chosen, specs=tuple(specs), configs=configs, context=context, family=family,
                 overrides=overrides)
+
+
+def _hardened(m: Method, overrides: dict) -> dict:
+    """The caller's `robust: R` of the closed-form stage (`--robust R`) hardens the method's other stages that take
+    `robust` too (TRCE's V), unless the caller set theirs."""
+    closed = next((s for s in ("T", "rece") if s in m.stage_names), None)
+    rounds = (overrides.get(closed) or {}).get("robust") if closed else None
+    if rounds is None:
+        return overrides
+    for stage in m.stages:
+        if stage.name != closed and "robust" in {f.name for f in dataclasses.fields(stage.config_class())}:
+            overrides.setdefault(stage.name, {}).setdefault("robust", rounds)
+    return overrides
 
 
 def _configs(stages, specs, family: str | None, overrides: Mapping, seed: int) -> dict:
@@ -155,7 +168,8 @@ def erase(pipe, concept, method: str = "trce", stages: str | Sequence[str] | Non
     seed      the run's seed; data: the data folder (COCO captions); cache: priors, trajectories and
               checkpoints (default $TRCE_CACHE or ~/.cache/trce); use_cache=False computes everything
     settings  per stage, by name: `T={"eta": 0.01}`, `V={"epochs": 1}`, `kpop={"iterations": 50}`
-    robust    hardening rounds of the closed-form stage (`T`, or RECE's): shorthand for `T={"robust": R}`
+    robust    hardening rounds of the closed-form stage (`T`, or RECE's): shorthand for `T={"robust": R}`, which
+              also hardens TRCE's stage V (`V={"robust": R}`) unless V's own is given
     """
     if robust is not None:
         stage = robust_stage(method)

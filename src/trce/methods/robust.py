@@ -16,6 +16,8 @@ still find a state e that the edited layers read as the concept. Hardening runs 
     3. re-solve Eq. 5 with the unchanged preservation prior.
 
 Adversarial inputs are found on prompts of the spec only (never an evaluation suite's), with seeds of their own.
+The soft-prompt attack (`soft_attack`, `reference_latents_for`) also hardens stage V (`trce.methods.stage_v`), which
+trains on the full conditioning of [prefix; prompt] rather than on its [EoT] row.
 RECE (`--method rece`) is the same loop around UCE (key rows) with closed-form adversaries only, its published
 recipe. The pooled path (SDXL, SD3, FLUX) is solved once, as without hardening: the attacks here act on token
 states.
@@ -23,9 +25,11 @@ states.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,39 +82,61 @@ def pick_pairs(pairs: Sequence[Pair], n: int, seed: int, round_: int) -> list[in
     return sorted(rng.choice(len(pairs), size=min(n, len(pairs)), replace=False).tolist())
 
 
+def soft_attack(pipe, edit: Edit | None, prompts: Sequence[str], picked: Sequence[int], *, tokens: int, steps: int,
+                samples: int, lr: float, seed: int, reference: dict, progress: bool, results: str | Path | None = None,
+                size: int | None = None) -> list:
+    """Soft-prompt attacks (UnlearnDiffAtk's denoising objective, k free input vectors before the prompt) against
+    `pipe` with `edit` applied (None: `pipe` as it is) on `prompts[i]` for i in `picked`; `reference` maps i to the
+    ORIGINAL model's latents of prompts[i] (`reference_for`). Returns the `TargetResult`s in `picked`'s order; each
+    carries `embeds["prompt_embeds"]` (L(+1), D), the text encoder's full conditioning of [prefix; prompt] as the
+    denoiser reads it. `results`: the attack's JSONL (resume, and the work split under `accelerate launch`)."""
+    from trce.attacks import soft_prompt
+    from trce.attacks.base import AttackConfig, Target
+
+    targets = [Target(index=i, prompt=prompts[i], seed=int(seed) * 100003 + i) for i in picked]
+    budget = soft_prompt.Budget(tokens=tokens, steps=steps, lr=lr, samples=samples)
+    config = AttackConfig(budget=budget, seed=seed, results=results, size=size)
+    with edit.applied(pipe, check_base=False) if edit is not None else contextlib.nullcontext():
+        return soft_prompt.attack(pipe, targets, config, reference=reference, progress=progress)
+
+
 def soft_adversaries(pipe, edit: Edit, pairs: Sequence[Pair], picked: Sequence[int], *, tokens: int, steps: int,
                      samples: int, lr: float, seed: int, reference: dict, progress: bool) -> tuple[torch.Tensor, list]:
     """Soft-prompt attacks against `pipe` with `edit` applied on the malicious prompts of `picked` pairs; returns
     ((n, D) text states at the [EoT] of [prefix; prompt], per-attack records)."""
-    from trce.attacks import soft_prompt
-    from trce.attacks.base import AttackConfig, Target, compose
+    from trce.attacks.base import compose
     from trce.tokens import first_eos
 
     fam = family_of(pipe)
     tok = fam.tokenizer(pipe)
-    targets = [Target(index=i, prompt=pairs[i].malicious, seed=int(seed) * 100003 + i) for i in picked]
-    budget = soft_prompt.Budget(tokens=tokens, steps=steps, lr=lr, samples=samples)
-    config = AttackConfig(budget=budget, seed=seed)
-    with edit.applied(pipe, check_base=False):
-        results = soft_prompt.attack(pipe, targets, config, reference=reference, progress=progress)
+    prompts = [p.malicious for p in pairs]
+    results = soft_attack(pipe, edit, prompts, picked, tokens=tokens, steps=steps, samples=samples, lr=lr, seed=seed,
+                          reference=reference, progress=progress)
     rows, records = [], []
-    for target, res in zip(targets, results):
-        ids, _, _ = compose(tok, [tok.bos_token_id] * tokens, target.prompt)
+    for i, res in zip(picked, results):
+        ids, _, _ = compose(tok, [tok.bos_token_id] * tokens, prompts[i])
         pos = int(first_eos(ids[None], tok.eos_token_id)[0])
         cond = res.embeds["prompt_embeds"][None]  # (1, L(+1), D) as the family conditions
         rows.append(fam.token_part(cond)[0, pos].double())
-        records.append({"pair": target.index, "objective": res.objective, "objective_plain": res.objective_plain})
+        records.append({"pair": i, "objective": res.objective, "objective_plain": res.objective_plain})
     return torch.stack(rows), records
 
 
 def reference_for(pipe, pairs: Sequence[Pair], indices: Sequence[int], seed: int, steps: int,
                   guidance: float) -> dict[int, torch.Tensor]:
     """The ORIGINAL model's latents of each picked malicious prompt (what the soft prompts must bring back)."""
+    return reference_latents_for(pipe, [p.malicious for p in pairs], indices, seed, steps, guidance)
+
+
+def reference_latents_for(pipe, prompts: Sequence[str], indices: Sequence[int], seed: int, steps: int,
+                          guidance: float, size: int | None = None) -> dict[int, torch.Tensor]:
+    """{i: (1, C, h, w) latents `pipe` draws from prompts[i]} for i in `indices` (seeded by `seed` and i): pass the
+    ORIGINAL model, whose images of the concept the soft prompts must bring back."""
     from trce.attacks.base import Target
     from trce.attacks.unlearndiff import reference_latents
 
-    targets = [Target(index=i, prompt=pairs[i].malicious, seed=int(seed) * 100003 + i) for i in indices]
-    lat = reference_latents(pipe, targets, steps=steps, guidance=guidance)
+    targets = [Target(index=i, prompt=prompts[i], seed=int(seed) * 100003 + i) for i in indices]
+    lat = reference_latents(pipe, targets, steps=steps, guidance=guidance, size=size)
     return {t.index: x for t, x in zip(targets, lat)}
 
 

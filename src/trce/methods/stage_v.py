@@ -21,6 +21,45 @@ is a pure function of (seed, epoch), so a run killed at any point and rerun resu
 checkpoint (trainable tensors + Adam state, safetensors; step and losses in JSON, written last,
 folder renamed atomically) and ends bit for bit where an uninterrupted run ends (CPU, same seed).
 A non-finite loss stops every process with a `TrceError`; the last good checkpoint is kept.
+
+Hardened stage V (`robust=R`; `trce.erase(..., robust=R)` and `trce erase --robust R` harden T and V). Eq. 8 steers
+the trajectories of the spec's prompts c^m. An attacker who chooses the text encoder's INPUT, a prefix δ of k free
+vectors before the prompt, finds a conditioning c^adv = τ([δ; c^m]) that the edited model reads as the concept
+again: a trajectory Eq. 8 never saw. Hardening puts those conditionings into the loss:
+
+1. adversaries. Round r = 0..R-1 runs before optimizer step s_r = ⌊r·S/R⌋ of the run's S steps (round 0 before
+   training) and attacks, for `robust_prompts` pairs p of the spec (a seeded draw per round among the pairs that
+   have cached trajectories; never an evaluation suite's prompts), the CURRENT model θ_r: the pipeline with stage
+   T's edit and the stage-V weights trained so far. The attack is the white-box soft prompt that hardens stage T
+   (`trce.methods.robust.soft_attack`, UnlearnDiffAtk's Eq. 3 without projection):
+       δ*_p = argmin_δ (1/S') Σ_s || ε_θr( √ᾱ_s z0_p + √(1−ᾱ_s) ε_s, τ([δ; c^m_p]), t_s ) − ε_s ||²,
+   z0_p the ORIGINAL model's image of c^m_p. What joins the loss is the full conditioning
+   c^adv_p = τ([δ*_p; c^m_p]) (L, D), the text encoder's output that the denoiser reads, made by the model family
+   (`family.encode_ids`), so every architecture is hardened the same way.
+2. the loss. Pair p's adversaries A_p (all rounds so far) join its plain conditioning at the SAME cached points:
+   concept sample (n, k) of pair p is conditioned on c ~ U(A_p) with probability ρ (`robust_mix`) when A_p ≠ ∅,
+   else on c^m_p, and
+       L_erase(c) = max( ||ε_θ'(z_t^m, c, t) − f_safe||² − ||ε_θ'(z_t^m, c, t) − f_unsafe||² + α, 0 )   (Eq. 8)
+   with z_t^m, f_safe and f_unsafe of the ORIGINAL model on c^m (Eq. 6, 7); the ∅ half of Eq. 8 and Eq. 9 are
+   unchanged. Why those points and targets: the attack pulls ε_θ'(·, c^adv) towards the original's ε on noisy
+   images of c^m, so the trajectory c^adv opens runs (up to the attack's residual) where the original's c^m
+   trajectory runs, through z_t^m; what the erased model should predict there is what it should predict for c^m,
+   f_safe, away from f_unsafe. So the loss closes the path the attack opened where that path lies, with no new
+   sampling and no reference call in the loop. Altogether the min-max
+       min_θ' E_(n,k) [ (1−ρ) L_erase(c^m) + ρ L_erase(c^adv(θ')) + L_erase(∅) ] / 2 + λ L_preserve       (Eq. 8, 9)
+   solved by alternation: each round solves the inner problem for θ_r, and training minimises with the
+   adversaries held fixed until the next round.
+
+The mix is a pure function of (seed, epoch): its draws come from a generator of their own, so the batches are the
+plain run's and robust=0 runs the very code of the unhardened stage (bit for bit). The adversaries found so far go
+into every checkpoint (`adversaries.safetensors`, their records in `state.json`); a round is attacked through a
+results file in the checkpoint folder (`adversaries/round-N-<digest of the attacked weights>/`), so a run killed
+inside a round finishes that round's attack where it stopped, a file is reused only for the very weights it was
+found against, and under `accelerate launch` the round's targets are split between the processes (which is why a
+hardened run over several processes needs a checkpoint folder). `Edit.info["robust"]` records each round (step,
+pairs, the attack's objective at its start, its end and for the plain prompt, the Eq. 8 hinge of the current model
+under c^m and under the adversaries at the pairs' cached points, the share of samples trained on adversaries and
+their hinge until the next round, seconds) and, under `final`, both hinges at every adversary after training.
 """
 
 from __future__ import annotations
@@ -43,7 +82,7 @@ from tqdm.auto import tqdm
 from trce.edit import Edit
 from trce.errors import TrceError
 from trce.families import family_of
-from trce.methods.training import Checkpoints, encode_prompts, finite_loss
+from trce.methods.training import Checkpoints, check_numbers, encode_prompts, finite_loss
 from trce.methods.trajectories import (
     ConceptTrajectories,
     Reference,
@@ -62,6 +101,10 @@ MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 # Settings that change how a run is carried out but not its result: excluded from the run key so
 # that a rerun with, say, another checkpoint interval still resumes.
 _OPERATIONAL = ("checkpoint_every", "cache_batch_size", "gradient_checkpointing")
+# The hardening settings: recorded (and keyed) only when robust > 0, so that an unhardened run keeps the run key and
+# the settings record of the stage without them (its checkpoints resume across the upgrade).
+_ROBUST = ("robust", "robust_mix", "robust_prompts", "robust_tokens", "robust_steps", "robust_samples", "robust_lr",
+           "robust_reference_steps", "robust_guidance")
 
 
 @dataclass(frozen=True)
@@ -88,6 +131,16 @@ class StageVConfig:
     image_size: int | None = None  # pixels (square); None = the model's default
     cache_batch_size: int = 16  # concept trajectories per reference batch while caching
     gradient_checkpointing: bool = False  # trade compute for memory in the trained UNet
+    # hardening (module doc, "Hardened stage V"): soft-prompt adversaries of the current model join Eq. 8
+    robust: int = 0  # R rounds (0: plain stage V)
+    robust_mix: float = 0.5  # ρ: chance that a concept sample takes an adversary of its pair (when it has one)
+    robust_prompts: int = 16  # spec pairs attacked per round
+    robust_tokens: int = 5  # soft vectors before the prompt
+    robust_steps: int = 30  # Adam steps per soft prompt
+    robust_samples: int = 4  # noisy latents in the attack's denoising objective
+    robust_lr: float = 0.01
+    robust_reference_steps: int = 20  # sampling steps of the original model's images the attack brings back
+    robust_guidance: float = 7.5
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in get_args(MixedPrecision):
@@ -106,6 +159,12 @@ class StageVConfig:
                 raise TrceError(f"stage V setting {name} must not be negative, got {getattr(self, name)!r}")
         if self.image_size is not None and self.image_size < 8:
             raise TrceError(f"stage V image_size must be at least 8 pixels, got {self.image_size!r}")
+        check_numbers(self, "stage V", integers=("robust_prompts", "robust_tokens", "robust_steps", "robust_samples",
+                                                 "robust_reference_steps"),
+                      non_negative_integers=("robust",), positive=("robust_lr", "robust_guidance"))
+        mix = self.robust_mix
+        if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0 <= mix <= 1:
+            raise TrceError(f"stage V robust_mix must be a number in [0, 1], got {mix!r}")
 
     @property
     def keep_steps(self) -> int:
@@ -283,8 +342,8 @@ def erase_v(
         run_key = _run_key(config, pairs, ref, pipe, acc.num_processes, mp)
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else cache_dir / "stage-v-runs" / run_key[:16]
         ckpt = Checkpoints(folder, run_key, "stage V")
-    weights, losses, resumed = _train(pipe, family, pairs, concept, uncond, config, acc, mp, ckpt, progress,
-                                      on_step)
+    weights, losses, resumed, robust = _train(pipe, family, pairs, concept, uncond, config, acc, mp, ckpt, progress,
+                                              on_step, ref)
     t_end = _sync(device)
 
     info = {
@@ -309,13 +368,14 @@ def erase_v(
         "trainable_tensors": len(weights),
         "trainable_parameters": sum(v.numel() for v in weights.values()),
         "run_key": run_key,
+        **({"robust": robust} if robust is not None else {}),
     }
     log.info("stage V: %d steps, loss %s -> %s, %.1fs (cache %.1fs, train %.1fs)", len(losses),
              info["loss_first"], info["loss_last"], t_end - t_start, t_cache - t_start, t_end - t_cache)
     prefix = family.denoiser_name
     # method "trce", stage "V": reports name it "TRCE (V)" (the registry's entry, labelled by stage)
     return Edit(weights={f"{prefix}.{name}": t for name, t in weights.items()}, method="trce", spec=dict(spec or {}),
-                settings={**asdict(config), "stage": "V"}, base=ref.fingerprint, info=info)
+                settings={**_settings(config), "stage": "V"}, base=ref.fingerprint, info=info)
 
 
 _COLUMNS = ("total", "erase", "preserve", "active")
@@ -329,15 +389,20 @@ def _mean_rows(rows: list[list[float]]) -> list[float]:
     return [sum(col) / len(col) for col in zip(*rows)]
 
 
+def _settings(config: StageVConfig) -> dict:
+    """The config as recorded: every field, the hardening ones only when it hardens (robust > 0)."""
+    return {k: v for k, v in asdict(config).items() if config.robust or k not in _ROBUST}
+
+
 def _run_key(config: StageVConfig, pairs, ref: Reference, pipe, world: int, mp: str) -> str:
-    settings = {k: v for k, v in asdict(config).items() if k not in _OPERATIONAL}
+    settings = {k: v for k, v in _settings(config).items() if k not in _OPERATIONAL}
     payload = {"method": METHOD, "settings": settings, "mixed_precision": mp, "world": world,
                "pairs": pairs, "reference": ref.fingerprint["id"], "start": _weights_digest(family_of(pipe).denoiser(pipe))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTrajectories, config: StageVConfig,
-           acc, mp: str, ckpt: Checkpoints | None, progress: bool, on_step):
+           acc, mp: str, ckpt: Checkpoints | None, progress: bool, on_step, ref: Reference):
     device = acc.device
     rank, world = acc.process_index, acc.num_processes
     model = copy.deepcopy(family.denoiser(pipe)).to(device)
@@ -351,7 +416,7 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
     optimizer = torch.optim.Adam(list(params.values()), lr=config.lr)
 
     losses: list[list[float]] = []
-    start, resumed, state = 0, None, None
+    start, resumed, state, files = 0, None, None, {}
     found = ckpt.load() if ckpt is not None else None
     if found is not None:
         start, files, state, where = found
@@ -380,14 +445,24 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
                  "preserve_batch": config.preserve_batch}
     per_epoch = epoch_plan(config.seed, 0, n_traj, keep, len(uncond), **plan_args).steps
     total = per_epoch * config.epochs
+    hard = None
+    if config.robust:
+        hard = _Hardening(pipe, family, pairs, emb_m, (lat, t_concept, f_safe, f_unsafe, pair_index), config, ref,
+                          acc, ckpt, total, progress)
+        if state is not None:
+            hard.load(files, state, where)
     bar = tqdm(total=total, initial=start, desc="stage V training", unit="step",
                disable=not (progress and acc.is_main_process), mininterval=1)
-    plan, plan_epoch = None, -1
+    plan, plan_epoch, draws = None, -1, None
     try:
         for step in range(start, total):
+            if hard is not None:
+                hard.rounds_due(step, params, model)  # the adversaries of the current model (round r at s_r)
             epoch, pos = divmod(step, per_epoch)
             if epoch != plan_epoch:
                 plan, plan_epoch = epoch_plan(config.seed, epoch, n_traj, keep, len(uncond), **plan_args), epoch
+                if hard is not None:
+                    draws = adversary_draws(config.seed, epoch, tuple(plan.trajectory.shape))  # (2, S, A, W, B)
             sums = torch.zeros(len(_COLUMNS), device=device)
             for micro in range(config.grad_accum):
                 ti = plan.trajectory[pos, micro, rank].to(device)  # (B,)
@@ -397,7 +472,12 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
                 z = lat[ti, ki]  # (B, C, h, w)
                 x = torch.cat([z, z, u_lat[ui]])  # (2B + B·U, C, h, w): c^m, ∅ at z_t^m; ∅ at z^u
                 t = torch.cat([t_concept[ki], t_concept[ki], u_t[ui]])
-                e = torch.cat([emb_m[pair_index[ti]], emb_null.expand(b + bu, -1, -1)])
+                e_c = emb_m[pair_index[ti]]  # (B, L, D) c^m of each sample's pair
+                took = None
+                if hard is not None:  # c^adv of the pair instead, with probability robust_mix
+                    e_c, took = hard.mix(e_c, pair_index[ti], draws[0, pos, micro, rank].to(device),
+                                         draws[1, pos, micro, rank].to(device))
+                e = torch.cat([e_c, emb_null.expand(b + bu, -1, -1)])
                 sync = micro == config.grad_accum - 1
                 with (acc.no_sync(prepared) if not sync else contextlib.nullcontext()):
                     with acc.autocast():
@@ -408,6 +488,8 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
                     finite_loss(values[0], "stage V", step + 1, total, ckpt,
                                 f"lower lr (now {config.lr:g}) or use mixed_precision='no'")
                     acc.backward(parts["total"] / config.grad_accum)
+                if hard is not None:
+                    hard.tally(took, triplet_loss(out[:b].detach(), f_safe[ti, ki], f_unsafe[ti, ki], config.margin))
                 sums += values
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # every step (the authors' code never zeroed them)
@@ -418,20 +500,239 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
             done = step + 1
             if ckpt is not None and done % config.checkpoint_every == 0 and done < total and acc.is_main_process:
                     opt_tensors, opt_scalars = io.optimizer_state(optimizer)
-                    ckpt.save(done, {"params.safetensors": {n: params[n] for n in names},
-                                     "optimizer.safetensors": opt_tensors},
-                              {"optimizer": opt_scalars, "losses": losses,
-                               "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                               "batch_order": "pure function of (seed, epoch): nothing else to restore"})
+                    ckpt_files = {"params.safetensors": {n: params[n] for n in names},
+                                  "optimizer.safetensors": opt_tensors}
+                    ckpt_state = {"optimizer": opt_scalars, "losses": losses,
+                                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                                  "batch_order": "pure function of (seed, epoch): nothing else to restore"}
+                    if hard is not None:  # the adversaries found so far: a resumed run trains on the very same
+                        ckpt_files.update(hard.files())
+                        ckpt_state["robust"] = hard.records
+                    ckpt.save(done, ckpt_files, ckpt_state)
             if on_step is not None:
                 on_step(done, _named(row))
     finally:
         bar.close()
     acc.wait_for_everyone()
+    robust = hard.summary(model) if hard is not None else None
     weights = {n: params[n].detach().float().cpu().clone() for n in names}
     if ckpt is not None and acc.is_main_process:
         ckpt.finish()  # finished: the Edit holds the result
-    return weights, losses, resumed
+    return weights, losses, resumed, robust
+
+
+# --------------------------------------------------------------------------- hardening (module doc)
+def round_steps(rounds: int, total: int) -> list[int]:
+    """s_r = ⌊r·S/R⌋: the optimizer step before which round r runs (round 0 before training)."""
+    return [r * total // rounds for r in range(rounds)]
+
+
+def adversary_draws(seed: int, epoch: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """(2, *shape) uniform [0, 1) draws of an epoch's concept samples: [0] decides whether a sample takes an adversary
+    (< robust_mix), [1] which of its pair's. A pure function of (seed, epoch), apart from the batch plan's draws."""
+    gen = torch.Generator("cpu").manual_seed(mix_seed("stage-v-adversary", seed, epoch))
+    return torch.rand((2, *shape), generator=gen)
+
+
+@contextlib.contextmanager
+def _original(pipe, family, ref: Reference):
+    """Within the block, a pipeline that draws as the ORIGINAL model: the reference pipeline, `pipe` itself (stage V
+    alone), or `pipe` with the reference denoiser's tensors written over the ones an earlier stage changed."""
+    if ref.encode_pipe is not pipe:
+        yield ref.encode_pipe
+        return
+    own = family.denoiser(pipe)
+    if ref.denoiser is own:
+        yield pipe
+        return
+    mine = dict(own.named_parameters())
+    theirs = dict(ref.denoiser.named_parameters())
+    if set(mine) != set(theirs):
+        raise TrceError("the stage V reference denoiser has other parameters than the pipeline's; pass the original "
+                        "model of this pipeline")
+    changed = {f"{family.denoiser_name}.{n}": p.detach() for n, p in theirs.items()
+               if not torch.equal(p.detach().to(mine[n].device), mine[n].detach())}
+    with Edit(weights=changed, method="original").applied(pipe, check_base=False):
+        yield pipe
+
+
+class _Hardening:
+    """The adversaries of a hardened stage V run (module doc): when each round runs, the pool, the per-sample mix and
+    the records. Every process holds the same pool (the attacks' results are shared through their files)."""
+
+    def __init__(self, pipe, family, pairs, emb_m: torch.Tensor, data, config: StageVConfig, ref: Reference, acc,
+                 ckpt: Checkpoints | None, total: int, progress: bool):
+        from trce.methods.robust import pick_pairs
+
+        self.pipe, self.family, self.config, self.ref, self.acc = pipe, family, config, ref, acc
+        self.prompts = [m for m, _ in pairs]
+        self.emb_m = emb_m  # (P, L, D) c^m
+        self.lat, self.t, self.f_safe, self.f_unsafe, pair_index = data  # (N, K, C, h, w), (K,), ..., (N,)
+        self.first: dict[int, int] = {}  # pair -> its first cached trajectory (where the hinges are measured)
+        for n, p in enumerate(pair_index.tolist()):
+            self.first.setdefault(p, n)
+        present = sorted(self.first)  # pairs without a trajectory never reach Eq. 8: not attacked
+        self.seed = mix_seed("stage-v-robust", config.seed)
+        self.starts = round_steps(config.robust, total)
+        self.picks = [[present[j] for j in pick_pairs(present, config.robust_prompts, self.seed, r)]
+                      for r in range(config.robust)]
+        self.folder = ckpt.folder / "adversaries" if ckpt is not None else None
+        if self.folder is None and acc.num_processes > 1:
+            raise TrceError(f"hardened stage V over {acc.num_processes} processes shares each round's adversaries "
+                            "through its checkpoint folder; give it a cache or checkpoint folder and checkpoint_every "
+                            "> 0, or set robust=0")
+        self.progress = progress and acc.is_main_process
+        self.cond = emb_m.new_zeros((0, *emb_m.shape[1:]))  # (N_adv, L, D) c^adv
+        self.pair = torch.zeros(0, dtype=torch.long, device=emb_m.device)  # (N_adv,) the pair of each
+        self.records: list[dict] = []
+        self.reference: dict[int, torch.Tensor] | None = None  # pair -> the original model's latents of c^m
+        self._index()
+
+    # ------------------------------------------------------------------ the pool
+    def _index(self) -> None:
+        """count (P,) adversaries per pair and table (P, A_max) their rows in the pool (-1 past the count)."""
+        n_pairs = self.emb_m.shape[0]
+        self.count = torch.bincount(self.pair, minlength=n_pairs)  # (P,)
+        table = torch.full((n_pairs, max(1, int(self.count.max()) if len(self.pair) else 1)), -1, dtype=torch.long)
+        for p in range(n_pairs):
+            rows = (self.pair == p).nonzero()[:, 0].cpu()
+            table[p, :len(rows)] = rows
+        self.table = table.to(self.pair.device)
+
+    def mix(self, emb: torch.Tensor, pair: torch.Tensor, u_mix: torch.Tensor, u_pick: torch.Tensor,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """emb (B, L, D) c^m of the samples' pairs `pair` (B,) -> the conditionings with an adversary of the pair
+        where u_mix < robust_mix and the pair has one (u_pick picks which), and (B,) bool: where it took one."""
+        count = self.count[pair]  # (B,)
+        took = (u_mix < self.config.robust_mix) & (count > 0)
+        if not bool(took.any()):
+            return emb, took
+        j = torch.minimum((u_pick * count).long(), (count - 1).clamp(min=0))  # (B,) uniform in [0, count)
+        rows = self.table[pair, j].clamp(min=0)  # (B,) rows of the pool
+        return torch.where(took[:, None, None], self.cond[rows], emb), took
+
+    def tally(self, took: torch.Tensor, hinge: torch.Tensor) -> None:
+        """Add a micro-batch's samples (all processes) to the latest round's training record: how many took an
+        adversary, and the Eq. 8 hinge (B,) of those and of the plain ones."""
+        took = took.float()
+        sums = torch.stack([torch.tensor(float(len(took)), device=hinge.device), took.sum(),
+                            (hinge * took).sum(), (hinge * (1 - took)).sum()])
+        sums = self.acc.reduce(sums, reduction="sum").tolist()
+        trained = self.records[-1]["trained"]
+        for key, value in zip(("samples", "adversarial", "hinge_adversarial_sum", "hinge_plain_sum"), sums):
+            trained[key] += value
+
+    # ------------------------------------------------------------------ rounds
+    def rounds_due(self, step: int, params: dict[str, torch.nn.Parameter], model: torch.nn.Module) -> None:
+        """Run every round due before optimizer step `step` (s_r <= step) that has not run yet."""
+        while len(self.records) < len(self.starts) and self.starts[len(self.records)] <= step:
+            self._round(len(self.records), step, params, model)
+
+    def _round(self, r: int, step: int, params: dict[str, torch.nn.Parameter], model: torch.nn.Module) -> None:
+        from trce.methods.robust import reference_latents_for, soft_attack
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        picked = self.picks[r]
+        if self.reference is None:  # the original's images of every round's prompts, once (seeded: a resume remakes them)
+            every = sorted({i for pick in self.picks for i in pick})
+            with _original(self.pipe, self.family, self.ref) as original:
+                self.reference = reference_latents_for(original, self.prompts, every, cfg.seed,
+                                                       cfg.robust_reference_steps, cfg.robust_guidance, cfg.image_size)
+        # the CURRENT model: the pipeline (stage T applied) with the stage-V weights trained so far
+        current = Edit(weights={f"{self.family.denoiser_name}.{n}": p.detach() for n, p in params.items()},
+                       method="trce")
+        results = None
+        if self.folder is not None:  # keyed by the exact weights attacked: reused only for them
+            results = self.folder / f"round-{r + 1}-{current.digest()['tensors'][:16]}" / "soft-prompt.jsonl"
+        found = soft_attack(self.pipe, current, self.prompts, picked, tokens=cfg.robust_tokens,
+                            steps=cfg.robust_steps, samples=cfg.robust_samples, lr=cfg.robust_lr,
+                            seed=mix_seed("stage-v-adversary-round", self.seed, r) % 2**31, reference=self.reference,
+                            progress=self.progress, results=results, size=cfg.image_size)
+        cond = torch.stack([res.embeds["prompt_embeds"] for res in found]).to(self.emb_m)  # (n, L, D) c^adv
+        if cond.shape[1:] != self.emb_m.shape[1:]:
+            raise TrceError(f"the soft-prompt conditionings have shape {tuple(cond.shape[1:])}, the prompts' "
+                            f"{tuple(self.emb_m.shape[1:])}: this model family's encode_ids and encode disagree")
+        pair = torch.tensor(picked, dtype=torch.long, device=self.pair.device)  # (n,)
+        plain, adversarial = self.hinges(model, cond, pair)
+        self.cond, self.pair = torch.cat([self.cond, cond]), torch.cat([self.pair, pair])
+        self._index()
+        record = {
+            "round": r + 1, "step": step, "pairs": list(picked), "adversaries": len(picked),
+            "objective_start": _mean(res.objective_start for res in found),  # the attack's Eq. 3 at its start
+            "objective": _mean(res.objective for res in found),  # ... at the adversary found
+            "objective_plain": _mean(res.objective_plain for res in found),  # ... for the plain prompt
+            "erase_plain": plain, "erase_adversarial": adversarial,  # Eq. 8 hinge of the current model
+            "trained": {"samples": 0.0, "adversarial": 0.0, "hinge_adversarial_sum": 0.0, "hinge_plain_sum": 0.0},
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        log.info("stage V hardening round %d at step %d: %d adversaries, attack objective %.4g -> %.4g (plain %.4g), "
+                 "Eq. 8 hinge plain %.4g, adversarial %.4g, %.1fs", r + 1, step, len(picked),
+                 record["objective_start"], record["objective"], record["objective_plain"], plain, adversarial,
+                 record["seconds"])
+        self.records.append(record)
+
+    @torch.no_grad()
+    def hinges(self, model: torch.nn.Module, cond: torch.Tensor, pair: torch.Tensor) -> tuple[float, float]:
+        """Mean Eq. 8 hinge of `model` under c^m and under the adversaries `cond` (n, L, D) of pairs `pair` (n,), at
+        every cached step of each pair's first trajectory: how much of the erasure each adversary undoes."""
+        keep = self.t.shape[0]
+        chunk = max(1, self.config.cache_batch_size)
+        plain, adversarial = [], []
+        for c, p in zip(cond, pair.tolist()):
+            n = self.first[p]
+            for k0 in range(0, keep, chunk):
+                ks = slice(k0, min(keep, k0 + chunk))
+                z, t = self.lat[n, ks], self.t[ks]  # (k, C, h, w), (k,)
+                e = torch.cat([self.emb_m[p].expand(len(z), -1, -1), c.expand(len(z), -1, -1)])  # (2k, L, D)
+                with self.acc.autocast():
+                    out = self.family.predict(model, torch.cat([z, z]), torch.cat([t, t]), e).float()
+                fs, fu = self.f_safe[n, ks], self.f_unsafe[n, ks]
+                h = triplet_loss(out, torch.cat([fs, fs]), torch.cat([fu, fu]), self.config.margin)  # (2k,)
+                plain.append(h[:len(z)])
+                adversarial.append(h[len(z):])
+        return float(torch.cat(plain).mean()), float(torch.cat(adversarial).mean())
+
+    # ------------------------------------------------------------------ checkpoints and records
+    def files(self) -> dict[str, dict[str, torch.Tensor]]:
+        if not len(self.pair):
+            return {}
+        return {"adversaries.safetensors": {"cond": self.cond, "pair": self.pair}}
+
+    def load(self, files: dict, state: dict, where) -> None:
+        records = state.get("robust")
+        saved = files.get("adversaries.safetensors", {})
+        n = sum(r["adversaries"] for r in records or [])
+        if records is None or (n and set(saved) != {"cond", "pair"}) or (n and len(saved["pair"]) != n):
+            raise TrceError(f"checkpoint {where} does not hold the adversaries of this hardened stage V run; delete it")
+        self.records = [dict(r, trained=dict(r["trained"])) for r in records]
+        if n:
+            self.cond = saved["cond"].to(self.emb_m)
+            self.pair = saved["pair"].to(self.pair.device)
+        self._index()
+
+    def summary(self, model: torch.nn.Module) -> dict:
+        """Edit.info["robust"]: the rounds (training tallies as means) and both hinges at every adversary after
+        training."""
+        rounds = []
+        for r in self.records:
+            tr = r["trained"]
+            adv, samples = tr["adversarial"], tr["samples"]
+            trained = {"samples": int(samples), "adversarial_share": adv / samples if samples else None,
+                       "erase_adversarial": tr["hinge_adversarial_sum"] / adv if adv else None,
+                       "erase_plain": tr["hinge_plain_sum"] / (samples - adv) if samples > adv else None}
+            rounds.append({**r, "trained": trained})
+        final = None
+        if len(self.pair):
+            plain, adversarial = self.hinges(model, self.cond, self.pair)
+            final = {"erase_plain": plain, "erase_adversarial": adversarial}
+        return {"rounds": rounds, "adversaries": len(self.pair), "mix": self.config.robust_mix, "final": final,
+                "attack": "soft"}
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def run(pipe, specs, config: StageVConfig, context: Context) -> Edit:
