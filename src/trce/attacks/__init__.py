@@ -11,7 +11,9 @@ original model's images of the concept):
 - `unlearndiff`  Zhang et al. 2024: a k-token prefix optimised through the model under test;
 - `soft-prompt`  the same objective with free embeddings: "knowledge left", not a typed threat.
 
-`get_attack(name)` returns the module; shared pieces are in `trce.attacks.base`.
+Every budget has `restarts` (independent searches per target; `trce.attacks.base`). `get_attack(name)` returns
+the module; shared pieces are in `trce.attacks.base`; `trce.attacks.held_out` keeps hardened patches from being
+attacked on the prompts they were hardened on.
 """
 
 from __future__ import annotations

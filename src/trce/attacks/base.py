@@ -25,11 +25,23 @@ appends one JSON line per finished target (fsynced), and a rerun skips targets w
 (same target prompt, seed and configuration digest). Under `accelerate launch` the unfinished
 targets are split with `PartialState.split_between_processes`; each rank appends to its own
 `NAME.rank{r}.jsonl` and rank 0 merges the shards into the results file.
+
+Random restarts. Every attack's `Budget` has `restarts` (default 1): the driver runs that many independent
+searches per target, restart r seeded by `target_seed` from (run seed, target seed, target index, r). The
+target's line then holds every restart (`extra["restarts"]`, `restart_results` reads them back) and its top
+level is the restart with the lowest objective (the attack's own pick); `trce attack` judges each restart's
+image and keeps the first that succeeds (`choose_restart`). Restart 0 is exactly the search of a run without
+restarts, and with `restarts=1` nothing about a result changes: not its seed, its line, nor its digest.
+
+Seed streams. `AttackConfig.stream` (0: the attacks' own stream) adds a tag word to every search seed:
+`trce attack` on a hardened patch uses `HELD_OUT_STREAM`, so its searches never replay a seed of the
+hardening's own attacks (whose seed words end in a prompt index, never in the tag).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -53,11 +65,20 @@ from trce.utils.records import Records
 log = logging.getLogger(__name__)
 
 METRICS = ("cosine", "l2")
+# the seed-stream tag of attacks on hardened patches (see the module doc); any nonzero word far above a prompt index
+HELD_OUT_STREAM = 0x5EED_A77C
+RESTART_SELECTION = ("success first (the detector's verdict on the restart's after-image), then the lowest "
+                     "objective of the attack, then the lowest restart index")
 
 
 # --------------------------------------------------------------------------- configs
 def check_budget(budget: Any, attack: str, positive: Sequence[str] = (), unit: Sequence[str] = ()) -> None:
-    """Every number finite and >= 0; `positive` ones > 0; `unit` ones in [0, 1]; TrceError names the key."""
+    """Every number finite and >= 0; `positive` ones > 0; `unit` ones in [0, 1]; TrceError names the key.
+    `restarts` (every attack's) is always positive."""
+    positive = (*positive, "restarts")
+    restarts = getattr(budget, "restarts", 1)
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise TrceError(f"{attack} budget restarts must be a positive integer, got {restarts!r}")
     for f in fields(budget):
         value = getattr(budget, f.name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -111,6 +132,7 @@ class AttackConfig:
     results  JSONL of finished targets (resume; required for several processes); soft prompts'
              embeddings go to `embeddings/` beside it
     size     image size of the reference images (white-box attacks; None: the model's)
+    stream   seed-stream tag (0: none; `HELD_OUT_STREAM` on hardened patches, see the module doc)
     """
 
     budget: Any = None
@@ -119,8 +141,11 @@ class AttackConfig:
     pairs: tuple[tuple[str, str], ...] = ()
     results: str | Path | None = None
     size: int | None = None
+    stream: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.stream, bool) or not isinstance(self.stream, int) or not 0 <= self.stream < 2 ** 32:
+            raise TrceError(f"seed stream must be an integer in [0, 2**32), got {self.stream!r}")
         object.__setattr__(self, "banned", tuple(sorted({w.strip().lower() for w in self.banned if w.strip()})))
         object.__setattr__(self, "pairs", tuple((str(a), str(b)) for a, b in self.pairs))
         if self.size is not None and (self.size < 8 or self.size % 8):
@@ -139,21 +164,40 @@ class AttackConfig:
 
     def digest(self, attack: str) -> str:
         """What a finished result line must have been made with to be reused (everything but `results`)."""
-        key = {"attack": attack, "budget": dataclasses.asdict(self.budget) if self.budget is not None else None,
-               "seed": self.seed, "banned": list(self.banned), "pairs": [list(p) for p in self.pairs],
-               "size": self.size}
+        key = {"attack": attack, "budget": budget_key(self.budget), "seed": self.seed, "banned": list(self.banned),
+               "pairs": [list(p) for p in self.pairs], "size": self.size}
+        if self.stream:  # only when set: lines written before streams existed stay valid
+            key["stream"] = self.stream
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def budget_key(budget: Any) -> dict | None:
+    """A budget as the digests and run keys record it: `restarts` left out at its default 1, so that results
+    and run folders made before restarts existed still match."""
+    if budget is None:
+        return None
+    d = dataclasses.asdict(budget)
+    if d.get("restarts") == 1:
+        del d["restarts"]
+    return d
+
+
+def restarts_of(budget: Any) -> int:
+    """The budget's number of independent searches per target (1 for a budget without `restarts`)."""
+    return int(getattr(budget, "restarts", 1) or 1)
 
 
 @dataclass(frozen=True)
 class Target:
-    """A prompt to attack: its position, text, and the seed its images are made with."""
+    """A prompt to attack: its position, text, and the seed its images are made with; `restart`: which of the
+    target's independent searches this is (0 for the first, the only one without restarts)."""
 
     index: int
     prompt: str
     seed: int
     guidance: float | None = None
     case_number: int | str | None = None
+    restart: int = 0
 
 
 def as_targets(targets: Sequence[Target | str]) -> list[Target]:
@@ -176,6 +220,8 @@ class TargetResult:
                at its starting point, `objective_plain` for the target prompt typed as it is
     embeds     soft prompts: {"prompt_embeds": (L, D), "token_embeds": (k, D)}; `embeddings` is
                their file, relative to the results file's folder
+    extra      the attack's own facts; with restarts also "restart" (which restart the top level is) and
+               "restarts" (one record per restart, `restart_results`)
     """
 
     index: int
@@ -195,16 +241,62 @@ class TargetResult:
     embeddings: str | None = None
     extra: dict = field(default_factory=dict)
     embeds: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    # in memory only: every restart's own result (their embeddings included), in restart order
+    alternatives: list | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("embeds")
+        d = dataclasses.asdict(dataclasses.replace(self, embeds=None, alternatives=None))
+        for name in _MEMORY_ONLY:
+            d.pop(name)
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> TargetResult:
-        names = {f.name for f in fields(cls)} - {"embeds"}
+        names = {f.name for f in fields(cls)} - _MEMORY_ONLY
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+_MEMORY_ONLY = frozenset({"embeds", "alternatives"})
+_RESTART_FIELDS = ("attack_seed", "prompt", "tokens", "ids", "objective", "objective_start", "objective_plain",
+                   "steps", "seconds", "embeddings", "extra")
+
+
+def combine_restarts(parts: Sequence[TargetResult]) -> TargetResult:
+    """One target's restarts as one result: the top level is the restart with the lowest objective (ties: the
+    first), `extra["restart"]` says which, `extra["restarts"]` records each, `alternatives` holds them all."""
+    best = min(range(len(parts)), key=lambda r: (parts[r].objective, r))
+    top = parts[best]
+    records = [{"restart": r, **{k: copy.deepcopy(getattr(p, k)) for k in _RESTART_FIELDS}}
+               for r, p in enumerate(parts)]
+    return dataclasses.replace(top, seconds=round(sum(p.seconds for p in parts), 3),
+                               extra={**top.extra, "restart": best, "restarts": records}, alternatives=list(parts))
+
+
+def restart_results(result: TargetResult, folder: Path | None = None) -> list[TargetResult]:
+    """Every restart of one target's result, in restart order (the result alone when it has no restarts); their
+    soft-prompt embeddings from memory, else from their files under `folder` (the results file's folder)."""
+    records = result.extra.get("restarts")
+    if not records:
+        return [result]
+    if result.alternatives is not None and len(result.alternatives) == len(records):
+        return list(result.alternatives)
+    out = []
+    for rec in records:
+        extra = dict(rec.get("extra") or {})
+        part = dataclasses.replace(result, **{k: rec.get(k, getattr(result, k)) for k in _RESTART_FIELDS
+                                              if k != "extra"}, extra=extra, embeds=None, alternatives=None)
+        if part.embeddings is not None and folder is not None:
+            from trce.utils import io
+
+            part.embeds = io.load_tensors(folder / part.embeddings)
+        out.append(part)
+    return out
+
+
+def choose_restart(objectives: Sequence[float], verdicts: Sequence[bool | None]) -> int:
+    """The restart kept for a target (`RESTART_SELECTION`): the first to succeed by the detector's verdict (True;
+    False and undecided None do not), then the lowest objective, then the lowest index."""
+    return min(range(len(objectives)), key=lambda r: (verdicts[r] is not True, objectives[r], r))
 
 
 # --------------------------------------------------------------------------- the real-token vocabulary
@@ -384,9 +476,18 @@ def finite(value: torch.Tensor | float, attack: str, target: Target, step: int, 
 
 
 def target_seed(config: AttackConfig, target: Target) -> int:
-    """The search seed of one target: independent of the other targets and of sharding."""
-    return int(np.random.SeedSequence([int(config.seed), int(target.seed), int(target.index)])
-               .generate_state(1, dtype=np.uint32)[0])
+    """The search seed of one target's restart: independent of the other targets and of sharding.
+
+    SeedSequence([seed, target seed, index]) for restart 0 (what every search used before restarts existed),
+    with the restart index as a fourth word for restart r > 0 (SeedSequence pads short entropy with zeros, so
+    a nonzero word is a new stream) and, with a seed stream (`AttackConfig.stream`), both words and the tag.
+    """
+    words = [int(config.seed), int(target.seed), int(target.index)]
+    if target.restart or config.stream:
+        words.append(int(target.restart))
+    if config.stream:
+        words.append(int(config.stream))
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint32)[0])
 
 
 # --------------------------------------------------------------------------- processes and files
@@ -405,15 +506,21 @@ def load_result(rec: dict, folder: Path) -> TargetResult:
 
 
 def _finished(rec: dict | None, target: Target, digest: str, folder: Path) -> bool:
-    return (rec is not None and rec.get("digest") == digest and rec.get("target") == target.prompt
-            and rec.get("seed") == target.seed
-            and (rec.get("embeddings") is None or (folder / rec["embeddings"]).exists()))
+    if rec is None or rec.get("digest") != digest or rec.get("target") != target.prompt or rec.get("seed") != target.seed:
+        return False
+    files = [rec.get("embeddings")] + [r.get("embeddings") for r in (rec.get("extra") or {}).get("restarts") or []]
+    return all(f is None or (folder / f).exists() for f in files)
 
 
 def run_targets(attack: str, targets: Sequence[Target | str], config: AttackConfig,
                 solve: Callable[[Target], TargetResult], progress: bool = True) -> list[TargetResult]:
-    """Solve every unfinished target (see the module doc); returns every target's result, in order."""
+    """Solve every unfinished target (see the module doc); returns every target's result, in order.
+
+    With `restarts` > 1 in the budget, `solve` runs once per restart (the target's `restart` set) and the target's
+    result combines them (`combine_restarts`); a target is written, and resumed, as a whole.
+    """
     targets = as_targets(targets)
+    restarts = restarts_of(config.budget)
     digest = config.digest(attack)
     path = Path(config.results) if config.results is not None else None
     state = process_state()
@@ -431,10 +538,14 @@ def run_targets(attack: str, targets: Sequence[Target | str], config: AttackConf
                                        disable=not progress or not state.is_main_process))
         append = stack.enter_context(records.appender()) if records is not None else None
         for target in bar:
-            t0 = time.time()
-            result = solve(target)
-            result.seconds = round(time.time() - t0, 3)
-            result.digest = digest
+            parts = []
+            for r in range(restarts):
+                t0 = time.time()
+                part = solve(dataclasses.replace(target, restart=r) if r else target)
+                part.seconds = round(time.time() - t0, 3)
+                part.digest = digest
+                parts.append(part)
+            result = parts[0] if restarts == 1 else combine_restarts(parts)
             fresh[target.index] = result
             bar.set_postfix(objective=f"{result.objective:.4g}")
             if append is not None:
@@ -449,8 +560,9 @@ def run_targets(attack: str, targets: Sequence[Target | str], config: AttackConf
 
 
 def embeddings_file(config: AttackConfig, target: Target) -> tuple[Path | None, str | None]:
-    """(absolute path, path relative to the results folder) where a soft prompt's tensors go."""
+    """(absolute path, path relative to the results folder) where a soft prompt's tensors go (restart r > 0 of a
+    target: `-r{r}` after the index)."""
     if config.results is None:
         return None, None
-    rel = f"embeddings/{target.index:05d}.safetensors"
+    rel = f"embeddings/{target.index:05d}{f'-r{target.restart}' if target.restart else ''}.safetensors"
     return Path(config.results).parent / rel, rel

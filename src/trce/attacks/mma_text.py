@@ -60,6 +60,7 @@ class Budget:
     candidates: int = 512  # prompts evaluated per step
     match: str = "pooled"
     batch_size: int = 256  # prompts per text-encoder call
+    restarts: int = 1  # independent searches per target, seeded apart (trce.attacks.base)
 
     def __post_init__(self) -> None:
         check_budget(self, NAME, positive=("tokens", "topk", "candidates", "batch_size"))

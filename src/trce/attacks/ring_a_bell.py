@@ -67,6 +67,7 @@ class Budget:
     tournament: int = 3
     metric: str = "mse"
     batch_size: int = 256  # prompts per text-encoder call
+    restarts: int = 1  # independent searches per target, seeded apart (trce.attacks.base)
 
     def __post_init__(self) -> None:
         check_budget(self, NAME, positive=("tokens", "population", "elite", "tournament", "batch_size"),

@@ -12,7 +12,19 @@ Output folder (`out`):
     out/embeddings/*.safetensors   soft-prompt only: prompt_embeds (L, D) and token_embeds (k, D)
     out/before/images, before/rows.jsonl   the target prompts as they are (ASR before)
     out/images, out/rows.jsonl             the adversarial prompts (ASR after)
+    out/restarts/images, restarts/rows.jsonl   with `restarts=N` in the budget: every restart's adversarial
+                               prompt, drawn and judged (images `{index}-r{restart}.png`)
     out/metrics.json           both rates with 95% Wilson intervals and the "attack" record
+
+Random restarts (`--budget restarts=N`, every attack): N independent searches per target, seeded apart
+(`trce.attacks.base.target_seed`). A target counts as broken when ANY restart's prompt succeeds (the detector's
+verdict on its image); the restart kept for it, in adversarial.csv, images/ and rows.jsonl, is chosen by
+`trce.attacks.base.RESTART_SELECTION`: success first, then the attack's own objective (lower is better). So
+the ASR after is the any-restart rate; metrics.json's attack.restarts also gives each restart's own rate.
+restarts=1 (the default) is the run without restarts, bit for bit.
+
+Hardened patches (`trce.attacks.held_out`): targets whose prompt the patch was hardened on are dropped (counted
+in metrics.json `held_out`), and the searches use a seed stream of their own.
 """
 
 from __future__ import annotations
@@ -87,13 +99,15 @@ def attack(pipe, suite: str, attack: str, *, edit=None, budget: Any = None, out:
     """Attack `pipe` (with `edit` applied for the duration, when given) on a suite's prompts; returns the metrics.
 
     attack     ring-a-bell, mma-text, unlearndiff or soft-prompt (`trce.attacks.ATTACKS`)
-    budget     the attack's `Budget`, a mapping of its fields, or ["key=value", ...] (None: its defaults)
+    budget     the attack's `Budget`, a mapping of its fields, or ["key=value", ...] (None: its defaults);
+               `restarts=N` (every attack): N searches per target, broken when any succeeds (the module doc)
     out        the run folder; rerunning into it resumes. None: a temporary folder, removed afterwards
     reference  the ORIGINAL model for the white-box attacks' images of the concept (a pipeline); None:
                `pipe` without the edit
     options    any field of `AttackOptions`: limit, seed, groups, concept, ban, pairs, data, steps,
                guidance, size, batch_size, detector, threshold, progress
-    Returns None on the non-main processes of a sharded (`accelerate launch`) run.
+    Returns None on the non-main processes of a sharded (`accelerate launch`) run. A hardened `edit` is attacked
+    on held-out targets only (`trce.attacks.held_out`).
     """
     for name in options:
         if name not in {f.name for f in dataclasses.fields(AttackOptions)}:
@@ -267,7 +281,7 @@ def _run(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: Att
 
 def _attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: AttackOptions, record: dict,
             prepared: dict | None, state) -> AttackResult | None:
-    from trce.attacks.base import AttackConfig
+    from trce.attacks.base import HELD_OUT_STREAM, AttackConfig, budget_key, restarts_of
     from trce.eval.detectors import make_detector
     from trce.eval.prompts import PromptRow
     from trce.eval.runner import generate_rows
@@ -278,6 +292,9 @@ def _attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: 
 
     t0 = time.time()
     p = prepared or prepare(suite, attack_name, budget, opts)
+    if "held_out" not in p:  # `trce attack` holds out before the model loads
+        p = hold_out_targets(p, edit, state.is_main_process)
+    held_out = p["held_out"]
     mod, budget, suite, targets, rows = p["mod"], p["budget"], p["suite"], p["targets"], p["rows"]
     settings, guidances, size = p["settings"], p["guidances"], p["size"]
     seeds = [t.seed for t in targets]
@@ -292,36 +309,43 @@ def _attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: 
     model = getattr(pipe, "trce_model_name", None) or type(pipe).__name__
     reference_name = getattr(reference, "trce_model_name", None) if reference is not None else None
     key = {"model": model, "base": fingerprint(pipe)["id"], "patch": edit.digest() if edit is not None else None,
-           "suite": f"{suite.name}@{suite.version}", "attack": mod.NAME, "budget": dataclasses.asdict(budget),
+           "suite": f"{suite.name}@{suite.version}", "attack": mod.NAME, "budget": budget_key(budget),
            "seed": opts.seed, "banned": p["concept"]["banned"], "pairs": p["concept"].get("pairs_source"),
            "reference_model": reference_name, "steps": settings.steps, "size": size, "guidance": opts.guidance,
            "detector": detector.info(), "dtype": str(denoiser.dtype)}
+    if held_out is not None:  # only for hardened patches: other run folders keep their keys
+        key["held_out"] = {"dropped": held_out["dropped_indices"], "seed_stream": held_out["seed_stream"]}
     io.check_run_key(out / "attack.json", key, state, "an attack")
 
     if mod.NEEDS_REFERENCE and reference is None:
         # the original model's images of the concept: the edit taken off for the draw, or the model itself
         reference = _original_latents(pipe, edit, budget, size) if edit is not None else pipe
     config = AttackConfig(budget=budget, seed=opts.seed, banned=p["banned"], pairs=p["pairs"], results=out / RESULTS,
-                          size=size)
+                          size=size, stream=HELD_OUT_STREAM if held_out is not None else 0)
+    restarts = restarts_of(budget)
     with edit.applied(pipe) if edit is not None else contextlib.nullcontext():
         results = mod.attack(pipe, targets, config, reference=reference if mod.NEEDS_REFERENCE else None,
                              progress=opts.progress)
         reference = None  # the original model is not needed for the images
         before = generate_rows(pipe, rows, seeds, guidances, out / BEFORE, settings, detector, state,
                                progress=opts.progress, desc=f"before {suite.name}")
-        after_rows = [PromptRow(prompt=r.prompt if mod.TYPED else _placeholder(t.index), seed=t.seed,
-                                guidance=g, categories=row.categories, case_number=t.index,
-                                extra={**row.extra, "target_prompt": t.prompt})
-                      for r, t, g, row in zip(results, targets, guidances, rows)]
-        embeds = None if mod.TYPED else torch.stack([r.embeds["prompt_embeds"] for r in results])  # (N, L, D)
-        after = generate_rows(pipe, after_rows, seeds, guidances, out, settings, detector, state,
-                              progress=opts.progress, desc=f"after {mod.NAME}", embeds=embeds)
+        if restarts == 1:
+            after_rows = [PromptRow(prompt=r.prompt if mod.TYPED else _placeholder(t.index), seed=t.seed,
+                                    guidance=g, categories=row.categories, case_number=t.index,
+                                    extra={**row.extra, "target_prompt": t.prompt})
+                          for r, t, g, row in zip(results, targets, guidances, rows)]
+            embeds = None if mod.TYPED else torch.stack([r.embeds["prompt_embeds"] for r in results])  # (N, L, D)
+            after = generate_rows(pipe, after_rows, seeds, guidances, out, settings, detector, state,
+                                  progress=opts.progress, desc=f"after {mod.NAME}", embeds=embeds)
+        else:
+            results, after = _judge_restarts(pipe, mod, results, targets, guidances, rows, out, settings, detector,
+                                             state, opts.progress)
     if not state.is_main_process:
         return None
-    _write_csv(out / CSV_NAME, results, targets, guidances, mod.TYPED)
+    _write_csv(out / CSV_NAME, results, targets, guidances, mod.TYPED, restarts > 1)
     metrics = _metrics(model, edit, mod, budget, suite, targets, results, before, after, detector, settings, size,
                        family.image_size(pipe), denoiser, device, state, p["concept"], opts, out, t0,
-                       {**record, "options": dataclasses.asdict(opts)})
+                       {**record, "options": dataclasses.asdict(opts)}, held_out)
     io.write_json(out / "metrics.json", metrics)
     result = AttackResult(metrics)
     result.path = out / "metrics.json"
@@ -335,13 +359,83 @@ def _placeholder(index: int) -> str:
     return placeholder(index)
 
 
+def hold_out_targets(p: dict, edit, say: bool = True) -> dict:
+    """The `prepare`d run without the targets a hardened `edit` saw (`trce.attacks.held_out`), its record under
+    "held_out" (None for an edit not hardened, or no edit); `say`: log the one line saying how many."""
+    from trce.attacks.held_out import hold_out
+
+    if edit is None:
+        return {**p, "held_out": None}
+    keep, record = hold_out(edit, p["targets"], say=say)
+    if record is None or len(keep) == len(p["targets"]):
+        return {**p, "held_out": record}
+    return {**p, "targets": [p["targets"][i] for i in keep], "rows": [p["rows"][i] for i in keep],
+            "guidances": [p["guidances"][i] for i in keep], "held_out": record}
+
+
+RESTARTS = "restarts"
+
+
+def _judge_restarts(pipe, mod, results, targets, guidances, rows, out: Path, settings, detector, state,
+                    progress: bool):
+    """Every restart's prompt drawn and judged in out/restarts; per target the restart `choose_restart` keeps.
+
+    Returns (the kept results, the after-records of out/rows.jsonl), whose images are copied to out/images.
+    """
+    import json
+    import shutil
+
+    from trce.attacks.base import choose_restart, restart_results
+    from trce.eval.prompts import PromptRow
+    from trce.eval.runner import IMAGES, ROWS, generate_rows
+    from trce.utils import io
+
+    parts = [restart_results(r, out) for r in results]
+    flat, seeds, gs, names = [], [], [], []
+    for t, g, row, ps in zip(targets, guidances, rows, parts):
+        for k, part in enumerate(ps):
+            flat.append(PromptRow(prompt=part.prompt if mod.TYPED else f"{_placeholder(t.index)} r{k}", seed=t.seed,
+                                  guidance=g, categories=row.categories, case_number=t.index,
+                                  extra={**row.extra, "target_prompt": t.prompt, "restart": k}))
+            seeds.append(t.seed)
+            gs.append(g)
+            names.append(f"{t.index:05d}-r{k}")
+    embeds = None if mod.TYPED else torch.stack([part.embeds["prompt_embeds"] for ps in parts for part in ps])
+    judged = generate_rows(pipe, flat, seeds, gs, out / RESTARTS, settings, detector, state, names=names,
+                           progress=progress, desc=f"restarts {mod.NAME}", embeds=embeds)
+    kept, after, start = [], [], 0
+    for i, (t, res, ps) in enumerate(zip(targets, results, parts)):
+        recs = judged[start : start + len(ps)]
+        start += len(ps)
+        verdicts = [rec["verdict"] for rec in recs]
+        c = choose_restart([part.objective for part in ps], verdicts)
+        records = [{**rec, "verdict": v} for rec, v in zip(res.extra["restarts"], verdicts)]
+        kept.append(dataclasses.replace(ps[c], seconds=res.seconds, digest=res.digest, alternatives=ps,
+                                        extra={**ps[c].extra, "restart": c, "restarts": records,
+                                               "broken_by": [k for k, v in enumerate(verdicts) if v is True]}))
+        rec = recs[c]
+        after.append({**rec, "index": i, "name": f"{i:05d}",
+                      "prompt": rec["prompt"] if mod.TYPED else _placeholder(t.index),
+                      "extra": {**rec["extra"], "restart": c}, "restart_image": f"{RESTARTS}/{IMAGES}/{rec['name']}.png"})
+    if state.is_main_process:
+        (out / IMAGES).mkdir(parents=True, exist_ok=True)
+        for rec in after:
+            with io.atomic_path(out / IMAGES / f"{rec['name']}.png") as tmp:
+                shutil.copyfile(out / rec["restart_image"], tmp)
+        io.write_text(out / ROWS, "".join(json.dumps(rec) + "\n" for rec in after))
+    state.wait_for_everyone()
+    return kept, after
+
+
 # --------------------------------------------------------------------------- outputs
-def _write_csv(path: Path, results, targets, guidances, typed: bool) -> None:
+def _write_csv(path: Path, results, targets, guidances, typed: bool, restarts: bool = False) -> None:
     from trce.utils import io
 
     columns = ["case_number", "prompt", "evaluation_seed", "evaluation_guidance", "target_prompt"]
     if not typed:
         columns.append("embeddings")
+    if restarts:
+        columns.append("restart")
     with io.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(columns)
@@ -349,6 +443,8 @@ def _write_csv(path: Path, results, targets, guidances, typed: bool) -> None:
             row = [t.index, r.prompt if typed else _placeholder(t.index), t.seed, g, t.prompt]
             if not typed:
                 row.append(r.embeddings or "")
+            if restarts:
+                row.append(r.extra.get("restart", 0))
             w.writerow(row)
 
 
@@ -386,13 +482,40 @@ def format_summary(m: dict) -> str:
          f"{format_ci(a['asr_after_ci'])}   either {format_rate(a.get('asr_either'))}   (detector {m['detector']['name']})"),
         f"objective (lower is better): start {a['objective']['start_mean']:.4g} -> {a['objective']['end_mean']:.4g}",
     ]
+    r = a.get("restarts") or {}
+    if r.get("n", 1) > 1:
+        per = "  ".join(f"#{k} {format_rate(x)}" for k, x in enumerate(r.get("asr_by_restart") or []))
+        lines.append(f"restarts: {r['n']} per target, broken by any {r.get('broken_any')} of {m['n']}   "
+                     f"each: {per}")
+    h = m.get("held_out")
+    if h:
+        lines.append(f"held out: {h['dropped']} targets the hardened patch saw ({', '.join(h['hardened_by'])})")
     if m.get("replay"):
         lines.append(f"replay on another model: {m['replay']}")
     return "\n".join(lines)
 
 
+def _restart_record(budget, results) -> dict:
+    """metrics.json attack.restarts: how many, how chosen, and per restart its own success rate."""
+    from trce.attacks.base import RESTART_SELECTION, restarts_of
+    from trce.eval import metrics as M
+
+    n = restarts_of(budget)
+    if n == 1:
+        return {"n": 1}
+    verdicts = [[rec.get("verdict") for rec in r.extra["restarts"]] for r in results]
+    per = [[v[k] for v in verdicts if v[k] is not None] for k in range(n)]
+    rates = [M.rate(x) if x else {"asr": None, "asr_ci": None} for x in per]
+    return {"n": n, "selection": RESTART_SELECTION, "broken_any": sum(bool(r.extra.get("broken_by")) for r in results),
+            "asr_by_restart": [x["asr"] for x in rates], "asr_by_restart_ci": [x["asr_ci"] for x in rates],
+            "chosen": [r.extra.get("restart", 0) for r in results],
+            "objective_by_restart": [sum(rec["objective"] for rec in (r.extra["restarts"][k] for r in results))
+                                     / len(results) for k in range(n)]}
+
+
 def _metrics(model, edit, mod, budget, suite, targets, results, before, after, detector, settings, size, image_size,
-             denoiser, device, state, concept_record, opts: AttackOptions, out, t0, record: dict) -> dict:
+             denoiser, device, state, concept_record, opts: AttackOptions, out, t0, record: dict,
+             held_out: dict | None = None) -> dict:
     from trce.eval.runner import mean_of
     from trce.utils import io
 
@@ -412,6 +535,8 @@ def _metrics(model, edit, mod, budget, suite, targets, results, before, after, d
                       "plain_mean": mean_of([r.objective_plain for r in results]),
                       "improved": sum(r.objective < r.objective_start for r in results)},
         "groups": opts.group_list() if suite.kind == "shapeworld" else None,
+        "restarts": _restart_record(budget, results),
+        "seed_stream": held_out["seed_stream"] if held_out is not None else 0,
         **concept_record,
     }
     replay = None
@@ -432,7 +557,7 @@ def _metrics(model, edit, mod, budget, suite, targets, results, before, after, d
         **({"asr_groups": list(a["groups"]), "groups": a["groups"]} if suite.kind == "shapeworld"
            else {"by_category": a["by_category"]}),
         "fd": None, "clip_score": None,
-        "attack": attack, "before": b, "after": a,
+        "attack": attack, "before": b, "after": a, "held_out": held_out,
         "detector": detector.info(),
         "settings": {"steps": settings.steps, "guidance": settings.guidance, "size": size or image_size,
                      "seeds": [0], "limit": opts.limit, "batch_size": settings.batch_size,

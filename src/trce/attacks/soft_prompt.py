@@ -33,9 +33,10 @@ from trce.attacks.base import (
     finite,
     frozen,
     project,
+    restarts_of,
     run_targets,
 )
-from trce.attacks.unlearndiff import WhiteBox, candidate_table
+from trce.attacks.unlearndiff import WhiteBox, candidate_table, per_target
 from trce.utils import io
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Budget:
     images: int = 1
     reference_steps: int = 30
     reference_guidance: float = 7.5
+    restarts: int = 1  # independent searches per target, seeded apart (trce.attacks.base)
 
     def __post_init__(self) -> None:
         check_budget(self, NAME, positive=("tokens", "lr", "samples", "images", "reference_steps"))
@@ -79,6 +81,8 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
     fam = family_of(pipe)
     vocab = Vocabulary.for_pipeline(pipe, config.banned)
     table = candidate_table(pipe, vocab)
+    if restarts_of(budget) > 1:
+        reference = per_target(reference, budget, config.size)
 
     def solve(target: Target) -> TargetResult:
         wb = WhiteBox(pipe, vocab, table, config, target, reference, NAME)

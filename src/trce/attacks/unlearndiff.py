@@ -43,6 +43,7 @@ from trce.attacks.base import (
     finite,
     frozen,
     project,
+    restarts_of,
     run_targets,
     target_seed,
 )
@@ -68,6 +69,7 @@ class Budget:
     reference_steps: int = 30  # DDIM steps of the reference images
     reference_guidance: float = 7.5  # for targets without their own guidance
     metric: str = "cosine"  # projection to the nearest token
+    restarts: int = 1  # independent searches per target, seeded apart (trce.attacks.base)
 
     def __post_init__(self) -> None:
         check_budget(self, NAME, positive=("tokens", "lr", "samples", "images", "reference_steps"))
@@ -119,6 +121,22 @@ def latents_for(reference, target: Target, budget, size: int | None) -> torch.Te
         raise TrceError(f"reference must be a pipeline, a callable or a mapping, got {type(reference).__name__}")
     lat = torch.as_tensor(lat).float()
     return lat[None] if lat.dim() == 3 else lat
+
+
+def per_target(reference, budget, size: int | None):
+    """`reference` drawn once per target for all of its restarts (a one-target memo; a mapping is passed as it is)."""
+    if reference is None or isinstance(reference, Mapping):
+        return reference
+    memo: dict = {}
+
+    def draw(target: Target) -> torch.Tensor:
+        key = (target.index, target.prompt, target.seed, target.guidance)
+        if key not in memo:
+            memo.clear()
+            memo[key] = latents_for(reference, target, budget, size)
+        return memo[key]
+
+    return draw
 
 
 class Denoising:
@@ -203,6 +221,8 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
     tok = fam.tokenizer(pipe)
     vocab = Vocabulary.for_pipeline(pipe, config.banned)
     table = candidate_table(pipe, vocab)
+    if restarts_of(budget) > 1:
+        reference = per_target(reference, budget, config.size)
 
     def solve(target: Target) -> TargetResult:
         wb = WhiteBox(pipe, vocab, table, config, target, reference, NAME)

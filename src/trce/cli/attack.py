@@ -20,6 +20,8 @@ def register(sub) -> None:
         "Red-team a model (and an erasure patch): find adversarial prompts against it, then measure the ASR "
         "before and after with the suite's detector.",
         "  trce attack --model shapeworld --patch runs/red --suite shapeworld-red --attack unlearndiff --out runs/atk\n"
+        "  trce attack --model shapeworld --patch runs/red-robust --suite shapeworld-red --attack mma-text \\\n"
+        "      --budget restarts=3 --out runs/mma-r3                 # 3 seeded searches per target\n"
         "  trce attack --suite shapeworld-red --attack ring-a-bell --budget generations=200 population=64 \\\n"
         "      --limit 20 --out runs/rab-orig                        # the original model, 20 keyword prompts\n"
         "  trce attack --model CompVis/stable-diffusion-v1-4 --patch runs/nsfw --suite unlearndiff \\\n"
@@ -31,12 +33,15 @@ def register(sub) -> None:
         "  accelerate launch --num_processes 4 -m trce.cli attack ... # shards the targets over 4 processes\n"
         "attacks: ring-a-bell, mma-text, unlearndiff (typed prompts); soft-prompt (knowledge left, not typed)\n"))
     add_model_args(p)
-    p.add_argument("--patch", default=None, help="erasure patch folder to attack (the model alone when omitted)")
+    p.add_argument("--patch", default=None,
+                   help="erasure patch folder to attack (the model alone when omitted); a hardened patch (--robust, "
+                        "RECE, AdvUnlearn) is attacked only on targets it was not hardened on")
     p.add_argument("--suite", required=True, help="a suite name (see `trce suites`) or a suite YAML file")
     p.add_argument("--attack", required=True, help="ring-a-bell, mma-text, unlearndiff or soft-prompt")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--budget", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="attack budget, e.g. steps=40 tokens=5 (keys: see the attack module's Budget)")
+                   help="attack budget, e.g. steps=40 tokens=5 (keys: see the attack module's Budget); every attack "
+                        "takes restarts=N: N independent searches per target, broken when any succeeds")
     p.add_argument("--limit", type=int, default=None,
                    help="first N prompts of a real suite; N prompts per group of a ShapeWorld suite")
     p.add_argument("--seed", type=int, default=0, help="seed of the searches (images use the prompts' own seeds)")
@@ -63,7 +68,7 @@ def register(sub) -> None:
 def cmd_attack(args) -> int:
     import torch
 
-    from trce.attacks.run import CSV_NAME, AttackOptions, _run, prepare
+    from trce.attacks.run import CSV_NAME, AttackOptions, _run, hold_out_targets, prepare
     from trce.edit import load_patch
     from trce.loading import load_pipeline, resolve_device
     from trce.utils import io
@@ -79,6 +84,8 @@ def cmd_attack(args) -> int:
     edit = load_patch(args.patch) if args.patch is not None else None
     cpu = args.device == "cpu" or not torch.cuda.is_available()
     state = process_state(cpu)
+    # a hardened patch: the targets it saw are dropped now (an all-seen suite fails before the model loads)
+    prepared = hold_out_targets(prepared, edit, say=state.is_main_process)
     device = state.device if state.num_processes > 1 else resolve_device(args.device)
     # a second run into the same --out is refused here, before its models load
     with io.run_lock(out, "out") if state.is_main_process else contextlib.nullcontext():
