@@ -97,7 +97,8 @@ def test_replayed_prompts_give_the_same_images(run_cli, tiny_dir, red_patch, tmp
     # `trce report` reads the attack folder as a run of its own ("... + mma-text")
     code, _, err = run_cli("report", out, "--out", tmp_path / "r.html", "--markdown", tmp_path / "r.md")
     assert code == 0, err
-    assert "mma-text" in (tmp_path / "r.md").read_text()
+    md = (tmp_path / "r.md").read_text()
+    assert "mma-text" in md and "## Robustness — shapeworld-red" in md  # the attack's column, no eval run: plain –
 
 
 def test_rerun_resumes_and_refuses_other_settings(run_cli, tiny_dir, tmp_path):

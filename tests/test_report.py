@@ -461,3 +461,76 @@ def test_bad_presentation_in_a_suite_file_is_one_clear_error(report, tmp_path):
     assert "\n" not in msg and str(path) in msg and "report" in msg
     if "group" in report:
         assert "report.group" in msg and "user, adversarial" in msg and "'adverserial'" in msg
+
+
+# --------------------------------------------------------------------------- robustness
+def _attack_run(folder: Path, patch, method, name: str, asr_after: float, n: int = 4, **extra) -> Path:
+    """An attack run's metrics.json (no images: `trce report` draws no grid for it)."""
+    folder.mkdir(parents=True)
+    m = _sw_metrics(patch, method, UCE_ASR, UCE_ACC, None)
+    label = "knowledge left: free soft-prompt embeddings" if name == "soft-prompt" else "typed prompt"
+    m.update({"n": n, "attack": {"name": name, "label": label, "asr_before": 0.0, "asr_after": asr_after,
+                                 "asr_after_ci": [max(0.0, asr_after - 0.3), min(1.0, asr_after + 0.3)],
+                                 "restarts": {"n": extra.pop("restarts", 1)}}, **extra})
+    (folder / "metrics.json").write_text(json.dumps(m))
+    return folder
+
+
+def test_robustness_table_joins_eval_and_attack_runs(runs, tmp_path):
+    patch = tmp_path / "red-trce-robust"
+    patch.mkdir()
+    (patch / "patch.json").write_text(json.dumps({
+        "method": "trce", "settings": {"stages": ["T", "V"], "T": {"stage": "T"}, "V": {}},
+        "info": {"T": {"robust": {"rounds": [{"round": 1, "seconds": 2.0}, {"round": 2, "seconds": 4.0}]}},
+                 "V": {"robust": {"rounds": [{"round": 0, "seconds": 1.0}, {"round": 1, "seconds": 1.0}],
+                                  "final": None}}}}))
+    trce_eval = json.loads((runs["trce"] / "metrics.json").read_text())
+    (runs["trce"] / "metrics.json").write_text(json.dumps({**trce_eval, "patch": str(patch)}))
+    attacks = [
+        _attack_run(tmp_path / "a-trce-mma", str(patch), "trce", "mma-text", 0.25, restarts=3,
+                    held_out={"dropped": 2, "kept": 4, "reason": "hardened"}),
+        _attack_run(tmp_path / "a-trce-soft", str(patch), "trce", "soft-prompt", 0.75),
+        _attack_run(tmp_path / "a-uce-mma", "/patches/red-uce", "uce", "mma-text", 0.5),
+        _attack_run(tmp_path / "a-uce-rab", "/patches/red-uce", "uce", "ring-a-bell", 0.0),
+    ]
+    report = build_report([runs["orig"], runs["uce"], runs["trce"], *attacks])
+    table = json.loads(json.dumps(report))["robustness"]  # JSON first: what is drawn is what was written
+    keys = [c["key"] for c in table["columns"]]
+    assert keys == ["plain", "attack.ring-a-bell", "attack.mma-text", "attack.soft-prompt", "preservation",
+                    "hardening_s"]
+    soft = table["columns"][3]
+    assert soft["label"] == "soft-prompt (knowledge left)" and soft["knowledge_left"]
+    rows = {r["label"]: r for r in table["rows"]}
+    assert list(rows) == ["Original (shapeworld)", "UCE", "TRCE (T+V)"]
+    orig, uce, trce = rows.values()
+    pooled = float(np.mean([TRCE_ASR[g] for g in ("keyword", "synonym", "paraphrase")]))
+    assert trce["cells"]["plain"]["value"] == pytest.approx(pooled) and trce["cells"]["plain"]["n"] == 9
+    assert trce["cells"]["attack.mma-text"]["value"] == 0.25 and trce["cells"]["attack.mma-text"]["ci"] == [0.0, 0.55]
+    assert trce["cells"]["attack.soft-prompt"]["value"] == 0.75 and "attack.ring-a-bell" not in trce["cells"]
+    # preservation: preserve (color, shape) and unrelated (shape), 3 images each, pooled over the judgements
+    want = 3 * (TRCE_ACC["preserve"] + 0.9 + TRCE_ACC["unrelated"]) / 9
+    assert trce["cells"]["preservation"]["value"] == pytest.approx(want)
+    lo, hi = trce["cells"]["preservation"]["ci"]
+    assert lo < want < hi
+    assert trce["cells"]["hardening_s"]["value"] == pytest.approx((2 + 4 + 1 + 1) / 2)  # T and V, 2 rounds each
+    assert uce["cells"]["hardening_s"]["value"] is None and uce["cells"]["attack.ring-a-bell"]["value"] == 0.0
+    assert orig["original"] and not any(k.startswith("attack.") for k in orig["cells"])
+    assert uce["cells"]["attack.mma-text"].get("best") is False and trce["cells"]["attack.mma-text"]["best"]
+    assert any("3 restarts" in n for n in table["notes"]) and any("2 target(s) held out" in n for n in table["notes"])
+
+    md = render_markdown(report)
+    assert "## Robustness — shapeworld-red" in md
+    section = md.split("## Robustness")[1]
+    (body,) = _md_tables(section)[:1]
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in body}
+    assert lines["Original (shapeworld)"][1:4] == ["–", "–", "–"] and lines["UCE"][5] == "–"
+    assert lines["TRCE (T+V)"][2].startswith("**25.0%**") and lines["TRCE (T+V)"][5] == "4.00"
+    assert "soft-prompt (knowledge left)" in section and "knowledge left" in section.split("\n\n")[2]
+    page = render_html(report)
+    assert "id='robustness'" in page and "href='#robustness'" in page and "soft-prompt (knowledge left)" in page
+
+
+def test_no_robustness_table_without_attack_runs(runs):
+    report = build_report([runs["orig"], runs["uce"]])
+    assert report["robustness"] is None
+    assert "Robustness" not in render_markdown(report) and "id='robustness'" not in render_html(report)

@@ -15,7 +15,11 @@ The document holds
     plot     ASR-vs-preservation panels, one point per table row;
     grids    before/after image pairs on the same prompts and seeds, N prompts per group picked
              deterministically (evenly spaced over the group's rows);
-    attacks  red-team runs (metrics.json "attack"), with their label ("knowledge left" for soft prompts).
+    attacks  red-team runs (metrics.json "attack"), with their label ("knowledge left" for soft prompts);
+    robustness  with attack runs: one table, rows = model/patch (and suite), columns = the plain ASR of its eval
+             run on the attacked suite, the ASR after each attack, the eval run's preservation accuracy and the
+             hardening's seconds per round (the patch's info); the same table shape as `tables`, so the
+             Markdown and HTML draw it as they draw those (None without attack runs).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ REQUIRED_KEYS = ("suite", "kind", "n", "asr")
 ERASURE_GROUPS = ("keyword", "synonym", "paraphrase", "keyword-open", "synonym-open", "paraphrase-open")
 PRESERVATION_GROUPS = ("preserve", "unrelated", "preserve-open")
 PRESERVED_ATTRIBUTES = ("color", "shape")  # shown besides the erased attribute (the paper-style table stays narrow)
+
+# the attacks in the order the robustness table shows them (others follow, by name)
+ATTACK_ORDER = ("ring-a-bell", "mma-text", "unlearndiff", "soft-prompt")
 
 # a suite's report.group -> the real-suite table's column group, in the order the groups are shown
 GROUP_TITLES = {"user": "User prompts", "adversarial": "Adversarial prompts", None: "Other suites"}
@@ -431,6 +438,169 @@ def _real_table(items: list[tuple[dict, dict]], runs_by_id: dict) -> dict:
     return table
 
 
+# --------------------------------------------------------------------------- robustness
+def _attack_of(m: dict) -> dict | None:
+    a = m.get("attack")
+    return a if isinstance(a, dict) and a.get("name") else None
+
+
+def _patch_meta(patch: str | None) -> dict | None:
+    """The patch folder's patch.json, when it is still there."""
+    if not patch:
+        return None
+    try:
+        meta = json.loads((Path(patch) / "patch.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def hardening_seconds(info: object) -> float | None:
+    """The hardening's extra seconds per round: every hardening round a patch's info records (`robust.rounds`,
+    per stage for multi-stage patches), summed and divided by the most rounds any stage ran; None without any."""
+    rounds: list[list[float]] = []
+
+    def walk(node: object, level: int) -> None:
+        if not isinstance(node, dict) or level > 4:
+            return
+        for key, value in node.items():
+            recs = value.get("rounds") if key == "robust" and isinstance(value, dict) else None
+            if isinstance(recs, list) and recs and all(isinstance(r, dict) for r in recs):
+                secs = [r.get("seconds") for r in recs]
+                if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in secs):
+                    rounds.append([float(x) for x in secs])
+            else:
+                walk(value, level + 1)
+
+    walk(info, 0)
+    if not rounds:
+        return None
+    return sum(sum(r) for r in rounds) / max(len(r) for r in rounds)
+
+
+def _plain_asr(m: dict) -> dict:
+    """The eval run's ASR over its erase groups (ShapeWorld: pooled over them; real suites: the suite's)."""
+    n = m.get("n")
+    if m["kind"] == "shapeworld":
+        groups = m.get("groups") or {}
+        erase = m.get("asr_groups") or [g for g in ERASURE_GROUPS if g in groups]
+        counts = [(groups.get(g) or {}).get("n") for g in erase]
+        n = sum(counts) if counts and all(isinstance(c, int) for c in counts) else n
+    return _cell(m.get("asr"), m.get("asr_ci"), n)
+
+
+def _preservation(m: dict) -> dict:
+    """The eval run's preservation accuracy: ShapeWorld, the detector's agreement with the prompt on the attributes
+    the results table shows (the erased one, color, shape) over the preservation groups, pooled over the judgements
+    (each group's rate times its images), with the Wilson interval of the pooled count; real suites: none."""
+    from trce.eval.metrics import wilson
+
+    if m["kind"] != "shapeworld":
+        return _cell(None)
+    groups = m.get("groups") or {}
+    attribute = (m.get("detector") or {}).get("attribute")
+    attrs = ([attribute] if attribute else []) + [a for a in PRESERVED_ATTRIBUTES if a != attribute]
+    k = n = 0.0
+    for g in PRESERVATION_GROUPS:
+        gr = groups.get(g) or {}
+        size = gr.get("n")
+        if not isinstance(size, int) or size <= 0:
+            continue
+        for a in attrs:
+            acc = (gr.get("accuracy") or {}).get(a)
+            if isinstance(acc, (int, float)) and not isinstance(acc, bool):
+                k += acc * size
+                n += size
+    if not n:
+        return _cell(None)
+    return _cell(k / n, wilson(round(k), round(n)), int(n))
+
+
+def _robustness_table(loaded: list[tuple[dict, Path, dict]]) -> dict | None:
+    attacked = [(r, m) for r, _, m in loaded if _attack_of(m)]
+    if not attacked:
+        return None
+    suites = _unique(m["suite"] for _, m in attacked)
+    evals = [(r, m) for r, _, m in loaded if not _attack_of(m) and m["suite"] in suites]
+    names = _unique(_attack_of(m)["name"] for _, m in attacked)
+    names.sort(key=lambda a: (ATTACK_ORDER.index(a) if a in ATTACK_ORDER else len(ATTACK_ORDER), a))
+    labels = {a: next((_attack_of(m).get("label") for _, m in attacked if _attack_of(m)["name"] == a), None)
+              for a in names}
+    columns = [{"key": "plain", "label": "plain ASR", "short": "plain ASR", "group": "ASR ↓", "kind": "rate",
+                "better": "lower"}]
+    for a in names:
+        left = a == "soft-prompt" or (labels[a] or "").startswith("knowledge left")
+        label = f"{a} (knowledge left)" if left else a
+        columns.append({"key": f"attack.{a}", "label": label, "short": label, "group": "ASR after attack ↓",
+                        "kind": "rate", "better": "lower", "attack": a, "knowledge_left": left})
+    columns.append({"key": "preservation", "label": "preservation accuracy", "short": "preservation acc",
+                    "group": "Preservation ↑", "kind": "rate", "better": "higher"})
+    columns.append({"key": "hardening_s", "label": "hardening s / round", "short": "hardening s/round",
+                    "group": "Cost", "kind": "number", "better": None})
+
+    rows: list[dict] = []
+    notes: list[str] = []
+    several = len(suites) > 1
+
+    def row_for(run: dict, m: dict) -> dict:
+        key = (*_row_key({**m, "attack": None}), m["suite"])
+        for row in rows:
+            if row["_key"] == key:
+                return row
+        label = run_label({**m, "attack": None})
+        row = {"_key": key, "label": label + (f" · {m['suite']}" if several else ""), "original": _is_original(m),
+               "diagnostic": bool(m.get("hidden_prompt")), "model": m.get("model"), "patch": m.get("patch"),
+               "method": m.get("method") if m.get("patch") else None, "suite": m["suite"], "runs": [], "cells": {}}
+        seconds = hardening_seconds((_patch_meta(m.get("patch")) or {}).get("info"))
+        row["cells"]["hardening_s"] = _cell(seconds)
+        rows.append(row)
+        return row
+
+    for run, m in evals:
+        row = row_for(run, m)
+        if "plain" in row["cells"]:
+            notes.append(f"{row['label']}: a second eval run of {m['suite']} ({run['name']}) is not shown.")
+            continue
+        row["runs"].append(run["id"])
+        row["cells"]["plain"] = {**_plain_asr(m), "run": run["id"]}
+        row["cells"]["preservation"] = {**_preservation(m), "run": run["id"]}
+    for run, m in attacked:
+        a = _attack_of(m)
+        row = row_for(run, m)
+        key = f"attack.{a['name']}"
+        if key in row["cells"]:
+            notes.append(f"{row['label']}: a second {a['name']} run ({run['name']}) is not shown.")
+            continue
+        row["runs"].append(run["id"])
+        row["cells"][key] = _cell(a.get("asr_after"), a.get("asr_after_ci"), m.get("n"), run["id"])
+        restarts = (a.get("restarts") or {}).get("n", 1) if isinstance(a.get("restarts"), dict) else 1
+        held = m.get("held_out") if isinstance(m.get("held_out"), dict) else None
+        facts = []
+        if restarts and restarts > 1:
+            facts.append(f"{restarts} restarts per target (broken when any succeeds)")
+        if held and held.get("dropped"):
+            facts.append(f"{held['dropped']} target(s) held out: prompts the hardening saw")
+        if facts:
+            notes.append(f"{row['label']}, {a['name']}: {'; '.join(facts)}.")
+    rows = [r for r in rows if r["original"]] + [r for r in rows if not r["original"]]
+    for r in rows:
+        if [x["label"] for x in rows].count(r["label"]) > 1 and r["patch"]:
+            r["label"] += f" · {Path(str(r['patch'])).name}"
+        del r["_key"]
+    caption = ("Robustness: plain ASR, the share of the eval run's images of the attacked suite's erase prompts the "
+               "detector flags (lower is better); each attack's ASR after, on its own targets (a target counts when "
+               "its adversarial prompt succeeds; with restarts, when any restart's does). Attacks marked “knowledge "
+               "left” optimise embeddings no user can type: they measure what is left in the weights, not a typed "
+               "threat. Preservation accuracy: the eval run's detector agreement with the prompt on the preservation "
+               "groups (ShapeWorld; pooled over the judged attributes). Hardening s / round: the extra seconds each "
+               "hardening round took, from the patch's info. Brackets: 95% Wilson intervals; –: no run or no value.")
+    table = {"id": "table-robustness", "kind": "robustness", "suite": suites[0] if len(suites) == 1 else None,
+             "suites": suites, "title": f"Robustness — {', '.join(suites)}", "columns": columns, "rows": rows, "caption": caption,
+             "notes": list(dict.fromkeys(notes))}
+    _mark_best(table)
+    return table
+
+
 # --------------------------------------------------------------------------- plot data
 def _plot_panels(tables: list[dict]) -> list[dict]:
     panels = []
@@ -671,5 +841,6 @@ def build_report(runs: Sequence[str | os.PathLike], *, grid_size: int = 8, title
         "plot": {"panels": _plot_panels(tables)},
         "grids": _grids(loaded, grid_size),
         "attacks": attacks,
+        "robustness": _robustness_table(loaded),
     }
     return report

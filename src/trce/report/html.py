@@ -75,6 +75,8 @@ def _header(report: dict, blur: bool) -> str:
     toc = ["<a href='#results'>Results</a>"]
     if report["plot"]["panels"]:
         toc.append("<a href='#plot'>ASR vs preservation</a>")
+    if report.get("robustness"):
+        toc.append("<a href='#robustness'>Robustness</a>")
     if report["attacks"]:
         toc.append("<a href='#attacks'>Attacks</a>")
     if report["grids"]:
@@ -164,6 +166,13 @@ def _attacks(report: dict) -> str:
     return (f"<section id='attacks'><h2>Attacks</h2><div class='table-wrap'><table class='runs'><thead><tr>"
             "<th>Run</th><th>Suite</th><th>Attack</th><th>Label</th><th>ASR before</th><th>ASR after</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table></div><p class='caption'>{_e(caption)}</p></section>")
+
+
+def _robustness(report: dict) -> str:
+    table = report.get("robustness")
+    if not table:
+        return ""
+    return f"<section id='robustness'><h2>Robustness</h2>{_table(table)}</section>"
 
 
 def _badge(entry: dict, kind: str, attribute: str | None, blurred: bool) -> str:
@@ -272,7 +281,7 @@ def render_html(report: dict, *, blur: bool | None = None, plot_png: bytes | Non
         f"<title>{_e(report['title'])}</title><style>{_css()}</style></head><body><main>"
         f"{_header(report, blur)}"
         f"<section id='results'><h2>Results</h2>{tables}</section>"
-        f"{_plot(report, plot_png)}{_attacks(report)}{_grids(report, blur)}{_runs(report)}"
+        f"{_plot(report, plot_png)}{_robustness(report)}{_attacks(report)}{_grids(report, blur)}{_runs(report)}"
         "<section id='markdown'><h2>Markdown</h2><details><summary>The tables above as Markdown</summary>"
         f"<pre class='markdown'>{_e(markdown)}</pre></details></section>"
         f"<footer>Made by trce {_e(report['trce_version'])} from {len(report['runs'])} run folder(s); the numbers "

@@ -72,6 +72,10 @@ def render_markdown(report: dict) -> str:
             parts.append(f"{note}  ")
         if table.get("notes"):
             parts.append("")
+    robustness = report.get("robustness")
+    if robustness:
+        parts += [f"## {robustness['title']}", "", markdown_table(robustness), "", f"{robustness['caption']}", ""]
+        parts += [f"{note}  " for note in robustness.get("notes", [])] + ([""] if robustness.get("notes") else [])
     for attack in report.get("attacks", []):
         parts.append(_attack_line(attack))
     return "\n".join(parts).rstrip() + "\n"
