@@ -9,14 +9,10 @@ import json
 
 import pytest
 import torch
+from joint_kpop import check_hidden_prompt_eval_and_install, kpop_erase_on_the_cli
 
 import trce
-from trce.edit import load_patch
-from trce.errors import TrceError
 from trce.families import family_of
-from trce.generate import GenSettings, generate
-from trce.methods.kpop import hidden_prompt_installed
-from trce.prompt_injection import PromptInjectionProcessor
 from trce.testing import tiny_flux_pipeline
 
 
@@ -123,38 +119,9 @@ def test_kpop_erase_and_eval_with_the_hidden_prompt_on_the_cli(flux_dir, tmp_pat
     """`trce erase --method kpop`, `trce eval` with and without the hidden prompt, and `hidden_prompt_installed`: the
     prompt joins the joint block's context rows (identity rotary rows after the text's), the single block is left."""
     monkeypatch.setenv("TRCE_CACHE", str(tmp_path / "cache"))
-    patch = tmp_path / "kpop"
-    code, _, err = run_cli("erase", "--model", flux_dir, "--concept", "shapeworld-red", "--method", "kpop",
-                           *[a for s in ("iterations=2", "ddim_steps=2", "latents=cached", "cache_trajectories=1",
-                                         "prompt_size=1", "max_prompts=2") for a in ("--set", f"kpop.{s}")],
-                           "--out", patch)
-    assert code == 0, err
-    pipe = trce.load_pipeline(flux_dir)
-    fam, edit = family_of(pipe), load_patch(patch)
+    pipe, fam, edit, patch = kpop_erase_on_the_cli(flux_dir, tmp_path, run_cli)
     width = fam.injection_width(pipe)  # the inner width (16 here), not T5's (32)
     assert width == pipe.transformer.inner_dim != fam.text_width(pipe)
     assert edit.method == "kpop" and edit.extras["hidden_prompt"].shape == (32, width)  # m_p = 1 x 32 T5 rows
     assert edit.settings["injection"]["layers"] == ["transformer_blocks.0.attn.processor"]
-    runs = {}
-    for name, extra in (("plain", []), ("hidden", ["--with-hidden-prompt"])):
-        runs[name] = tmp_path / f"eval-{name}"
-        code, _, err = run_cli("eval", "--model", flux_dir, "--patch", patch, *extra, "--suite", "shapeworld-red",
-                               "--limit", 1, "--steps", 2, "--no-progress", "--out", runs[name])
-        assert code == 0, err
-    metrics = {k: json.loads((v / "metrics.json").read_text()) for k, v in runs.items()}
-    assert metrics["hidden"]["hidden_prompt"] is True and "hidden_prompt" not in metrics["plain"]
-    assert metrics["hidden"]["n"] == metrics["plain"]["n"] == 9
-    settings, prompts, seeds = GenSettings(steps=2, guidance=5.0, batch_size=2), ["a red circle", "a red star"], [0, 1]
-    original = dict(pipe.transformer.attn_processors)
-    with edit.applied(pipe):
-        erased = generate(pipe, prompts, seeds, settings, progress=False)
-        with hidden_prompt_installed(pipe, edit):
-            recovered = generate(pipe, prompts, seeds, settings, progress=False)
-        assert (generate(pipe, prompts, seeds, settings, progress=False) == erased).all()
-    assert not (recovered == erased).all()  # the hidden prompt acts
-    assert all(pipe.transformer.attn_processors[k] is v for k, v in original.items())
-    assert not any(isinstance(v, PromptInjectionProcessor) for v in pipe.transformer.attn_processors.values())
-    wrong = load_patch(patch)
-    wrong.extras["hidden_prompt"] = torch.zeros(32, fam.text_width(pipe))
-    with pytest.raises(TrceError, match=f"prompt width {width}"), hidden_prompt_installed(pipe, wrong):
-        pass
+    check_hidden_prompt_eval_and_install(flux_dir, tmp_path, run_cli, pipe, fam, patch, rows=32)

@@ -8,15 +8,11 @@ import json
 
 import pytest
 import torch
+from joint_kpop import check_hidden_prompt_eval_and_install, kpop_erase_on_the_cli
 
 import trce
-from trce.edit import load_patch
-from trce.errors import TrceError
 from trce.families import family_of
 from trce.families.sd3 import FlowSampler
-from trce.generate import GenSettings, generate
-from trce.methods.kpop import hidden_prompt_installed
-from trce.prompt_injection import PromptInjectionProcessor
 from trce.testing import tiny_sd3_pipeline
 
 
@@ -96,39 +92,10 @@ def test_kpop_erase_and_eval_with_the_hidden_prompt_on_the_cli(sd3_dir, tmp_path
     """`trce erase --method kpop`, `trce eval` with and without the hidden prompt, and `hidden_prompt_installed`: the
     prompt joins the joint blocks' context rows, in the context stream's width, not the text's."""
     monkeypatch.setenv("TRCE_CACHE", str(tmp_path / "cache"))
-    patch = tmp_path / "kpop"
-    code, _, err = run_cli("erase", "--model", sd3_dir, "--concept", "shapeworld-red", "--method", "kpop",
-                           *[a for s in ("iterations=2", "ddim_steps=2", "latents=cached", "cache_trajectories=1",
-                                         "prompt_size=1", "max_prompts=2") for a in ("--set", f"kpop.{s}")],
-                           "--out", patch)
-    assert code == 0, err
-    pipe = trce.load_pipeline(sd3_dir)
-    fam, edit = family_of(pipe), load_patch(patch)
+    pipe, fam, edit, patch = kpop_erase_on_the_cli(sd3_dir, tmp_path, run_cli)
     width = fam.injection_width(pipe)  # caption_projection_dim (16 here), not the joint text width (64)
     assert width == pipe.transformer.config.caption_projection_dim != fam.text_width(pipe)
     tokens = 32 + 256  # m_p = 1 x m_c: CLIP's rows and T5's zero rows
     assert edit.method == "kpop" and edit.extras["hidden_prompt"].shape == (tokens, width)
     assert edit.settings["injection"]["layers"] == fam.injection_layers(pipe.transformer, edit.settings["sites"])
-    runs = {}
-    for name, extra in (("plain", []), ("hidden", ["--with-hidden-prompt"])):
-        runs[name] = tmp_path / f"eval-{name}"
-        code, _, err = run_cli("eval", "--model", sd3_dir, "--patch", patch, *extra, "--suite", "shapeworld-red",
-                               "--limit", 1, "--steps", 2, "--no-progress", "--out", runs[name])
-        assert code == 0, err
-    metrics = {k: json.loads((v / "metrics.json").read_text()) for k, v in runs.items()}
-    assert metrics["hidden"]["hidden_prompt"] is True and "hidden_prompt" not in metrics["plain"]
-    assert metrics["hidden"]["n"] == metrics["plain"]["n"] == 9
-    settings, prompts, seeds = GenSettings(steps=2, guidance=5.0, batch_size=2), ["a red circle", "a red star"], [0, 1]
-    original = dict(pipe.transformer.attn_processors)
-    with edit.applied(pipe):
-        erased = generate(pipe, prompts, seeds, settings, progress=False)
-        with hidden_prompt_installed(pipe, edit):
-            recovered = generate(pipe, prompts, seeds, settings, progress=False)
-        assert (generate(pipe, prompts, seeds, settings, progress=False) == erased).all()
-    assert not (recovered == erased).all()  # the hidden prompt acts
-    assert all(pipe.transformer.attn_processors[k] is v for k, v in original.items())
-    assert not any(isinstance(v, PromptInjectionProcessor) for v in pipe.transformer.attn_processors.values())
-    wrong = load_patch(patch)
-    wrong.extras["hidden_prompt"] = torch.zeros(tokens, fam.text_width(pipe))
-    with pytest.raises(TrceError, match=f"prompt width {width}"), hidden_prompt_installed(pipe, wrong):
-        pass
+    check_hidden_prompt_eval_and_install(sd3_dir, tmp_path, run_cli, pipe, fam, patch, rows=tokens)

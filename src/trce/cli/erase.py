@@ -58,8 +58,10 @@ def register(sub) -> None:
                    help="stage T: token positions of the preservation prompts: all (default), eot, eot-all, sot, "
                         "a '+' combination, or same (the mapped role without key)")
     p.add_argument("--robust", type=int, default=argparse.SUPPRESS, metavar="R",
-                   help="harden stage T: R rounds of adversaries found against the edited model, then a re-solve "
-                        "(trce, uce; rece hardens by default)")
+                   help="harden against attacks: stage T takes R rounds of adversaries found against the edited model, "
+                        "then a re-solve (trce, uce; rece hardens by default); trce's stage V then trains on R "
+                        "rounds of soft-prompt adversaries found against the model it is training (unless the "
+                        "config sets V.robust)")
     p.add_argument("--config", default=argparse.SUPPRESS,
                    help="a YAML file with any of: " + ", ".join(RUN_KEYS) + ", and settings sections (T:, V:, ...)")
     p.add_argument("--data", default=argparse.SUPPRESS,

@@ -124,11 +124,8 @@ def _builtin_presentation(name: str) -> tuple:
 
 def _patch_stages(patch: str | None) -> list[str] | None:
     """TRCE-style stage list ("T", "V") from the patch folder's patch.json, when it is still there."""
-    if not patch:
-        return None
-    try:
-        meta = json.loads((Path(patch) / "patch.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    meta = _patch_meta(patch)
+    if meta is None:
         return None
     settings = meta.get("settings") or {}
     stages = settings.get("stages") or ([settings["stage"]] if isinstance(settings.get("stage"), str) else None)
