@@ -16,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="trce-demo", help="output folder (rerun to resume)")
     p.add_argument("--methods", default=None, help="comma-separated subset of uce, trce-T, trce-T+V, kpop")
     p.add_argument("--model", default="shapeworld", help="shapeworld, or another pipeline folder with its vocabulary")
-    p.add_argument("--limit", type=int, default=24, help="evaluation prompts per group")
+    p.add_argument("--limit", type=int, default=16, help="evaluation prompts per group")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps of the evaluation images")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
