@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from every_method import TINY, weights
 
 import trce
 from trce.families import family_of
@@ -37,38 +38,21 @@ def test_token_roles_follow_the_tokenizer_not_eot_padding():
     assert every[0] == (int(eos[0]), int(eos[1])) and len(every) == ids.shape[1] - int(eos[0])
 
 
-TINY = {
-    "trce": {"V": {"n_trajectories": 2, "n_uncond": 4, "ddim_steps": 2, "epochs": 1}},
-    "uce": {},
-    "kpop": {"kpop": {"iterations": 2, "ddim_steps": 2, "latents": "current", "batch_size": 2}},
-    "esd": {"esd": {"iterations": 2, "ddim_steps": 2, "latents": "current", "batch_size": 2}},
-    "rece": {},
-    "advunlearn": {"advunlearn": {"iterations": 2, "warmup": 0, "attack_steps": 1, "ddim_steps": 2,
-                                  "latents": "current", "batch_size": 2, "preserve_batch": 2}},
-}
-
-
-def _weights(pipe) -> dict[str, torch.Tensor]:
-    """Every trainable component's weights by module path (the UNet and the text encoders: AdvUnlearn edits CLIP)."""
-    return {f"{name}.{k}": v.clone() for name in ("unet", "text_encoder", "text_encoder_2")
-            if getattr(pipe, name, None) is not None for k, v in getattr(pipe, name).state_dict().items()}
-
-
 @pytest.mark.parametrize("method", list(TINY))
 def test_every_method_erases_applies_evaluates_and_reverts(method, sd2_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TRCE_CACHE", str(tmp_path / "cache"))
     pipe = trce.load_pipeline(str(sd2_dir))
-    before = _weights(pipe)
+    before = weights(pipe)
     edit = trce.erase(pipe, "shapeworld-red", method=method, progress=False, **TINY[method])
     edit.save(tmp_path / "patch")
     patched = trce.load_pipeline(str(sd2_dir), patch=tmp_path / "patch")
-    assert edit.weights and any(not torch.equal(_weights(patched)[k], before[k]) for k in edit.weights)
+    assert edit.weights and any(not torch.equal(weights(patched)[k], before[k]) for k in edit.weights)
     metrics = trce.evaluate(pipe, "shapeworld-red", edit=trce.load_patch(tmp_path / "patch"), limit=1, steps=2,
                             progress=False)
     assert metrics["n"] == 9 and metrics["method"] == method
     patched.trce_patch.revert(patched)
-    assert all(torch.equal(v, before[k]) for k, v in _weights(patched).items())
-    assert all(torch.equal(v, before[k]) for k, v in _weights(pipe).items())  # evaluate left the pipeline as it was
+    assert all(torch.equal(v, before[k]) for k, v in weights(patched).items())
+    assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())  # evaluate left the pipeline as it was
 
 
 def test_v_prediction_targets_are_the_epsilon_targets_in_the_models_parameterisation(tmp_path):

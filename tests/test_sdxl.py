@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from every_method import TINY, weights
 
 import trce
 from trce.families import family_of
@@ -57,35 +58,18 @@ def test_stage_t_closes_both_doors(tmp_path):
     assert "unet.add_embedding.linear_1.weight" not in without.weights and "pooled" not in without.info
 
 
-TINY = {
-    "trce": {"V": {"n_trajectories": 2, "n_uncond": 4, "ddim_steps": 2, "epochs": 1}},
-    "uce": {},
-    "kpop": {"kpop": {"iterations": 2, "ddim_steps": 2, "latents": "current", "batch_size": 2}},
-    "esd": {"esd": {"iterations": 2, "ddim_steps": 2, "latents": "current", "batch_size": 2}},
-    "rece": {},
-    "advunlearn": {"advunlearn": {"iterations": 2, "warmup": 0, "attack_steps": 1, "ddim_steps": 2,
-                                  "latents": "current", "batch_size": 2, "preserve_batch": 2}},
-}
-
-
-def _weights(pipe) -> dict[str, torch.Tensor]:
-    """Every trainable component's weights by module path (the UNet and the text encoders: AdvUnlearn edits CLIP)."""
-    return {f"{name}.{k}": v.clone() for name in ("unet", "text_encoder", "text_encoder_2")
-            if getattr(pipe, name, None) is not None for k, v in getattr(pipe, name).state_dict().items()}
-
-
 @pytest.mark.parametrize("method", list(TINY))
 def test_every_method_erases_applies_evaluates_and_reverts(method, sdxl_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TRCE_CACHE", str(tmp_path / "cache"))
     pipe = trce.load_pipeline(str(sdxl_dir))
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
-    before = _weights(pipe)
+    before = weights(pipe)
     edit = trce.erase(pipe, "shapeworld-red", method=method, progress=False, **TINY[method])
     # AdvUnlearn trains both text encoders (the SDXL conditioning reads both); every other method edits the UNet
     assert edit.weights and all(p.startswith("text_encoder" if method == "advunlearn" else "unet.")
                                 for p in edit.weights)
     with edit.applied(pipe):
-        assert any(not torch.equal(_weights(pipe)[k], before[k]) for k in edit.weights)
+        assert any(not torch.equal(weights(pipe)[k], before[k]) for k in edit.weights)
     edit.save(tmp_path / "patch")
     metrics = trce.evaluate(pipe, "shapeworld-red", edit=trce.load_patch(tmp_path / "patch"), limit=1, steps=2,
                             progress=False)
@@ -95,7 +79,7 @@ def test_every_method_erases_applies_evaluates_and_reverts(method, sdxl_dir, tmp
 
         with hidden_prompt_installed(pipe, edit, apply=True):  # the hidden prompt fits the 2048-wide (here 64) text
             assert trce.generate_images(pipe, "a red star", 0, steps=2, progress=False).shape == (1, 32, 32, 3)
-    assert all(torch.equal(v, before[k]) for k, v in _weights(pipe).items())
+    assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
 
 
 BUDGETS = {"ring-a-bell": {"generations": 2, "population": 4, "elite": 2}, "mma-text": {"steps": 1, "candidates": 4},
