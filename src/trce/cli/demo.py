@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from trce.cli.common import parser_kwargs
+from trce.demo import DemoConfig
 
 
 def register(sub) -> None:
@@ -16,15 +17,17 @@ def register(sub) -> None:
     p.add_argument("--out", default="trce-demo", help="output folder (rerun to resume)")
     p.add_argument("--methods", default=None, help="comma-separated subset of uce, trce-T, trce-T+V, kpop")
     p.add_argument("--model", default="shapeworld", help="shapeworld, or another pipeline folder with its vocabulary")
-    p.add_argument("--limit", type=int, default=16, help="evaluation prompts per group")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps of the evaluation images")
+    p.add_argument("--limit", type=int, default=DemoConfig.limit,
+                   help=f"evaluation prompts per group (default {DemoConfig.limit})")
+    p.add_argument("--steps", type=int, default=DemoConfig.steps,
+                   help=f"DDIM steps of the evaluation images (default {DemoConfig.steps})")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
-    from trce.demo import DemoConfig, run_demo
+    from trce.demo import run_demo
 
     t0 = time.perf_counter()
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
