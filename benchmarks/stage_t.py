@@ -1,6 +1,7 @@
 """Benchmark: time and peak memory of TRCE stage T (and the UCE-style solve) per concept.
 
     nice -n 19 .venv/bin/python benchmarks/stage_t.py                    # sd14-arch and shapeworld
+    .venv/bin/python benchmarks/stage_t.py --models sdxl-arch --concepts sexual   # ~19 GB of RAM, ~15 min
     .venv/bin/python benchmarks/stage_t.py --models shapeworld --device cuda
 
 For every (model, concept): one *cold* TRCE run (empty prior cache: the preservation prior is
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from trce.concepts import load_spec
+from trce.families import family_of
 from trce.loading import load_pipeline
 from trce.methods.stage_t import StageTConfig, erase, erase_uce
 from trce.registry import Context
@@ -95,7 +97,7 @@ def run(models, concepts_for, prior_prompts: int, device: str | None, data: Path
         load_s = time.perf_counter() - t0
         dev = pipe.device
         print(f"# {model}: loaded in {load_s:.1f} s on {dev} ({pipe.unet.dtype}), "
-              f"text width {pipe.text_encoder.config.hidden_size}, {pipe.tokenizer.model_max_length} tokens",
+              f"text width {family_of(pipe).text_width(pipe)}, {pipe.tokenizer.model_max_length} tokens",
               flush=True)
         for concept in concepts_for.get(model, CONCEPTS["sd14-arch"]):
             spec = load_spec(concept)
@@ -143,10 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--data", default=str(DATA) if DATA.exists() else None, help="shared data folder (COCO captions)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--concepts", default=None,
+                   help="comma-separated concept specs for every model (default: sexual,church; shapeworld-red,"
+                        "shapeworld-3shapes on ShapeWorld)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    rows = run(models, CONCEPTS, args.prior_prompts, args.device, Path(args.data) if args.data else None)
+    concepts = CONCEPTS
+    if args.concepts:
+        chosen = tuple(c.strip() for c in args.concepts.split(",") if c.strip())
+        concepts = {m: chosen for m in models}
+    rows = run(models, concepts, args.prior_prompts, args.device, Path(args.data) if args.data else None)
     print("\n" + _format(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

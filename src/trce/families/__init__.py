@@ -130,6 +130,13 @@ class ModelFamily:
         """(N, P): the per-prompt vectors a "pooled" text input reads (families that have one)."""
         raise NotImplementedError
 
+    def token_and_pooled_states(self, pipe, prompts: Sequence[str], cut_at_eos: bool = False,
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`token_states` and `pooled_states` of the same prompts: (ids, states, pooled (N, P)). Families whose pooled
+        vector comes out of the same encoder pass as the token states override it with one pass."""
+        ids, states = self.token_states(pipe, prompts, cut_at_eos)
+        return ids, states, self.pooled_states(pipe, prompts)
+
     def text_inputs(self, pipe) -> list[TextInput]:
         """Where text enters the denoiser through linear layers (stage T maps each): per-token states, and for
         some families a pooled vector too."""

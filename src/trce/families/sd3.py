@@ -139,17 +139,23 @@ class SD3Family(ModelFamily):
         ids2[after] = pipe.tokenizer_2.pad_token_id
         return ids2
 
-    @torch.no_grad()
     def token_states(self, pipe, prompts: Sequence[str], cut_at_eos: bool = False,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, hidden, _ = self.token_and_pooled_states(pipe, prompts, cut_at_eos)
+        return ids, hidden
+
+    @torch.no_grad()
+    def token_and_pooled_states(self, pipe, prompts: Sequence[str], cut_at_eos: bool = False,
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # one pass of the two CLIPs: their pooled vectors are read at the end-of-text token, which a cut keeps
         from trce.tokens import first_eos, tokenize
 
         ids = tokenize(pipe.tokenizer, prompts)
         run = ids
         if cut_at_eos:
             run = ids[:, : int(first_eos(ids, pipe.tokenizer.eos_token_id).max()) + 1]
-        hidden, _ = self._clip_states(pipe, run, self._ids2(pipe, run))
-        return ids, hidden
+        hidden, pooled = self._clip_states(pipe, run, self._ids2(pipe, run))
+        return ids, hidden, pooled  # (N, L), (N, L', D), (N, P)
 
     @torch.no_grad()
     def pooled_states(self, pipe, prompts: Sequence[str]) -> torch.Tensor:

@@ -80,9 +80,15 @@ class SDXLFamily(SD1Family):
         return int(unet.config.projection_class_embeddings_input_dim
                    - N_TIME_IDS * unet.config.addition_time_embed_dim)
 
-    @torch.no_grad()
     def token_states(self, pipe, prompts: Sequence[str], cut_at_eos: bool = False,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, hidden, _ = self.token_and_pooled_states(pipe, prompts, cut_at_eos)
+        return ids, hidden
+
+    @torch.no_grad()
+    def token_and_pooled_states(self, pipe, prompts: Sequence[str], cut_at_eos: bool = False,
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # one pass of each encoder: the second's pooled vector is read at its end-of-text token, which a cut keeps
         from trce.tokens import first_eos, tokenize
 
         ids1, ids2 = tokenize(pipe.tokenizer, prompts), tokenize(pipe.tokenizer_2, prompts)  # (N, L) each
@@ -92,8 +98,9 @@ class SDXLFamily(SD1Family):
         else:
             ids1_run, ids2_run = ids1, ids2
         h1 = pipe.text_encoder(ids1_run.to(pipe.text_encoder.device), output_hidden_states=True).hidden_states[-2]
-        h2 = pipe.text_encoder_2(ids2_run.to(pipe.text_encoder_2.device), output_hidden_states=True).hidden_states[-2]
-        return ids1, torch.cat([h1, h2.to(h1.device)], dim=-1)  # (N, L', D1 + D2)
+        out2 = pipe.text_encoder_2(ids2_run.to(pipe.text_encoder_2.device), output_hidden_states=True)
+        hidden = torch.cat([h1, out2.hidden_states[-2].to(h1.device)], dim=-1)  # (N, L', D1 + D2)
+        return ids1, hidden, out2.text_embeds  # ids (N, L), pooled (N, P)
 
     @torch.no_grad()
     def pooled_states(self, pipe, prompts: Sequence[str]) -> torch.Tensor:

@@ -279,19 +279,32 @@ def pair_embeddings(pipe, pairs: Sequence[Pair], role: str, batch_size: int = 64
 def pair_rows(pipe, pairs: Sequence[Pair], role: str, batch_size: int = 64, progress: bool = True,
               ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """`pair_embeddings` and (n,) the index of the pair each row came from."""
+    em, es, dropped, row_pair, _ = _pair_rows(pipe, pairs, role, batch_size, progress, pooled=False)
+    return em, es, dropped, row_pair
+
+
+def _pair_rows(pipe, pairs: Sequence[Pair], role: str, batch_size: int, progress: bool, pooled: bool):
+    """`pair_rows`, and with `pooled` also `pooled_pair_embeddings` from the same encoder passes (on sdxl-arch
+    encoding the pairs a second time for the pooled path took 70 of stage T's 177 s): (em, es, dropped, row_pair,
+    (pm, ps) or None)."""
     parts = parse_role(role, ROLES)
     fam = family_of(pipe)
     tok, width = fam.tokenizer(pipe), fam.text_width(pipe)
     if not pairs:
         empty = torch.zeros(0, width, dtype=torch.float64)
-        return empty, empty.clone(), 0, torch.zeros(0, dtype=torch.long)
+        return empty, empty.clone(), 0, torch.zeros(0, dtype=torch.long), None
     prompts = list(dict.fromkeys([p.malicious for p in pairs] + [p.safe for p in pairs]))
     index = {p: i for i, p in enumerate(prompts)}
     cut = not needs_padding(parts)
     h = None  # (N, L, D); unread padding stays 0
-    id_rows = []
+    id_rows, pooled_rows = [], []
     for s in tqdm(range(0, len(prompts), batch_size), desc="encode pairs", disable=not progress, mininterval=1):
-        batch_ids, out = fam.token_states(pipe, prompts[s : s + batch_size], cut)  # (B, L), (B, L', D), L' <= L
+        batch = prompts[s : s + batch_size]
+        if pooled:
+            batch_ids, out, vec = fam.token_and_pooled_states(pipe, batch, cut)  # + (B, P)
+            pooled_rows.append(vec.cpu().double())
+        else:
+            batch_ids, out = fam.token_states(pipe, batch, cut)  # (B, L), (B, L', D), L' <= L
         out = out.cpu()
         if h is None:
             h = torch.zeros(len(prompts), batch_ids.shape[1], width, dtype=out.dtype)
@@ -318,16 +331,20 @@ def pair_rows(pipe, pairs: Sequence[Pair], role: str, batch_size: int = 64, prog
     if dropped:
         log.warning("stage T: %d of %d pairs have no %s tokens (cut off by truncation) and were skipped",
                     dropped, len(pairs), role)
+    pooled_pairs = None
+    if pooled:
+        vecs = torch.cat(pooled_rows)  # (N, P), one per distinct prompt
+        pooled_pairs = (vecs[[index[p.malicious] for p in pairs]], vecs[[index[p.safe] for p in pairs]])
     if not rows_m:
         empty = torch.zeros(0, width, dtype=torch.float64)
-        return empty, empty.clone(), dropped, torch.zeros(0, dtype=torch.long)
+        return empty, empty.clone(), dropped, torch.zeros(0, dtype=torch.long), pooled_pairs
     im_t, pm_t = torch.tensor(rows_m).T
     is_t, ps_t = torch.tensor(rows_s).T
     em = h[im_t, pm_t].double()  # (n, D)
     es = h[is_t, ps_t].double()  # (n, D)
     if not (torch.isfinite(em).all() and torch.isfinite(es).all()):
         raise TrceError("the text encoder produced NaN/inf embeddings for the concept prompts (try --dtype fp32)")
-    return em, es, dropped, torch.tensor(row_pair, dtype=torch.long)
+    return em, es, dropped, torch.tensor(row_pair, dtype=torch.long), pooled_pairs
 
 
 # --------------------------------------------------------------------------- the method
@@ -364,8 +381,11 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
 
     pairs = [p for s in specs for p in s.pairs()]
     prompts = list(dict.fromkeys(p for s in specs for p in s.preservation_prompts(context.data_dir)))
+    inputs = [inp for inp in family_of(pipe).text_inputs(pipe) if config.pooled or inp.name != "pooled"]
+    with_pooled = any(inp.name == "pooled" for inp in inputs)
     t1 = time.perf_counter()
-    em, es, dropped, row_pair = pair_rows(pipe, pairs, role, config.batch_size, context.progress)
+    em, es, dropped, row_pair, pooled_pairs = _pair_rows(pipe, pairs, role, config.batch_size, context.progress,
+                                                         pooled=with_pooled)
     t2 = time.perf_counter()
     prior = preservation_prior(pipe, prompts, preserve_role, base["id"], context.cache_dir, context.use_cache,
                                config.batch_size, context.progress)
@@ -373,7 +393,6 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
     if em.shape[0] == 0:
         log.warning("stage T: %s has no embeddings to map; the edit changes nothing", "+".join(s.name for s in specs))
     t, diag = solve_transform(em, es, prior.cov, eta, ridge)
-    inputs = [inp for inp in family_of(pipe).text_inputs(pipe) if config.pooled or inp.name != "pooled"]
     token_input = next(inp for inp in inputs if inp.name == "tokens")
     robust_info = None
     if config.robust and em.shape[0]:
@@ -391,9 +410,9 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
     # the layer products through T's low-rank factors (the hardened T is no longer I + rank n: dense)
     factors = {"tokens": None if robust_info is not None else solve_low_rank(em, es, prior.cov, eta, ridge)}
     pooled_info = None
-    if any(inp.name == "pooled" for inp in inputs):
+    if with_pooled:
         # the pooled path (SDXL's pooled CLIP embedding): the same closed form on one vector per prompt
-        pm, ps = pooled_pair_embeddings(pipe, pairs, config.batch_size)
+        pm, ps = pooled_pairs
         pprior = preservation_prior(pipe, prompts, "all", base["id"], context.cache_dir, context.use_cache,
                                     config.batch_size, context.progress, text_input="pooled")
         solved["pooled"], pdiag = solve_transform(pm, ps, pprior.cov, eta, ridge)
