@@ -4,8 +4,8 @@
     nice -n 19 .venv/bin/python benchmarks/stage_t_scaling.py --models sd14-arch,sdxl-arch
     .venv/bin/python benchmarks/stage_t_scaling.py --models shapeworld --counts 1,10,100   # a quick look
 
-Concepts are single words of the model's tokenizer vocabulary (whole-word tokens; ShapeWorld's BPE stands in
-for CLIP's on the random-weight architectures), each erased in two templates ("a photo of {}", "{}, oil
+Concepts are words of the model's tokenizer vocabulary (whole-word tokens, then two-word names when there are too
+few; ShapeWorld's BPE stands in for CLIP's on the random-weight architectures), each erased in two templates ("a photo of {}", "{}, oil
 painting") and mapped to the template without it, as a multi-concept spec would. The prior is computed once on
 the preservation prompts (COCO captions when --data holds them, else ShapeWorld captions) and cached: the timed
 runs are the warm ones, what a user erasing another batch of concepts from the same base model pays. Columns:
@@ -38,10 +38,12 @@ TEMPLATES = ("a photo of {}", "{}, oil painting")
 
 
 def concepts(pipe, n: int):
-    """n one-word concept specs from the tokenizer's whole-word tokens (alphabetic words of 4+ letters)."""
+    """n concept specs: the tokenizer's whole-word tokens (alphabetic, 4+ letters), then pairs of them."""
     words = sorted({w for w in real_tokens(family_of(pipe).tokenizer(pipe)).values() if w.isalpha() and len(w) >= 4})
     if len(words) < n:
-        raise SystemExit(f"the tokenizer has only {len(words)} whole words; ask for fewer concepts")
+        # ShapeWorld's BPE (the random-weight architectures' tokenizer) has a few hundred whole words: the rest are
+        # two-word concepts ("amber circle"), as multi-word names (artists, objects) are in real concept lists
+        words += [f"{a} {b}" for a in words for b in words if a != b][: n - len(words)]
     base = load_spec("church")  # any text spec: its settings (eta, ridge, role) are the defaults of real specs
     return [dataclasses.replace(base, name=f"w{i}-{w}", aliases=(), settings={},
                                 expressions=(Expression(text=w, target=""),), templates=TEMPLATES,

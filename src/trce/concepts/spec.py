@@ -168,6 +168,17 @@ def as_specs(spec: ConceptSpec | Sequence[ConceptSpec]) -> list[ConceptSpec]:
     return [spec] if isinstance(spec, ConceptSpec) else list(spec)
 
 
+def preservation_prompts_of(specs: Sequence[ConceptSpec], data_dir) -> list[str]:
+    """The specs' preservation prompts, deduplicated in order; each distinct preservation source is read once (1,000
+    specs sharing COCO's captions read the CSV once, not 1,000 times: ~60 of 112 s on sd14-arch)."""
+    read: dict = {}
+    for s in specs:
+        key = (s.preservation, s.attribute, s.values)  # what the prompts depend on
+        if key not in read:
+            read[key] = s.preservation_prompts(data_dir)
+    return list(dict.fromkeys(p for prompts in read.values() for p in prompts))
+
+
 def spec_record(spec: ConceptSpec | Sequence[ConceptSpec]) -> dict:
     """What a patch records as its spec: the spec's dict, or {name: "a+b", concepts: [...]} for several."""
     specs = as_specs(spec)

@@ -468,13 +468,13 @@ def _digest(prompts: Sequence[str]) -> str:
 def run(pipe, specs, config: AdvUnlearnConfig, context: Context) -> Edit:
     """AdvUnlearn (the registry's stage function): the specs' malicious prompts are the erase prompts c_e, their
     preservation prompts the utility term's c_k; checkpoints go under the context's cache (a killed run resumes)."""
-    from trce.concepts import spec_record
+    from trce.concepts import preservation_prompts_of, spec_record
     from trce.methods.prior import cache_dir
 
     prompts = list(dict.fromkeys(p.malicious for s in specs for p in s.pairs()))
     keep = None
     if config.preserve_weight > 0:  # read only when used: COCO captions need the data folder
-        keep = list(dict.fromkeys(p for s in specs for p in s.preservation_prompts(context.data_dir)))
+        keep = preservation_prompts_of(specs, context.data_dir)
     return erase_advunlearn(pipe, prompts, config, preserve_prompts=keep, spec=spec_record(specs),
                             progress=context.progress, checkpoint_dir=context.checkpoint_dir,
                             cache_dir=cache_dir(context.cache_dir) if context.use_cache else None)

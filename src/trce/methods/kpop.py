@@ -427,7 +427,7 @@ def run(pipe, specs, config: KPOPConfig, context: Context) -> Edit:
     counterparts the neutral prompts of `neutral: safe`, their preservation prompts those of `preserve_weight`,
     and the same prompts naming the other erased concepts those of `negative_others`. Checkpoints go under the
     context's cache (a killed run resumes)."""
-    from trce.concepts import other_concept_prompts, spec_record
+    from trce.concepts import other_concept_prompts, preservation_prompts_of, spec_record
     from trce.methods.prior import cache_dir
 
     safe = {p.malicious: p.safe for s in specs for p in s.pairs()}  # each erase prompt's safe counterpart
@@ -437,7 +437,7 @@ def run(pipe, specs, config: KPOPConfig, context: Context) -> Edit:
         prompts = [prompts[i] for i in sorted(rng.choice(len(prompts), config.max_prompts, replace=False))]
     keep = None
     if config.preserve_weight > 0:  # read only when used: COCO captions need the data folder
-        keep = list(dict.fromkeys(p for s in specs for p in s.preservation_prompts(context.data_dir)))
+        keep = preservation_prompts_of(specs, context.data_dir)
     others = None
     if config.negative_others > 0:  # each erase prompt with the spec's other erased concepts in its slot
         table = other_concept_prompts(specs)

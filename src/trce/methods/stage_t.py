@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from trce.concepts import ConceptSpec, Pair, as_specs, spec_record
+from trce.concepts import ConceptSpec, Pair, as_specs, preservation_prompts_of, spec_record
 from trce.edit import Edit, resolve
 from trce.errors import TrceError
 from trce.families import family_of
@@ -380,7 +380,7 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
     preserve_role = _preserve_role(config, role)
 
     pairs = [p for s in specs for p in s.pairs()]
-    prompts = list(dict.fromkeys(p for s in specs for p in s.preservation_prompts(context.data_dir)))
+    prompts = preservation_prompts_of(specs, context.data_dir)
     inputs = [inp for inp in family_of(pipe).text_inputs(pipe) if config.pooled or inp.name != "pooled"]
     with_pooled = any(inp.name == "pooled" for inp in inputs)
     t1 = time.perf_counter()
