@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from every_method import assert_one_pass_states
 from joint_kpop import check_hidden_prompt_eval_and_install, kpop_erase_on_the_cli
 
 import trce
@@ -38,13 +39,7 @@ def test_the_family_and_its_two_text_inputs():
 
     again = fam.encode_ids(pipe, tokenize(pipe.tokenizer, ["a red circle"]))  # what the attacks optimise through
     assert torch.allclose(again, cond, atol=1e-5)
-    # one encoder pass gives stage T both inputs: the same token states and pooled vectors as the separate calls
-    prompts = ["a red circle", "a small blue square on the left"]
-    for cut in (False, True):
-        ids, states, vec = fam.token_and_pooled_states(pipe, prompts, cut)
-        ids_alone, states_alone = fam.token_states(pipe, prompts, cut)
-        assert torch.equal(ids, ids_alone) and torch.equal(states, states_alone)
-        torch.testing.assert_close(vec, fam.pooled_states(pipe, prompts), rtol=1e-5, atol=1e-6)
+    assert_one_pass_states(fam, pipe)  # stage T reads token states and pooled vectors from one encoder pass
 
 
 def test_the_flow_sampler_is_the_schedulers_euler_step_without_state():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from every_method import TINY, weights
+from every_method import TINY, assert_one_pass_states, weights
 
 import trce
 from trce.families import family_of
@@ -36,13 +36,7 @@ def test_the_family_packs_token_states_pooled_and_size_ids():
     inputs = {i.name: i for i in fam.text_inputs(pipe)}
     assert inputs["pooled"].paths == ("unet.add_embedding.linear_1.weight",) and inputs["pooled"].columns == (0, 32)
     assert all(".attn2.to_" in p for p in inputs["tokens"].paths)
-    # one encoder pass gives stage T both inputs: the same token states and pooled vectors as the separate calls
-    prompts = ["a red circle", "a small blue square on the left"]
-    for cut in (False, True):
-        ids, states, vec = fam.token_and_pooled_states(pipe, prompts, cut)
-        ids_alone, states_alone = fam.token_states(pipe, prompts, cut)
-        assert torch.equal(ids, ids_alone) and torch.equal(states, states_alone)
-        torch.testing.assert_close(vec, fam.pooled_states(pipe, prompts), rtol=1e-5, atol=1e-6)
+    assert_one_pass_states(fam, pipe)  # stage T reads token states and pooled vectors from one encoder pass
 
 
 def test_stage_t_closes_both_doors(tmp_path):

@@ -106,6 +106,12 @@ class FluxFamily(SD3Family):
     def pooled_states(self, pipe, prompts: Sequence[str]) -> torch.Tensor:
         return self._pooled(pipe, list(prompts))
 
+    def token_and_pooled_states(self, pipe, prompts: Sequence[str], cut_at_eos: bool = False,
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # T5's token states and CLIP-L's pooled vector come from two different encoders: two passes, not SD3's one
+        ids, states = self.token_states(pipe, prompts, cut_at_eos)
+        return ids, states, self.pooled_states(pipe, prompts)
+
     @torch.no_grad()
     def encode(self, pipe, prompts: Sequence[str]) -> torch.Tensor:
         embeds, pooled, _ = pipe.encode_prompt(list(prompts), None, device=pipe.text_encoder_2.device,
