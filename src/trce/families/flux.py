@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from trce.errors import TrceError, choose
-from trce.families import GROUPS
+from trce.families import GROUPS, ModelFamily
 from trce.families.sd3 import FlowSampler, SD3Family
 
 
@@ -106,11 +106,9 @@ class FluxFamily(SD3Family):
     def pooled_states(self, pipe, prompts: Sequence[str]) -> torch.Tensor:
         return self._pooled(pipe, list(prompts))
 
-    def token_and_pooled_states(self, pipe, prompts: Sequence[str], cut_at_eos: bool = False,
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # T5's token states and CLIP-L's pooled vector come from two different encoders: two passes, not SD3's one
-        ids, states = self.token_states(pipe, prompts, cut_at_eos)
-        return ids, states, self.pooled_states(pipe, prompts)
+    # T5's token states and CLIP-L's pooled vector come from two different encoders: the interface's two passes,
+    # not SD3's one
+    token_and_pooled_states = ModelFamily.token_and_pooled_states
 
     @torch.no_grad()
     def encode(self, pipe, prompts: Sequence[str]) -> torch.Tensor:
