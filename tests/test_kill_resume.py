@@ -39,11 +39,15 @@ def _run(args, cache: Path) -> None:
 def _kill_when(args, cache: Path, ready: Callable[[], bool], sig: int = signal.SIGKILL,
                env: dict | None = None) -> subprocess.CompletedProcess:
     """Start the command, send `sig` as soon as `ready()` holds; the process must not have finished by then."""
-    # Ctrl-C as a terminal delivers it: a suite started in the background (`.ci/run &`) hands its children SIGINT
-    # *ignored*, and Python then installs no KeyboardInterrupt handler, so the child gets SIGINT's default back
-    proc = subprocess.Popen(_cli(*args), env={**ENV, "TRCE_CACHE": str(cache), **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Ctrl-C as a terminal delivers it: a suite started in the background (`.ci/run &`) has SIGINT *ignored*, which
+    # children inherit (and Python then installs no KeyboardInterrupt handler); a handled signal is reset to the
+    # default on exec, so the child is started while this process handles SIGINT
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(_cli(*args), env={**ENV, "TRCE_CACHE": str(cache), **(env or {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 240
     try:
         while not ready():

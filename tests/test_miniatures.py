@@ -12,12 +12,12 @@ import torch
 
 from trce.errors import TrceError
 from trce.families import family_of
+from trce.families.sd3 import CollapsedRowsJointProcessor
 from trce.loading import shapeworld_dir
 from trce.shapeworld.miniatures import (
     T5_ROWS,
     MiniatureConfig,
     MiniatureTrainer,
-    RepeatedRowAttnProcessor,
     assemble,
     denoiser_model,
     load_miniature,
@@ -50,7 +50,7 @@ def test_training_conditions_as_the_pipeline_does(family, tmp_path):
             embeds, neg, pool, neg_pool = pipe.encode_prompt(prompts, None, None, device="cpu",
                                                              do_classifier_free_guidance=True)
             # the pipeline: 32 CLIP rows + T5_ROWS zero rows (no T5); training: the 32 rows + one zero row that
-            # stands for them (RepeatedRowAttnProcessor, tested equal below)
+            # stands for them (CollapsedRowsJointProcessor, tested equal below)
             assert embeds.shape[1] == tokens.shape[1] - 1 + T5_ROWS and not embeds[:, tokens.shape[1] - 1:].any()
             n = tokens.shape[1]
             assert not tokens[:, -1].any()
@@ -73,10 +73,10 @@ def test_one_stand_in_row_trains_the_function_of_the_pipelines_256_zero_rows():
     with torch.no_grad():
         full = model(hidden_states=x, timestep=t, pooled_projections=pooled,
                      encoder_hidden_states=torch.cat([clip, torch.zeros(2, T5_ROWS, 512)], 1)).sample
-        model.set_attn_processor(RepeatedRowAttnProcessor(T5_ROWS))
+        model.set_attn_processor(CollapsedRowsJointProcessor())
         short = model(hidden_states=x, timestep=t, pooled_projections=pooled,
-                      encoder_hidden_states=torch.cat([clip, torch.zeros(2, 1, 512)], 1)).sample
-        model.set_attn_processor(RepeatedRowAttnProcessor(1))
+                      encoder_hidden_states=torch.cat([clip, torch.zeros(2, 1, 512)], 1),
+                      joint_attention_kwargs={"repeated_row": (32, T5_ROWS)}).sample
         once = model(hidden_states=x, timestep=t, pooled_projections=pooled,
                      encoder_hidden_states=torch.cat([clip, torch.zeros(2, 1, 512)], 1)).sample
     assert torch.allclose(full, short, atol=1e-4, rtol=1e-4), (full - short).abs().max()
@@ -106,6 +106,33 @@ def test_the_cli_trains_a_miniature_and_refuses_sd1_options(tmp_path, run_cli):
     code, _, err = run_cli("shapeworld", "train", "--family", "sdxl", "--tiny", "--clip-steps", "3",
                            "--out", tmp_path / "xl")
     assert code == 2 and "--clip-steps trains a part of the sd1 model" in err
+
+
+def test_the_cli_warm_starts_a_miniature_from_a_finished_run(tmp_path, run_cli):
+    """`--warm-start RUN` (sdxl / sd3): the new run starts from the finished run's EMA denoiser, reuses its cache
+    (same pool and captions) and draws the batches after those it drew; a run of another family is refused."""
+    from trce.utils import io
+
+    code, _, err = run_cli("shapeworld", "train", "--family", "sd3", "--tiny", "--out", tmp_path / "a")
+    assert code == 0 and "render pool" in err, err
+    code, _, err = run_cli("shapeworld", "train", "--family", "sd3", "--tiny", "--warm-start", tmp_path / "a",
+                           "--out", tmp_path / "b")
+    assert code == 0, err
+    assert "render pool" not in err and "sd3 denoiser" in err  # the cache was copied, not made again
+    made = json.loads((tmp_path / "b" / "export" / "made.json").read_text())
+    assert made["config"]["warm_start"] == str(tmp_path / "a")
+    from dataclasses import replace
+
+    trainer = MiniatureTrainer(tmp_path / "b", replace(MiniatureConfig.tiny("sd3"), warm_start=str(tmp_path / "a")))
+    assert trainer._data_offset() == 4  # the tiny run's 4 steps come first
+    # it starts from a's EMA weights: at learning rate 0 they come out unchanged
+    train_miniature(tmp_path / "still", "sd3", tiny=True, lr=0.0, warm_start=str(tmp_path / "a"))
+    a = io.load_tensors(tmp_path / "a" / "denoiser" / "ema.safetensors")
+    still = io.load_tensors(tmp_path / "still" / "denoiser" / "ema.safetensors")
+    assert all(torch.equal(a[k], still[k]) for k in a)
+    code, _, err = run_cli("shapeworld", "train", "--family", "sdxl", "--tiny", "--warm-start", tmp_path / "a",
+                           "--out", tmp_path / "c")
+    assert code == 2 and "trained a sd3 denoiser, not sdxl" in err
 
 
 def test_the_shipped_xl_miniature_is_a_plain_sdxl_pipeline():

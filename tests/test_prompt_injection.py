@@ -171,6 +171,11 @@ def _joint_layer(pipe):
     with torch.no_grad():
         fam.predict(pipe.transformer, z, torch.tensor([700.0]), fam.encode(pipe, ["a red circle"]))
     hook.remove()
+    if "repeated_row" in seen:  # SD3 without T5 predicts with one row for 256 identical ones: as the pipeline feeds it
+        index, count = seen.pop("repeated_row")
+        c = seen["encoder_hidden_states"]
+        seen["encoder_hidden_states"] = torch.cat([c[:, :index], c[:, index:index + 1].expand(-1, count, -1),
+                                                   c[:, index + 1:]], 1)
     return attn, seen
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from every_method import assert_one_pass_states
@@ -13,7 +14,7 @@ from joint_kpop import check_hidden_prompt_eval_and_install, kpop_erase_on_the_c
 
 import trce
 from trce.families import family_of
-from trce.families.sd3 import FlowSampler
+from trce.families.sd3 import CollapsedRowsJointProcessor, FlowSampler
 from trce.testing import tiny_sd3_pipeline
 
 
@@ -101,3 +102,79 @@ def test_kpop_erase_and_eval_with_the_hidden_prompt_on_the_cli(sd3_dir, tmp_path
     assert edit.method == "kpop" and edit.extras["hidden_prompt"].shape == (tokens, width)
     assert edit.settings["injection"]["layers"] == fam.injection_layers(pipe.transformer, edit.settings["sites"])
     check_hidden_prompt_eval_and_install(sd3_dir, tmp_path, run_cli, pipe, fam, patch, rows=tokens)
+
+
+def _randomised(pipe):
+    """diffusers zero-initialises some outputs: make every path of the tiny transformer matter."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return pipe
+
+
+def test_without_t5_trce_draws_with_one_zero_row_for_256_and_gets_the_same_images():
+    """SD3 without T5: trce collapses the pipeline's 256 zero T5 rows into one weighed as 256 (the same function at
+    a fraction of the joint sequence). Images drawn by trce equal the plain pipeline's; the processor it installs
+    is diffusers' own computation when not asked to collapse; soft-prompt conditionings draw the same too."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from trce.families.sd3 import T5_FREE_ROWS
+    from trce.generate import GenSettings, generate
+
+    pipe = _randomised(tiny_sd3_pipeline())
+    fam = family_of(pipe)
+    prompts, seeds = ["a red circle", "a blue square"], [0, 1]
+
+    def plain():
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return pipe(prompt=prompts, num_inference_steps=3, guidance_scale=5.0, generator=gens,
+                    output_type="latent").images
+
+    before = plain()
+    assert all(type(p) is JointAttnProcessor2_0 for p in pipe.transformer.attn_processors.values())
+    draw = fam.draw_kwargs(pipe)  # installs the collapsing processor
+    m = pipe.tokenizer_max_length
+    assert draw == {"max_sequence_length": 1, "joint_attention_kwargs": {"repeated_row": (m, T5_FREE_ROWS)}}
+    assert all(type(p) is CollapsedRowsJointProcessor for p in pipe.transformer.attn_processors.values())
+    assert torch.equal(plain(), before)  # without `repeated_row` it is JointAttnProcessor2_0's computation
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    fast = pipe(prompt=prompts, num_inference_steps=3, guidance_scale=5.0, generator=gens, output_type="latent",
+                **draw).images
+    assert torch.allclose(fast, before, atol=1e-5, rtol=1e-4), (fast - before).abs().max()
+    settings = GenSettings(steps=3, guidance=5.0, batch_size=2)
+    by_text = generate(pipe, prompts, seeds, settings, progress=False)
+    cond = fam.encode(pipe, prompts)
+    assert cond.shape[1] == m + T5_FREE_ROWS + 1  # the conditioning keeps the pipeline's layout
+    inputs = fam.pipeline_inputs(pipe, cond)
+    assert inputs["prompt_embeds"].shape[1] == m + 1 and inputs["joint_attention_kwargs"] == draw["joint_attention_kwargs"]
+    from trce.generate import generate_iter
+
+    by_embeds = np.concatenate([img for _, img in generate_iter(pipe, prompts, seeds, settings, progress=False,
+                                                                  embeds=cond)])
+    assert np.abs(by_text.astype(int) - by_embeds.astype(int)).max() <= 1
+
+
+def test_predict_collapses_only_under_its_own_processor():
+    """`predict` (stage V, ESD, attacks) gives the velocity of the full 256-row input, collapsed or not, gradients
+    included; under another processor (KPOP's injection) the rows go in as they are."""
+    from trce.families.sd3 import collapsible
+
+    pipe = _randomised(tiny_sd3_pipeline())
+    fam, tr = family_of(pipe), pipe.transformer
+    cond = fam.encode(pipe, ["a red circle", "a green star"])
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([200.0, 700.0])
+    full = tr(hidden_states=z, timestep=t, encoder_hidden_states=cond[:, :-1],
+              pooled_projections=cond[:, -1, :64]).sample  # diffusers' processor, 256 zero rows
+    w = tr.context_embedder.weight
+    (g_full,) = torch.autograd.grad(full.square().sum(), w)
+    fast = fam.predict(tr, z, t, cond)
+    assert collapsible(tr)
+    (g_fast,) = torch.autograd.grad(fast.square().sum(), w)
+    assert torch.allclose(fast, full, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(g_fast, g_full, atol=1e-4, rtol=1e-3)
+    tokens, joint = fam._collapsed(tr, cond[:, :-1])
+    assert joint is not None and tokens.shape[1] == cond.shape[1] - 256
+    other = {name: type("Other", (CollapsedRowsJointProcessor,), {})() for name in tr.attn_processors}
+    tr.set_attn_processor(other)
+    assert not collapsible(tr) and fam._collapsed(tr, cond[:, :-1])[1] is None

@@ -160,7 +160,7 @@ def generate_iter(
                 idx = order[start : start + chunk]
                 padded = idx + [idx[-1]] * (chunk - len(idx))  # the same call size every time: same rounding
                 gens = [torch.Generator("cpu").manual_seed(int(seeds[i])) for i in padded]
-                text = ({"prompt": [prompts[i] for i in padded]} if embeds is None
+                text = ({"prompt": [prompts[i] for i in padded], **family.draw_kwargs(pipe)} if embeds is None
                         else family.pipeline_inputs(pipe, embeds[padded]))
                 try:
                     out = pipe(**text, num_inference_steps=settings.steps, guidance_scale=guidance, generator=gens,

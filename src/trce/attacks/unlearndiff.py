@@ -98,7 +98,7 @@ def reference_latents(pipe, targets: Sequence[Target], *, steps: int = 30, guida
         gens = [torch.Generator("cpu").manual_seed(image_seed(t.seed, k)) for k in range(images)]
         g = t.guidance if t.guidance is not None else guidance
         res = pipe(prompt=[t.prompt] * images, num_inference_steps=steps, guidance_scale=g, generator=gens,
-                   height=size, width=size, output_type="latent")
+                   height=size, width=size, output_type="latent", **family.draw_kwargs(pipe))
         out.append(family.latents_out(pipe, res.images, size).float().cpu())
     return out
 

@@ -42,7 +42,8 @@ def register(sub) -> None:
     p.add_argument("--clip-aux-weight", type=float, default=None,
                    help="weight of the attribute heads added to the contrastive CLIP loss (default 1.0; 0 = pure CLIP)")
     p.add_argument("--warm-start", default=None, metavar="RUN",
-                   help="a finished run folder whose CLIP and UNet initialise this one (fine-tune, not from scratch)")
+                   help="a finished run folder whose CLIP and UNet (sdxl / sd3: whose denoiser) initialise this one "
+                        "(fine-tune, not from scratch)")
     p.add_argument("--ship", action="store_true", help="copy the exported pipeline into the installed package")
     p.set_defaults(func=cmd_train)
 
@@ -82,12 +83,13 @@ def _train_miniature(args) -> int:
     from trce.shapeworld.miniatures import train_miniature
     from trce.utils import io
 
-    sd1_only = [k for k in TRAIN_OPTIONS if k not in ("unet_steps", "unet_batch", "pool_size")
+    sd1_only = [k for k in TRAIN_OPTIONS if k not in ("unet_steps", "unet_batch", "pool_size", "warm_start")
                 and getattr(args, k) is not None]
     if sd1_only:
         raise TrceError(f"--{sd1_only[0].replace('_', '-')} trains a part of the sd1 model; --family "
-                        f"{args.family} trains only the denoiser (--unet-steps, --unet-batch, --pool-size)")
-    names = {"unet_steps": "steps", "unet_batch": "batch", "pool_size": "pool_size"}
+                        f"{args.family} trains only the denoiser (--unet-steps, --unet-batch, --pool-size, "
+                        "--warm-start)")
+    names = {"unet_steps": "steps", "unet_batch": "batch", "pool_size": "pool_size", "warm_start": "warm_start"}
     overrides = {new: getattr(args, old) for old, new in names.items() if getattr(args, old) is not None}
     with io.run_lock(args.out, "out"):
         export, dest = train_miniature(args.out, args.family, seed=args.seed, device=args.device, tiny=args.tiny,

@@ -210,6 +210,11 @@ class ModelFamily:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ drawing
+    def draw_kwargs(self, pipe) -> dict[str, Any]:
+        """Extra keyword arguments of every `pipe(prompt=...)` call trce makes (the same images, drawn faster: SD3
+        without T5 collapses its zero T5 rows); `pipeline_inputs` includes them."""
+        return {}
+
     def pipeline_inputs(self, pipe, cond: torch.Tensor) -> dict[str, Any]:
         """Keyword arguments of `pipe(...)` that draw from a conditioning made by `encode` (soft prompts)."""
         raise NotImplementedError

@@ -202,6 +202,9 @@ class FluxFamily(SD3Family):
         return FlowSampler(scheduler_config, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
 
     # ------------------------------------------------------------------ drawing
+    def draw_kwargs(self, pipe) -> dict[str, Any]:
+        return {}  # T5 is FLUX's token encoder: no zero rows to collapse
+
     def pipeline_inputs(self, pipe, cond: torch.Tensor) -> dict[str, Any]:
         dev, dt = pipe.text_encoder_2.device, pipe.text_encoder_2.dtype
         return {"prompt_embeds": cond[:, :-1].to(dev, dt),

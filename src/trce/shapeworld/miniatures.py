@@ -11,10 +11,11 @@ What each reuses, and why:
   halves being equal changes nothing a method does (stage T solves on the concatenated states with a ridge);
 - SD3's T5 is omitted (`text_encoder_3=None`, as SD3 allows): the pipeline then feeds 256 zero rows after the
   CLIP rows, and the transformer is trained as if with exactly those, so it draws as the pipeline conditions it.
-  Training feeds ONE zero row standing for the 256 (`RepeatedRowAttnProcessor`): identical context rows stay
-  identical through every joint block (same modulation, same attention query, same feed-forward), so 256 of them
-  act in attention as one key with its logit raised by log 256. That is the same function (tested equal) at a
-  sixth of the joint sequence (16 image + 32 CLIP + 1 rows instead of 16 + 32 + 256).
+  Training feeds ONE zero row standing for the 256 (`trce.families.sd3.CollapsedRowsJointProcessor`, which trce
+  also draws and predicts with): identical context rows stay identical through every joint block (same
+  modulation, same attention query, same feed-forward), so 256 of them act in attention as one key with its
+  logit raised by log 256. That is the same function (tested equal) at a sixth of the joint sequence (16 image
+  + 32 CLIP + 1 rows instead of 16 + 32 + 256).
 
 Training: the render pool and its captions (in the world's grammar and the open language, as v3 was trained),
 latents from the shipped VAE, text states cached once, then the denoiser alone — epsilon prediction with
@@ -37,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trce.errors import TrceError, choose
+from trce.families.sd3 import T5_FREE_ROWS, CollapsedRowsJointProcessor
 from trce.shapeworld import world
 from trce.utils import io
 
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 
 MINIATURES = {"sdxl": ("shapeworld-xl", "weights-xl", "unet"), "sd3": ("shapeworld-dit", "weights-dit", "transformer")}
 NAMES = {name: family for family, (name, _, _) in MINIATURES.items()}
-T5_ROWS = 256  # the zero rows SD3's pipeline feeds without T5 (its max_sequence_length)
+T5_ROWS = T5_FREE_ROWS  # the zero rows SD3's pipeline feeds without T5 (its max_sequence_length)
 TIME_IDS = (32.0, 32.0, 0.0, 0.0, 32.0, 32.0)  # SDXL's size ids at ShapeWorld's 32 px: original, crop, target
 
 
@@ -93,40 +95,6 @@ def denoiser_model(family: str, seed: int = 0):
         num_attention_heads=4, joint_attention_dim=512, caption_projection_dim=128, pooled_projection_dim=256,
         pos_embed_max_size=8,
     )
-
-
-class RepeatedRowAttnProcessor:
-    """Joint attention (SD3's `JointAttnProcessor2_0` computation) in which the LAST context row stands for
-    `repeats` identical rows: softmax over n identical keys is one key with weight n, i.e. logit + log n, and
-    their values are equal, so the output of every query is unchanged. Used by ShapeWorld-DiT training only."""
-
-    def __init__(self, repeats: int):
-        self.log_repeats = float(np.log(repeats))
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        import torch.nn.functional as F
-
-        b, n_img = hidden_states.shape[:2]
-
-        def heads(x):  # (B, S, H*d) -> (B, H, S, d)
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)  # (B, H, S, d)
-        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bias[-1] = self.log_repeats  # the one row that is `repeats` rows
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))  # (B, H, S, d)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)  # (B, S, H*d)
-        img, ctx = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            ctx = attn.to_add_out(ctx)
-        return attn.to_out[1](attn.to_out[0](img)), ctx
 
 
 def flow_scheduler():
@@ -203,6 +171,9 @@ class MiniatureConfig:
     checkpoint_every: int = 250
     device: str = "auto"
     base: str = "shapeworld"  # the exported ShapeWorld pipeline whose parts are reused
+    # a finished run of the same family whose EMA denoiser starts this one (a second cosine cycle: fresh optimizer,
+    # warmup, the data stream going on after the steps that run drew); its cache is reused when it is the same
+    warm_start: str = ""
 
     def __post_init__(self) -> None:
         choose("model family of a ShapeWorld miniature", self.family, MINIATURES)
@@ -226,9 +197,10 @@ class MiniatureTrainer:
         if not (self.base / "clip_text_projection.safetensors").exists():
             raise TrceError(f"--base {self.base} is not an exported ShapeWorld pipeline (no clip_text_projection)")
         self.out.mkdir(parents=True, exist_ok=True)
+        self.warm = self._warm_source(config.warm_start) if config.warm_start else None
         record = self.out / "train.json"
         if record.exists():
-            previous = io.read_json(record)["config"]
+            previous = {"warm_start": "", **io.read_json(record)["config"]}
             if previous != asdict(config):
                 changed = sorted(k for k in previous if previous.get(k) != asdict(config).get(k))
                 raise TrceError(f"{self.out} holds a run with other settings ({', '.join(changed)}); use a new --out "
@@ -239,6 +211,40 @@ class MiniatureTrainer:
 
     def _done(self, stage: str) -> bool:
         return (self.out / stage / "DONE").exists()
+
+    def _warm_source(self, path: str) -> tuple[Path, dict]:
+        """(folder, its config) of the finished run `--warm-start` names; refused unless it is one of this family."""
+        src = Path(path).expanduser()
+        if not ((src / "train.json").exists() and (src / "denoiser" / "DONE").exists()):
+            raise TrceError(f"--warm-start {src} is not a finished ShapeWorld {self.cfg.family} run (no train.json or "
+                            "denoiser/DONE)")
+        theirs = io.read_json(src / "train.json")["config"]
+        if theirs.get("family") != self.cfg.family:
+            raise TrceError(f"--warm-start {src} trained a {theirs.get('family')} denoiser, not {self.cfg.family}")
+        return src, theirs
+
+    def _data_offset(self) -> int:
+        """Steps of data the warm-start chain already drew: this run's batches and noise go on after them."""
+        offset, src = 0, self.warm
+        while src is not None:
+            theirs = src[1]
+            offset += int(theirs["steps"])
+            src = self._warm_source(theirs["warm_start"]) if theirs.get("warm_start") else None
+        return offset
+
+    def _reuse_warm_cache(self) -> bool:
+        import shutil
+
+        if self.warm is None:
+            return False
+        folder, theirs = self.warm
+        same = ("seed", "pool_size", "captions_per_image", "base")
+        if any(theirs.get(k) != getattr(self.cfg, k) for k in same) or not (folder / "cache" / "DONE").exists():
+            return False
+        with io.atomic_dir(self.out / "cache") as tmp:
+            shutil.copytree(folder / "cache", tmp, dirs_exist_ok=True)
+        log.info("stage cache reused from warm start %s (same pool and captions)", folder)
+        return True
 
     def run(self) -> Path:
         for stage in self.STAGES:
@@ -253,6 +259,8 @@ class MiniatureTrainer:
     @torch.no_grad()
     def stage_cache(self) -> None:
         """Render the pool, encode latents with the shipped VAE and captions with the shipped text tower."""
+        if self._reuse_warm_cache():
+            return
         from diffusers import AutoencoderKL
         from transformers import CLIPTokenizer
 
@@ -328,7 +336,8 @@ class MiniatureTrainer:
         s = sigma.view(-1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=tokens,
-                     pooled_projections=pooled).sample
+                     pooled_projections=pooled,
+                     joint_attention_kwargs={"repeated_row": (tokens.shape[1] - 1, T5_ROWS)}).sample
         return ((pred - (noise - x0)) ** 2).mean()
 
     def stage_denoiser(self) -> None:
@@ -350,13 +359,17 @@ class MiniatureTrainer:
             self._empty = self._empty_prompt()
         model = denoiser_model(cfg.family, cfg.seed).to(self.device)
         if cfg.family == "sd3":
-            model.set_attn_processor(RepeatedRowAttnProcessor(T5_ROWS))  # one zero row for the pipeline's 256
+            model.set_attn_processor(CollapsedRowsJointProcessor())  # one zero row for the pipeline's 256
+        if self.warm is not None:  # start from the warm run's EMA weights (the exported denoiser)
+            model.load_state_dict(io.load_tensors(self.warm[0] / "denoiser" / "ema.safetensors"))
+        offset = self._data_offset()
         ema = denoiser_model(cfg.family, cfg.seed).to(self.device)
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
 
         def loss_at(step: int) -> torch.Tensor:
+            step += offset  # a warm-started run draws the batches after those its warm start drew
             rng = np.random.default_rng([cfg.seed, 4242, step])  # the step's batch: the same after a resume
             cap = rng.choice(n_img * k, size=cfg.batch, replace=False)
             order = np.argsort(cap)
