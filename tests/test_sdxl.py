@@ -57,6 +57,14 @@ def test_stage_t_closes_both_doors(tmp_path):
     assert edit.info["pooled"]["embeddings"] == len(spec.pairs())
     without = erase(pipe, spec, StageTConfig(eta=0.0, ridge=1e-10, pooled=False), ctx)  # the ablation
     assert "unet.add_embedding.linear_1.weight" not in without.weights and "pooled" not in without.info
+    # pooled_eta weighs the pooled path's preservation prior alone: the token layers are the same edit, and the
+    # pooled layer moves less the more its prior weighs (eta 0 is the unregularised solve above)
+    path = "unet.add_embedding.linear_1.weight"
+    light = erase(pipe, spec, StageTConfig(eta=0.01, ridge=1e-10), ctx)
+    heavy = erase(pipe, spec, StageTConfig(eta=0.01, ridge=1e-10, pooled_eta=10.0), ctx)
+    assert all(torch.equal(light.weights[k], heavy.weights[k]) for k in light.weights if k != path)
+    assert heavy.info["pooled"]["eta"] == 10.0 and light.info["pooled"]["eta"] == 0.01
+    assert (heavy.weights[path] - w).norm() < (light.weights[path] - w).norm() < (new - w).norm()
 
 
 @pytest.mark.parametrize("method", list(TINY))

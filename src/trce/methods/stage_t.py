@@ -57,6 +57,9 @@ class StageTConfig:
     preserve_role: str = "all"  # a role over the preservation prompts, or "same" (the mapped role minus key)
     batch_size: int = 64
     pooled: bool = True  # also map the pooled text path where the family has one (SDXL); False: the ablation
+    # the pooled path's own preservation weight (None: eta). On a DiT the pooled vector modulates every block, so
+    # its edit moves the other concepts more than the token edit does and wants a larger weight
+    pooled_eta: float | None = None
     # hardening (trce.methods.robust): rounds of adversaries found against the edited model, then a re-solve
     robust: int = 0  # R rounds (0: plain stage T)
     robust_attack: str = "closed-form+soft"  # closed-form (RECE's), soft (white-box soft prompts) or both
@@ -70,7 +73,7 @@ class StageTConfig:
     robust_guidance: float = 7.5
 
     def __post_init__(self) -> None:
-        for name in ("eta", "ridge"):
+        for name in ("eta", "ridge", "pooled_eta"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value < 0):
@@ -415,9 +418,10 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
         pm, ps = pooled_pairs
         pprior = preservation_prior(pipe, prompts, "all", base["id"], context.cache_dir, context.use_cache,
                                     config.batch_size, context.progress, text_input="pooled")
-        solved["pooled"], pdiag = solve_transform(pm, ps, pprior.cov, eta, ridge)
-        factors["pooled"] = solve_low_rank(pm, ps, pprior.cov, eta, ridge)
-        pooled_info = {"embeddings": int(pm.shape[0]), "prior_cache": pprior.key, "prior_cached": pprior.cached,
+        peta = eta if config.pooled_eta is None else float(config.pooled_eta)
+        solved["pooled"], pdiag = solve_transform(pm, ps, pprior.cov, peta, ridge)
+        factors["pooled"] = solve_low_rank(pm, ps, pprior.cov, peta, ridge)
+        pooled_info = {"embeddings": int(pm.shape[0]), "eta": peta, "prior_cache": pprior.key, "prior_cached": pprior.cached,
                        **{k: pdiag[k] for k in ("condition", "erase_residual", "preserve_drift", "lambda")}}
     weights = {}
     layers = [(path, inp) for inp in inputs for path in inp.paths]
