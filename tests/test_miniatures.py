@@ -146,3 +146,18 @@ def test_the_shipped_xl_miniature_is_a_plain_sdxl_pipeline():
     image = pipe(["a red circle on a blue background"], num_inference_steps=2, height=32, width=32,
                  output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 32, 32, 3)
+
+
+def test_the_shipped_dit_miniature_is_a_plain_sd3_pipeline_without_t5():
+    """ShapeWorld-DiT ships in the package (transformer + made.json: warm-started from a finished 3,000-step run)
+    and assembles around ShapeWorld's parts as a StableDiffusion3Pipeline with text_encoder_3=None."""
+    from trce.loading import load_pipeline
+
+    pipe = load_pipeline("shapeworld-dit", device="cpu")
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and family_of(pipe).name == "sd3"
+    assert pipe.text_encoder_3 is None
+    made = json.loads((miniature_dir("sd3") / "made.json").read_text())
+    assert made["config"]["family"] == "sd3" and made["config"]["steps"] == 2000 and made["config"]["warm_start"]
+    image = pipe(["a red circle on a blue background"], num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3)
