@@ -3,6 +3,7 @@ the paper's Imagenette table), with the hidden prompt's recovery grid (paper Fig
 
     python benchmarks/kpop_shapeworld.py --out runs/kpop-3shapes                  # ~10 min on 2 CPU cores
     python benchmarks/kpop_shapeworld.py --out /tmp/k --limit 10 --iterations 20  # a smoke run
+    python benchmarks/kpop_shapeworld.py --model shapeworld-dit --out runs/3shapes-dit --rows "original,trce T+V,kpop"
     python benchmarks/kpop_shapeworld.py --out runs/red --grid-patch runs/red-kpop \
         --grid-prompts "a red star on a black background" "a red square on a grey background"  # a grid only
 
@@ -62,7 +63,8 @@ def _run(*args: str) -> None:
         raise SystemExit(f"trce {' '.join(map(str, args))} exited with {code}")
 
 
-def row(out: Path, label: str, erase_args: list[str] | None, limit: int, steps: int, iterations: int | None) -> dict:
+def row(out: Path, label: str, erase_args: list[str] | None, limit: int, steps: int, iterations: int | None,
+        model: str = "shapeworld") -> dict:
     slug = label.replace(" ", "-").replace("(", "").replace(")", "").replace(".", "").replace("+", "")
     patch = out / "patches" / slug
     seconds = None
@@ -71,10 +73,10 @@ def row(out: Path, label: str, erase_args: list[str] | None, limit: int, steps: 
         method = erase_args[erase_args.index("--method") + 1]
         extra = ["--set", f"{method}.iterations={iterations}"] if iterations and method in ("kpop", "esd") else []
         if not (patch / "patch.json").exists():
-            _run("erase", "--model", "shapeworld", "--concept", CONCEPT, *erase_args, *extra, "--out", patch)
+            _run("erase", "--model", model, "--concept", CONCEPT, *erase_args, *extra, "--out", patch)
         seconds = round(time.time() - t0, 1)
     run = out / "eval" / slug
-    _run("eval", "--model", "shapeworld", *(["--patch", patch] if erase_args is not None else []), "--suite", CONCEPT,
+    _run("eval", "--model", model, *(["--patch", patch] if erase_args is not None else []), "--suite", CONCEPT,
          "--limit", limit, "--steps", steps, "--reference-cache", out / "reference-cache", "--no-progress",
          "--out", run)
     m = io.read_json(run / "metrics.json")
@@ -106,7 +108,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def recovery_grid(out: Path, patch: Path, n: int, seed: int, prompts=GRID_PROMPTS) -> Path:
+def recovery_grid(out: Path, patch: Path, n: int, seed: int, prompts=GRID_PROMPTS, model: str = "shapeworld") -> Path:
     """Rows: original | erased | erased + hidden prompt, for each of `prompts` (n seeds each)."""
     from PIL import Image, ImageDraw
 
@@ -116,7 +118,7 @@ def recovery_grid(out: Path, patch: Path, n: int, seed: int, prompts=GRID_PROMPT
     for prompt in prompts:
         for kind, extra in kinds.items():
             png = out / "recovery" / f"{len(tiles):02d}.png"
-            _run("generate", "--model", "shapeworld", *extra, "--prompt", prompt, "--n", n, "--seed", seed,
+            _run("generate", "--model", model, *extra, "--prompt", prompt, "--n", n, "--seed", seed,
                  "--out", png)
             tiles.append(np.asarray(Image.open(png).convert("RGB")))
             labels.append(f"{prompt} | {kind}")
@@ -137,6 +139,8 @@ def recovery_grid(out: Path, patch: Path, n: int, seed: int, prompts=GRID_PROMPT
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/kpop-3shapes"))
+    p.add_argument("--model", default="shapeworld", help="shapeworld, shapeworld-xl or shapeworld-dit (the spec's "
+                   "family_settings for its family apply)")
     p.add_argument("--limit", type=int, default=100, help="prompts per suite group (default 100: 500 images a row)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps of the evaluation images")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-prompts", nargs="+", default=list(GRID_PROMPTS), help="the recovery grid's prompts")
     args = p.parse_args(argv)
     if args.grid_patch is not None:
-        print(f"recovery grid: {recovery_grid(args.out, args.grid_patch, args.grid_seeds, 0, args.grid_prompts)}")
+        grid = recovery_grid(args.out, args.grid_patch, args.grid_seeds, 0, args.grid_prompts, args.model)
+        print(f"recovery grid: {grid}")
         return 0
     chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in chosen if r not in ROWS]
@@ -158,15 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     done = {r["label"]: r for r in (io.read_json(results_file)["rows"] if results_file.exists() else [])}
     for label in chosen:
         if label not in done:
-            done[label] = row(args.out, label, ROWS[label], args.limit, args.steps, args.iterations)
-            io.write_json(results_file, {"concept": CONCEPT, "limit": args.limit, "steps": args.steps,
+            done[label] = row(args.out, label, ROWS[label], args.limit, args.steps, args.iterations, args.model)
+            io.write_json(results_file, {"concept": CONCEPT, "model": args.model, "limit": args.limit, "steps": args.steps,
                                          "rows": [done[k] for k in ROWS if k in done]})
     rows = [done[k] for k in ROWS if k in done and k in chosen]
     md = table(rows)
     io.write_text(args.out / "table.md", md)
     print(md)
     if args.grid_seeds > 0 and "kpop" in done and done["kpop"]["patch"]:
-        grid = recovery_grid(args.out, Path(done["kpop"]["patch"]), args.grid_seeds, 0, args.grid_prompts)
+        grid = recovery_grid(args.out, Path(done["kpop"]["patch"]), args.grid_seeds, 0, args.grid_prompts, args.model)
         print(f"recovery grid: {grid}")
     print(json.dumps({"results": str(results_file)}))
     return 0
