@@ -12,10 +12,9 @@ import torch
 
 from trce.errors import TrceError
 from trce.families import family_of
-from trce.families.sd3 import CollapsedRowsJointProcessor
+from trce.families.sd3 import T5_FREE_ROWS, CollapsedRowsJointProcessor
 from trce.loading import shapeworld_dir
 from trce.shapeworld.miniatures import (
-    T5_ROWS,
     MiniatureConfig,
     MiniatureTrainer,
     assemble,
@@ -49,9 +48,9 @@ def test_training_conditions_as_the_pipeline_does(family, tmp_path):
         else:
             embeds, neg, pool, neg_pool = pipe.encode_prompt(prompts, None, None, device="cpu",
                                                              do_classifier_free_guidance=True)
-            # the pipeline: 32 CLIP rows + T5_ROWS zero rows (no T5); training: the 32 rows + one zero row that
+            # the pipeline: 32 CLIP rows + T5_FREE_ROWS zero rows (no T5); training: the 32 rows + one zero row that
             # stands for them (CollapsedRowsJointProcessor, tested equal below)
-            assert embeds.shape[1] == tokens.shape[1] - 1 + T5_ROWS and not embeds[:, tokens.shape[1] - 1:].any()
+            assert embeds.shape[1] == tokens.shape[1] - 1 + T5_FREE_ROWS and not embeds[:, tokens.shape[1] - 1:].any()
             n = tokens.shape[1]
             assert not tokens[:, -1].any()
             assert torch.allclose(tokens[0], embeds[0, :n], atol=1e-5) and torch.allclose(pooled[0], pool[0], atol=1e-5)
@@ -72,11 +71,11 @@ def test_one_stand_in_row_trains_the_function_of_the_pipelines_256_zero_rows():
     t = torch.tensor([300.0, 800.0])
     with torch.no_grad():
         full = model(hidden_states=x, timestep=t, pooled_projections=pooled,
-                     encoder_hidden_states=torch.cat([clip, torch.zeros(2, T5_ROWS, 512)], 1)).sample
+                     encoder_hidden_states=torch.cat([clip, torch.zeros(2, T5_FREE_ROWS, 512)], 1)).sample
         model.set_attn_processor(CollapsedRowsJointProcessor())
         short = model(hidden_states=x, timestep=t, pooled_projections=pooled,
                       encoder_hidden_states=torch.cat([clip, torch.zeros(2, 1, 512)], 1),
-                      joint_attention_kwargs={"repeated_row": (32, T5_ROWS)}).sample
+                      joint_attention_kwargs={"repeated_row": (32, T5_FREE_ROWS)}).sample
         once = model(hidden_states=x, timestep=t, pooled_projections=pooled,
                      encoder_hidden_states=torch.cat([clip, torch.zeros(2, 1, 512)], 1)).sample
     assert torch.allclose(full, short, atol=1e-4, rtol=1e-4), (full - short).abs().max()

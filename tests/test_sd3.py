@@ -120,7 +120,7 @@ def test_without_t5_trce_draws_with_one_zero_row_for_256_and_gets_the_same_image
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     from trce.families.sd3 import T5_FREE_ROWS
-    from trce.generate import GenSettings, generate
+    from trce.generate import GenSettings, generate, generate_iter
 
     pipe = _randomised(tiny_sd3_pipeline())
     fam = family_of(pipe)
@@ -148,8 +148,6 @@ def test_without_t5_trce_draws_with_one_zero_row_for_256_and_gets_the_same_image
     assert cond.shape[1] == m + T5_FREE_ROWS + 1  # the conditioning keeps the pipeline's layout
     inputs = fam.pipeline_inputs(pipe, cond)
     assert inputs["prompt_embeds"].shape[1] == m + 1 and inputs["joint_attention_kwargs"] == draw["joint_attention_kwargs"]
-    from trce.generate import generate_iter
-
     by_embeds = np.concatenate([img for _, img in generate_iter(pipe, prompts, seeds, settings, progress=False,
                                                                   embeds=cond)])
     assert np.abs(by_text.astype(int) - by_embeds.astype(int)).max() <= 1

@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 MINIATURES = {"sdxl": ("shapeworld-xl", "weights-xl", "unet"), "sd3": ("shapeworld-dit", "weights-dit", "transformer")}
 NAMES = {name: family for family, (name, _, _) in MINIATURES.items()}
-T5_ROWS = T5_FREE_ROWS  # the zero rows SD3's pipeline feeds without T5 (its max_sequence_length)
 TIME_IDS = (32.0, 32.0, 0.0, 0.0, 32.0, 32.0)  # SDXL's size ids at ShapeWorld's 32 px: original, crop, target
 
 
@@ -305,7 +304,7 @@ class MiniatureTrainer:
         pooled2 = torch.cat([pooled, pooled], -1)  # (B, 256)
         tokens = torch.where(drop[:, None, None], self._empty[0].expand_as(tokens), tokens)
         pooled2 = torch.where(drop[:, None], self._empty[1].expand_as(pooled2), pooled2)
-        zero = torch.zeros(len(tokens), 1, tokens.shape[-1], device=tokens.device)  # stands for T5_ROWS rows
+        zero = torch.zeros(len(tokens), 1, tokens.shape[-1], device=tokens.device)  # stands for T5_FREE_ROWS rows
         return torch.cat([tokens, zero], 1), pooled2  # (B, 32 + 1, 512), (B, 256)
 
     @torch.no_grad()
@@ -337,7 +336,7 @@ class MiniatureTrainer:
         xt = (1 - s) * x0 + s * noise
         pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=tokens,
                      pooled_projections=pooled,
-                     joint_attention_kwargs={"repeated_row": (tokens.shape[1] - 1, T5_ROWS)}).sample
+                     joint_attention_kwargs={"repeated_row": (tokens.shape[1] - 1, T5_FREE_ROWS)}).sample
         return ((pred - (noise - x0)) ** 2).mean()
 
     def stage_denoiser(self) -> None:
