@@ -16,7 +16,10 @@ Rows (each `trce.erase` with the spec's settings unless said otherwise, evaluate
 - trce T (open 12), trce T+V (open 12): half as many open-language prompts per expression as the shipped spec's 24;
 - trce T (no pooled), trce T+V (no pooled): the shipped spec with stage T's pooled-path edit off (`T.pooled=false`):
   on SDXL / SD3 / FLUX the ablation that asks whether the concept comes back through the pooled text embedding (on
-  SD 1.x, which has no pooled path, the same as trce T / trce T+V).
+  SD 1.x, which has no pooled path, the same as trce T / trce T+V);
+- trce T (layer-wise), trce T+V (layer-wise): stage T's layer-wise variant (`T.layerwise=true`, joint-attention
+  families only: each joint block's text keys and values mapped on the text stream's own states, plus the pooled
+  path) instead of the context-embedder edit.
 
 `--model shapeworld-xl` (or shapeworld-dit) runs the same rows on a miniature of another family: the spec's
 `family_settings` for that family apply, as in `trce erase`.
@@ -52,6 +55,7 @@ def grammar_only(spec):
 
 
 NO_POOLED = {"T": {"pooled": False}}
+LAYERWISE = {"T": {"layerwise": True}}
 ROWS = {  # label -> (method, stages, spec transform, settings per stage)
     "original": None,
     "uce": ("uce", None, None, {}),
@@ -59,10 +63,12 @@ ROWS = {  # label -> (method, stages, spec transform, settings per stage)
     "trce T (open 12)": ("trce", "T", open_12, {}),
     "trce T": ("trce", "T", None, {}),
     "trce T (no pooled)": ("trce", "T", None, NO_POOLED),
+    "trce T (layer-wise)": ("trce", "T", None, LAYERWISE),
     "trce T+V (grammar only)": ("trce", None, grammar_only, {}),
     "trce T+V (open 12)": ("trce", None, open_12, {}),
     "trce T+V": ("trce", None, None, {}),
     "trce T+V (no pooled)": ("trce", None, None, NO_POOLED),
+    "trce T+V (layer-wise)": ("trce", None, None, LAYERWISE),
     "kpop": ("kpop", None, None, {}),
     "esd": ("esd", None, None, {}),
 }

@@ -176,3 +176,70 @@ def test_predict_collapses_only_under_its_own_processor():
     other = {name: type("Other", (CollapsedRowsJointProcessor,), {})() for name in tr.attn_processors}
     tr.set_attn_processor(other)
     assert not collapsible(tr) and fam._collapsed(tr, cond[:, :-1])[1] is None
+
+
+@torch.no_grad()
+def _stream_rows(pipe, prompts, point, block):
+    """The text stream's eot rows where joint block `block` reads them (its add_k_proj input), read by a hook of
+    the test's own on the model as it is."""
+    from trce.tokens import first_eos, tokenize
+
+    fam = family_of(pipe)
+    seen = {}
+    layer = pipe.transformer.transformer_blocks[block].attn.add_k_proj
+    handle = layer.register_forward_hook(lambda _m, args, _o: seen.update(x=args[0]))
+    try:
+        z, t = point
+        fam.predict(pipe.transformer, z.expand(len(prompts), *z.shape[1:]), t, fam.encode(pipe, prompts))
+    finally:
+        handle.remove()
+    eos = first_eos(tokenize(fam.tokenizer(pipe), prompts), fam.tokenizer(pipe).eos_token_id)
+    return seen["x"][torch.arange(len(prompts)), eos].double()  # (N, D)
+
+
+@pytest.mark.parametrize("make", ["sd3", "flux"])
+def test_layerwise_stage_t_maps_each_joint_blocks_own_stream_rows(make, tmp_path):
+    from trce.concepts import spec_from_dict
+    from trce.methods.layerwise import stream_points
+    from trce.methods.stage_t import StageTConfig, erase
+    from trce.registry import Context
+    from trce.testing import tiny_flux_pipeline
+
+    pipe = tiny_sd3_pipeline() if make == "sd3" else tiny_flux_pipeline()
+    spec = spec_from_dict({"name": "cats", "erase": {"target": "a dog", "expressions": ["a cat", "a kitten", "a tabby"]},
+                           "templates": ["a photo of {}", "a drawing of {} on a black background"], "preserve": "none"})
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    config = StageTConfig(layerwise=True, layer_points=1, eta=0.0, ridge=1e-9, pooled=False, token_role="eot")
+    edit = erase(pipe, spec, config, Context(cache_dir=str(tmp_path / "cache"), progress=False, seed=0))
+    blocks = list(range(len(pipe.transformer.transformer_blocks)))
+    assert sorted(edit.weights) == sorted(f"transformer.transformer_blocks.{i}.attn.{p}_proj.weight"
+                                          for i in blocks for p in ("add_k", "add_v"))  # not the context embedder
+    assert edit.info["layerwise"]["blocks"] == len(blocks) and edit.settings["layerwise"] == {"points": 1}
+    # 6 pairs, one point: fewer rows than the stream's width, so Eq. 5 maps them exactly in every block
+    point = stream_points(pipe, 1, seed=0)[0]
+    pairs = spec.pairs()
+    for i in blocks:
+        em = _stream_rows(pipe, [p.malicious for p in pairs], point, i)
+        es = _stream_rows(pipe, [p.safe for p in pairs], point, i)
+        for proj in ("add_k", "add_v"):
+            w = before[f"transformer_blocks.{i}.attn.{proj}_proj.weight"].double()
+            new = edit.weights[f"transformer.transformer_blocks.{i}.attn.{proj}_proj.weight"].double()
+            gap = torch.linalg.norm(em @ new.T - es @ w.T) / torch.linalg.norm((em - es) @ w.T)
+            assert gap < 1e-3, (i, proj, float(gap))
+    assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in before.items())  # fitting edits nothing
+    with edit.applied(pipe):
+        assert not torch.equal(pipe.transformer.transformer_blocks[0].attn.add_k_proj.weight,
+                               before["transformer_blocks.0.attn.add_k_proj.weight"])
+    assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in before.items())  # reverted bit for bit
+
+
+def test_layerwise_stage_t_is_refused_where_text_enters_only_through_cross_attention(tmp_path):
+    from trce.errors import TrceError
+    from trce.testing import tiny_pipeline
+
+    with pytest.raises(TrceError, match="layerwise stage T needs a joint-attention denoiser"):
+        trce.erase(tiny_pipeline(), "shapeworld-red", method="trce", stages="T", T={"layerwise": True},
+                   progress=False, cache=str(tmp_path))
+    with pytest.raises(TrceError, match="layerwise stage T cannot be hardened"):
+        trce.erase(tiny_sd3_pipeline(), "shapeworld-red", method="trce", stages="T",
+                   T={"layerwise": True, "robust": 1}, progress=False, cache=str(tmp_path))

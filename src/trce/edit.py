@@ -52,6 +52,18 @@ def resolve(pipe, path: str) -> torch.Tensor:
             raise TrceError(f"the model has no tensor {path!r}; was the patch made for another architecture?") from exc
 
 
+def resolve_module(pipe, path: str) -> torch.nn.Module:
+    """The submodule of `pipe` at `path` (`component.module.path`, e.g. transformer.transformer_blocks.0.attn)."""
+    component, _, rest = path.partition(".")
+    module = getattr(pipe, component, None)
+    if not isinstance(module, torch.nn.Module):
+        raise TrceError(f"the pipeline has no component {component!r} for module {path!r}")
+    try:
+        return module.get_submodule(rest) if rest else module
+    except AttributeError as exc:
+        raise TrceError(f"the model has no module {path!r}") from exc
+
+
 def snapshot(pipe, paths) -> dict[str, torch.Tensor]:
     """Copies of the current values at `paths` (for reverting or for comparing)."""
     return {p: resolve(pipe, p).detach().clone() for p in paths}

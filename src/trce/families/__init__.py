@@ -142,6 +142,12 @@ class ModelFamily:
         some families a pooled vector too."""
         return [TextInput("tokens", tuple(self.text_projections(pipe)))]
 
+    def text_stream_inputs(self, pipe) -> list[TextInput]:
+        """Per-block layers that read the text *inside* the denoiser (a joint-attention stream rewritten by every
+        block), one TextInput per block whose paths read the same states: stage T's layer-wise variant
+        (`trce.methods.layerwise`). [] where text enters only through `text_inputs` (SD's cross-attention)."""
+        return []
+
     def token_part(self, cond: torch.Tensor) -> torch.Tensor:
         """The per-token rows of a conditioning (N, L, D) made by `encode` (families that pack more drop it)."""
         return cond

@@ -14,6 +14,10 @@ preservation prompts; and the pooled layer gets its own T on the pooled vectors.
 (`text_encoder_3=None`, which SD3 allows and ShapeWorld's miniature uses) the T5 rows are zeros and the edit
 cannot touch them; with T5 present its rows live in the same 4096-d input space, and the prior (over CLIP rows)
 leaves directions the CLIP rows never visit to the ridge — a T5-aware prior is not implemented yet.
+Layer-wise variant (`--set T.layerwise=true`, `trce.methods.layerwise`): instead of the entry, each joint block's
+`attn.add_k_proj` / `attn.add_v_proj` (`text_stream_inputs`) get their own T_i, solved on the text stream's
+states where that block reads them (modulated by the timestep and pooled vector, read at points on the original
+model's early trajectory); the pooled edit is the same.
 
 Stage V. Trajectory steering on flow matching: the model predicts a velocity v = ε − x0; Eq. 6-8 use the
 original model's guided predictions ε(∅) + β(ε(c) − ε(∅)) as f_safe / f_unsafe, which for velocities is the
@@ -250,6 +254,16 @@ class SD3Family(ModelFamily):
     def text_inputs(self, pipe) -> list[TextInput]:
         return [TextInput("tokens", ("transformer.context_embedder.weight",)),
                 TextInput("pooled", ("transformer.time_text_embed.text_embedder.linear_1.weight",))]
+
+    def text_stream_inputs(self, pipe) -> list[TextInput]:
+        # each joint block's text keys and values: they read the same modulated context rows
+        out = []
+        for i, block in enumerate(self.denoiser(pipe).transformer_blocks):
+            if getattr(block.attn, "add_k_proj", None) is None:
+                continue
+            at = f"{self.denoiser_name}.transformer_blocks.{i}.attn"
+            out.append(TextInput(f"block{i}", (f"{at}.add_k_proj.weight", f"{at}.add_v_proj.weight")))
+        return out
 
     def _pack(self, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         n, _, d = hidden.shape

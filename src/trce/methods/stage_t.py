@@ -60,6 +60,10 @@ class StageTConfig:
     # the pooled path's own preservation weight (None: eta). On a DiT the pooled vector modulates every block, so
     # its edit moves the other concepts more than the token edit does and wants a larger weight
     pooled_eta: float | None = None
+    # the layer-wise variant (joint-attention families, trce.methods.layerwise): each joint block's text keys and
+    # values mapped on the text stream's own states, instead of the context embedder
+    layerwise: bool = False
+    layer_points: int = 4  # (z_t, t) points per prompt the stream states are read at
     # hardening (trce.methods.robust): rounds of adversaries found against the edited model, then a re-solve
     robust: int = 0  # R rounds (0: plain stage T)
     robust_attack: str = "closed-form+soft"  # closed-form (RECE's), soft (white-box soft prompts) or both
@@ -86,6 +90,13 @@ class StageTConfig:
             raise TrceError(f"stage T batch_size must be a positive integer, got {self.batch_size!r}")
         from trce.methods.robust import ADVERSARIES
 
+        if not isinstance(self.layerwise, bool):
+            raise TrceError(f"layerwise must be true or false, got {self.layerwise!r}", field="layerwise")
+        if isinstance(self.layer_points, bool) or not isinstance(self.layer_points, int) or self.layer_points < 1:
+            raise TrceError(f"layer_points must be an integer >= 1, got {self.layer_points!r}", field="layer_points")
+        if self.layerwise and self.robust:
+            raise TrceError("layerwise stage T cannot be hardened (robust > 0): the rounds re-solve the context "
+                            "embedder's map", field="layerwise")
         for name in ("robust", "robust_prompts", "robust_tokens", "robust_steps", "robust_samples",
                      "robust_reference_steps"):
             value = getattr(self, name)
@@ -286,6 +297,30 @@ def pair_rows(pipe, pairs: Sequence[Pair], role: str, batch_size: int = 64, prog
     return em, es, dropped, row_pair
 
 
+def pair_index(tok, pairs: Sequence[Pair], ids: torch.Tensor, index: dict[str, int], parts: Sequence[str],
+               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[int], int]:
+    """Which rows the pairs map: (rows_m, rows_s, row_pair, dropped), rows as (prompt index, position) aligned
+    malicious -> safe, `ids` (N, L) the token ids of the prompts numbered by `index`."""
+    rows_m: list[tuple[int, int]] = []
+    rows_s: list[tuple[int, int]] = []
+    row_pair: list[int] = []
+    dropped = 0
+    for i, pair in enumerate(pairs):
+        im, is_ = index[pair.malicious], index[pair.safe]
+        m_span = s_span = None
+        if "key" in parts:
+            m_span = token_span(tok, pair.malicious, pair.m_span, ids[im])
+            s_span = token_span(tok, pair.safe, pair.s_span, ids[is_])
+        positions = pair_positions(tok, ids[im], ids[is_], parts, m_span, s_span)
+        if not positions:
+            dropped += 1
+            continue
+        rows_m.extend((im, p) for p, _ in positions)
+        rows_s.extend((is_, q) for _, q in positions)
+        row_pair.extend([i] * len(positions))
+    return rows_m, rows_s, row_pair, dropped
+
+
 def _pair_rows(pipe, pairs: Sequence[Pair], role: str, batch_size: int, progress: bool, pooled: bool):
     """`pair_rows`, and with `pooled` also `pooled_pair_embeddings` from the same encoder passes (on sdxl-arch
     encoding the pairs a second time for the pooled path took 70 of stage T's 177 s): (em, es, dropped, row_pair,
@@ -314,23 +349,7 @@ def _pair_rows(pipe, pairs: Sequence[Pair], role: str, batch_size: int, progress
         h[s : s + out.shape[0], : out.shape[1]] = out
         id_rows.append(batch_ids)
     ids = torch.cat(id_rows)  # (N, L)
-    rows_m: list[tuple[int, int]] = []
-    rows_s: list[tuple[int, int]] = []
-    row_pair: list[int] = []
-    dropped = 0
-    for i, pair in enumerate(pairs):
-        im, is_ = index[pair.malicious], index[pair.safe]
-        m_span = s_span = None
-        if "key" in parts:
-            m_span = token_span(tok, pair.malicious, pair.m_span, ids[im])
-            s_span = token_span(tok, pair.safe, pair.s_span, ids[is_])
-        positions = pair_positions(tok, ids[im], ids[is_], parts, m_span, s_span)
-        if not positions:
-            dropped += 1
-            continue
-        rows_m.extend((im, p) for p, _ in positions)
-        rows_s.extend((is_, q) for _, q in positions)
-        row_pair.extend([i] * len(positions))
+    rows_m, rows_s, row_pair, dropped = pair_index(tok, pairs, ids, index, parts)
     if dropped:
         log.warning("stage T: %d of %d pairs have no %s tokens (cut off by truncation) and were skipped",
                     dropped, len(pairs), role)
@@ -423,6 +442,19 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
         factors["pooled"] = solve_low_rank(pm, ps, pprior.cov, peta, ridge)
         pooled_info = {"embeddings": int(pm.shape[0]), "eta": peta, "prior_cache": pprior.key, "prior_cached": pprior.cached,
                        **{k: pdiag[k] for k in ("condition", "erase_residual", "preserve_drift", "lambda")}}
+    layer_info = None
+    if config.layerwise:
+        from trce.methods.layerwise import solve_layerwise
+
+        stream, per_block, _ = solve_layerwise(
+            pipe, pairs, prompts, parse_role(role, ROLES), parse_role(preserve_role, PRESERVE_ROLES), eta, ridge,
+            config.layer_points, context.seed, config.batch_size, context.progress)
+        inputs = [inp for inp in inputs if inp.name != "tokens"] + stream  # the blocks in place of the entry
+        for name, (tt, low, _, _) in per_block.items():
+            solved[name], factors[name] = tt, low
+        layer_info = {"points": config.layer_points, "blocks": len(stream),
+                      **{name: {"embeddings": n, **{k: d[k] for k in ("condition", "erase_residual", "preserve_drift")}}
+                         for name, (_, _, d, n) in per_block.items()}}
     weights = {}
     layers = [(path, inp) for inp in inputs for path in inp.paths]
     for path, inp in tqdm(layers, desc=f"{method} stage T", unit="layer", disable=not context.progress):
@@ -434,6 +466,8 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
         "stage": "T", "eta": eta, "ridge": ridge, "lambda": diag["lambda"], "token_role": role,
         "preserve_role": preserve_role, "key_alignment": "last target token", "dtype": "float64",
     }
+    if config.layerwise:
+        settings["layerwise"] = {"points": config.layer_points}
     if config.robust:
         settings["robust"] = {k: getattr(config, k) for k in (
             "robust", "robust_attack", "robust_reg", "robust_prompts", "robust_tokens", "robust_steps",
@@ -444,6 +478,7 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
         "prior_cached": prior.cached, "condition": diag["condition"], "erase_residual": diag["erase_residual"],
         "preserve_drift": diag["preserve_drift"], "tensors": len(weights),
         **({"pooled": pooled_info} if pooled_info is not None else {}),
+        **({"layerwise": layer_info} if layer_info is not None else {}),
         **({"robust": robust_info} if robust_info is not None else {}),
         "seconds": {"prompts": t1 - t0, "encode": t2 - t1, "prior": t3 - t2, "solve": t4 - t3,
                     "total": time.perf_counter() - t0},
