@@ -155,7 +155,7 @@ def test_without_t5_trce_draws_with_one_zero_row_for_256_and_gets_the_same_image
 
 def test_predict_collapses_only_under_its_own_processor():
     """`predict` (stage V, ESD, attacks) gives the velocity of the full 256-row input, collapsed or not, gradients
-    included; under another processor (KPOP's injection) the rows go in as they are."""
+    included; under another processor (a user's) the rows go in as they are."""
     from trce.families.sd3 import collapsible
 
     pipe = _randomised(tiny_sd3_pipeline())
@@ -176,6 +176,30 @@ def test_predict_collapses_only_under_its_own_processor():
     other = {name: type("Other", (CollapsedRowsJointProcessor,), {})() for name in tr.attn_processors}
     tr.set_attn_processor(other)
     assert not collapsible(tr) and fam._collapsed(tr, cond[:, :-1])[1] is None
+
+
+
+@pytest.mark.parametrize(("mode", "tokens"), [("concat", 3), ("add", 1)])
+def test_kpop_injection_keeps_the_collapse_and_the_function(mode, tokens):
+    """KPOP's prompt appended to the context rows (or one vector added to all of them) keeps identical rows
+    identical: predict collapses under it and gives the full input's velocity; a position-wise added prompt does
+    not collapse."""
+    from trce.families.sd3 import collapsible
+    from trce.prompt_injection import injected
+
+    pipe = _randomised(tiny_sd3_pipeline())
+    fam, tr = family_of(pipe), pipe.transformer
+    cond = fam.encode(pipe, ["a red circle", "a green star"])
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([200.0, 700.0])
+    prompt = torch.randn(tokens, fam.injection_width(pipe), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), injected(tr, prompt, mode, "all"):
+        full = tr(hidden_states=z, timestep=t, encoder_hidden_states=cond[:, :-1],
+                  pooled_projections=cond[:, -1, :64]).sample  # diffusers' processor inside, 256 zero rows
+        assert collapsible(tr) and fam._collapsed(tr, cond[:, :-1])[1] is not None
+        fast = fam.predict(tr, z, t, cond)
+    assert torch.allclose(fast, full, atol=1e-5, rtol=1e-4)
+    with injected(tr, torch.randn(cond.shape[1] - 1, fam.injection_width(pipe)), "add", "all"):
+        assert not collapsible(tr) and fam._collapsed(tr, cond[:, :-1])[1] is None
 
 
 @torch.no_grad()

@@ -122,11 +122,29 @@ class JointPromptInjectionProcessor(PromptInjectionProcessor):
     processor returns, with the context output cut back to the m_c rows it was given.
     """
 
+    @property
+    def collapses_rows(self) -> bool:
+        """Whether SD3's collapsed zero rows (`trce.families.sd3.CollapsedRowsJointProcessor`, `repeated_row`) can pass
+        through: the inner processor is that one and the prompt leaves identical context rows identical (appended
+        rows, or one vector added to every row; a position-wise added prompt would tell the 256 rows apart)."""
+        from trce.families.sd3 import CollapsedRowsJointProcessor
+
+        prompt = self.slot.prompt
+        return type(self.inner) is CollapsedRowsJointProcessor and (
+            self.slot.mode == "concat" or prompt is None or prompt.shape[0] == 1)
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, repeated_row=None, **kwargs):
+        # repeated_row is named so that diffusers' Attention (which drops the keywords a processor does not name)
+        # hands it over; the prompt rows are appended after the m_c text rows, so its index still holds
         prompt = self.slot.prompt
         if image_rotary_emb is not None:
             kwargs["image_rotary_emb"] = image_rotary_emb
+        if repeated_row is not None:
+            if not self.collapses_rows:
+                raise TrceError(f"the joint attention layer {self.name or ''} cannot take collapsed context rows "
+                                "under this prompt (a position-wise added prompt)")
+            kwargs["repeated_row"] = repeated_row
         if prompt is None or encoder_hidden_states is None:  # pass through untouched: bit-identical
             return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                               attention_mask=attention_mask, **kwargs)

@@ -49,8 +49,9 @@ unless called with `repeated_row`, passed through `joint_attention_kwargs`). It 
 equal on images and predictions, at about a fifth of the joint sequence for ShapeWorld-DiT (16 image + 32 CLIP
 + 1 rows instead of 16 + 32 + 256), or 77 + 1 instead of 77 + 256 rows on SD3 itself.
 The collapse is used only where every joint attention runs that processor (it is installed in place of
-diffusers' own on first use). Under other processors, KPOP's injected prompt included, the 256 rows are fed as the
-pipeline feeds them.
+diffusers' own on first use), directly or inside KPOP's injection when the prompt rows are appended (or one vector
+is added to every row): appended rows leave the text rows' indices and the repeated row's identity alone. Under
+other processors (a position-wise added prompt, a user's) the 256 rows are fed as the pipeline feeds them.
 
 Sites over the N joint blocks `transformer_blocks.i` (a DiT has no bottleneck; the middle of the stack
 stands in for the UNet's mid block): `mid` = the middle block(s), (N-1)//2 .. N//2 (one for odd N, two
@@ -153,18 +154,25 @@ class CollapsedRowsJointProcessor(_joint_processor_base()):
 
 
 def collapsible(denoiser) -> bool:
-    """Whether every attention of the transformer runs `CollapsedRowsJointProcessor`, after putting it in place
-    of diffusers' own `JointAttnProcessor2_0` (the same computation without `repeated_row`); processors of any
-    other kind (KPOP's injection, a user's) are left alone, and then the rows are not collapsed."""
+    """Whether every attention of the transformer runs `CollapsedRowsJointProcessor` (directly, or inside KPOP's
+    injection of appended prompt rows, which keeps the rows' indices), after putting it in place of diffusers' own
+    `JointAttnProcessor2_0` (the same computation without `repeated_row`); processors of any other kind (a
+    user's) are left alone, and then the rows are not collapsed."""
+    from trce.prompt_injection import JointPromptInjectionProcessor
+
     base = _joint_processor_base()
     processors = getattr(denoiser, "attn_processors", None)
     if not processors:
         return False
+    for p in processors.values():  # an injection wraps diffusers' processor: the same swap inside it
+        if isinstance(p, JointPromptInjectionProcessor) and type(p.inner) is base:
+            p.inner = CollapsedRowsJointProcessor()
     if any(type(p) is base for p in processors.values()):
         denoiser.set_attn_processor({name: CollapsedRowsJointProcessor() if type(p) is base else p
                                      for name, p in processors.items()})
         processors = denoiser.attn_processors
-    return all(type(p) is CollapsedRowsJointProcessor for p in processors.values())
+    return all(type(p) is CollapsedRowsJointProcessor or getattr(p, "collapses_rows", False)
+               for p in processors.values())
 
 
 def joint_blocks_at(n: int, sites: str) -> range:
