@@ -240,6 +240,11 @@ def test_family_settings_win_on_their_family_only(tmp_path):
     assert plan(spec, family="sdxl", V={"lr": 1e-3}).configs["V"].lr == 1e-3  # the caller still wins
     later = plan(spec, V={"epochs": 2}).for_family("sdxl")  # what `run` does with the pipeline's family
     assert (later.configs["V"].lr, later.configs["V"].epochs) == (3e-5, 2)
+    # alternative settings: the caller's KPOP prompt_size replaces the family's prompt_tokens (not "give one, not both")
+    kp = load_spec(_write(tmp_path, _minimal(family_settings={"sd3": {"kpop": {"prompt_tokens": 32, "lr": 0.5}}})))
+    sized = plan(kp, method="kpop", family="sd3", kpop={"prompt_size": 1}).configs["kpop"]
+    assert (sized.prompt_size, sized.prompt_tokens, sized.lr) == (1, None, 0.5)
+    assert plan(kp, method="kpop", family="sd3").configs["kpop"].prompt_tokens == 32
     with pytest.raises(TrceError, match=r"family_settings\.sdxlx.*did you mean 'sdxl'"):
         load_spec(_write(tmp_path, _minimal(family_settings={"sdxlx": {"V": {"lr": 1.0}}})))
     with pytest.raises(TrceError, match=r"family_settings\.sdxl\.V.*unknown V setting 'lrr'"):

@@ -128,15 +128,24 @@ def _hardened(m: Method, overrides: dict) -> dict:
 
 
 def _configs(stages, specs, family: str | None, overrides: Mapping, seed: int) -> dict:
-    """Each stage's config: the specs' `settings`, then their `family_settings[family]`, then the caller's."""
+    """Each stage's config: the specs' `settings`, then their `family_settings[family]`, then the caller's. A later
+    layer that sets one of a config's alternative settings (its `ALTERNATIVES`, e.g. KPOP's prompt_size or
+    prompt_tokens) replaces the other ones an earlier layer set."""
+    from trce.registry import sections
+
     configs = {}
     for stage in stages:
+        alternatives = getattr(sections()[stage].config_class(), "ALTERNATIVES", ())
         merged: dict[str, Any] = {}
-        for s in specs:
-            merged.update(s.settings.get(stage, {}))
-        for s in specs:
-            merged.update(s.family_settings.get(family, {}).get(stage, {}) if family else {})
-        merged.update(overrides.get(stage) or {})
+        layers = [s.settings.get(stage, {}) for s in specs]
+        layers += [s.family_settings.get(family, {}).get(stage, {}) for s in specs] if family else []
+        layers.append(overrides.get(stage) or {})
+        for values in layers:
+            for group in alternatives:
+                if any(k in values for k in group):
+                    for k in group:
+                        merged.pop(k, None)
+            merged.update(values)
         configs[stage] = make_config(stage, merged, seed=seed)
     return configs
 

@@ -63,7 +63,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import torch
@@ -108,6 +108,8 @@ class KPOPConfig:
     gives m_p directly instead. The additive mode takes neither k nor a free m_p: its prompt has
     m_c tokens (added position by position) or, with prompt_tokens=1, one vector added to all.
     """
+
+    ALTERNATIVES: ClassVar[tuple[tuple[str, ...], ...]] = (("prompt_size", "prompt_tokens"),)  # one sizes m_p
 
     iterations: int = 1000
     lr: float = 1e-5  # eta, Adam, model parameters (paper Sec. 5.1)
