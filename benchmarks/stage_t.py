@@ -96,7 +96,7 @@ def run(models, concepts_for, prior_prompts: int, device: str | None, data: Path
         pipe = load_pipeline(model, device=device)
         load_s = time.perf_counter() - t0
         dev = pipe.device
-        print(f"# {model}: loaded in {load_s:.1f} s on {dev} ({pipe.unet.dtype}), "
+        print(f"# {model}: loaded in {load_s:.1f} s on {dev} ({family_of(pipe).denoiser(pipe).dtype}), "
               f"text width {family_of(pipe).text_width(pipe)}, {pipe.tokenizer.model_max_length} tokens",
               flush=True)
         for concept in concepts_for.get(model, CONCEPTS["sd14-arch"]):
