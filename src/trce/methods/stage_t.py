@@ -405,6 +405,10 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
     prompts = preservation_prompts_of(specs, context.data_dir)
     inputs = [inp for inp in family_of(pipe).text_inputs(pipe) if config.pooled or inp.name != "pooled"]
     with_pooled = any(inp.name == "pooled" for inp in inputs)
+    if config.layerwise:  # a family without a text stream is refused before any encoding
+        from trce.methods.layerwise import stream_inputs
+
+        stream_inputs(pipe)
     t1 = time.perf_counter()
     em, es, dropped, row_pair, pooled_pairs = _pair_rows(pipe, pairs, role, config.batch_size, context.progress,
                                                          pooled=with_pooled)
