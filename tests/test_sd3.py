@@ -239,6 +239,9 @@ def test_layerwise_stage_t_maps_each_joint_blocks_own_stream_rows(make, tmp_path
     assert sorted(edit.weights) == sorted(f"transformer.transformer_blocks.{i}.attn.{p}_proj.weight"
                                           for i in blocks for p in ("add_k", "add_v"))  # not the context embedder
     assert edit.info["layerwise"]["blocks"] == len(blocks) and edit.settings["layerwise"] == {"points": 1}
+    assert edit.info["layerwise"]["pairs_dropped"] == 0
+    # the context embedder is left as it is, so no preservation prior is built or cached for it
+    assert "prior_cache" not in edit.info and not list((tmp_path / "cache").rglob("*prior*"))
     # 6 pairs, one point: fewer rows than the stream's width, so Eq. 5 maps them exactly in every block
     point = stream_points(pipe, 1, seed=0)[0]
     pairs = spec.pairs()

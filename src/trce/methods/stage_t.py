@@ -413,12 +413,15 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
     em, es, dropped, row_pair, pooled_pairs = _pair_rows(pipe, pairs, role, config.batch_size, context.progress,
                                                          pooled=with_pooled)
     t2 = time.perf_counter()
-    prior = preservation_prior(pipe, prompts, preserve_role, base["id"], context.cache_dir, context.use_cache,
-                               config.batch_size, context.progress)
-    t3 = time.perf_counter()
     if em.shape[0] == 0:
         log.warning("stage T: %s has no embeddings to map; the edit changes nothing", "+".join(s.name for s in specs))
-    t, diag = solve_transform(em, es, prior.cov, eta, ridge)
+    solved, factors = {}, {}
+    prior = diag = None  # the layer-wise variant leaves the token input's layer as it is: no prior, no solve for it
+    if not config.layerwise:
+        prior = preservation_prior(pipe, prompts, preserve_role, base["id"], context.cache_dir, context.use_cache,
+                                   config.batch_size, context.progress)
+        t, diag = solve_transform(em, es, prior.cov, eta, ridge)
+    t3 = time.perf_counter()
     token_input = next(inp for inp in inputs if inp.name == "tokens")
     robust_info = None
     if config.robust and em.shape[0]:
@@ -432,9 +435,10 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
                                 solve=lambda a, b: solve_transform(a, b, prior.cov, eta, ridge), make_edit=token_edit,
                                 config=config, paths=token_input.paths, seed=context.seed, progress=context.progress)
         diag = diag | diagnostics(t, em, es, prior.cov)  # the hardened T on the spec's own rows
-    solved = {"tokens": t}
-    # the layer products through T's low-rank factors (the hardened T is no longer I + rank n: dense)
-    factors = {"tokens": None if robust_info is not None else solve_low_rank(em, es, prior.cov, eta, ridge)}
+    if not config.layerwise:
+        solved["tokens"] = t
+        # the layer products through T's low-rank factors (the hardened T is no longer I + rank n: dense)
+        factors["tokens"] = None if robust_info is not None else solve_low_rank(em, es, prior.cov, eta, ridge)
     pooled_info = None
     if with_pooled:
         # the pooled path (SDXL's pooled CLIP embedding): the same closed form on one vector per prompt
@@ -450,13 +454,13 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
     if config.layerwise:
         from trce.methods.layerwise import solve_layerwise
 
-        stream, per_block, _ = solve_layerwise(
+        stream, per_block, stream_dropped = solve_layerwise(
             pipe, pairs, prompts, parse_role(role, ROLES), parse_role(preserve_role, PRESERVE_ROLES), eta, ridge,
             config.layer_points, context.seed, config.batch_size, context.progress)
         inputs = [inp for inp in inputs if inp.name != "tokens"] + stream  # the blocks in place of the entry
         for name, (tt, low, _, _) in per_block.items():
             solved[name], factors[name] = tt, low
-        layer_info = {"points": config.layer_points, "blocks": len(stream),
+        layer_info = {"points": config.layer_points, "blocks": len(stream), "pairs_dropped": stream_dropped,
                       **{name: {"embeddings": n, **{k: d[k] for k in ("condition", "erase_residual", "preserve_drift")}}
                          for name, (_, _, d, n) in per_block.items()}}
     weights = {}
@@ -467,7 +471,7 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
 
     record = spec_record(specs)
     settings = {
-        "stage": "T", "eta": eta, "ridge": ridge, "lambda": diag["lambda"], "token_role": role,
+        "stage": "T", "eta": eta, "ridge": ridge, "lambda": None if diag is None else diag["lambda"], "token_role": role,
         "preserve_role": preserve_role, "key_alignment": "last target token", "dtype": "float64",
     }
     if config.layerwise:
@@ -478,9 +482,12 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
             "robust_samples", "robust_lr", "robust_reference_steps", "robust_guidance")}
     info = {
         "pairs": len(pairs), "pairs_dropped": dropped, "embeddings": int(em.shape[0]),
-        "preserve_prompts": len(prompts), "preserve_embeddings": prior.count, "prior_cache": prior.key,
-        "prior_cached": prior.cached, "condition": diag["condition"], "erase_residual": diag["erase_residual"],
-        "preserve_drift": diag["preserve_drift"], "tensors": len(weights),
+        "preserve_prompts": len(prompts), "tensors": len(weights),
+        # the token input's solve (the layer-wise variant's per-block solves are under "layerwise")
+        **({} if prior is None else {
+            "preserve_embeddings": prior.count, "prior_cache": prior.key, "prior_cached": prior.cached,
+            "condition": diag["condition"], "erase_residual": diag["erase_residual"],
+            "preserve_drift": diag["preserve_drift"]}),
         **({"pooled": pooled_info} if pooled_info is not None else {}),
         **({"layerwise": layer_info} if layer_info is not None else {}),
         **({"robust": robust_info} if robust_info is not None else {}),
@@ -489,5 +496,6 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
     }
     log.info("%s stage T: %s, %d pairs -> %d embeddings at %s, %d preservation prompts (prior %s), "
              "%d tensors in %.2f s", method, record["name"], len(pairs), em.shape[0], role, len(prompts),
-             "cached" if prior.cached else "computed", len(weights), info["seconds"]["total"])
+             "layer-wise" if prior is None else "cached" if prior.cached else "computed", len(weights),
+             info["seconds"]["total"])
     return Edit(weights=weights, method=method, spec=record, settings=settings, base=base, info=info)
