@@ -14,7 +14,15 @@ import torch
 from trce.errors import TrceError
 from trce.families import family_of
 from trce.methods import trajectories
-from trce.methods.stage_v import StageVConfig, epoch_plan, erase_v, stage_v_loss, trainable_parameters, triplet_loss
+from trce.methods.stage_v import (
+    StageVConfig,
+    epoch_plan,
+    erase_v,
+    repelled_safe,
+    stage_v_loss,
+    trainable_parameters,
+    triplet_loss,
+)
 from trce.methods.trajectories import Reference, concept_trajectories, initial_noise, uncond_trajectories
 from trce.utils import cachefile, io
 
@@ -84,6 +92,32 @@ def test_preservation_term_is_weighted_mse():
     pp, tp = torch.randn(4, 4, 2, 2, generator=gen), torch.randn(4, 4, 2, 2, generator=gen)
     parts = stage_v_loss(fs, fs, pp, fs, fs + 10, tp, margin=0.01, lambda_preserve=7.0)
     assert torch.allclose(parts["total"], 7.0 * ((pp - tp) ** 2).mean())
+
+
+def test_repelled_safe_target_is_eq7_plus_negative_guidance_away_from_the_concept():
+    gen = torch.Generator().manual_seed(3)
+    e0, em, es = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3))
+    beta, gamma = 15.0, 0.5
+    fu, fs = e0 + beta * (em - e0), e0 + beta * (es - e0)  # Eq. 6, 7
+    assert repelled_safe(fs, fu, 0.0) is fs  # the paper's target, untouched
+    want = e0 + beta * (es - e0) + gamma * beta * (es - em)
+    assert torch.allclose(repelled_safe(fs, fu, gamma), want, atol=1e-5)
+    # the hinge stays on longer: a prediction just past the paper's bisector is still penalised under γ > 0
+    pred = 0.5 * (fs + fu) + 0.02 * (fs - fu)
+    assert float(triplet_loss(pred, fs, fu, 0.0).max()) == 0.0
+    assert float(triplet_loss(pred, repelled_safe(fs, fu, gamma), fu, 0.0).min()) > 0.0
+
+
+def test_repel_is_recorded_and_keyed_only_when_set(pipe, tmp_path):
+    plain = erase_v(pipe, PAIRS, replace(TINY, lr=1e-3), cache_dir=tmp_path, progress=False)
+    pushed = erase_v(pipe, PAIRS, replace(TINY, lr=1e-3, repel=1.0), cache_dir=tmp_path, progress=False)
+    assert "repel" not in plain.settings and pushed.settings["repel"] == 1.0
+    from trce.methods.stage_v import _settings  # what the run key hashes (a run made before `repel` resumes)
+
+    assert "repel" not in _settings(TINY) and _settings(replace(TINY, repel=0.5))["repel"] == 0.5
+    assert any(not torch.equal(plain.weights[k], pushed.weights[k]) for k in plain.weights)
+    with pytest.raises(TrceError, match="repel"):
+        StageVConfig(repel=-1.0)
 
 
 # --------------------------------------------------------------------------- trainable parameters

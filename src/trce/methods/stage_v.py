@@ -114,6 +114,9 @@ class StageVConfig:
     beta: float = 15.0  # guidance enhancement of the targets, Eq. 6/7 (Table 8: 10-20 work, 15 best)
     lambda_preserve: float = 100.0  # weight λ of Eq. 9
     margin: float = 0.01  # triplet margin, Eq. 8
+    # γ, beyond the paper: the safe target of Eq. 8 pushed further from the unsafe one, f_safe + γ (f_safe − f_unsafe)
+    # = ε∅ + β(ε_s − ε∅) + γβ(ε_s − ε_m), ESD's negative guidance on top of Eq. 7 (`repelled_safe`). 0: the paper.
+    repel: float = 0.0
     lr: float = 1e-6  # Adam learning rate
     epochs: int = 3
     n_trajectories: int = 100  # concept trajectories (the paper: 100 for one concept, 300 multi-concept)
@@ -154,7 +157,7 @@ class StageVConfig:
             raise TrceError(f"stage V keep_fraction must be in (0, 1], got {self.keep_fraction!r}")
         if not self.lr > 0:
             raise TrceError(f"stage V lr must be positive, got {self.lr!r}")
-        for name in ("margin", "lambda_preserve", "checkpoint_every"):
+        for name in ("margin", "lambda_preserve", "checkpoint_every", "repel"):
             if getattr(self, name) < 0:
                 raise TrceError(f"stage V setting {name} must not be negative, got {getattr(self, name)!r}")
         if self.image_size is not None and self.image_size < 8:
@@ -173,6 +176,18 @@ class StageVConfig:
 
 
 # --------------------------------------------------------------------------- the loss (Eq. 8, 9)
+def repelled_safe(f_safe: torch.Tensor, f_unsafe: torch.Tensor, repel: float) -> torch.Tensor:
+    """f_safe + γ (f_safe − f_unsafe): Eq. 7's target moved γ safe–unsafe gaps further from Eq. 6's.
+
+    Why: Eq. 8's hinge is flat once ε̂ is `margin` closer to f_safe than to f_unsafe, so the trained model stops just
+    past the bisector of the two. When the safe prompt itself still draws the concept now and then (a colour left
+    unnamed that the model often paints red), landing near f_safe keeps that rate; moving the target away from
+    f_unsafe moves the bisector, and the hinge then pushes ε̂ out of the concept's side (ESD's negative guidance,
+    applied to TRCE's guided safe target).
+    """
+    return f_safe if not repel else f_safe + repel * (f_safe - f_unsafe)
+
+
 def triplet_loss(pred: torch.Tensor, f_safe: torch.Tensor, f_unsafe: torch.Tensor, margin: float) -> torch.Tensor:
     """Eq. 8 per sample: max(||ε̂ − f_safe||² − ||ε̂ − f_unsafe||² + margin, 0), shape (B,).
 
@@ -390,8 +405,10 @@ def _mean_rows(rows: list[list[float]]) -> list[float]:
 
 
 def _settings(config: StageVConfig) -> dict:
-    """The config as recorded: every field, the hardening ones only when it hardens (robust > 0)."""
-    return {k: v for k, v in asdict(config).items() if config.robust or k not in _ROBUST}
+    """The config as recorded: every field, the hardening ones only when it hardens (robust > 0), `repel` only when
+    set (so the runs and checkpoints made before it existed keep their keys)."""
+    return {k: v for k, v in asdict(config).items()
+            if (config.robust or k not in _ROBUST) and (k != "repel" or config.repel)}
 
 
 def _run_key(config: StageVConfig, pairs, ref: Reference, pipe, world: int, mp: str) -> str:
@@ -435,6 +452,7 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
 
     # Training data on the training device: cached latents, targets, text embeddings.
     lat, f_safe, f_unsafe = (x.to(device) for x in (concept.latents, concept.f_safe, concept.f_unsafe))
+    f_safe = repelled_safe(f_safe, f_unsafe, config.repel)  # (N, K, C, h, w); the cache keeps Eq. 7's own
     t_concept, pair_index = concept.timesteps.to(device), concept.pair_index.to(device)
     u_lat, u_t, u_tgt = uncond.latents.to(device), uncond.timesteps.to(device), uncond.target.to(device)
     emb_m = encode_prompts(pipe, [m for m, _ in pairs], chunk=64, device=device)  # (P, L, D)
