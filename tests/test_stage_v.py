@@ -214,6 +214,56 @@ def test_uncond_targets_are_the_reference_prediction(pipe, tmp_path):
     assert data.step.min() >= 0 and data.step.max() < 6
 
 
+def test_cond_preserve_points_lie_on_the_guided_trajectories_of_preservation_prompts(pipe, tmp_path):
+    from trce.methods.trajectories import cond_trajectories
+
+    prompts = ["a blue circle", "a green square", "a yellow star"]
+    ref = Reference.from_pipe(pipe)
+    data = cond_trajectories(ref, prompts, 6, steps=6, guidance=7.5, image_size=None, seed=0, batch_size=2,
+                             cache_dir=tmp_path, progress=False)
+    sched = ref.scheduler(6)
+    null = _encode(pipe, [""])
+    assert sorted(set(data.prompt_index.tolist())) == [0, 1, 2]  # the prompts cycle through the trajectories
+    with torch.no_grad():
+        for n in range(6):
+            c = _encode(pipe, [prompts[int(data.prompt_index[n])]])
+            assert int(data.timesteps[n]) == int(sched.timesteps[int(data.step[n])])
+            # the target is the original's CONDITIONAL prediction at the point (Eq. 9 with c^p for ∅)
+            eps = pipe.unet(data.latents[n][None], data.timesteps[n], encoder_hidden_states=c).sample
+            assert torch.allclose(data.target[n][None], eps, atol=1e-5)
+            # and the point is where guided sampling of that prompt stands after data.step[n] steps
+            z = initial_noise("cond-noise", 0, n, (4, 8, 8))[None] * sched.init_noise_sigma
+            for t in sched.timesteps[:int(data.step[n])]:
+                x = sched.scale_model_input(z, t)
+                e0, ec = (pipe.unet(x, t, encoder_hidden_states=e).sample for e in (null, c))
+                z = sched.step(e0 + 7.5 * (ec - e0), t, z).prev_sample
+            assert torch.allclose(data.latents[n], sched.scale_model_input(z, data.timesteps[n])[0], atol=1e-4)
+    again = cond_trajectories(ref, prompts, 6, steps=6, guidance=7.5, image_size=None, seed=0, batch_size=2,
+                              cache_dir=tmp_path, progress=False)
+    assert torch.equal(again.latents, data.latents) and again.path == data.path  # cached, reused
+    with pytest.raises(TrceError, match="preservation prompts"):
+        cond_trajectories(ref, [], 2, steps=6, guidance=7.5, image_size=None, seed=0, batch_size=2)
+
+
+def test_cond_preserve_adds_the_preservation_prompts_mse_at_their_own_points(pipe, tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    fs, fu, pu, tu, pc, tc = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(6))
+    both = stage_v_loss(fs, fs, pu, fs, fu, tu, margin=0.0, lambda_preserve=10.0, pred_cp=pc, target_cp=tc)
+    want = ((pu - tu) ** 2).mean() + ((pc - tc) ** 2).mean()
+    assert torch.allclose(both["preserve"], want) and torch.allclose(both["total"], both["erase"] + 10.0 * want)
+    keep = ["a blue circle", "a green square", "a yellow star", "a blue star"]
+    plain = erase_v(pipe, PAIRS, TINY, cache_dir=tmp_path, progress=False)
+    held = erase_v(pipe, PAIRS, replace(TINY, cond_preserve=16), cache_dir=tmp_path, progress=False,
+                   preserve_prompts=keep)
+    assert "cond_preserve" not in plain.settings and held.settings["cond_preserve"] == 16
+    assert held.info["cache"]["cond"]["key"]["n_prompts"] == 4
+    # before the first step the trained copy IS the original: each point, its prompt and its target line up exactly
+    assert held.info["loss_first"]["preserve"] < 1e-10
+    assert held.info["loss_first"]["erase"] == pytest.approx(plain.info["loss_first"]["erase"])  # same batches
+    with pytest.raises(TrceError, match="cond_preserve"):
+        StageVConfig(cond_preserve=-1)
+
+
 def test_cache_is_reused_extended_and_never_mixed(pipe, tmp_path, monkeypatch, caplog):
     ref = Reference.from_pipe(pipe)
     built: list[int] = []

@@ -85,9 +85,11 @@ from trce.families import family_of
 from trce.methods.training import Checkpoints, check_numbers, encode_prompts, finite_loss
 from trce.methods.trajectories import (
     ConceptTrajectories,
+    CondTrajectories,
     Reference,
     UncondTrajectories,
     concept_trajectories,
+    cond_trajectories,
     mix_seed,
     uncond_trajectories,
 )
@@ -103,6 +105,8 @@ MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 _OPERATIONAL = ("checkpoint_every", "cache_batch_size", "gradient_checkpointing")
 # The hardening settings: recorded (and keyed) only when robust > 0, so that an unhardened run keeps the run key and
 # the settings record of the stage without them (its checkpoints resume across the upgrade).
+# Settings beyond the paper: recorded (and keyed) only when set, for the same reason.
+_EXTRAS = ("repel", "cond_preserve")
 _ROBUST = ("robust", "robust_mix", "robust_prompts", "robust_tokens", "robust_steps", "robust_samples", "robust_lr",
            "robust_reference_steps", "robust_guidance")
 
@@ -117,6 +121,10 @@ class StageVConfig:
     # γ, beyond the paper: the safe target of Eq. 8 pushed further from the unsafe one, f_safe + γ (f_safe − f_unsafe)
     # = ε∅ + β(ε_s − ε∅) + γβ(ε_s − ε_m), ESD's negative guidance on top of Eq. 7 (`repelled_safe`). 0: the paper.
     repel: float = 0.0
+    # beyond the paper: points on the ORIGINAL model's guided trajectories of the spec's preservation prompts (other
+    # colours, COCO captions), where the trained model must keep the original's CONDITIONAL prediction (Eq. 9 with
+    # c^p in place of ∅), `preserve_batch` of them per concept sample beside the unconditional ones. 0: the paper.
+    cond_preserve: int = 0
     lr: float = 1e-6  # Adam learning rate
     epochs: int = 3
     n_trajectories: int = 100  # concept trajectories (the paper: 100 for one concept, 300 multi-concept)
@@ -164,7 +172,7 @@ class StageVConfig:
             raise TrceError(f"stage V image_size must be at least 8 pixels, got {self.image_size!r}")
         check_numbers(self, "stage V", integers=("robust_prompts", "robust_tokens", "robust_steps", "robust_samples",
                                                  "robust_reference_steps"),
-                      non_negative_integers=("robust",), positive=("robust_lr", "robust_guidance"))
+                      non_negative_integers=("robust", "cond_preserve"), positive=("robust_lr", "robust_guidance"))
         mix = self.robust_mix
         if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0 <= mix <= 1:
             raise TrceError(f"stage V robust_mix must be a number in [0, 1], got {mix!r}")
@@ -200,18 +208,22 @@ def triplet_loss(pred: torch.Tensor, f_safe: torch.Tensor, f_unsafe: torch.Tenso
 
 
 def stage_v_loss(pred_c: torch.Tensor, pred_u: torch.Tensor, pred_p: torch.Tensor, f_safe: torch.Tensor,
-                 f_unsafe: torch.Tensor, target_p: torch.Tensor, *, margin: float,
-                 lambda_preserve: float) -> dict[str, torch.Tensor]:
+                 f_unsafe: torch.Tensor, target_p: torch.Tensor, *, margin: float, lambda_preserve: float,
+                 pred_cp: torch.Tensor | None = None, target_cp: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """L = ½(L_erase(ε̂(z,c^m,t)) + L_erase(ε̂(z,∅,t))) + λ·L_preserve.
 
     pred_c, pred_u: (B, C, h, w) predictions of the trained model at z_t^m with c^m and with ∅;
     pred_p: (B·U, C, h, w) at unconditional points, target_p their Eq. 9 targets. Eq. 8 is applied
     to both predictions and averaged (as the authors' code does); Eq. 9 is a plain MSE.
+    pred_cp, target_cp (`cond_preserve`): (B·U, C, h, w) at points of preservation prompts' trajectories under their
+    prompts, and the original's conditional predictions there; L_preserve is then the sum of the two MSEs.
     """
     hinge_c = triplet_loss(pred_c, f_safe, f_unsafe, margin)
     hinge_u = triplet_loss(pred_u, f_safe, f_unsafe, margin)
     erase = 0.5 * (hinge_c.mean() + hinge_u.mean())
     preserve = (pred_p - target_p).pow(2).mean()
+    if pred_cp is not None:
+        preserve = preserve + (pred_cp - target_cp).pow(2).mean()
     active = ((hinge_c > 0).float().mean() + (hinge_u > 0).float().mean()) / 2
     return {"total": erase + lambda_preserve * preserve, "erase": erase, "preserve": preserve,
             "active": active.detach()}
@@ -315,6 +327,7 @@ def erase_v(
     checkpoint_dir: str | Path | None = None,
     accelerator=None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    preserve_prompts: Sequence[str] = (),
 ) -> Edit:
     """Run TRCE stage V on `pipe` for the (malicious prompt, safe prompt) `pairs`; return the Edit.
 
@@ -328,6 +341,7 @@ def erase_v(
         `accelerate.PartialState().device` in every process; for CPU processes create
         `PartialState(cpu=True)` first (accelerate fixes its process state on first use).
     on_step(step, losses): called in every process after each optimizer step (and its checkpoint).
+    preserve_prompts: prompts whose conditional predictions `cond_preserve` keeps (the spec's preservation prompts).
     """
     pairs = [(str(m), str(s)) for m, s in pairs]
     if not pairs:
@@ -349,16 +363,22 @@ def erase_v(
     uncond = uncond_trajectories(
         ref, config.n_uncond, steps=config.ddim_steps, image_size=config.image_size, seed=config.uncond_seed,
         batch_size=config.cache_batch_size, cache_dir=cache_dir, dist=acc, progress=progress)
+    cond = None
+    if config.cond_preserve:
+        cond = cond_trajectories(
+            ref, list(preserve_prompts), config.cond_preserve, steps=config.ddim_steps,
+            guidance=config.sample_guidance, image_size=config.image_size, seed=config.uncond_seed,
+            batch_size=config.cache_batch_size, cache_dir=cache_dir, dist=acc, progress=progress)
     t_cache = _sync(ref.device)
 
     # 2. training: only the trainable copy runs from here on.
     ckpt, run_key = None, None
     if config.checkpoint_every and (checkpoint_dir is not None or cache_dir is not None):
-        run_key = _run_key(config, pairs, ref, pipe, acc.num_processes, mp)
+        run_key = _run_key(config, pairs, ref, pipe, acc.num_processes, mp, cond)
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else cache_dir / "stage-v-runs" / run_key[:16]
         ckpt = Checkpoints(folder, run_key, "stage V")
     weights, losses, resumed, robust = _train(pipe, family, pairs, concept, uncond, config, acc, mp, ckpt, progress,
-                                              on_step, ref)
+                                              on_step, ref, cond, list(preserve_prompts))
     t_end = _sync(device)
 
     info = {
@@ -373,7 +393,8 @@ def erase_v(
         "timings_s": {"cache_concept": round(t_concept - t_start, 3), "cache_uncond": round(t_cache - t_concept, 3),
                       "train": round(t_end - t_cache, 3), "total": round(t_end - t_start, 3)},
         "cache": {"concept": {"file": concept.path.name if concept.path else None, "key": concept.key},
-                  "uncond": {"file": uncond.path.name if uncond.path else None, "key": uncond.key}},
+                  "uncond": {"file": uncond.path.name if uncond.path else None, "key": uncond.key},
+                  **({"cond": {"file": cond.path.name if cond.path else None, "key": cond.key}} if cond else {})},
         "reference": ref.fingerprint["id"],
         "device": str(device),
         "num_processes": acc.num_processes,
@@ -408,18 +429,21 @@ def _settings(config: StageVConfig) -> dict:
     """The config as recorded: every field, the hardening ones only when it hardens (robust > 0), `repel` only when
     set (so the runs and checkpoints made before it existed keep their keys)."""
     return {k: v for k, v in asdict(config).items()
-            if (config.robust or k not in _ROBUST) and (k != "repel" or config.repel)}
+            if (config.robust or k not in _ROBUST) and (k not in _EXTRAS or getattr(config, k))}
 
 
-def _run_key(config: StageVConfig, pairs, ref: Reference, pipe, world: int, mp: str) -> str:
+def _run_key(config: StageVConfig, pairs, ref: Reference, pipe, world: int, mp: str, cond=None) -> str:
     settings = {k: v for k, v in _settings(config).items() if k not in _OPERATIONAL}
     payload = {"method": METHOD, "settings": settings, "mixed_precision": mp, "world": world,
                "pairs": pairs, "reference": ref.fingerprint["id"], "start": _weights_digest(family_of(pipe).denoiser(pipe))}
+    if cond is not None:
+        payload["cond"] = cond.key
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTrajectories, config: StageVConfig,
-           acc, mp: str, ckpt: Checkpoints | None, progress: bool, on_step, ref: Reference):
+           acc, mp: str, ckpt: Checkpoints | None, progress: bool, on_step, ref: Reference,
+           cond: CondTrajectories | None = None, preserve_prompts: Sequence[str] = ()):
     device = acc.device
     rank, world = acc.process_index, acc.num_processes
     model = copy.deepcopy(family.denoiser(pipe)).to(device)
@@ -457,6 +481,10 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
     u_lat, u_t, u_tgt = uncond.latents.to(device), uncond.timesteps.to(device), uncond.target.to(device)
     emb_m = encode_prompts(pipe, [m for m, _ in pairs], chunk=64, device=device)  # (P, L, D)
     emb_null = family.unconditional(pipe).to(device=device, dtype=torch.float32)  # (1, L, D)
+    if cond is not None:  # the `cond_preserve` points, their prompts' conditionings and targets
+        c_lat, c_t, c_tgt = cond.latents.to(device), cond.timesteps.to(device), cond.target.to(device)
+        emb_p = encode_prompts(pipe, list(preserve_prompts), chunk=64, device=device)  # (P, L, D)
+        c_prompt = cond.prompt_index.to(device)  # (N_c,)
 
     n_traj, keep = len(concept), concept.timesteps.shape[0]
     plan_args = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "world": world,
@@ -481,6 +509,8 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
                 plan, plan_epoch = epoch_plan(config.seed, epoch, n_traj, keep, len(uncond), **plan_args), epoch
                 if hard is not None:
                     draws = adversary_draws(config.seed, epoch, tuple(plan.trajectory.shape))  # (2, S, A, W, B)
+                if cond is not None:
+                    cond_plan = cond_draws(config.seed, epoch, tuple(plan.uncond.shape), len(cond))  # (S, A, W, B·U)
             sums = torch.zeros(len(_COLUMNS), device=device)
             for micro in range(config.grad_accum):
                 ti = plan.trajectory[pos, micro, rank].to(device)  # (B,)
@@ -490,18 +520,23 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
                 z = lat[ti, ki]  # (B, C, h, w)
                 x = torch.cat([z, z, u_lat[ui]])  # (2B + B·U, C, h, w): c^m, ∅ at z_t^m; ∅ at z^u
                 t = torch.cat([t_concept[ki], t_concept[ki], u_t[ui]])
+                if cond is not None:  # (+ B·U): c^p at z^p
+                    ci = cond_plan[pos, micro, rank].to(device)
+                    x, t = torch.cat([x, c_lat[ci]]), torch.cat([t, c_t[ci]])
                 e_c = emb_m[pair_index[ti]]  # (B, L, D) c^m of each sample's pair
                 took = None
                 if hard is not None:  # c^adv of the pair instead, with probability robust_mix
                     e_c, took = hard.mix(e_c, pair_index[ti], draws[0, pos, micro, rank].to(device),
                                          draws[1, pos, micro, rank].to(device))
-                e = torch.cat([e_c, emb_null.expand(b + bu, -1, -1)])
+                e = torch.cat([e_c, emb_null.expand(b + bu, -1, -1), *([emb_p[c_prompt[ci]]] if cond is not None else [])])
                 sync = micro == config.grad_accum - 1
                 with (acc.no_sync(prepared) if not sync else contextlib.nullcontext()):
                     with acc.autocast():
                         out = family.predict(prepared, x, t, e).float()
-                    parts = stage_v_loss(out[:b], out[b:2 * b], out[2 * b:], f_safe[ti, ki], f_unsafe[ti, ki],
-                                         u_tgt[ui], margin=config.margin, lambda_preserve=config.lambda_preserve)
+                    cp = {"pred_cp": out[2 * b + bu:], "target_cp": c_tgt[ci]} if cond is not None else {}
+                    parts = stage_v_loss(out[:b], out[b:2 * b], out[2 * b:2 * b + bu], f_safe[ti, ki],
+                                         f_unsafe[ti, ki], u_tgt[ui], margin=config.margin,
+                                         lambda_preserve=config.lambda_preserve, **cp)
                     values = acc.reduce(torch.stack([parts[c].detach() for c in _COLUMNS]), reduction="mean")
                     finite_loss(values[0], "stage V", step + 1, total, ckpt,
                                 f"lower lr (now {config.lr:g}) or use mixed_precision='no'")
@@ -543,6 +578,13 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
 def round_steps(rounds: int, total: int) -> list[int]:
     """s_r = ⌊r·S/R⌋: the optimizer step before which round r runs (round 0 before training)."""
     return [r * total // rounds for r in range(rounds)]
+
+
+def cond_draws(seed: int, epoch: int, shape: tuple[int, ...], n: int) -> torch.Tensor:
+    """`shape` indices into the `cond_preserve` points for an epoch's samples: a pure function of (seed, epoch), drawn
+    apart from the batch plan, so that the plan (and a run without the term) is unchanged."""
+    gen = torch.Generator("cpu").manual_seed(mix_seed("stage-v-cond", seed, epoch))
+    return torch.randint(0, n, shape, generator=gen)
 
 
 def adversary_draws(seed: int, epoch: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -757,10 +799,11 @@ def run(pipe, specs, config: StageVConfig, context: Context) -> Edit:
     """TRCE stage V (the registry's stage function): the specs' (malicious, safe) prompt pairs go to `erase_v`,
     with `context.reference` the original denoiser when stage T ran first. Trajectories are cached (and
     checkpoints kept) under `<cache>/stage-v` unless the context writes no cache."""
-    from trce.concepts import spec_record
+    from trce.concepts import preservation_prompts_of, spec_record
     from trce.methods.prior import cache_dir
 
     pairs = [(p.malicious, p.safe) for s in specs for p in s.pairs()]
     folder = cache_dir(context.cache_dir) / "stage-v" if context.use_cache else None
+    keep = preservation_prompts_of(specs, context.data_dir) if config.cond_preserve else ()
     return erase_v(pipe, pairs, config, reference=context.reference, cache_dir=folder, spec=spec_record(specs),
-                   progress=context.progress, checkpoint_dir=context.checkpoint_dir)
+                   progress=context.progress, checkpoint_dir=context.checkpoint_dir, preserve_prompts=keep)

@@ -157,6 +157,22 @@ class UncondTrajectories:
         return self.latents.shape[0]
 
 
+@dataclass
+class CondTrajectories:
+    """Points on the ORIGINAL model's guided trajectories of prompts that must be preserved (`cond_preserve`)."""
+
+    latents: torch.Tensor  # (N, C, h, w) z_t^p at step k_n of trajectory n
+    timesteps: torch.Tensor  # (N,) int64
+    target: torch.Tensor  # (N, C, h, w) ε(z,c^p,t) of the original model: its conditional prediction there
+    prompt_index: torch.Tensor  # (N,) int64 into the preservation prompts
+    step: torch.Tensor  # (N,) int64 stop step k_n, uniform over [0, ddim_steps)
+    path: Path | None
+    key: dict
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
 def latent_shape(ref: Reference, image_size: int | None) -> tuple[int, int, int]:
     size = image_size if image_size is not None else ref.family.image_size(ref.encode_pipe)  # None: the native size
     return ref.family.latent_shape(ref.denoiser, size, scale=ref.vae_scale_factor)
@@ -229,6 +245,30 @@ def _uncond_rows(ref: Reference, indices: list[int], *, steps: int, shape, seed:
         z[active[going].to(dev)] = sched.step(eps[going.to(dev)], t, za[going.to(dev)]).prev_sample
         active = active[going]
     return {"latents": lat, "target": tgt, "timesteps": ts, "step": stop}
+
+
+@torch.no_grad()
+def _cond_rows(ref: Reference, indices: list[int], order, *, steps: int, guidance: float, shape, seed: int,
+               emb_null, emb_p) -> dict[str, torch.Tensor]:
+    """Guided sampling of each trajectory's preservation prompt until its stop step; keeps (z, t, ε(z,c^p,t))."""
+    sched = ref.scheduler(steps)
+    dev = ref.device
+    b = len(indices)
+    pidx = torch.tensor([int(order[i % len(order)]) for i in indices], dtype=torch.long)
+    stop = torch.tensor([uncond_stop(mix_seed("cond", seed), i, steps) for i in indices])  # (B,)
+    z = torch.stack([initial_noise("cond-noise", seed, i, shape) for i in indices]).to(dev) * sched.init_noise_sigma
+    lat, tgt = torch.zeros((b, *shape)), torch.zeros((b, *shape))
+    ts = torch.zeros(b, dtype=torch.long)
+
+    def keep(k, t, x, eps):
+        here = stop == k  # rows whose point is this step's model input
+        if here.any():
+            lat[here], tgt[here], ts[here] = x[here.to(dev)].float().cpu(), eps[1][here.to(dev)].cpu(), int(t)
+
+    # the batch runs to its latest stop (the cache schedules trajectories with similar stops together)
+    guided_ddim(sched, z, [emb_null.expand(b, -1, -1), emb_p[pidx.to(dev)]], guidance, int(stop.max()) + 1, ref.eps,
+                keep)
+    return {"latents": lat, "target": tgt, "timesteps": ts, "prompt_index": pidx, "step": stop}
 
 
 # --------------------------------------------------------------------------- the on-disk cache
@@ -375,3 +415,33 @@ def uncond_trajectories(ref: Reference, n: int, *, steps: int, image_size: int |
                         progress=progress, schedule=lambda i: uncond_stop(seed, i, steps))
     return UncondTrajectories(latents=data["latents"], timesteps=data["timesteps"], target=data["target"],
                               step=data["step"], path=path, key=key)
+
+
+def cond_trajectories(ref: Reference, prompts: Sequence[str], n: int, *, steps: int, guidance: float,
+                      image_size: int | None, seed: int, batch_size: int, cache_dir: Path | None = None, dist=None,
+                      progress: bool = True) -> CondTrajectories:
+    """Points uniform over the ORIGINAL model's guided trajectories of preservation prompts, with its conditional
+    prediction there (stage V's `cond_preserve` term; trajectory i uses prompt order[i % P] and stops at a step
+    drawn uniformly from [0, steps))."""
+    if not prompts:
+        raise TrceError("stage V cond_preserve needs preservation prompts; the spec has none (preserve: none)")
+    shape = latent_shape(ref, image_size)
+    prompts = [str(p) for p in prompts]
+    key = {"kind": "trce-v-cond", "version": CACHE_VERSION, "base": ref.fingerprint["id"],
+           "dtype": ref.dtype_name(), "scheduler": _scheduler_digest(ref), "ddim_steps": steps,
+           "guidance": float(guidance), "latent_shape": list(shape), "seed": seed, "prompts": _digest(prompts),
+           "n_prompts": len(prompts)}
+    order = pair_order(mix_seed("cond", seed), len(prompts))
+    emb: dict[str, torch.Tensor] = {}
+
+    def make(indices: list[int]) -> dict[str, torch.Tensor]:
+        if not emb:
+            emb["null"] = ref.unconditional()
+            emb["p"] = ref.encode(prompts)
+        return _cond_rows(ref, indices, order, steps=steps, guidance=guidance, shape=shape, seed=seed,
+                          emb_null=emb["null"], emb_p=emb["p"])
+
+    data, path = cached("cond", key, n, make, cache_dir=cache_dir, dist=dist, batch_size=batch_size,
+                        progress=progress, schedule=lambda i: uncond_stop(mix_seed("cond", seed), i, steps))
+    return CondTrajectories(latents=data["latents"], timesteps=data["timesteps"], target=data["target"],
+                            prompt_index=data["prompt_index"], step=data["step"], path=path, key=key)
