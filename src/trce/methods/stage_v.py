@@ -22,6 +22,18 @@ checkpoint (trainable tensors + Adam state, safetensors; step and losses in JSON
 folder renamed atomically) and ends bit for bit where an uninterrupted run ends (CPU, same seed).
 A non-finite loss stops every process with a `TrceError`; the last good checkpoint is kept.
 
+Beyond the paper (both off by default, so the stage is the paper's unless a spec asks):
+- `repel` γ: Eq. 8's safe target f_safe + γ (f_safe − f_unsafe) = ε∅ + β(ε_s − ε∅) + γβ(ε_s − ε_m). Eq. 8's hinge
+  stops just past the bisector of f_safe and f_unsafe, so the model lands where the SAFE prompt would draw, and a
+  safe prompt the model itself often draws as the concept (ShapeWorld-DiT paints 17.5 % of colourless shapes red)
+  keeps that rate; γ moves the target (and the bisector) further from the concept, ESD's negative guidance on top of
+  Eq. 7.
+- `cond_preserve` N: Eq. 9 keeps only the unconditional prediction. Stage V's layers also carry every other prompt,
+  and pushing harder (a larger γ or lr) costs the things a spec preserves (the other colours). N points on the
+  ORIGINAL model's guided trajectories of the spec's preservation prompts c^p (cached like the unconditional ones,
+  `trajectories.cond_trajectories`) add ||ε_θ'(z^p, c^p, t) − ε(z^p, c^p, t)||² to L_preserve, `preserve_batch`
+  points per concept sample, weighted by the same λ.
+
 Hardened stage V (`robust=R`; `trce.erase(..., robust=R)` and `trce erase --robust R` harden T and V). Eq. 8 steers
 the trajectories of the spec's prompts c^m. An attacker who chooses the text encoder's INPUT, a prefix δ of k free
 vectors before the prompt, finds a conditioning c^adv = τ([δ; c^m]) that the edited model reads as the concept
