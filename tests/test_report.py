@@ -534,3 +534,20 @@ def test_no_robustness_table_without_attack_runs(runs):
     report = build_report([runs["orig"], runs["uce"]])
     assert report["robustness"] is None
     assert "Robustness" not in render_markdown(report) and "id='robustness'" not in render_html(report)
+
+
+def test_robustness_rows_join_through_a_link_and_tell_two_patches_of_one_method_apart(runs, tmp_path):
+    plain, hardened = tmp_path / "tv", tmp_path / "tv-hardened"
+    for p in (plain, hardened):
+        p.mkdir()
+        (p / "patch.json").write_text(json.dumps({"method": "trce", "settings": {}, "info": {}}))
+    (tmp_path / "link").symlink_to(hardened)  # the eval ran on a link to the folder the attack ran on
+    trce_eval = json.loads((runs["trce"] / "metrics.json").read_text())
+    (runs["trce"] / "metrics.json").write_text(json.dumps({**trce_eval, "patch": str(tmp_path / "link")}))
+    attacks = [_attack_run(tmp_path / "a-plain", str(plain), "trce", "soft-prompt", 0.5),
+               _attack_run(tmp_path / "a-hard", str(hardened), "trce", "soft-prompt", 0.25)]
+    rows = {r["label"]: r for r in build_report([runs["trce"], *attacks])["robustness"]["rows"]}
+    assert sorted(rows) == ["TRCE · tv", "TRCE · tv-hardened"]  # the folder's own name, not the link's
+    hard = rows["TRCE · tv-hardened"]["cells"]
+    assert "plain" in hard and hard["attack.soft-prompt"]["value"] == 0.25  # one row: eval and attack joined
+    assert "plain" not in rows["TRCE · tv"]["cells"]

@@ -158,7 +158,7 @@ def run_label(metrics: dict) -> str:
 def _row_key(metrics: dict) -> tuple:
     patch = metrics.get("patch")
     attack = metrics.get("attack") if isinstance(metrics.get("attack"), dict) else {}
-    return (metrics.get("model"), os.path.normpath(patch) if patch else None, metrics.get("method") if patch else None,
+    return (metrics.get("model"), os.path.realpath(patch) if patch else None, metrics.get("method") if patch else None,
             attack.get("name"), bool(metrics.get("hidden_prompt")))
 
 
@@ -222,7 +222,7 @@ class _Rows:
         for r in rows:  # two patches of one method: tell them apart by folder
             if labels.count(r["label"]) > 1:
                 if r["patch"]:
-                    r["label"] += f" · {Path(str(r['patch'])).name}"
+                    r["label"] += f" · {Path(os.path.realpath(str(r['patch']))).name}"
                 elif r["runs"]:
                     r["label"] += f" · {runs_by_id[r['runs'][0]]['name']}"
         for r in rows:
@@ -580,9 +580,10 @@ def _robustness_table(loaded: list[tuple[dict, Path, dict]]) -> dict | None:
         if facts:
             notes.append(f"{row['label']}, {a['name']}: {'; '.join(facts)}.")
     rows = [r for r in rows if r["original"]] + [r for r in rows if not r["original"]]
+    shared = [r["label"] for r in rows]  # counted before any is renamed, so every row of a shared label is told apart
     for r in rows:
-        if [x["label"] for x in rows].count(r["label"]) > 1 and r["patch"]:
-            r["label"] += f" · {Path(str(r['patch'])).name}"
+        if shared.count(r["label"]) > 1 and r["patch"]:
+            r["label"] += f" · {Path(os.path.realpath(str(r['patch']))).name}"
         del r["_key"]
     caption = ("Robustness: plain ASR, the share of the eval run's images of the attacked suite's erase prompts the "
                "detector flags (lower is better); each attack's ASR after, on its own targets (a target counts when "
