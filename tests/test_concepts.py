@@ -225,6 +225,37 @@ def test_other_concept_prompts_name_each_other_erased_concept_in_the_slot():
     assert set(map(len, other_concept_prompts(load_spec("sexual")).values())) == {0}  # one concept: no others
 
 
+def test_family_targets_name_the_safe_text_on_their_family_only(tmp_path):
+    """`erase.family_targets: {sd3: ...}` replaces the group's safe text on that family: in the pairs the erasure solves
+    for (through `plan` and `Plan.for_family`, as `run` does with the pipeline's family), in the patch's spec record
+    and in the spec a held-out attack rebuilds from it; a bad family is refused by name."""
+    from trce.attacks.held_out import _spec_from_record
+    from trce.methods import plan
+
+    raw = _minimal()
+    raw["erase"]["family_targets"] = {"sd3": "a bird", "flux": ""}
+    spec = load_spec(_write(tmp_path, raw))
+    assert {p.safe for p in spec.pairs()} == {"a photo of a dog", "a dog in a garden"}
+    on_sd3 = spec.for_family("sd3")
+    assert {(p.safe, p.target) for p in on_sd3.pairs()} == {("a photo of a bird", "a bird"), ("a bird in a garden",
+                                                                                                 "a bird")}
+    assert [p.malicious for p in on_sd3.pairs()] == [p.malicious for p in spec.pairs()]
+    assert {p.safe for p in spec.for_family("flux").pairs()} == {"a photo of", "in a garden"}
+    assert spec.for_family("sd1").pairs() == spec.pairs() and on_sd3.for_family(None).pairs() == spec.pairs()
+    assert plan(spec, family="sd3").specs[0].pairs() == on_sd3.pairs()
+    assert plan(spec).for_family("sd3").specs[0].pairs() == on_sd3.pairs()
+    assert plan(spec).for_family("sd3").for_family("sdxl").specs[0].pairs() == spec.pairs()
+    record = on_sd3.to_dict()
+    assert record["family"] == "sd3" and record["expressions"][0]["family_targets"] == {"sd3": "a bird", "flux": ""}
+    assert "family" not in spec.to_dict()
+    assert _spec_from_record(record)[0].pairs() == on_sd3.pairs()
+    sw = load_spec("shapeworld-red")  # the DiT's measured target: "a blue circle", not "a circle"
+    assert {e.target_for("sd3") for e in sw.expressions} == {"blue"} and {e.target for e in sw.expressions} == {""}
+    raw["erase"]["family_targets"] = {"sd33": "a bird"}
+    with pytest.raises(TrceError, match=r"erase\.family_targets\.sd33.*did you mean 'sd3'"):
+        load_spec(_write(tmp_path, raw))
+
+
 def test_family_settings_win_on_their_family_only(tmp_path):
     """A spec's `family_settings` apply on that family (over `settings`, under the caller's); `trce.erase` and the
     CLI take the family from the pipeline; a bad family or setting name is refused by name."""

@@ -68,6 +68,8 @@ def test_erase_eval_and_attack_end_to_end_on_the_cli(sd3_dir, tmp_path, run_cli,
         assert code == 0, err
     meta = json.loads((tmp_path / "trce" / "patch.json").read_text())
     assert "transformer.context_embedder.weight" in meta["tensors"]
+    # the spec's sd3 safe text ("blue", `erase.family_targets`) is the one erased towards, and recorded
+    assert meta["spec"]["family"] == "sd3" and meta["spec"]["expressions"][0]["family_targets"] == {"sd3": "blue"}
     assert any(".attn.to_q." in p for p in meta["tensors"])  # stage V: the image stream's attention
     code, _, err = run_cli("eval", "--model", sd3_dir, "--patch", tmp_path / "trce", "--suite", "shapeworld-red",
                            "--limit", 1, "--steps", 2, "--no-progress", "--out", tmp_path / "eval")

@@ -85,11 +85,13 @@ def _spec_from_record(record: Mapping) -> list:
     if isinstance(record.get("concepts"), list):
         return [s for r in record["concepts"] for s in _spec_from_record(r)]
     names = {f.name for f in fields(Expression)}
-    expressions = tuple(Expression(**{k: v for k, v in e.items() if k in names}) for e in record["expressions"])
+    expressions = tuple(Expression(**{k: tuple((e.get("family_targets") or {}).items()) if k == "family_targets" else v
+                                      for k, v in e.items() if k in names}) for e in record["expressions"])
     return [ConceptSpec(name=str(record["name"]), expressions=expressions, templates=tuple(record["templates"]),
                         token_role=str(record.get("token_role", "eot")), attribute=record.get("attribute"),
                         values=tuple(record.get("values") or ()), contexts=int(record.get("contexts", 4)),
-                        open=int(record.get("open", 0)), seed=int(record.get("seed", 0)))]
+                        open=int(record.get("open", 0)), seed=int(record.get("seed", 0)),
+                        family=record.get("family"))]
 
 
 def seen_prompts(edit, hardened: dict) -> tuple[set[str], str]:

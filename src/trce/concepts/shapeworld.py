@@ -90,6 +90,7 @@ def shapeworld_pairs(spec: ConceptSpec) -> list[Pair]:
         # an object ("a strawberry") is named as the grammar's paraphrases are: "the color of a strawberry"
         construction = OBJECT_PARAPHRASE if expr.form == "object" else "{x}"
         slot = construction.replace("{x}", expr.text)
+        target = expr.target_for(spec.family)
         for template in spec.templates:
             for _ in range(spec.contexts):
                 scene = world.sample_scene(rng, **{attribute: value})
@@ -99,8 +100,8 @@ def shapeworld_pairs(spec: ConceptSpec) -> list[Pair]:
                     bg_word = words.get("background")
                     bg = bg_word[1] if bg_word else scene.background
                 m_text, m_span = _render(template, _noun_phrase(words, attribute, slot), bg)
-                s_text, s_span = _render(template, _noun_phrase(words, attribute, expr.target), bg)
-                out.append(Pair(m_text, s_text, m_span, s_span, expr.text, expr.target, construction))
+                s_text, s_span = _render(template, _noun_phrase(words, attribute, target), bg)
+                out.append(Pair(m_text, s_text, m_span, s_span, expr.text, target, construction))
     return out + open_pairs(spec)
 
 
@@ -119,12 +120,13 @@ def open_pairs(spec: ConceptSpec) -> list[Pair]:
     for expr in spec.expressions:
         value = expr.value or spec.values[0]
         form = expr.form or _form_of(attribute, expr.text)
+        target = expr.target_for(spec.family)
         for _ in range(spec.open):
             d = draft(world.sample_scene(rng, **{attribute: value}), rng, style, slot=attribute,
                       slot_expr=(form, expr.text))
             m_text, m_span = d.render(d.slot_text())
-            s_text, s_span = d.render(expr.target)
-            out.append(Pair(m_text, s_text, m_span, s_span, expr.text, expr.target, d.template))
+            s_text, s_span = d.render(target)
+            out.append(Pair(m_text, s_text, m_span, s_span, expr.text, target, d.template))
     return out
 
 

@@ -35,7 +35,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,13 @@ class Expression:
     group: str | None = None
     value: str | None = None
     form: str | None = None
+    # ((family, target), ...): the safe text on those model families instead of `target` (a target measured on one
+    # denoiser need not transfer: ShapeWorld-DiT keeps drawing red for "a circle" after T, not for "a blue circle")
+    family_targets: tuple[tuple[str, str], ...] = ()
+
+    def target_for(self, family: str | None) -> str:
+        """The safe text on `family` (None: the default `target`)."""
+        return dict(self.family_targets).get(family, self.target) if family else self.target
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ class ConceptSpec:
     # not transfer to another (measured on ShapeWorld-XL). --config / --set still win.
     family_settings: dict = field(default_factory=dict, compare=False, hash=False)
     source: str | None = field(default=None, compare=False)  # the YAML file it came from
+    family: str | None = None  # the model family whose `family_targets` the pairs take (`for_family`)
 
     @property
     def shapeworld(self) -> bool:
@@ -132,6 +140,10 @@ class ConceptSpec:
     def value(self) -> str | None:
         """The erased ShapeWorld value when there is exactly one (None for text specs or several values)."""
         return self.values[0] if len(self.values) == 1 else None
+
+    def for_family(self, family: str | None) -> ConceptSpec:
+        """The spec as erased on `family`: its pairs take the expressions' `family_targets` of that family."""
+        return self if family == self.family else replace(self, family=family)
 
     def pairs(self) -> list[Pair]:
         """Every (malicious, safe) prompt pair: expressions x templates (x contexts for ShapeWorld)."""
@@ -143,8 +155,9 @@ class ConceptSpec:
         for expr in self.expressions:
             for template in self.templates:
                 m_text, m_span = fill(template, expr.text)
-                s_text, s_span = fill(template, expr.target)
-                out.append(Pair(m_text, s_text, m_span, s_span, expr.text, expr.target))
+                target = expr.target_for(self.family)
+                s_text, s_span = fill(template, target)
+                out.append(Pair(m_text, s_text, m_span, s_span, expr.text, target))
         return out
 
     def preservation_prompts(self, data_dir: str | Path | None = None) -> list[str]:
@@ -154,7 +167,10 @@ class ConceptSpec:
     def to_dict(self) -> dict:
         """A JSON-able record of the resolved spec (expressions expanded), as stored in patches."""
         d = asdict(self)
-        d["expressions"] = [{k: v for k, v in e.items() if v is not None} for e in d["expressions"]]
+        d["expressions"] = [{k: dict(v) if k == "family_targets" else v for k, v in e.items() if v not in (None, ())}
+                            for e in d["expressions"]]
+        if self.family is None:
+            d.pop("family")
         d["preserve"] = {k: v for k, v in d.pop("preservation").items() if v not in (None, ())}
         d["value"] = self.value
         for key in ("attribute", "values", "value", "contexts", "open", "seed"):
@@ -387,6 +403,14 @@ def _family_settings(r: _Reader, raw: Any) -> dict:
     return {fam: _settings(r, values, f"family_settings.{fam}") for fam, values in raw.items()}
 
 
+def _family_targets(r: _Reader, raw: Any, key: str) -> tuple[tuple[str, str], ...]:
+    """`family_targets: {sd3: blue}`: the group's safe text on those model families (see `trce.families`)."""
+    from trce.families import family_names
+
+    raw = r.mapping(raw, key, tuple(family_names()))
+    return tuple((fam, r.string(text, f"{key}.{fam}", allow_empty=True)) for fam, text in raw.items())
+
+
 def _shapeworld_target(r: _Reader, raw: dict) -> tuple[str, tuple[str, ...]]:
     from trce.shapeworld import world
 
@@ -410,8 +434,9 @@ def _expressions(r: _Reader, raw: Any, attribute: str | None, values: tuple[str,
     out: list[Expression] = []
     for gi, group in enumerate(groups):
         key = f"erase[{gi}]" if isinstance(raw, list) else "erase"
-        g = r.mapping(group, key, ("target", "expressions", "forms", "group"))
+        g = r.mapping(group, key, ("target", "family_targets", "expressions", "forms", "group"))
         target = r.string(g["target"], f"{key}.target", allow_empty=True) if "target" in g else None
+        by_family = _family_targets(r, g.get("family_targets", {}), f"{key}.family_targets")
         label = r.string(g["group"], f"{key}.group") if "group" in g else None
         items = g.get("expressions")
         if items is None:
@@ -422,7 +447,8 @@ def _expressions(r: _Reader, raw: Any, attribute: str | None, values: tuple[str,
             if target is None:
                 raise r.fail(f"{key}.target", "is missing (use \"\" to leave the attribute unnamed)")
             forms = r.strings(g.get("forms", ["keyword", "synonym", "paraphrase"]), f"{key}.forms")
-            out.extend(_from_vocab(r, f"{key}.forms", attribute, values, forms, target, label))
+            out.extend(replace(e, family_targets=by_family)
+                       for e in _from_vocab(r, f"{key}.forms", attribute, values, forms, target, label))
             continue
         if "forms" in g:
             raise r.fail(f"{key}.forms", "only applies to `expressions: from-vocab`")
@@ -443,7 +469,7 @@ def _expressions(r: _Reader, raw: Any, attribute: str | None, values: tuple[str,
             if _SLOT.search(text) or "{" in text or "}" in text:
                 raise r.fail(ikey, f"must not contain braces, got {text!r}")
             value, form = _vocab_form(attribute, text)
-            out.append(Expression(text=text, target=tgt, group=label, value=value, form=form))
+            out.append(Expression(text=text, target=tgt, group=label, value=value, form=form, family_targets=by_family))
     seen: set[str] = set()
     unique = []
     for e in out:  # the same expression twice would only double its weight in Eq. 5

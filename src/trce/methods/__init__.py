@@ -69,11 +69,13 @@ class Plan:
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the caller's settings per stage
 
     def for_family(self, family: str) -> Plan:
-        """The same plan with the specs' `family_settings` of `family` merged in (the caller's settings still win)."""
+        """The same plan with the specs' `family_settings` of `family` merged in (the caller's settings still win)
+        and their `family_targets` of `family` as the safe texts."""
         if family == self.family:
             return self
         configs = _configs(self.stages, self.specs, family, self.overrides, self.context.seed)
-        return dataclasses.replace(self, configs=configs, family=family)
+        specs = tuple(s.for_family(family) for s in self.specs)
+        return dataclasses.replace(self, specs=specs, configs=configs, family=family)
 
     def record(self) -> dict:
         """A JSON-able record: what `trce erase` writes into the patch's run record."""
@@ -103,7 +105,7 @@ def plan(concept, method: str = "trce", stages: str | Sequence[str] | None = Non
             raise TrceError(f"settings of stage {section} must be a mapping such as {{'lr': 1e-4}}, got {values!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TrceError(f"seed must be an integer, got {seed!r}")
-    specs = resolve_concepts(concept)
+    specs = [s.for_family(family) for s in resolve_concepts(concept)]
     overrides = _hardened(m, {k: dict(v) for k, v in settings.items() if v})
     configs = _configs(chosen, specs, family, overrides, seed)
     if use_cache:
