@@ -85,8 +85,7 @@ def _spec_from_record(record: Mapping) -> list:
     if isinstance(record.get("concepts"), list):
         return [s for r in record["concepts"] for s in _spec_from_record(r)]
     names = {f.name for f in fields(Expression)}
-    expressions = tuple(Expression(**{k: tuple((e.get("family_targets") or {}).items()) if k == "family_targets" else v
-                                      for k, v in e.items() if k in names}) for e in record["expressions"])
+    expressions = tuple(Expression(**{k: v for k, v in e.items() if k in names}) for e in record["expressions"])
     return [ConceptSpec(name=str(record["name"]), expressions=expressions, templates=tuple(record["templates"]),
                         token_role=str(record.get("token_role", "eot")), attribute=record.get("attribute"),
                         values=tuple(record.get("values") or ()), contexts=int(record.get("contexts", 4)),

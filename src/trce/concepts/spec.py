@@ -72,6 +72,10 @@ class Expression:
     # denoiser need not transfer: ShapeWorld-DiT keeps drawing red for "a circle" after T, not for "a blue circle")
     family_targets: tuple[tuple[str, str], ...] = ()
 
+    def __post_init__(self) -> None:
+        # a record's {family: target} mapping (`ConceptSpec.to_dict`) or pairs -> hashable pairs
+        object.__setattr__(self, "family_targets", tuple(dict(self.family_targets).items()))
+
     def target_for(self, family: str | None) -> str:
         """The safe text on `family` (None: the default `target`)."""
         return dict(self.family_targets).get(family, self.target) if family else self.target
@@ -153,9 +157,9 @@ class ConceptSpec:
             return shapeworld_pairs(self)
         out = []
         for expr in self.expressions:
+            target = expr.target_for(self.family)
             for template in self.templates:
                 m_text, m_span = fill(template, expr.text)
-                target = expr.target_for(self.family)
                 s_text, s_span = fill(template, target)
                 out.append(Pair(m_text, s_text, m_span, s_span, expr.text, target))
         return out
@@ -447,8 +451,7 @@ def _expressions(r: _Reader, raw: Any, attribute: str | None, values: tuple[str,
             if target is None:
                 raise r.fail(f"{key}.target", "is missing (use \"\" to leave the attribute unnamed)")
             forms = r.strings(g.get("forms", ["keyword", "synonym", "paraphrase"]), f"{key}.forms")
-            out.extend(replace(e, family_targets=by_family)
-                       for e in _from_vocab(r, f"{key}.forms", attribute, values, forms, target, label))
+            out.extend(_from_vocab(r, f"{key}.forms", attribute, values, forms, target, label, by_family))
             continue
         if "forms" in g:
             raise r.fail(f"{key}.forms", "only applies to `expressions: from-vocab`")
@@ -480,7 +483,7 @@ def _expressions(r: _Reader, raw: Any, attribute: str | None, values: tuple[str,
 
 
 def _from_vocab(r: _Reader, key: str, attribute: str, values: tuple[str, ...], forms: tuple[str, ...], target: str,
-                label: str | None) -> list[Expression]:
+                label: str | None, family_targets: tuple[tuple[str, str], ...] = ()) -> list[Expression]:
     from trce.shapeworld import world
     from trce.shapeworld.language import LANGUAGE_FORMS, language
 
@@ -495,7 +498,8 @@ def _from_vocab(r: _Reader, key: str, attribute: str, values: tuple[str, ...], f
             texts = (language().objects(value, "spec") if form == "object"
                      else world.vocab().expressions(attribute, value, form, "spec"))
             for text in texts:
-                out.append(Expression(text=text, target=target, group=label, value=value, form=form))
+                out.append(Expression(text=text, target=target, group=label, value=value, form=form,
+                                      family_targets=family_targets))
     return out
 
 
