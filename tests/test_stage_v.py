@@ -157,6 +157,31 @@ def test_only_named_parameters_change_and_pipe_is_untouched(pipe, tmp_path):
     json.dumps(edit.info)  # the patch records it as JSON
 
 
+def test_params_widens_the_trained_group_to_a_union_and_only_it_changes(pipe, tmp_path):
+    before = _state(pipe.unet)
+    config = replace(TINY, lr=1e-4, params="visual+non-cross-attn")
+    edit = erase_v(pipe, PAIRS, config, cache_dir=tmp_path, progress=False)
+    fam = family_of(pipe)
+    union = {**fam.trainable(pipe.unet, "visual"), **fam.trainable(pipe.unet, "non-cross-attn")}
+    assert set(edit.weights) == {f"unet.{n}" for n in union}
+    assert not any(".attn2.to_k." in p or ".attn2.to_v." in p for p in edit.weights)  # stage T's layers untouched
+    assert any(".resnets." in p for p in edit.weights) and any(".attn1." in p for p in edit.weights)
+    with edit.applied(pipe):
+        after = pipe.unet.state_dict()
+        changed = {f"unet.{k}" for k in before if not torch.equal(after[k], before[k])}
+    assert changed == set(edit.weights)
+    assert edit.settings["params"] == "visual+non-cross-attn" and "params" not in _settings_of(TINY)
+    for bad, needle in (("visal", "did you mean 'visual'"), ("visual+visual", "twice"), (3, "joined by")):
+        with pytest.raises(TrceError, match=needle):
+            StageVConfig(params=bad)
+
+
+def _settings_of(config):
+    from trce.methods.stage_v import _settings  # what the run key hashes: the paper's group keeps the old key
+
+    return _settings(config)
+
+
 # --------------------------------------------------------------------------- trajectory cache
 def _encode(pipe, prompts):
     return pipe.encode_prompt(list(prompts), pipe.device, 1, False)[0]

@@ -33,6 +33,10 @@ Beyond the paper (both off by default, so the stage is the paper's unless a spec
   ORIGINAL model's guided trajectories of the spec's preservation prompts c^p (cached like the unconditional ones,
   `trajectories.cond_trajectories`) add ||ε_θ'(z^p, c^p, t) − ε(z^p, c^p, t)||² to L_preserve, `preserve_batch`
   points per concept sample, weighted by the same λ.
+- `params`: the trained groups (default "visual", the paper's). Under hardening the paper's group changes where the
+  image attends, not what a conditioning's values become downstream; "visual+non-cross-attn" also trains the
+  ResNets, feed-forwards and projections (never stage T's to_k / to_v), where an adversarial conditioning's concept
+  turns into pixels.
 
 Hardened stage V (`robust=R`; `trce.erase(..., robust=R)` and `trce erase --robust R` harden T and V). Eq. 8 steers
 the trajectories of the spec's prompts c^m. An attacker who chooses the text encoder's INPUT, a prefix δ of k free
@@ -92,8 +96,8 @@ import torch
 from tqdm.auto import tqdm
 
 from trce.edit import Edit
-from trce.errors import TrceError
-from trce.families import family_of
+from trce.errors import TrceError, choose
+from trce.families import GROUPS, family_of
 from trce.methods.training import Checkpoints, check_numbers, encode_prompts, finite_loss
 from trce.methods.trajectories import (
     ConceptTrajectories,
@@ -118,7 +122,7 @@ _OPERATIONAL = ("checkpoint_every", "cache_batch_size", "gradient_checkpointing"
 # The hardening settings: recorded (and keyed) only when robust > 0, so that an unhardened run keeps the run key and
 # the settings record of the stage without them (its checkpoints resume across the upgrade).
 # Settings beyond the paper: recorded (and keyed) only when set, for the same reason.
-_EXTRAS = ("repel", "cond_preserve")
+_EXTRAS = ("repel", "cond_preserve", "params")
 _ROBUST = ("robust", "robust_mix", "robust_prompts", "robust_tokens", "robust_steps", "robust_samples", "robust_lr",
            "robust_reference_steps", "robust_guidance")
 
@@ -137,6 +141,10 @@ class StageVConfig:
     # colours, COCO captions), where the trained model must keep the original's CONDITIONAL prediction (Eq. 9 with
     # c^p in place of ∅), `preserve_batch` of them per concept sample beside the unconditional ones. 0: the paper.
     cond_preserve: int = 0
+    # beyond the paper: the trained groups (`trce.families.GROUPS`, joined by "+"), e.g. "visual+non-cross-attn" adds
+    # the ResNets, feed-forwards and projections after the cross-attention, where an adversarial conditioning's
+    # colour becomes pixels. "visual" (the paper's attn1 + attn2.to_q) is recorded as unset.
+    params: str = "visual"
     lr: float = 1e-6  # Adam learning rate
     epochs: int = 3
     n_trajectories: int = 100  # concept trajectories (the paper: 100 for one concept, 300 multi-concept)
@@ -185,6 +193,13 @@ class StageVConfig:
         check_numbers(self, "stage V", integers=("robust_prompts", "robust_tokens", "robust_steps", "robust_samples",
                                                  "robust_reference_steps"),
                       non_negative_integers=("robust", "cond_preserve"), positive=("robust_lr", "robust_guidance"))
+        if not isinstance(self.params, str):
+            raise TrceError(f"stage V params must be parameter groups joined by '+', got {self.params!r}")
+        groups = self.params.split("+")
+        for group in groups:
+            choose("stage V parameter group", group, GROUPS)
+        if len(set(groups)) != len(groups):
+            raise TrceError(f"stage V params names a group twice: {self.params!r}")
         mix = self.robust_mix
         if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0 <= mix <= 1:
             raise TrceError(f"stage V robust_mix must be a number in [0, 1], got {mix!r}")
@@ -241,14 +256,17 @@ def stage_v_loss(pred_c: torch.Tensor, pred_u: torch.Tensor, pred_p: torch.Tenso
             "active": active.detach()}
 
 
-def trainable_parameters(denoiser: torch.nn.Module, family) -> dict[str, torch.nn.Parameter]:
-    """The family's `visual` group (SD: every `attn1.*` and `attn2.to_q.*` parameter); freeze everything else."""
-    chosen = family.trainable(denoiser, "visual")
+def trainable_parameters(denoiser: torch.nn.Module, family, groups: str = "visual") -> dict[str, torch.nn.Parameter]:
+    """The family's `visual` group (SD: every `attn1.*` and `attn2.to_q.*` parameter), or the union of the "+"-joined
+    `groups`; freeze everything else."""
+    chosen = {}
+    for group in groups.split("+"):
+        chosen.update(family.trainable(denoiser, group))
     for name, param in denoiser.named_parameters():
         param.requires_grad_(name in chosen)
     stray = [n for n, p in denoiser.named_parameters() if p.requires_grad and n not in chosen]
     if stray:  # a tied or re-registered parameter would make this fire
-        raise TrceError(f"stage V would also train {stray[:3]}; only the visual layers may change")
+        raise TrceError(f"stage V would also train {stray[:3]}; only the {groups} layers may change")
     return chosen
 
 
@@ -441,7 +459,7 @@ def _settings(config: StageVConfig) -> dict:
     """The config as recorded: every field, the hardening ones only when it hardens (robust > 0), `repel` only when
     set (so the runs and checkpoints made before it existed keep their keys)."""
     return {k: v for k, v in asdict(config).items()
-            if (config.robust or k not in _ROBUST) and (k not in _EXTRAS or getattr(config, k))}
+            if (config.robust or k not in _ROBUST) and (k not in _EXTRAS or getattr(config, k) not in (0, "visual"))}
 
 
 def _run_key(config: StageVConfig, pairs, ref: Reference, pipe, world: int, mp: str, cond=None) -> str:
@@ -464,7 +482,7 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
     model.train()
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    params = trainable_parameters(model, family)
+    params = trainable_parameters(model, family, config.params)
     names = list(params)
     optimizer = torch.optim.Adam(list(params.values()), lr=config.lr)
 
