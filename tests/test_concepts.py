@@ -225,6 +225,19 @@ def test_other_concept_prompts_name_each_other_erased_concept_in_the_slot():
     assert set(map(len, other_concept_prompts(load_spec("sexual")).values())) == {0}  # one concept: no others
 
 
+def test_hardened_red_spec_erases_the_same_prompts_onto_blue_and_recommends_hardening():
+    from trce.methods.stage_v import StageVConfig
+
+    plain, hard = load_spec("shapeworld-red"), load_spec("shapeworld-red-hardened")
+    a, b = plain.pairs(), hard.pairs()
+    assert [p.malicious for p in a] == [p.malicious for p in b] and len(b) == 720
+    assert {p.target for p in b} == {"blue"} and all("blue" in p.safe.lower() for p in b)
+    assert preservation_prompts(plain) == preservation_prompts(hard)
+    assert (hard.eta, hard.ridge, hard.token_role) == (plain.eta, plain.ridge, plain.token_role)
+    config = StageVConfig(**hard.settings["V"])
+    assert (config.robust, config.robust_prompts, config.lr) == (3, 100, 3e-4)
+
+
 def test_family_targets_name_the_safe_text_on_their_family_only(tmp_path):
     """`erase.family_targets: {sd3: ...}` replaces the group's safe text on that family: in the pairs the erasure solves
     for (through `plan` and `Plan.for_family`, as `run` does with the pipeline's family), in the patch's spec record
