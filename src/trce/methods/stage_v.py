@@ -22,7 +22,7 @@ checkpoint (trainable tensors + Adam state, safetensors; step and losses in JSON
 folder renamed atomically) and ends bit for bit where an uninterrupted run ends (CPU, same seed).
 A non-finite loss stops every process with a `TrceError`; the last good checkpoint is kept.
 
-Beyond the paper (both off by default, so the stage is the paper's unless a spec asks):
+Beyond the paper (all off by default, so the stage is the paper's unless a spec asks):
 - `repel` γ: Eq. 8's safe target f_safe + γ (f_safe − f_unsafe) = ε∅ + β(ε_s − ε∅) + γβ(ε_s − ε_m). Eq. 8's hinge
   stops just past the bisector of f_safe and f_unsafe, so the model lands where the SAFE prompt would draw, and a
   safe prompt the model itself often draws as the concept (ShapeWorld-DiT paints 17.5 % of colourless shapes red)
@@ -36,7 +36,8 @@ Beyond the paper (both off by default, so the stage is the paper's unless a spec
 - `params`: the trained groups (default "visual", the paper's). Under hardening the paper's group changes where the
   image attends, not what a conditioning's values become downstream; "visual+non-cross-attn" also trains the
   ResNets, feed-forwards and projections (never stage T's to_k / to_v), where an adversarial conditioning's concept
-  turns into pixels.
+  turns into pixels. (On ShapeWorld it held the typed attacks but not the soft prompt, and cost the other colours:
+  README, "Erasure under attack".)
 
 Hardened stage V (`robust=R`; `trce.erase(..., robust=R)` and `trce erase --robust R` harden T and V). Eq. 8 steers
 the trajectories of the spec's prompts c^m. An attacker who chooses the text encoder's INPUT, a prefix δ of k free
