@@ -448,6 +448,9 @@ def erase_v(
 _COLUMNS = ("total", "erase", "preserve", "active")
 
 
+_DEFAULTS = asdict(StageVConfig())  # what an unset setting is (`_settings`)
+
+
 def _named(row: Sequence[float]) -> dict[str, float]:
     return dict(zip(_COLUMNS, (float(v) for v in row)))
 
@@ -457,10 +460,11 @@ def _mean_rows(rows: list[list[float]]) -> list[float]:
 
 
 def _settings(config: StageVConfig) -> dict:
-    """The config as recorded: every field, the hardening ones only when it hardens (robust > 0), `repel` only when
-    set (so the runs and checkpoints made before it existed keep their keys)."""
+    """The config as recorded: every field, the hardening ones only when it hardens (robust > 0), the settings beyond
+    the paper only when they differ from their defaults (so the runs and checkpoints made before they existed keep
+    their keys)."""
     return {k: v for k, v in asdict(config).items()
-            if (config.robust or k not in _ROBUST) and (k not in _EXTRAS or getattr(config, k) not in (0, "visual"))}
+            if (config.robust or k not in _ROBUST) and (k not in _EXTRAS or v != _DEFAULTS[k])}
 
 
 def _run_key(config: StageVConfig, pairs, ref: Reference, pipe, world: int, mp: str, cond=None) -> str:
