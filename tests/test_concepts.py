@@ -233,9 +233,10 @@ def test_hardened_red_spec_erases_the_same_prompts_onto_blue_and_recommends_hard
     assert [p.malicious for p in a] == [p.malicious for p in b] and len(b) == 720
     assert {p.target for p in b} == {"blue"} and all("blue" in p.safe.lower() for p in b)
     assert preservation_prompts(plain) == preservation_prompts(hard)
-    assert (hard.eta, hard.ridge, hard.token_role) == (plain.eta, plain.ridge, plain.token_role)
+    assert (hard.ridge, hard.token_role) == (plain.ridge, plain.token_role)
+    assert (plain.eta, hard.eta) == (0.003, 0.01)  # blue is held off purple by a heavier preservation term
     config = StageVConfig(**hard.settings["V"])
-    assert (config.robust, config.robust_prompts, config.lr) == (3, 100, 3e-4)
+    assert (config.robust, config.robust_prompts, config.lr) == (3, 100, 6e-4)
 
 
 def test_family_targets_name_the_safe_text_on_their_family_only(tmp_path):
