@@ -237,6 +237,42 @@ def test_hardened_red_spec_erases_the_same_prompts_onto_blue_and_recommends_hard
     assert (plain.eta, hard.eta) == (0.003, 0.01)  # blue is held off purple by a heavier preservation term
     config = StageVConfig(**hard.settings["V"])
     assert (config.robust, config.robust_prompts, config.lr) == (3, 100, 6e-4)
+    # `extends: shapeworld-red`: the baselines' settings and the other families' settings are the plain spec's
+    assert {k: v for k, v in hard.settings.items() if k != "V"} == {k: v for k, v in plain.settings.items() if k != "V"}
+    assert hard.family_settings == plain.family_settings and hard.aliases == () and "red" in plain.aliases
+
+
+def test_extends_takes_the_base_fields_merges_settings_and_refuses_cycles(tmp_path):
+    """`extends:` (a built-in name or a path relative to the spec): the base's fields but its name, aliases and
+    description; the spec's own fields replace the base's, `settings` merge key by key; a typo names the built-ins, a
+    cycle is refused, and a base's relative prompt file is read from the base's folder."""
+    base = _minimal(name="base", aliases=["b"], description="the base", eta=0.05,
+                    settings={"V": {"lr": 1e-4, "epochs": 2}, "esd": {"lr": 1e-5}},
+                    preserve={"file": "keep.txt"})
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "keep.txt").write_text("a tree\na house\n")
+    _write(tmp_path / "sub", base, "base.yaml")
+    child = load_spec(_write(tmp_path, {"name": "child", "extends": "sub/base.yaml", "ridge": 0.001,
+                                        "settings": {"V": {"lr": 3e-4}}}))
+    parent = load_spec(tmp_path / "sub" / "base.yaml")
+    assert (child.name, child.aliases, child.description) == ("child", (), "")
+    assert child.pairs() == parent.pairs() and (child.eta, child.ridge) == (0.05, 0.001)
+    assert child.settings == {"V": {"lr": 3e-4, "epochs": 2}, "esd": {"lr": 1e-5}}
+    assert preservation_prompts(child) == preservation_prompts(parent) == ["a tree", "a house"]
+    # a chain through a built-in (by alias), and a whole field replaced
+    grand = load_spec(_write(tmp_path, {"name": "grand", "extends": "red", "erase": {
+        "target": "green", "expressions": "from-vocab", "forms": ["keyword"]}}, "grand.yaml"))
+    assert grand.attribute == "color" and grand.values == ("red",) and {p.target for p in grand.pairs()} == {"green"}
+    assert grand.settings == load_spec("shapeworld-red").settings
+    with pytest.raises(TrceError, match=r"field 'extends' unknown concept 'shapeworld-rde' \(did you mean "
+                                        r"'shapeworld-red'\?\)"):
+        load_spec(_write(tmp_path, {"name": "typo", "extends": "shapeworld-rde"}, "typo.yaml"))
+    _write(tmp_path, {"name": "a", "extends": "b.yaml"}, "a.yaml")
+    _write(tmp_path, {"name": "b", "extends": "a.yaml"}, "b.yaml")
+    with pytest.raises(TrceError, match="field 'extends' makes a cycle: .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_spec(tmp_path / "a.yaml")
+    with pytest.raises(TrceError, match="field 'extends' names 'nowhere.yaml'"):
+        load_spec(_write(tmp_path, {"name": "c", "extends": "nowhere.yaml"}, "c.yaml"))
 
 
 def test_family_targets_name_the_safe_text_on_their_family_only(tmp_path):

@@ -15,6 +15,11 @@ A spec file (see `builtin/*.yaml`; every key is optional except `name`, `erase` 
     token_role: eot                              # see trce.tokens
     settings: {V: {lr: 1.0e-4}, kpop: {lr: 1.0e-4}}   # per stage (see `trce methods`): defaults for this concept
 
+A spec may start from another: `extends: shapeworld-red` (a built-in name or alias, or a YAML path, relative to the
+spec's folder) takes every field of that spec except `name`, `aliases` and `description`; the spec's own fields
+replace the base's whole, except `settings` and `family_settings`, which merge key by key (`settings: {V: {lr: ...}}`
+changes V's lr and keeps the base's other V, KPOP and ESD settings). A base may extend another; a cycle is an error.
+
 ShapeWorld specs add `attribute` and `value` (or `values`), may say `expressions: from-vocab`
 (the value's keyword and its `spec`-group synonyms, paraphrases and, with `forms: [..., object]`, the
 objects that have a colour, from the world's vocabulary and open language, never the held-out ones),
@@ -51,7 +56,9 @@ COCO_FILE = Path("prompts") / "coco_30k.csv"
 _SLOT = re.compile(r"\{(?:concept)?\}")
 _START, _END = "\x01", "\x02"  # marks the slot while a prompt is assembled
 _TOP_KEYS = ("name", "aliases", "description", "erase", "templates", "preserve", "eta", "ridge", "token_role",
-             "attribute", "value", "values", "contexts", "open", "seed", "settings", "family_settings")
+             "attribute", "value", "values", "contexts", "open", "seed", "settings", "family_settings", "extends")
+_NOT_INHERITED = ("name", "aliases", "description")  # what an `extends:` spec never takes from its base
+_MERGED = ("settings", "family_settings")  # merged key by key (at every depth) with the base's; the rest replaces
 
 
 @dataclass(frozen=True)
@@ -340,6 +347,9 @@ def spec_from_dict(raw: Any, where: str = "<dict>", base_dir: Path | None = None
     """Validate a parsed YAML mapping into a `ConceptSpec` (errors name the bad field and `where`)."""
     r = _Reader(where)
     raw = r.mapping(raw, "", _TOP_KEYS)
+    if "extends" in raw:
+        top = Path(where).resolve() if base_dir is not None and Path(where).is_file() else None
+        raw = _extended(r, raw, base_dir, (top,) if top is not None else ())
     for key in ("name", "erase", "templates"):
         if key not in raw:
             raise r.fail(key, "is missing")
@@ -381,6 +391,62 @@ def spec_from_dict(raw: Any, where: str = "<dict>", base_dir: Path | None = None
         family_settings=_family_settings(r, raw.get("family_settings", {})),
         source=where,
     )
+
+
+def _extended(r: _Reader, raw: dict, base_dir: Path | None, chain: tuple[Path, ...]) -> dict:
+    """`raw` (which has `extends:`) on top of its base's fields, resolved recursively (module doc)."""
+    ref = r.string(raw["extends"], "extends")
+    path = _base_path(r, ref, base_dir)
+    if path in chain:
+        loop = " -> ".join(str(p) for p in (*chain, path))
+        raise r.fail("extends", f"makes a cycle: {loop}")
+    base_reader = _Reader(str(path))
+    base = base_reader.mapping(_read_yaml(path), "", _TOP_KEYS)
+    if "extends" in base:
+        base = _extended(base_reader, base, path.parent, (*chain, path))
+    base = dict(base)
+    preserve = base.get("preserve")
+    if isinstance(preserve, dict) and isinstance(preserve.get("file"), str):  # the base's file, from the base's folder
+        file = Path(preserve["file"]).expanduser()
+        if not file.is_absolute() and (path.parent / file).exists():
+            base["preserve"] = {**preserve, "file": str(path.parent / file)}
+    out = {k: v for k, v in base.items() if k not in _NOT_INHERITED}
+    for one, other in (("value", "values"), ("values", "value")):  # either names the ShapeWorld value(s)
+        if one in raw:
+            out.pop(other, None)
+    for key, value in raw.items():
+        if key != "extends":
+            out[key] = _merge(out[key], value) if key in _MERGED and key in out else value
+    return out
+
+
+def _merge(base: Any, over: Any) -> Any:
+    """`over` on top of `base`: mappings key by key at every depth, anything else replaced."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return over
+    return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in over.items()}}
+
+
+def _base_path(r: _Reader, ref: str, base_dir: Path | None) -> Path:
+    """The YAML file that `extends: ref` names: a path (relative to the extending spec's folder) or a built-in's name
+    or alias (read without building every built-in, so that a built-in may extend another)."""
+    if ref.endswith((".yaml", ".yml")) or os.sep in ref:
+        path = Path(ref).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.is_file():
+            raise r.fail("extends", f"names {ref!r}, and {path} is not a file")
+        return path.resolve()
+    index: dict[str, Path] = {}
+    for file in sorted(builtin_dir().glob("*.yaml")):
+        head = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        for name in [head.get("name"), *(head.get("aliases") or [])]:
+            if isinstance(name, str):
+                index.setdefault(name, file.resolve())
+    try:
+        return index[choose("concept", ref, index)]
+    except TrceError as exc:
+        raise r.fail("extends", str(exc)) from None
 
 
 def _settings(r: _Reader, raw: Any, key: str = "settings") -> dict:
@@ -663,13 +729,23 @@ def read_spec_file(path: str | Path) -> ConceptSpec:
         raise TrceError(f"concept spec {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except OSError as exc:
         raise TrceError(f"cannot read concept spec {path}: {exc.strerror}") from exc
+    return spec_from_dict(_read_yaml(path, text), where=str(path), base_dir=path.parent)
+
+
+def _read_yaml(path: Path, text: str | None = None) -> Any:
+    """The parsed YAML of spec file `path` (its `text` when already read); an empty or invalid file is an error."""
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TrceError(f"cannot read concept spec {path}: {exc}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise TrceError(f"concept spec {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if raw is None:
         raise TrceError(f"concept spec {path} is empty; a spec needs at least name, erase and templates")
-    return spec_from_dict(raw, where=str(path), base_dir=path.parent)
+    return raw
 
 
 def builtin_specs() -> dict[str, ConceptSpec]:
