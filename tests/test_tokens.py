@@ -21,7 +21,8 @@ def _pieces(tok, word):
 
 def test_parse_role_combinations_and_typos():
     assert parse_role("eot+key") == ("eot", "key")
-    assert parse_role("eot+eot") == ("eot",)
+    with pytest.raises(TrceError, match=r"token role 'eot\+eot' names 'eot' twice"):
+        parse_role("eot+eot")
     with pytest.raises(TrceError, match="did you mean 'eot'"):
         parse_role("eto")
     with pytest.raises(TrceError, match="bad token role"):

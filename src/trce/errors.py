@@ -41,3 +41,19 @@ def choose(kind: str, name: str, available) -> str:
     close = difflib.get_close_matches(name, options, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise TrceError(f"unknown {kind} {name!r}{hint}; available: {', '.join(options)}")
+
+
+def choose_parts(kind: str, text: str, available) -> tuple[str, ...]:
+    """`"a+b"` -> `("a", "b")`: names joined by '+' (token roles, parameter groups), each validated by `choose`; an
+    empty part or a name given twice is refused."""
+    if not isinstance(text, str):
+        raise TrceError(f"{kind}s must be names joined by '+', got {text!r}")
+    parts = tuple(p.strip() for p in text.split("+"))
+    if any(not p for p in parts):
+        raise TrceError(f"bad {kind} {text!r}; use one of {', '.join(sorted(available))} or a '+' combination")
+    for p in parts:
+        choose(kind, p, available)
+    twice = sorted({p for p in parts if parts.count(p) > 1})
+    if twice:
+        raise TrceError(f"{kind} {text!r} names {twice[0]!r} twice")
+    return parts

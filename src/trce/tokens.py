@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from trce.errors import TrceError, choose
+from trce.errors import TrceError, choose_parts
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,8 @@ PRESERVE_ROLES = ("sot", "eot", "eot-all", "all")
 
 
 def parse_role(role: str, allowed: Sequence[str] = ROLES) -> tuple[str, ...]:
-    """`"eot+key"` -> `("eot", "key")`, each part checked against `allowed`."""
-    parts = tuple(p.strip() for p in str(role).split("+"))
-    if not parts or any(not p for p in parts):
-        raise TrceError(f"bad token role {role!r}; use one of {', '.join(allowed)} or a '+' combination")
-    for p in parts:
-        choose("token role", p, allowed)
-    return tuple(dict.fromkeys(parts))
+    """`"eot+key"` -> `("eot", "key")`, each part checked against `allowed` (a role named twice is refused)."""
+    return choose_parts("token role", role, allowed)
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:

@@ -97,7 +97,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trce.edit import Edit
-from trce.errors import TrceError, choose
+from trce.errors import TrceError, choose_parts
 from trce.families import GROUPS, family_of
 from trce.methods.training import Checkpoints, check_numbers, encode_prompts, finite_loss
 from trce.methods.trajectories import (
@@ -194,13 +194,7 @@ class StageVConfig:
         check_numbers(self, "stage V", integers=("robust_prompts", "robust_tokens", "robust_steps", "robust_samples",
                                                  "robust_reference_steps"),
                       non_negative_integers=("robust", "cond_preserve"), positive=("robust_lr", "robust_guidance"))
-        if not isinstance(self.params, str):
-            raise TrceError(f"stage V params must be parameter groups joined by '+', got {self.params!r}")
-        groups = self.params.split("+")
-        for group in groups:
-            choose("stage V parameter group", group, GROUPS)
-        if len(set(groups)) != len(groups):
-            raise TrceError(f"stage V params names a group twice: {self.params!r}")
+        choose_parts("stage V parameter group", self.params, GROUPS)
         mix = self.robust_mix
         if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0 <= mix <= 1:
             raise TrceError(f"stage V robust_mix must be a number in [0, 1], got {mix!r}")
@@ -261,7 +255,7 @@ def trainable_parameters(denoiser: torch.nn.Module, family, groups: str = "visua
     """The family's `visual` group (SD: every `attn1.*` and `attn2.to_q.*` parameter), or the union of the "+"-joined
     `groups`; freeze everything else."""
     chosen = {}
-    for group in groups.split("+"):
+    for group in choose_parts("stage V parameter group", groups, GROUPS):
         chosen.update(family.trainable(denoiser, group))
     for name, param in denoiser.named_parameters():
         param.requires_grad_(name in chosen)
