@@ -237,6 +237,7 @@ def test_hardened_red_spec_erases_the_same_prompts_onto_blue_and_recommends_hard
     assert (plain.eta, hard.eta) == (0.003, 0.01)  # blue is held off purple by a heavier preservation term
     config = StageVConfig(**hard.settings["V"])
     assert (config.robust, config.robust_prompts, config.lr) == (3, 100, 6e-4)
+    assert (config.robust_tokens, config.robust_lr) == (10, 0.03)  # a stronger attacker than the evaluating one
     # `extends: shapeworld-red`: the baselines' settings and the other families' settings are the plain spec's
     assert {k: v for k, v in hard.settings.items() if k != "V"} == {k: v for k, v in plain.settings.items() if k != "V"}
     assert hard.family_settings == plain.family_settings and hard.aliases == () and "red" in plain.aliases
