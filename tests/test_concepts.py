@@ -274,6 +274,9 @@ def test_extends_takes_the_base_fields_merges_settings_and_refuses_cycles(tmp_pa
         load_spec(tmp_path / "a.yaml")
     with pytest.raises(TrceError, match="field 'extends' names 'nowhere.yaml'"):
         load_spec(_write(tmp_path, {"name": "c", "extends": "nowhere.yaml"}, "c.yaml"))
+    (tmp_path / "big.yaml").write_text("name: big\n" + "#" * (1 << 20))
+    with pytest.raises(TrceError, match="big.yaml is over 1 MB"):
+        load_spec(_write(tmp_path, {"name": "d", "extends": "big.yaml"}, "d.yaml"))
 
 
 def test_family_targets_name_the_safe_text_on_their_family_only(tmp_path):

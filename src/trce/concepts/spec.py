@@ -734,7 +734,9 @@ def read_spec_file(path: str | Path) -> ConceptSpec:
 
 def _read_yaml(path: Path, text: str | None = None) -> Any:
     """The parsed YAML of spec file `path` (its `text` when already read); an empty or invalid file is an error."""
-    if text is None:
+    if text is None:  # a base that `extends:` names: the same limits as the spec file itself
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise TrceError(f"concept spec {path} is over {MAX_SPEC_BYTES >> 20} MB; a spec names prompts and settings")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
