@@ -275,7 +275,7 @@ def test_extends_takes_the_base_fields_merges_settings_and_refuses_cycles(tmp_pa
     with pytest.raises(TrceError, match="field 'extends' names 'nowhere.yaml'"):
         load_spec(_write(tmp_path, {"name": "c", "extends": "nowhere.yaml"}, "c.yaml"))
     (tmp_path / "big.yaml").write_text("name: big\n" + "#" * (1 << 20))
-    with pytest.raises(TrceError, match="big.yaml is over 1 MB"):
+    with pytest.raises(TrceError, match=r"big.yaml is 1.0 MB; a spec is at most 1 MB"):
         load_spec(_write(tmp_path, {"name": "d", "extends": "big.yaml"}, "d.yaml"))
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import logging
 import os
 import re
@@ -437,16 +438,24 @@ def _base_path(r: _Reader, ref: str, base_dir: Path | None) -> Path:
         if not path.is_file():
             raise r.fail("extends", f"names {ref!r}, and {path} is not a file")
         return path.resolve()
+    index = _builtin_files()
+    try:
+        return index[choose("concept", ref, index)]
+    except TrceError as exc:
+        raise r.fail("extends", str(exc)) from None
+
+
+@functools.cache
+def _builtin_files() -> dict[str, Path]:
+    """{name or alias: file} of the built-in specs, from their `name` and `aliases` fields only (once a process: the
+    package's files do not change while it runs)."""
     index: dict[str, Path] = {}
     for file in sorted(builtin_dir().glob("*.yaml")):
         head = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         for name in [head.get("name"), *(head.get("aliases") or [])]:
             if isinstance(name, str):
                 index.setdefault(name, file.resolve())
-    try:
-        return index[choose("concept", ref, index)]
-    except TrceError as exc:
-        raise r.fail("extends", str(exc)) from None
+    return index
 
 
 def _settings(r: _Reader, raw: Any, key: str = "settings") -> dict:
@@ -715,6 +724,12 @@ MAX_SPEC_BYTES = 1 << 20  # a spec names prompts and settings; long prompt lists
 
 def read_spec_file(path: str | Path) -> ConceptSpec:
     path = Path(path).expanduser()
+    return spec_from_dict(_read_yaml(path), where=str(path), base_dir=path.parent)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The parsed YAML of spec file `path` (a spec, or a base that `extends:` names): a missing, oversized,
+    non-UTF-8, invalid or empty file is one error."""
     if not path.exists():
         raise TrceError(f"concept spec file {path} does not exist")
     if path.is_dir():
@@ -729,18 +744,6 @@ def read_spec_file(path: str | Path) -> ConceptSpec:
         raise TrceError(f"concept spec {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except OSError as exc:
         raise TrceError(f"cannot read concept spec {path}: {exc.strerror}") from exc
-    return spec_from_dict(_read_yaml(path, text), where=str(path), base_dir=path.parent)
-
-
-def _read_yaml(path: Path, text: str | None = None) -> Any:
-    """The parsed YAML of spec file `path` (its `text` when already read); an empty or invalid file is an error."""
-    if text is None:  # a base that `extends:` names: the same limits as the spec file itself
-        if path.stat().st_size > MAX_SPEC_BYTES:
-            raise TrceError(f"concept spec {path} is over {MAX_SPEC_BYTES >> 20} MB; a spec names prompts and settings")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TrceError(f"cannot read concept spec {path}: {exc}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
