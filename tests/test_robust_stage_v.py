@@ -57,6 +57,8 @@ def _rounds(edit) -> list[dict]:
     ("robust_mix", 1.5, "robust_mix must be a number in \\[0, 1\\], got 1.5"),
     ("robust_prompts", 0, "robust_prompts must be a positive integer, got 0"),
     ("robust_lr", 0.0, "robust_lr must be a positive number"),
+    ("robust_consistency", -1.0, "robust_consistency must be a number >= 0, got -1.0"),
+    ("robust_consistency", 1.0, "robust_consistency=1.0 needs hardening \\(robust > 0\\)"),
 ])
 def test_bad_settings_are_named(field, value, needle):
     with pytest.raises(TrceError, match=needle):
@@ -159,6 +161,38 @@ def test_adversarial_conditionings_enter_the_loss(pipe, tmp_path, monkeypatch):
             assert all(took) == (mix == 1.0) and any(took) == (mix == 1.0)
         gaps[mix] = gap(edit)
     assert gaps[1.0] < gaps[0.5] < gaps[0.0] - 5e-4, gaps
+
+
+def test_consistency_holds_the_adversarial_prediction_to_the_plain_one(pipe, tmp_path, monkeypatch):
+    """`robust_consistency` κ (module doc 3.): with a far conditioning standing in for the attack's, every sample on
+    it (robust_mix=1) also pays κ ||ε̂(z, c^adv) − sg(ε̂(z, c^m))||², so the trained model's predictions under the
+    adversary and under its pair's plain prompt end closer together than with Eq. 8 alone; only the trained layers
+    change; κ is recorded (and so keyed: the run key hashes the record) only when set."""
+    far = 4 * encode_prompts(pipe, ["a yellow triangle on a purple background"])[0]  # (L, D)
+
+    def fake(pipe_, edit, prompts, picked, **kw):
+        return [SimpleNamespace(embeds={"prompt_embeds": far.clone()}, objective=0.5, objective_start=1.0,
+                                objective_plain=1.0) for _ in picked]
+
+    monkeypatch.setattr(robust, "soft_attack", fake)
+    cfg = replace(HARD, n_trajectories=3, epochs=3, robust_prompts=3, robust_mix=1.0)
+    data = concept_trajectories(Reference.from_pipe(pipe), PAIRS, 3, steps=6, keep=cfg.keep_steps, guidance=7.5,
+                                beta=15.0, image_size=None, seed=0, batch_size=4, cache_dir=tmp_path, progress=False)
+    plain_c = encode_prompts(pipe, [m for m, _ in PAIRS])  # (P, L, D)
+
+    def spread(edit) -> float:
+        z, t = data.latents.flatten(0, 1), data.timesteps.repeat(len(data))  # (N K, C, h, w), (N K,)
+        c = plain_c[data.pair_index].repeat_interleave(data.timesteps.shape[0], 0)  # (N K, L, D)
+        with edit.applied(pipe), torch.no_grad():
+            a = pipe.unet(z, t, encoder_hidden_states=far[None].expand(len(z), -1, -1)).sample
+            b = pipe.unet(z, t, encoder_hidden_states=c).sample
+        return float((a - b).pow(2).mean())
+
+    alone = erase_v(pipe, PAIRS, cfg, cache_dir=tmp_path, progress=False)
+    held = erase_v(pipe, PAIRS, replace(cfg, robust_consistency=50.0), cache_dir=tmp_path, progress=False)
+    assert spread(held) < 0.8 * spread(alone), (spread(held), spread(alone))
+    assert set(held.weights) == set(alone.weights)  # the same (visual) layers, nothing else
+    assert held.settings["robust_consistency"] == 50.0 and "robust_consistency" not in alone.settings
 
 
 # --------------------------------------------------------------------------- faults

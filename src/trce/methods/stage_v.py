@@ -67,6 +67,15 @@ again: a trajectory Eq. 8 never saw. Hardening puts those conditionings into the
    solved by alternation: each round solves the inner problem for θ_r, and training minimises with the
    adversaries held fixed until the next round.
 
+3. consistency (`robust_consistency` κ > 0, beyond the paper; TRADES' split of adversarial training into a plain
+   loss and a consistency term, Zhang et al. 2019): Eq. 8's hinge is linear in ε̂ (its gradient is the constant
+   2(f_unsafe − f_safe)), so it pushes an adversarial prediction along the same direction however close that
+   prediction already is to the concept's. A sample conditioned on c^adv_p also pays
+       κ ||ε_θ'(z_t^m, c^adv_p, t) − sg(ε_θ'(z_t^m, c^m_p, t))||²
+   (sg: no gradient), the distance to what the model in training predicts for the plain prompt at the same point,
+   which Eq. 8 already erases: the prefix the attack found should change nothing. One more forward pass (without
+   gradient) per adversarial sample.
+
 The mix is a pure function of (seed, epoch): its draws come from a generator of their own, so the batches are the
 plain run's and robust=0 runs the very code of the unhardened stage (bit for bit). The adversaries found so far go
 into every checkpoint (`adversaries.safetensors`, their records in `state.json`); a round is attacked through a
@@ -123,9 +132,9 @@ _OPERATIONAL = ("checkpoint_every", "cache_batch_size", "gradient_checkpointing"
 # The hardening settings: recorded (and keyed) only when robust > 0, so that an unhardened run keeps the run key and
 # the settings record of the stage without them (its checkpoints resume across the upgrade).
 # Settings beyond the paper: recorded (and keyed) only when set, for the same reason.
-_EXTRAS = ("repel", "cond_preserve", "params")
+_EXTRAS = ("repel", "cond_preserve", "params", "robust_consistency")
 _ROBUST = ("robust", "robust_mix", "robust_prompts", "robust_tokens", "robust_steps", "robust_samples", "robust_lr",
-           "robust_reference_steps", "robust_guidance")
+           "robust_reference_steps", "robust_guidance", "robust_consistency")
 
 
 @dataclass(frozen=True)
@@ -173,6 +182,9 @@ class StageVConfig:
     robust_lr: float = 0.01
     robust_reference_steps: int = 20  # sampling steps of the original model's images the attack brings back
     robust_guidance: float = 7.5
+    # beyond the paper: κ, weight of the consistency term (module doc, "Hardened stage V" 3.): a sample conditioned on
+    # an adversary is also held to the model's own prediction for its plain prompt. 0: Eq. 8 alone.
+    robust_consistency: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in get_args(MixedPrecision):
@@ -198,6 +210,12 @@ class StageVConfig:
         mix = self.robust_mix
         if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0 <= mix <= 1:
             raise TrceError(f"stage V robust_mix must be a number in [0, 1], got {mix!r}")
+        kappa = self.robust_consistency
+        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not 0 <= kappa < math.inf:
+            raise TrceError(f"stage V robust_consistency must be a number >= 0, got {kappa!r}")
+        if kappa and not self.robust:
+            raise TrceError(f"stage V robust_consistency={kappa!r} needs hardening (robust > 0): it acts on the "
+                            "adversaries' samples")
 
     @property
     def keep_steps(self) -> int:
@@ -231,7 +249,9 @@ def triplet_loss(pred: torch.Tensor, f_safe: torch.Tensor, f_unsafe: torch.Tenso
 
 def stage_v_loss(pred_c: torch.Tensor, pred_u: torch.Tensor, pred_p: torch.Tensor, f_safe: torch.Tensor,
                  f_unsafe: torch.Tensor, target_p: torch.Tensor, *, margin: float, lambda_preserve: float,
-                 pred_cp: torch.Tensor | None = None, target_cp: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 pred_cp: torch.Tensor | None = None, target_cp: torch.Tensor | None = None,
+                 pred_adv: torch.Tensor | None = None, target_adv: torch.Tensor | None = None,
+                 consistency: float = 0.0) -> dict[str, torch.Tensor]:
     """L = ½(L_erase(ε̂(z,c^m,t)) + L_erase(ε̂(z,∅,t))) + λ·L_preserve.
 
     pred_c, pred_u: (B, C, h, w) predictions of the trained model at z_t^m with c^m and with ∅;
@@ -239,10 +259,15 @@ def stage_v_loss(pred_c: torch.Tensor, pred_u: torch.Tensor, pred_p: torch.Tenso
     to both predictions and averaged (as the authors' code does); Eq. 9 is a plain MSE.
     pred_cp, target_cp (`cond_preserve`): (B·U, C, h, w) at points of preservation prompts' trajectories under their
     prompts, and the original's conditional predictions there; L_preserve is then the sum of the two MSEs.
+    pred_adv, target_adv (`robust_consistency` κ): (A, C, h, w) the predictions of the A <= B samples conditioned on an
+    adversary, and the model's own (detached) predictions there for their plain prompts; L_erase then also holds
+    κ · Σ_a ||pred_adv − target_adv||² / B (mean-squared norms, averaged over the batch as the hinge is).
     """
     hinge_c = triplet_loss(pred_c, f_safe, f_unsafe, margin)
     hinge_u = triplet_loss(pred_u, f_safe, f_unsafe, margin)
     erase = 0.5 * (hinge_c.mean() + hinge_u.mean())
+    if pred_adv is not None and len(pred_adv):
+        erase = erase + consistency * (pred_adv - target_adv).pow(2).flatten(1).mean(1).sum() / pred_c.shape[0]
     preserve = (pred_p - target_p).pow(2).mean()
     if pred_cp is not None:
         preserve = preserve + (pred_cp - target_cp).pow(2).mean()
@@ -558,11 +583,21 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
                     e_c, took = hard.mix(e_c, pair_index[ti], draws[0, pos, micro, rank].to(device),
                                          draws[1, pos, micro, rank].to(device))
                 e = torch.cat([e_c, emb_null.expand(b + bu, -1, -1), *([emb_p[c_prompt[ci]]] if cond is not None else [])])
+                adv = {}
+                if took is not None and config.robust_consistency and bool(took.any()):
+                    # the consistency target: the model's own prediction for the plain prompt c^m at the adversarial
+                    # samples' points (detached: only the adversarial prediction is pulled, module doc 3.)
+                    with torch.no_grad(), acc.autocast():
+                        plain = family.predict(prepared, z[took], t_concept[ki][took],
+                                               emb_m[pair_index[ti]][took]).float()  # (A, C, h, w)
+                    adv = {"target_adv": plain, "consistency": config.robust_consistency}
                 sync = micro == config.grad_accum - 1
                 with (acc.no_sync(prepared) if not sync else contextlib.nullcontext()):
                     with acc.autocast():
                         out = family.predict(prepared, x, t, e).float()
                     cp = {"pred_cp": out[2 * b + bu:], "target_cp": c_tgt[ci]} if cond is not None else {}
+                    if adv:
+                        cp.update(adv, pred_adv=out[:b][took])
                     parts = stage_v_loss(out[:b], out[b:2 * b], out[2 * b:2 * b + bu], f_safe[ti, ki],
                                          f_unsafe[ti, ki], u_tgt[ui], margin=config.margin,
                                          lambda_preserve=config.lambda_preserve, **cp)
