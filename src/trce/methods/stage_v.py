@@ -134,7 +134,7 @@ _OPERATIONAL = ("checkpoint_every", "cache_batch_size", "gradient_checkpointing"
 # Settings beyond the paper: recorded (and keyed) only when set, for the same reason.
 _EXTRAS = ("repel", "cond_preserve", "params", "robust_consistency")
 _ROBUST = ("robust", "robust_mix", "robust_prompts", "robust_tokens", "robust_steps", "robust_samples", "robust_lr",
-           "robust_reference_steps", "robust_guidance", "robust_consistency")
+           "robust_reference_steps", "robust_guidance")
 
 
 @dataclass(frozen=True)
@@ -205,16 +205,14 @@ class StageVConfig:
             raise TrceError(f"stage V image_size must be at least 8 pixels, got {self.image_size!r}")
         check_numbers(self, "stage V", integers=("robust_prompts", "robust_tokens", "robust_steps", "robust_samples",
                                                  "robust_reference_steps"),
-                      non_negative_integers=("robust", "cond_preserve"), positive=("robust_lr", "robust_guidance"))
+                      non_negative_integers=("robust", "cond_preserve"), positive=("robust_lr", "robust_guidance"),
+                      non_negative=("robust_consistency",))
         choose_parts("stage V parameter group", self.params, GROUPS)
         mix = self.robust_mix
         if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0 <= mix <= 1:
             raise TrceError(f"stage V robust_mix must be a number in [0, 1], got {mix!r}")
-        kappa = self.robust_consistency
-        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not 0 <= kappa < math.inf:
-            raise TrceError(f"stage V robust_consistency must be a number >= 0, got {kappa!r}")
-        if kappa and not self.robust:
-            raise TrceError(f"stage V robust_consistency={kappa!r} needs hardening (robust > 0): it acts on the "
+        if self.robust_consistency and not self.robust:
+            raise TrceError(f"stage V robust_consistency={self.robust_consistency!r} needs hardening (robust > 0): it acts on the "
                             "adversaries' samples")
 
     @property
@@ -577,10 +575,10 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
                 if cond is not None:  # (+ B·U): c^p at z^p
                     ci = cond_plan[pos, micro, rank].to(device)
                     x, t = torch.cat([x, c_lat[ci]]), torch.cat([t, c_t[ci]])
-                e_c = emb_m[pair_index[ti]]  # (B, L, D) c^m of each sample's pair
+                e_m = e_c = emb_m[pair_index[ti]]  # (B, L, D) c^m of each sample's pair
                 took = None
                 if hard is not None:  # c^adv of the pair instead, with probability robust_mix
-                    e_c, took = hard.mix(e_c, pair_index[ti], draws[0, pos, micro, rank].to(device),
+                    e_c, took = hard.mix(e_m, pair_index[ti], draws[0, pos, micro, rank].to(device),
                                          draws[1, pos, micro, rank].to(device))
                 e = torch.cat([e_c, emb_null.expand(b + bu, -1, -1), *([emb_p[c_prompt[ci]]] if cond is not None else [])])
                 adv = {}
@@ -588,8 +586,7 @@ def _train(pipe, family, pairs, concept: ConceptTrajectories, uncond: UncondTraj
                     # the consistency target: the model's own prediction for the plain prompt c^m at the adversarial
                     # samples' points (detached: only the adversarial prediction is pulled, module doc 3.)
                     with torch.no_grad(), acc.autocast():
-                        plain = family.predict(prepared, z[took], t_concept[ki][took],
-                                               emb_m[pair_index[ti]][took]).float()  # (A, C, h, w)
+                        plain = family.predict(prepared, z[took], t_concept[ki][took], e_m[took]).float()  # (A, C, h, w)
                     adv = {"target_adv": plain, "consistency": config.robust_consistency}
                 sync = micro == config.grad_accum - 1
                 with (acc.no_sync(prepared) if not sync else contextlib.nullcontext()):
