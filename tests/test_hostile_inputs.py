@@ -570,6 +570,8 @@ ROWS: list[Row] = [
         absent=["p"], setup=both(hold_lock("p"), no_model_load)),
     row("train-out-in-use", "shapeworld train --tiny --out {tmp}/sw",
         r"^--out .*sw is being written by another trce process", absent=["sw"], setup=hold_lock("sw")),
+    row("train-exclude-misspelt", "shapeworld train --tiny --out {tmp}/sw --exclude colour=red",
+        r"^unknown ShapeWorld attribute 'colour' \(did you mean 'color'\?\)", absent=["sw/train.json"]),
     row("report-out-read-only", "report {tmp} --out {tmp}/ro/r.html", r"^--out .*ro/r\.html cannot be written",
         absent=["ro/r.html"], setup=read_only("ro")),
     row("stale-lock-of-a-killed-run", EVAL + " --prompts {tmp}/p.txt --out {tmp}/o", None,

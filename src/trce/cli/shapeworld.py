@@ -23,6 +23,8 @@ def register(sub) -> None:
         "  trce shapeworld train --out runs/sw               # about 1.5-2 h on 2 CPU cores, minutes on a GPU\n"
         "  trce shapeworld train --out runs/sw --ship        # and install the result into the package\n"
         "  trce shapeworld train --out /tmp/t --tiny         # a seconds-long smoke run\n"
+        "  trce shapeworld train --out runs/no-red --warm-start shapeworld --clip-steps 0 --exclude color=red\n"
+        "                                                    # a UNet that never saw red (the retrained reference)\n"
         "  trce shapeworld train --family sdxl --out runs/xl --ship   # ShapeWorld-XL: an SDXL denoiser around it\n"
         "  trce shapeworld train --family sd3 --out runs/dit --ship   # ShapeWorld-DiT: an SD3 transformer\n"))
     p.add_argument("--out", required=True, help="run folder (created; reused to resume)")
@@ -44,6 +46,9 @@ def register(sub) -> None:
     p.add_argument("--warm-start", default=None, metavar="RUN",
                    help="a finished run folder whose CLIP and UNet (sdxl / sd3: whose denoiser) initialise this one "
                         "(fine-tune, not from scratch)")
+    p.add_argument("--exclude", default=None, metavar="ATTRIBUTE=VALUE",
+                   help="the UNet never sees an image showing it (e.g. color=red) and starts from scratch: the "
+                        "retrained reference an erasure is judged against")
     p.add_argument("--ship", action="store_true", help="copy the exported pipeline into the installed package")
     p.set_defaults(func=cmd_train)
 
@@ -60,7 +65,7 @@ def register(sub) -> None:
 
 
 TRAIN_OPTIONS = ("pool_size", "clip_steps", "vae_steps", "detector_steps", "unet_steps", "unet_batch", "clip_lr",
-                 "clip_aux_weight", "warm_start")
+                 "clip_aux_weight", "warm_start", "exclude")
 
 
 def cmd_train(args) -> int:

@@ -67,6 +67,10 @@ class TrainConfig:
     # A finished run folder whose CLIP and UNet weights initialise this run (fine-tuning instead of
     # training from scratch); pool, vae and detector are reused from it when their settings agree.
     warm_start: str = ""
+    # "ATTRIBUTE=VALUE" (e.g. "color=red"): the UNet never sees an image showing it and starts from scratch even
+    # with a warm start (a warm-started UNet has seen it). The retrained reference that machine unlearning judges
+    # erasure against: what an attack recovers from a model that never knew the value is the attack's floor.
+    exclude: str = ""
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -153,12 +157,13 @@ class Trainer:
         self.device = _device(config.device)
         self.tokenizer = build_tokenizer()
         self.warm = warm_source(config.warm_start) if config.warm_start else None
+        self.excluded = excluded_value(config.exclude)  # checked before any stage runs
         self.out.mkdir(parents=True, exist_ok=True)
         record_path = self.out / "train.json"
         if record_path.exists():
             record = io.read_json(record_path)
             # Runs recorded before these settings existed trained without them.
-            previous = {"clip_aux_weight": 0.0, "warm_start": "", **record["config"]}
+            previous = {"clip_aux_weight": 0.0, "warm_start": "", "exclude": "", **record["config"]}
             if previous != asdict(config):
                 changed = sorted(k for k in previous if previous.get(k) != asdict(config).get(k))
                 if changed == ["unet_steps"] and config.unet_steps > previous["unet_steps"]:
@@ -278,6 +283,7 @@ class Trainer:
         params = list(model.parameters()) + (list(heads.parameters()) if cfg.clip_aux_weight > 0 else [])
         opt = torch.optim.AdamW(params, lr=cfg.clip_lr, weight_decay=0.1)
         bar = tqdm(range(cfg.clip_steps), desc="clip", mininterval=2)
+        loss = None  # --clip-steps 0: the warm-start (or initial) CLIP as it is
         for step in bar:
             rng = _step_rng(cfg.seed, "clip", step)
             idx = rng.choice(len(images), size=cfg.clip_batch, replace=False)
@@ -325,7 +331,7 @@ class Trainer:
         with io.atomic_dir(self.out / "clip") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
-        self._mark("clip", {"final_loss": float(loss.item()), "steps": cfg.clip_steps})
+        self._mark("clip", {"final_loss": None if loss is None else float(loss.item()), "steps": cfg.clip_steps})
 
     def stage_vae(self) -> None:
         cfg = self.cfg
@@ -420,9 +426,12 @@ class Trainer:
         latents, uncond = cache["latents"], cache["uncond"]
         embeds = np.load(self.out / "cache" / "embeds.npy", mmap_mode="r")
         n_img, k = len(latents), self.cfg.captions_per_image
+        drawn = self.unet_images()  # (M,) the images the UNet may see; None: all of them
         unet = models.unet_model(seed=cfg.seed).to(self.device)
         ema = models.unet_model(seed=cfg.seed).to(self.device)
-        if self.warm is not None:
+        if drawn is not None:
+            log.info("UNet from scratch on %d of %d images: none shows %s", len(drawn), n_img, cfg.exclude)
+        elif self.warm is not None:
             kind, src = self.warm
             weights = src / "unet" / ("ema.safetensors" if kind == "run" else "diffusion_pytorch_model.safetensors")
             unet.load_state_dict({k: v.float() for k, v in io.load_tensors(weights).items()})
@@ -436,7 +445,10 @@ class Trainer:
 
         def loss_at(step: int) -> torch.Tensor:
             rng = _step_rng(cfg.seed, "unet", step)
-            cap = rng.choice(n_img * k, size=cfg.unet_batch, replace=False)
+            if drawn is None:
+                cap = rng.choice(n_img * k, size=cfg.unet_batch, replace=False)
+            else:  # caption j of image i is row i + j * n_img of the cache
+                cap = rng.choice(drawn, size=cfg.unet_batch, replace=False) + n_img * rng.integers(0, k, cfg.unet_batch)
             img = cap % n_img
             x0 = latents[img].to(self.device)
             cond = torch.from_numpy(embeds[np.sort(cap)].astype(np.float32))
@@ -459,6 +471,18 @@ class Trainer:
                       checkpoint_every=cfg.checkpoint_every, desc="unet")
         final = io.read_json(ckdir / "last.json")
         self._mark("unet", {"steps": cfg.unet_steps, "final_loss": final["loss"]})
+
+    def unet_images(self) -> np.ndarray | None:
+        """(M,) indices of the pool images the UNet trains on: those not showing `exclude`; None without it."""
+        if self.excluded is None:
+            return None
+        column, value = self.excluded
+        _, labels = self._pool()
+        keep = np.flatnonzero(labels[:, column] != value)
+        if len(keep) < self.cfg.unet_batch:
+            raise TrceError(f"--exclude {self.cfg.exclude} leaves {len(keep)} pool images, fewer than a batch "
+                            f"({self.cfg.unet_batch})")
+        return keep
 
     def stage_export(self) -> None:
         export_pipeline(self.out, self.out / "export", self.cfg)
@@ -512,6 +536,21 @@ def export_pipeline(run: Path, dest: Path, cfg: TrainConfig) -> None:
             kind, src = warm_source(cfg.warm_start)
             made["warm_start_run"] = _run_record(src) if kind == "run" else io.read_json(src / "made.json")
         io.write_json(tmp / "made.json", made)
+
+
+def excluded_value(text: str) -> tuple[int, int] | None:
+    """"color=red" -> (the label column of "color", the index of "red"); "" -> None."""
+    if not text:
+        return None
+    attribute, sep, value = (part.strip() for part in text.partition("="))
+    if not sep or not value:
+        raise TrceError(f"--exclude must be ATTRIBUTE=VALUE (e.g. color=red), got {text!r}")
+    from trce.errors import choose
+
+    choose("ShapeWorld attribute", attribute, world.ATTRIBUTES)
+    values = world.vocab().values(attribute)
+    choose(f"ShapeWorld {attribute}", value, values)
+    return world.ATTRIBUTES.index(attribute), list(values).index(value)
 
 
 def warm_source(path: str) -> tuple[str, Path]:
