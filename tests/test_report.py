@@ -551,3 +551,22 @@ def test_robustness_rows_join_through_a_link_and_tell_two_patches_of_one_method_
     hard = rows["TRCE · tv-hardened"]["cells"]
     assert "plain" in hard and hard["attack.soft-prompt"]["value"] == 0.25  # one row: eval and attack joined
     assert "plain" not in rows["TRCE · tv"]["cells"]
+
+
+def test_a_retrained_reference_is_labelled_so(tmp_path):
+    from trce.report.build import run_label
+
+    model = tmp_path / "no-red-export"
+    model.mkdir()
+    (model / "made.json").write_text(json.dumps({"config": {"exclude": "color=red", "seed": 0}}))
+    plain = tmp_path / "shipped"
+    plain.mkdir()
+    (plain / "made.json").write_text(json.dumps({"config": {"seed": 0}}))
+    assert run_label({"model": str(model)}) == f"Retrained without color=red ({model})"
+    assert run_label({"model": str(plain)}) == f"Original ({plain})"
+    assert run_label({"model": "shapeworld"}) == "Original (shapeworld)"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "made.json").write_text("[not json")
+    for folder in (broken, tmp_path / "missing"):
+        assert run_label({"model": str(folder)}) == f"Original ({folder})"

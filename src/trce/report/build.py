@@ -137,7 +137,9 @@ def run_label(metrics: dict) -> str:
     if metrics.get("label"):
         return str(metrics["label"])
     if not metrics.get("patch"):
-        base = f"Original ({metrics.get('model') or 'model'})"
+        without = retrained_without(metrics.get("model"))
+        base = (f"Retrained without {without} ({metrics['model']})" if without
+                else f"Original ({metrics.get('model') or 'model'})")
     else:
         method = metrics.get("method")
         stages = metrics.get("stages") or _patch_stages(metrics["patch"])
@@ -153,6 +155,20 @@ def run_label(metrics: dict) -> str:
     if isinstance(attack, dict) and attack.get("name"):
         base += f" + {attack['name']}"
     return base
+
+
+@functools.lru_cache(maxsize=64)
+def retrained_without(model: str | None) -> str | None:
+    """"color=red" when `model` is a local ShapeWorld export trained with `--exclude color=red` (its made.json): the
+    retrained reference, labelled so, not as the original the patches were made from; None otherwise."""
+    made = Path(str(model)) / "made.json" if model else None
+    if made is None or not made.is_file():
+        return None
+    try:
+        config = json.loads(made.read_text(encoding="utf-8")).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(config.get("exclude") or "") or None
 
 
 def _row_key(metrics: dict) -> tuple:
