@@ -230,14 +230,7 @@ def _concept(options: EvalOptions, suite: Suite) -> tuple[str | None, tuple[str,
         return None, ()
     from trce.shapeworld import world
 
-    attribute, _, values = options.concept.partition("=")
-    choose("ShapeWorld attribute", attribute, world.ATTRIBUTES)
-    vals = tuple(v.strip() for v in values.split(",") if v.strip())
-    if not vals:
-        raise TrceError(f"concept must look like attribute=value[,value], got {options.concept!r}", field="concept")
-    for v in vals:
-        choose(f"{attribute} value", v, world.vocab().values(attribute))
-    return attribute, vals
+    return world.attribute_values(options.concept, "concept")
 
 
 @dataclass(frozen=True)

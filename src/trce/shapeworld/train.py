@@ -480,8 +480,8 @@ class Trainer:
         _, labels = self._pool()
         keep = np.flatnonzero(labels[:, column] != value)
         if len(keep) < self.cfg.unet_batch:
-            raise TrceError(f"--exclude {self.cfg.exclude} leaves {len(keep)} pool images, fewer than a batch "
-                            f"({self.cfg.unet_batch})")
+            raise TrceError(f"exclude {self.cfg.exclude} leaves {len(keep)} pool images, fewer than a batch "
+                            f"({self.cfg.unet_batch})", field="exclude")
         return keep
 
     def stage_export(self) -> None:
@@ -542,15 +542,8 @@ def excluded_value(text: str) -> tuple[int, int] | None:
     """"color=red" -> (the label column of "color", the index of "red"); "" -> None."""
     if not text:
         return None
-    attribute, sep, value = (part.strip() for part in text.partition("="))
-    if not sep or not value:
-        raise TrceError(f"--exclude must be ATTRIBUTE=VALUE (e.g. color=red), got {text!r}")
-    from trce.errors import choose
-
-    choose("ShapeWorld attribute", attribute, world.ATTRIBUTES)
-    values = world.vocab().values(attribute)
-    choose(f"ShapeWorld {attribute}", value, values)
-    return world.ATTRIBUTES.index(attribute), list(values).index(value)
+    attribute, (value,) = world.attribute_values(text, "exclude", several=False)
+    return world.ATTRIBUTES.index(attribute), list(world.vocab().values(attribute)).index(value)
 
 
 def warm_source(path: str) -> tuple[str, Path]:

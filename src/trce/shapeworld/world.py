@@ -79,6 +79,24 @@ def vocab() -> Vocab:
     return Vocab(yaml.safe_load(text))
 
 
+def attribute_values(text: str, field: str, *, several: bool = True) -> tuple[str, tuple[str, ...]]:
+    """"color=red,pink" -> ("color", ("red", "pink")): a ShapeWorld attribute and values of it, each checked against the
+    vocabulary (a close match named on a typo); a malformed `text` is a TrceError naming the setting `field`
+    (`several=False`: exactly one value)."""
+    from trce.errors import TrceError, choose
+
+    attribute, sep, values = str(text).partition("=")
+    vals = tuple(v.strip() for v in values.split(",") if v.strip())
+    if not sep or not vals or (len(vals) > 1 and not several):
+        form = "attribute=value[,value]" if several else "attribute=value"
+        raise TrceError(f"{field} must look like {form} (e.g. color=red), got {text!r}", field=field)
+    attribute = attribute.strip()
+    choose("ShapeWorld attribute", attribute, ATTRIBUTES)
+    for v in vals:
+        choose(f"{attribute} value", v, vocab().values(attribute))
+    return attribute, vals
+
+
 @dataclass(frozen=True)
 class Scene:
     shape: str
