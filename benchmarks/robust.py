@@ -4,7 +4,8 @@
     python benchmarks/robust.py --model shapeworld --concept shapeworld-red
     python benchmarks/robust.py --model CompVis/stable-diffusion-v1-4 --device cuda --json runs/robust-gpu.json
 
-A hardening round (`trce.methods.robust.harden`) is: RECE's closed-form adversaries (one D x D solve), the soft-
+A hardening round (`trce.methods.robust.harden`) is: closed-form adversaries in RECE's form (one D x D solve;
+`--method rece` is RECE itself), the soft-
 prompt attack against the current edited model on `robust_prompts` spec prompts (Adam steps of the denoising
 objective through the text encoder and the UNet, `robust_samples` noisy latents each), and a re-solve of Eq. 5.
 Round 1 also draws the original model's reference images of every prompt any round will attack (once per run).

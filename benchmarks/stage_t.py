@@ -1,11 +1,11 @@
-"""Benchmark: time and peak memory of TRCE stage T (and the UCE-style solve) per concept.
+"""Benchmark: time and peak memory of TRCE stage T (and its [KEY] ablation, `trce-key`) per concept.
 
     nice -n 19 .venv/bin/python benchmarks/stage_t.py                    # sd14-arch and shapeworld
     .venv/bin/python benchmarks/stage_t.py --models sdxl-arch --concepts sexual   # ~19 GB of RAM, ~15 min
     .venv/bin/python benchmarks/stage_t.py --models shapeworld --device cuda
 
 For every (model, concept): one *cold* TRCE run (empty prior cache: the preservation prior is
-encoded and accumulated) and then *warm* TRCE and UCE runs (prior read from the cache, the usual
+encoded and accumulated) and then *warm* TRCE and TRCE [KEY] runs (prior read from the cache, the usual
 case: one prior serves every concept of a base model). Columns: embedding rows mapped,
 preservation prompts, seconds of the prior (cold), total cold seconds and peak memory growth,
 then for the warm run the seconds encoding the pairs, of the solve + layer products, the total
@@ -34,7 +34,7 @@ import torch
 from trce.concepts import load_spec
 from trce.families import family_of
 from trce.loading import load_pipeline
-from trce.methods.stage_t import StageTConfig, erase, erase_uce
+from trce.methods.stage_t import StageTConfig, erase, erase_trce_key
 from trce.registry import Context
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -107,7 +107,7 @@ def run(models, concepts_for, prior_prompts: int, device: str | None, data: Path
                 config = StageTConfig()
                 context = Context(cache_dir=cache, data_dir=str(data) if data else None, progress=False)
                 cold, cold_s, cold_mb = measure(erase, (pipe, spec, config, context), dev)
-                for method, fn in (("trce", erase), ("uce", erase_uce)):
+                for method, fn in (("trce", erase), ("trce-key", erase_trce_key)):
                     warm, warm_s, warm_mb = measure(fn, (pipe, spec, config, context), dev)
                     sec = warm.info["seconds"]
                     rows.append({

@@ -1,4 +1,5 @@
-"""The η x token-role sweep of TRCE stage T on ShapeWorld (issue "Done when"), with the UCE baseline.
+"""The η x token-role sweep of TRCE stage T on ShapeWorld (issue "Done when"), with its [KEY] ablation (`trce-key`,
+paper Table 4; not UCE, which is `trce.methods.uce`).
 
     nice -n 19 .venv/bin/python benchmarks/stage_t_sweep.py --out runs/stage-t-sweep
     .venv/bin/python benchmarks/stage_t_sweep.py --out runs/sweep --eval-limit 200 --eval-steps 20   # images
@@ -8,7 +9,7 @@
 for instance the detector rates of `trce.eval.run_eval` on keyword / held-out synonym /
 paraphrase prompts), and keeps `out/results.json` up to date after every setting, so an
 interrupted sweep resumes where it stopped. Settings: TRCE stage T for every η in `etas` and every
-role in `roles`; UCE (role `key`) for every η; optionally other safe targets (`targets`, e.g.
+role in `roles`; the [KEY] ablation (role `key`) for every η; optionally other safe targets (`targets`, e.g.
 "" = attribute unnamed vs "blue" = another value) and preservation roles (`preserve_roles`).
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from trce.concepts import ConceptSpec, load_spec
 from trce.loading import load_pipeline
-from trce.methods.stage_t import StageTConfig, erase, erase_uce
+from trce.methods.stage_t import StageTConfig, erase, erase_trce_key
 from trce.registry import Context
 from trce.utils import io
 
@@ -39,13 +40,13 @@ def with_target(spec: ConceptSpec, target: str) -> ConceptSpec:
     return dataclasses.replace(spec, expressions=tuple(dataclasses.replace(e, target=target) for e in spec.expressions))
 
 
-def settings_grid(etas: Sequence[float] = ETAS, roles: Sequence[str] = ROLES, include_uce: bool = True,
+def settings_grid(etas: Sequence[float] = ETAS, roles: Sequence[str] = ROLES, include_key: bool = True,
                   targets: Sequence[str | None] = (None,), preserve_roles: Sequence[str] = ("all",)) -> list[dict]:
     grid = []
     for target in targets:
         for preserve_role in preserve_roles:
             for eta in etas:
-                runs = [("trce", role) for role in roles] + ([("uce", "key")] if include_uce else [])
+                runs = [("trce", role) for role in roles] + ([("trce-key", "key")] if include_key else [])
                 for method, role in runs:
                     label = f"{method}-eta{eta:g}-{role}-pres-{preserve_role}"
                     if target is not None:
@@ -57,7 +58,7 @@ def settings_grid(etas: Sequence[float] = ETAS, roles: Sequence[str] = ROLES, in
 
 def sweep(evaluate: Callable[[Path, dict], dict] | None = None, *, model: str = "shapeworld",
           concept: str = "shapeworld-red", out: str | Path = "runs/stage-t-sweep", etas: Sequence[float] = ETAS,
-          roles: Sequence[str] = ROLES, include_uce: bool = True, targets: Sequence[str | None] = (None,),
+          roles: Sequence[str] = ROLES, include_key: bool = True, targets: Sequence[str | None] = (None,),
           preserve_roles: Sequence[str] = ("all",), ridge: float | None = None, device: str | None = None,
           data: str | None = None, pipe=None) -> list[dict]:
     """Erase `concept` with every setting; returns one row per setting (patch folder, edit info, evaluation)."""
@@ -67,7 +68,7 @@ def sweep(evaluate: Callable[[Path, dict], dict] | None = None, *, model: str = 
     pipe = pipe if pipe is not None else load_pipeline(model, device=device)
     base_spec = load_spec(concept)
     rows = []
-    for setting in settings_grid(etas, roles, include_uce, targets, preserve_roles):
+    for setting in settings_grid(etas, roles, include_key, targets, preserve_roles):
         label = setting["label"]
         patch = out / label
         if label in done and (patch / "patch.json").exists() and (evaluate is None or "eval" in done[label]):
@@ -76,8 +77,8 @@ def sweep(evaluate: Callable[[Path, dict], dict] | None = None, *, model: str = 
         spec = base_spec if setting["target"] is None else with_target(base_spec, setting["target"])
         config = StageTConfig(eta=setting["eta"], ridge=ridge, token_role=setting["token_role"] if
                               setting["method"] == "trce" else None, preserve_role=setting["preserve_role"])
-        edit = (erase if setting["method"] == "trce" else erase_uce)(pipe, spec, config,
-                                                                     Context(data_dir=data, progress=False))
+        edit = (erase if setting["method"] == "trce" else erase_trce_key)(pipe, spec, config,
+                                                                          Context(data_dir=data, progress=False))
         edit.save(patch, config={"sweep": setting, "model": model, "concept": concept}, seeds=None)
         row = {**setting, "patch": str(patch), "info": {k: edit.info[k] for k in (
             "embeddings", "erase_residual", "preserve_drift", "condition")}, "seconds": edit.info["seconds"]["total"]}

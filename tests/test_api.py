@@ -35,7 +35,7 @@ def test_the_readme_python_section_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_the_top_level_api_lists_what_exists():
-    assert {"trce", "uce", "kpop", "esd", "advunlearn"} <= set(trce.methods())
+    assert {"trce", "uce", "trce-key", "rece", "kpop", "esd", "advunlearn"} <= set(trce.methods())
     assert "shapeworld-red" in trce.concepts() and "shapeworld-red" in trce.suites()
     assert trce.attacks() == ["ring-a-bell", "mma-text", "unlearndiff", "soft-prompt"] and "sd1" in trce.families()
     assert trce.load_concept("red").name == "shapeworld-red"
@@ -51,6 +51,7 @@ SHAPEWORLD = ("shapeworld-red", "shapeworld-star", "shapeworld-striped", "shapew
 TINY = {  # stage settings small enough for the tiny pipeline; --set and the Python mapping give the same config
     "trce": {"V": {"n_trajectories": 2, "n_uncond": 4, "ddim_steps": 2, "epochs": 1, "checkpoint_every": 1}},
     "uce": {},
+    "trce-key": {},
     "rece": {"rece": {"robust": 1}},
     "kpop": {"kpop": {"iterations": 2, "ddim_steps": 2, "latents": "current", "batch_size": 2}},
     "esd": {"esd": {"iterations": 2, "ddim_steps": 2, "latents": "current", "batch_size": 2}},

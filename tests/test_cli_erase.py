@@ -36,7 +36,7 @@ def test_erase_writes_a_complete_patch(red_patch, tiny_dir):
     meta = io.read_json(red_patch / "patch.json")
     assert meta["method"] == "trce" and meta["spec"]["name"] == "shapeworld-red"
     assert meta["spec"]["attribute"] == "color" and meta["spec"]["value"] == "red"
-    assert meta["settings"]["stage"] == "T" and meta["settings"]["eta"] == 0.003  # the spec's default
+    assert meta["settings"]["stage"] == "T" and meta["settings"]["eta"] == 0.01  # the spec's default (the paper's η)
     assert meta["settings"]["token_role"] == "eot"
     for key in ("versions", "git_hash", "date", "seeds", "config", "base"):
         assert key in meta
@@ -60,7 +60,7 @@ def test_generate_with_the_patch(red_patch, tiny_dir, tmp_path, run_cli):
     assert io.read_json(tmp_path / "x.json")["config"]["patch"] == str(red_patch)
 
 
-def test_uce_config_file_and_flag_precedence(tiny_dir, tmp_path, run_cli, cache):
+def test_config_file_and_flag_precedence(tiny_dir, tmp_path, run_cli, cache):
     spec = tmp_path / "cats.yaml"
     spec.write_text(yaml.safe_dump({"name": "cats", "erase": {"target": "a dog", "expressions": ["a cat", "a kitten"]},
                                     "templates": ["a photo of {}"], "preserve": {"prompts": ["a red circle"]}}))
@@ -73,10 +73,11 @@ def test_uce_config_file_and_flag_precedence(tiny_dir, tmp_path, run_cli, cache)
     assert meta["settings"]["eta"] == 0.05 and meta["settings"]["token_role"] == "eot-all"  # flag > file > spec
     assert meta["seeds"] == {"seed": 3} and meta["spec"]["name"] == "cats"
     assert "cats" in out and "tensors" in out
-    code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", spec, "--method", "uce", "--out", tmp_path / "u")
+    code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", spec, "--method", "trce-key", "--out",
+                           tmp_path / "u")
     assert code == 0, err
     meta = io.read_json(tmp_path / "u" / "patch.json")
-    assert meta["method"] == "uce" and meta["settings"]["token_role"] == "key"
+    assert meta["method"] == "trce-key" and meta["settings"]["token_role"] == "key"
     bad = tmp_path / "bad.yaml"
     bad.write_text("concept: cats\nlearning_rate: 3\n")
     assert_one_line_error(*run_cli("erase", "--model", tiny_dir, "--config", bad, "--out", tmp_path / "b")[::2],
@@ -96,10 +97,13 @@ def test_two_concepts_in_one_patch(tiny_dir, tmp_path, run_cli, cache):
 @pytest.mark.parametrize("args, needles", [
     (["--concept", "shapeworld-rde"], ["unknown concept 'shapeworld-rde'", "did you mean 'shapeworld-red'",
                                         "available:", "sexual"]),
-    (["--concept", "shapeworld-red", "--method", "esd-x"], ["unknown method 'esd-x'", "available: advunlearn, esd, kpop, rece, trce, uce"]),
+    (["--concept", "shapeworld-red", "--method", "esd-x"], ["unknown method 'esd-x'", "available: advunlearn, esd, kpop, rece, trce, trce-key, uce"]),
     (["--concept", "shapeworld-red", "--stages", "X"], ["method 'trce' has no stage 'X'"]),
     (["--concept", "shapeworld-red", "--method", "uce", "--stages", "V"], ["method 'uce' has no stage 'V'"]),
-    (["--concept", "shapeworld-red", "--method", "uce", "--token-role", "eot"], ["UCE maps the keyword tokens"]),
+    (["--concept", "shapeworld-red", "--method", "trce-key", "--token-role", "eot"],
+     ["the [KEY] ablation (trce-key) maps the keyword tokens"]),
+    (["--concept", "shapeworld-red", "--method", "uce", "--token-role", "eot"],
+     ["--token-role is a setting of stage T, which method 'uce' does not have"]),
     (["--concept", "shapeworld-red", "--token-role", "eos"], ["unknown token role 'eos'"]),
     (["--concept", "shapeworld-red", "--eta", "-1"], ["--eta must be a number >= 0"]),
     (["--concept", "sexual"], ["pass --data DIR"]),
@@ -202,8 +206,8 @@ def test_real_text_spec_with_shared_coco(tiny_dir, tmp_path, run_cli, cache):
     if not (DATA / "prompts" / "coco_30k.csv").exists():
         pytest.skip("shared data folder absent")
     code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", "nudity", "--method", "uce", "--data", DATA,
-                           "--out", tmp_path / "s")
+                           "--set", "uce.preserve=spec", "--out", tmp_path / "s")
     assert code == 0, err
-    meta = io.read_json(tmp_path / "s" / "patch.json")
-    assert meta["spec"]["name"] == "sexual" and 990 <= meta["info"]["preserve_prompts"] <= 1000
-    assert meta["info"]["pairs"] == 300 and meta["info"]["embeddings"] > 0
+    meta = io.read_json(tmp_path / "s" / "patch.json")  # UCE retains '' and, with preserve=spec, the COCO captions
+    assert meta["spec"]["name"] == "sexual" and 991 <= meta["info"]["retain_texts"] <= 1001
+    assert meta["info"]["texts"] == 300 and meta["info"]["erase_rows"] > 0

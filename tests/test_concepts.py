@@ -234,7 +234,7 @@ def test_hardened_red_spec_erases_the_same_prompts_onto_blue_and_recommends_hard
     assert {p.target for p in b} == {"blue"} and all("blue" in p.safe.lower() for p in b)
     assert preservation_prompts(plain) == preservation_prompts(hard)
     assert (hard.ridge, hard.token_role) == (plain.ridge, plain.token_role)
-    assert (plain.eta, hard.eta) == (0.003, 0.01)  # blue is held off purple by a heavier preservation term
+    assert (plain.eta, hard.eta) == (0.01, 0.0177)  # blue is held off purple by a heavier preservation term
     config = StageVConfig(**hard.settings["V"])
     assert (config.robust, config.robust_prompts, config.lr) == (3, 100, 6e-4)
     assert (config.robust_tokens, config.robust_lr) == (10, 0.03)  # a stronger attacker than the evaluating one

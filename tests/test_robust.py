@@ -1,6 +1,7 @@
 """Hardened stage T (`robust=R`) and RECE: the closed-form adversary is the minimiser of RECE's objective, each
 round adds rows and re-solves with the same prior, hardening pushes the next round's adversaries further from the
-concept, and both run from the CLI and from Python with their settings recorded."""
+concept, and both run from the CLI and from Python with their settings recorded (RECE's parity with its authors'
+code: test_uce_rece_parity.py)."""
 
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ def test_rece_and_robust_from_the_cli(tiny_dir, tmp_path, run_cli, monkeypatch):
                              "--out", tmp_path / "rece")
     assert code == 0, err
     meta = json.loads((tmp_path / "rece" / "patch.json").read_text())
-    assert meta["method"] == "rece" and len(meta["info"]["robust"]["rounds"]) == 3
-    assert meta["settings"]["token_role"] == "key"
+    assert meta["method"] == "rece" and len(meta["info"]["robust"]["rounds"]) == 3  # RECE's --epochs 3
+    assert meta["settings"]["robust"] == 3 and meta["settings"]["reg"] == 0.1  # absolute λ (scripts/nudity.sh)
     code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-red", "--stages", "T",
                            "--robust", "1", "--set", "T.robust_attack=closed-form", "--out", tmp_path / "hard")
     assert code == 0, err

@@ -264,7 +264,7 @@ def test_robust_hardens_both_stages_of_trce():
     assert plan("shapeworld-red", T={"robust": 2}, V={"robust": 0}).configs["V"].robust == 0  # V's own wins
     assert plan("shapeworld-red", V={"robust": "3"}).configs["V"].robust == 3  # as --set V.robust=3 gives it
     assert plan("shapeworld-red").configs["V"].robust == 0
-    assert plan("shapeworld-red", method="uce", T={"robust": 1}).configs["T"].robust == 1  # no V: nothing more
+    assert plan("shapeworld-red", method="trce-key", T={"robust": 1}).configs["T"].robust == 1  # no V: nothing more
 
 
 def test_erase_with_robust_hardens_stage_v(tiny_pipe, tmp_path):

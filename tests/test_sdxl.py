@@ -63,7 +63,9 @@ def test_stage_t_closes_both_doors(tmp_path):
     light = erase(pipe, spec, StageTConfig(eta=0.01, ridge=1e-10), ctx)
     heavy = erase(pipe, spec, StageTConfig(eta=0.01, ridge=1e-10, pooled_eta=10.0), ctx)
     assert all(torch.equal(light.weights[k], heavy.weights[k]) for k in light.weights if k != path)
-    assert heavy.info["pooled"]["eta"] == 10.0 and light.info["pooled"]["eta"] == 0.01
+    # pooled_eta is a weight in trce's unit; without it the pooled path takes the token path's w (η² x tokens/caption)
+    assert heavy.info["pooled"]["preserve_weight"] == 10.0
+    assert light.info["pooled"]["preserve_weight"] == light.settings["preserve_weight"] > 0
     assert (heavy.weights[path] - w).norm() < (light.weights[path] - w).norm() < (new - w).norm()
 
 

@@ -1,4 +1,4 @@
-"""Stage T / UCE: properties of the closed-form edit (Eq. 5) on a tiny random pipeline."""
+"""Stage T and its [KEY] ablation (`trce-key`): properties of the closed-form edit (Eq. 5) on a tiny random pipeline."""
 
 import re
 
@@ -15,7 +15,7 @@ from trce.methods.stage_t import (
     StageTConfig,
     apply_transform,
     erase,
-    erase_uce,
+    erase_trce_key,
     pair_embeddings,
     projection_paths,
     solve_low_rank,
@@ -74,12 +74,15 @@ def test_factored_solve_equals_eq5_per_layer(tiny_pipe, tmp_path):
     prior = preservation_prior(tiny_pipe, PRESERVE, "all", cache=tmp_path / "cache", progress=False)
     n, width = em.shape[0], em.shape[1]
     mm, c = em.T @ em / n, prior.cov
-    lam = ridge * float(torch.trace(mm + eta * c)) / width
+    weight = eta ** 2 * prior.count / prior.prompts  # the paper's η as the authors apply it: η² x tokens per caption
+    assert prior.count == len(PRESERVE) * tiny_pipe.tokenizer.model_max_length  # role all: every position
+    assert edit.settings["preserve_weight"] == pytest.approx(weight) and edit.settings["eta"] == eta
+    lam = ridge * float(torch.trace(mm + weight * c)) / width
     assert edit.settings["lambda"] == pytest.approx(lam)
     for path in projection_paths(tiny_pipe)[:4]:
         w = resolve(tiny_pipe, path).detach().double()
-        lhs = w @ es.T @ em / n + eta * w @ c + lam * w  # Σ W e_s e_mᵀ/n + η W C + λW
-        rhs = mm + eta * c + lam * torch.eye(width, dtype=torch.float64)
+        lhs = w @ es.T @ em / n + weight * w @ c + lam * w  # Σ W e_s e_mᵀ/n + w W C + λW
+        rhs = mm + weight * c + lam * torch.eye(width, dtype=torch.float64)
         direct = torch.linalg.solve(rhs.T, lhs.T).T  # lhs · rhs⁻¹
         assert torch.allclose(edit.weights[path].double(), direct, rtol=1e-4, atol=1e-6)
 
@@ -171,15 +174,15 @@ def test_multi_concept_is_one_solve_over_all_pairs(tiny_pipe, tmp_path):
         erase(tiny_pipe, [a, _spec("other", eta=0.5)], *_config(tmp_path))
 
 
-def test_uce_maps_keyword_tokens(tiny_pipe, tmp_path):
+def test_the_key_ablation_maps_keyword_tokens(tiny_pipe, tmp_path):
     spec = _spec()
-    edit = erase_uce(tiny_pipe, spec, *_config(tmp_path, eta=0.0, ridge=1e-12))
-    assert edit.method == "uce" and edit.settings["token_role"] == "key"
+    edit = erase_trce_key(tiny_pipe, spec, *_config(tmp_path, eta=0.0, ridge=1e-12))
+    assert edit.method == "trce-key" and edit.settings["token_role"] == "key"
     em, es, _ = pair_embeddings(tiny_pipe, spec.pairs(), "key", progress=False)
     assert edit.info["embeddings"] == em.shape[0] > len(spec.pairs())  # every token of each expression
     assert _projection_gap(tiny_pipe, edit, em, es) < 1e-3
-    with pytest.raises(TrceError, match="UCE maps the keyword tokens"):
-        erase_uce(tiny_pipe, spec, *_config(tmp_path, token_role="eot"))
+    with pytest.raises(TrceError, match=r"the \[KEY\] ablation \(trce-key\) maps the keyword tokens"):
+        erase_trce_key(tiny_pipe, spec, *_config(tmp_path, token_role="eot"))
 
 
 def test_token_role_combinations_map_each_part(tiny_pipe, tmp_path):
@@ -219,8 +222,8 @@ def test_method_registry_and_stages(tiny_pipe, tmp_path):
     assert trce.parse_stages("V,T") == ("T", "V")  # run in the method's order
     with pytest.raises(TrceError, match="has no stage 'X'"):
         trce.parse_stages("T,X")
-    edit = erase_method(tiny_pipe, _spec(), "uce", cache=tmp_path / "cache", progress=False)
-    assert edit.method == "uce"
+    edit = erase_method(tiny_pipe, _spec(), "trce-key", cache=tmp_path / "cache", progress=False)
+    assert edit.method == "trce-key"
     edit = erase_method(tiny_pipe, _spec(), "trce", "T", cache=tmp_path / "cache", progress=False)
     assert edit.method == "trce" and edit.settings["stage"] == "T"
 

@@ -26,7 +26,7 @@ CONCEPT = "shapeworld-red"
 SUITE = "shapeworld-red"
 # name -> (method, stages)
 METHODS: dict[str, tuple[str, str | None]] = {
-    "uce": ("uce", "T"),
+    "uce": ("uce", None),  # UCE as its authors compute it (trce.methods.uce)
     "trce-T": ("trce", "T"),
     "trce-T+V": ("trce", "T,V"),
     "kpop": ("kpop", None),

@@ -14,7 +14,7 @@ A stage function has one signature for every method:
 the frozen original model when an earlier stage already edited the pipeline). Settings sections
 are keyed by stage name: a spec's `settings: {V: {...}, kpop: {...}}`, `trce.erase(..., V={...})`
 and `trce erase --set V.lr=...` all name the stage whose config they fill. Two methods may share a
-stage name only with the same config class (TRCE's and UCE's stage T).
+stage name only with the same config class (TRCE's stage T and its [KEY] ablation's, `trce-key`).
 
 Adding a method: write its module (stage functions and config dataclasses) and add one entry to
 `METHODS` below, or call `register(Method(...))` from your own code.
@@ -168,15 +168,25 @@ register(Method(
 ))
 register(Method(
     name="uce", display="UCE",
-    description="UCE-style baseline: the same closed-form edit on the keyword tokens (token role 'key')",
-    stages=(Stage("T", "trce.methods.stage_t:run_uce", _T, "closed-form edit at the keyword tokens"),),
+    description="UCE (Gandikota et al. 2024) as its authors' train_erase.py computes it: the last content token and "
+                "every later position of each concept prompt mapped onto its target's, '' (and any preserve "
+                "concepts) retained over every position, lambda 0.5 towards the original weights",
+    stages=(Stage("uce", "trce.methods.uce:run_uce", "trce.methods.uce:UCEConfig",
+                  "UCE's closed-form edit of the text projections (train_erase.py edit_model)"),),
+))
+register(Method(
+    name="trce-key", display="TRCE [KEY] (Table 4 ablation)",
+    description="TRCE's [KEY]-token ablation (paper Table 4): stage T's closed form (prior, eta, relative ridge) on the "
+                "keyword tokens (token role 'key') instead of [EoT]; not UCE",
+    stages=(Stage("T", "trce.methods.stage_t:run_trce_key", _T, "closed-form edit at the keyword tokens"),),
 ))
 register(Method(
     name="rece", display="RECE",
-    description="RECE baseline (Gong et al. 2024): UCE re-solved round after round with closed-form adversarial "
-                "embeddings found against the edited model",
-    stages=(Stage("rece", "trce.methods.stage_t:run_rece", "trce.methods.stage_t:RECEConfig",
-                  "UCE's closed form iterated with closed-form adversaries (RECE Eq. 8)"),),
+    description="RECE (Gong et al. 2024) as its authors' train.py computes it: UCE, then rounds of closed-form "
+                "adversarial embeddings (every position of the concept prompt, absolute lambda) mapped onto every "
+                "position of the target (' ' in the authors' recipe), each re-solved on top of the previous round",
+    stages=(Stage("rece", "trce.methods.uce:run_rece", "trce.methods.uce:RECEConfig",
+                  "UCE, then RECE's closed-form adversaries and re-solves (train.py)"),),
 ))
 register(Method(
     name="kpop", display="KPOP",

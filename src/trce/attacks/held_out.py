@@ -3,7 +3,7 @@
 A patch is *hardened* when its making attacked the model on prompts of its own spec and trained (or re-solved)
 against what it found:
 
-- stage T / UCE / RECE with `robust` > 0 (`trce erase --robust R`, RECE's rounds; `trce.methods.robust`): its
+- stage T / trce-key / RECE with `robust` > 0 (`trce erase --robust R`, RECE's rounds; `trce.methods.robust`, `.uce`): its
   closed-form adversaries start from the erase rows of EVERY malicious prompt of the spec, its soft prompts
   attack a seeded subset of them (`robust_prompts` per round); any other stage whose settings record
   `robust` > 0 counts the same way;

@@ -31,7 +31,7 @@ def register(sub) -> None:
         "Erase a concept from a model and write the edit as a patch folder.",
         "  trce erase --concept shapeworld-red --out runs/red                 # TRCE, stage T then stage V\n"
         "  trce erase --concept shapeworld-red --stages T --out runs/red-t    # the closed-form edit alone\n"
-        "  trce erase --concept shapeworld-red --method uce --out runs/red-uce  # the UCE-style baseline\n"
+        "  trce erase --concept shapeworld-red --method uce --out runs/red-uce  # UCE, as its authors compute it\n"
         "  trce erase --model CompVis/stable-diffusion-v1-4 --concept sexual --data ../shared/data --out runs/nsfw\n"
         "  trce erase --concept my-concept.yaml --eta 0.05 --token-role eot-all --stages T --out runs/mine\n"
         "  trce erase --concept shapeworld-red --concept shapeworld-star --out runs/two   # one solve for both\n"
@@ -49,17 +49,17 @@ def register(sub) -> None:
                    help="stages of --method, e.g. T, V or T,V for trce (default: the method's own)")
     p.add_argument("--out", required=True, help="patch folder to write (replaced atomically)")
     p.add_argument("--eta", type=float, default=argparse.SUPPRESS,
-                   help="stage T: weight of the preservation term (default: the spec's)")
+                   help="stage T: the paper's η, weight of the preservation term as the authors apply it (default: the spec's)")
     p.add_argument("--ridge", type=float, default=argparse.SUPPRESS,
                    help="stage T: relative ridge of the solve (default: the spec's)")
     p.add_argument("--token-role", default=argparse.SUPPRESS,
-                   help="stage T: eot, eot-all, key, sot or a '+' combination (default: the spec's; uce uses key)")
+                   help="stage T: eot, eot-all, key, sot or a '+' combination (default: the spec's; trce-key uses key)")
     p.add_argument("--preserve-role", default=argparse.SUPPRESS,
                    help="stage T: token positions of the preservation prompts: all (default), eot, eot-all, sot, "
                         "a '+' combination, or same (the mapped role without key)")
     p.add_argument("--robust", type=int, default=argparse.SUPPRESS, metavar="R",
                    help="harden against attacks: stage T takes R rounds of adversaries found against the edited model, "
-                        "then a re-solve (trce, uce; rece hardens by default); trce's stage V then trains on R "
+                        "then a re-solve (trce, trce-key; rece: its rounds, 3 by default); trce's stage V then trains on R "
                         "rounds of soft-prompt adversaries found against the model it is training (unless the "
                         "config sets V.robust)")
     p.add_argument("--config", default=argparse.SUPPRESS,

@@ -40,9 +40,9 @@ do: each outer iteration draws `batch_size` erase prompts and their (z_t, t), th
 The first `warmup` iterations skip step 1 and train on the plain c_e (ESD plus the utility term), as the released
 code does (200 of 1000). `attack_steps: 0` is that without an end: ESD on the chosen module with the utility term.
 Published settings (the defaults): lr 1e-5, 1000 iterations, 30 attack steps with Adam at 1e-3, prefix attack,
-utility weight 0.3 with retain batch 5, eta 1, ESD's sampling (50 DDIM steps, guidance 3). The prefix length k is
-5 here (`attack_tokens`, UnlearnDiffAtk's prefix length, the attack AdvUnlearn defends against; the released
-script's default is 1).
+utility weight 0.3 with retain batch 5, eta 1, ESD's sampling (50 DDIM steps, guidance 3), and a prefix of k = 1
+token (`attack_tokens`: the released script's `adv_prompt_num` default, which its published command keeps; 5 is
+UnlearnDiffAtk's prefix length, a variant to set by hand).
 
 Which module (`module`). The paper's key finding: optimise the TEXT ENCODER (the default). Adversarial training of
 the UNet erases robustly but costs image quality much more, while the text encoder trained so keeps utility and
@@ -64,6 +64,15 @@ transformers gives it: `text_encoder.encoder.layers.0.mlp.fc1.weight`, `text_enc
 apply, revert, `trce eval --patch` and `trce attack --patch` work as for any patch. Training runs in fp32 with the
 pipeline restored bit for bit; checkpoints resume a killed run (`trce.methods.training.Checkpoints`); a non-finite
 loss stops training naming the step.
+
+Reference: OPTML-Group/AdvUnlearn at 9d231249 (train-scripts/AdvUnlearn.py with its README command, utils/
+attack_util.py, utils/get_loss.py, utils/util.py). Documented differences (docs/fidelity.md): the prefix length (5,
+the script's default 1); the attack's Adam clears its gradient every step (the reference never calls
+`attack_opt.zero_grad()`, so its steps use the running sum of every gradient so far); delta_0 from real tokens
+(the reference: any id); the outer step reuses the iteration's (z_t, t), the attack's first (the reference draws
+fresh ones); the prompt's tokens are all kept after the prefix (the reference splits the ids by the prompt's WORD
+count and drops k tokens after them); z_t is paired with its own timestep (as in ESD, `trce.methods.esd`).
+`tests/test_esd_advunlearn_parity.py` checks the targets and the trained set against the reference's.
 """
 
 from __future__ import annotations
@@ -118,7 +127,7 @@ class AdvUnlearnConfig:
     negative_guidance: float = 1.0  # eta of ESD's target
     neutral_prompt: str = ""  # c_n
     attack_steps: int = 30  # inner Adam steps per outer iteration (0: no adversary)
-    attack_tokens: int = 5  # k, the adversarial prefix length
+    attack_tokens: int = 1  # k, the adversarial prefix length (the released script's adv_prompt_num default)
     attack_lr: float = 1e-3  # Adam on delta
     attack_init: AttackInit = "random"  # delta_0: random tokens' embeddings, or the last iteration's delta
     attack_latents: AttackLatents = "fresh"  # each attack step on fresh (z_t, t), or all on the iteration's own

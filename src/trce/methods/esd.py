@@ -11,6 +11,15 @@ names them: ESD-x trains cross-attention (`cross-attn`: objects, styles), ESD-u 
 their machinery (`trce.methods.training`): the noisy latents z_t (`current`: denoised by the current model, ESD's
 recipe; `cached`: trajectories of the original model), the frozen original outputs through
 `torch.func.functional_call`, fp32 training with the pipeline restored bit for bit, and resumable checkpoints.
+
+Reference: rohitgandikota/erasing `train-scripts/train-esd.py` (the script the paper ran; last at 6eb7dc8f, removed
+by 414dc94 for the diffusers `esd_sd.py`): its defaults (1000 iterations, lr 1e-5, negative guidance 1, start
+guidance 3, 50 DDIM steps, batch 1), its parameter filters (`xattn`: every `attn2` parameter; `noxattn`: all but
+`attn2`, `time_embed` and the output layers `out.`) and its latents (denoised by the model being trained). One
+documented difference (docs/fidelity.md): z_t after k of the DDIM steps is paired with the timestep of step k,
+as `esd_sd.py` does; train-esd.py queries the UNet at a DDPM timestep drawn from [20k', 20k'+20) for a latent
+about two DDIM steps less noisy (its `till_T` stops after step k'-1). `tests/test_esd_advunlearn_parity.py`
+checks the target and the parameter sets against the reference's, computed independently.
 """
 
 from __future__ import annotations
@@ -48,7 +57,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ESDConfig:
-    """Every ESD setting; recorded in the patch's `settings`. Defaults: the paper's (ESD-x, 1000 steps, lr 1e-5)."""
+    """Every ESD setting; recorded in the patch's `settings`. Defaults: train-esd.py's (1000 steps, lr 1e-5,
+    negative guidance 1, sample guidance 3, 50 DDIM steps); the group ESD-x (the script has no default)."""
 
     iterations: int = 1000
     lr: float = 1e-5

@@ -150,7 +150,7 @@ def stream_states(pipe, prompts: Sequence[str], inputs: Sequence[TextInput], pts
 def solve_layerwise(pipe, pairs, prompts, parts, preserve_parts, eta: float, ridge: float, points: int, seed: int,
                     batch_size: int, progress: bool):
     """{group name: (T, LowRank | None, diagnostics)} and the stream inputs, for every joint block (module doc)."""
-    from trce.methods.stage_t import diagnostics, pair_index, solve_low_rank, solve_transform
+    from trce.methods.stage_t import diagnostics, pair_index, preserve_weight, solve_low_rank, solve_transform
 
     fam = family_of(pipe)
     tok = fam.tokenizer(pipe)
@@ -178,8 +178,10 @@ def solve_layerwise(pipe, pairs, prompts, parts, preserve_parts, eta: float, rid
         es = rows[take_s].reshape(-1, width) if rows is not None else torch.zeros(0, width, dtype=torch.float64)
         total, count = sums[inp.name]
         cov = total / count if count else torch.zeros(width, width, dtype=torch.float64)
-        t, diag = solve_transform(em, es, cov, eta, ridge)
-        solved[inp.name] = (t, solve_low_rank(em, es, cov, eta, ridge), diag | diagnostics(t, em, es, cov),
+        # the paper's η as stage T applies it: η² x the prior's rows per caption (and per (z_t, t) point)
+        weight = preserve_weight(eta, count, len(prompts) * len(pts))
+        t, diag = solve_transform(em, es, cov, weight, ridge)
+        solved[inp.name] = (t, solve_low_rank(em, es, cov, weight, ridge), diag | diagnostics(t, em, es, cov),
                             int(em.shape[0]))
     return inputs, solved, dropped
 

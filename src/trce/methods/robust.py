@@ -18,8 +18,9 @@ still find a state e that the edited layers read as the concept. Hardening runs 
 Adversarial inputs are found on prompts of the spec only (never an evaluation suite's), with seeds of their own.
 The soft-prompt attack (`soft_attack`, `reference_latents_for`) also hardens stage V (`trce.methods.stage_v`), which
 trains on the full conditioning of [prefix; prompt] rather than on its [EoT] row.
-RECE (`--method rece`) is the same loop around UCE (key rows) with closed-form adversaries only, its published
-recipe. The pooled path (SDXL, SD3, FLUX) is solved once, as without hardening: the attacks here act on token
+RECE itself (`--method rece`) is `trce.methods.uce`: UCE, then RECE's adversaries over every position of the concept
+prompt with an absolute λ, as its authors' code computes them. The loop here around the [KEY] ablation (`trce-key`,
+`robust=3, robust_attack=closed-form`) is what trce called RECE before: keyword rows, relative λ. The pooled path (SDXL, SD3, FLUX) is solved once, as without hardening: the attacks here act on token
 states.
 """
 

@@ -1,21 +1,28 @@
-"""TRCE stage T (paper Sec. 4.1, Eq. 4-5) and the UCE-style baseline: a closed-form edit of every linear
-layer that carries text into the denoiser (the model family names them: on SD every cross-attention key
-and value projection, `attn2.to_k`, `attn2.to_v`).
+"""TRCE stage T (paper Sec. 4.1, Eq. 4-5) and its [KEY] ablation (Table 4, method `trce-key`): a closed-form
+edit of every linear layer that carries text into the denoiser (the model family names them: on SD every
+cross-attention key and value projection, `attn2.to_k`, `attn2.to_v`).
 
-For each such W, with the sums normalised by their counts (App. C.1), η weighting the
+For each such W, with the erase sums normalised by their count (App. C.1), w weighting the
 preservation prior C = Σ e_k e_kᵀ / n_k (see `trce.methods.prior`) and a ridge λ:
 
-    W' = (Σ W e_s e_mᵀ/n_m + η W C + λ W) (Σ e_m e_mᵀ/n_m + η C + λ I)⁻¹            (Eq. 5)
+    W' = (Σ W e_s e_mᵀ/n_m + w W C + λ W) (Σ e_m e_mᵀ/n_m + w C + λ I)⁻¹            (Eq. 5)
+
+η is the paper's η as the authors' code applies it (`preserve_weight`): their prior is the sum over each COCO
+caption's 77 tokens, added as η·(η·Σ)/3e4 (ddgoodgood/TRCE `run_trce_stage1.py` multiplies the cache by
+`preserve_scale`, `cfr_utils.closed_form_refinement` again and divides by 3e4, the caption count), so per token of
+the mean-normalised C the weight is w = η² · (prior tokens per caption): 77·η² on SD at role `all`. The paper's
+Table 3 sweep (η 0.002-0.02) therefore runs unchanged.
 
 Every term of the first factor is W times a matrix that does not depend on the layer, so
-W' = W·T with T = B M⁻¹, B = Σ e_s e_mᵀ/n_m + ηC + λI and M = Σ e_m e_mᵀ/n_m + ηC + λI: one
+W' = W·T with T = B M⁻¹, B = Σ e_s e_mᵀ/n_m + wC + λI and M = Σ e_m e_mᵀ/n_m + wC + λI: one
 D x D solve (float64, `torch.linalg.solve`) serves all layers, and each layer costs one product.
 B − M = Σ (e_s − e_m) e_mᵀ/n_m has rank ≤ n_m, so T = I + u·vt and with few rows the product is two thin ones
 (`LowRank`): on sdxl-arch's 140 projections at D = 2048 and 300 rows, 11.5 s instead of 22.2 s on one CPU core.
 
 e_m / e_s are the malicious / safe embeddings at the spec's token role (`eot` for TRCE, the
-paper's choice; `key` for UCE, the keyword tokens). The ridge is relative: λ = ridge · tr(Σ e_m e_mᵀ/n_m
-+ ηC) / D, so one default suits text encoders of any scale; the absolute λ is recorded.
+paper's choice; `key` for the [KEY] ablation, the keyword tokens; UCE itself is `trce.methods.uce`). The ridge is
+relative: λ = ridge · tr(Σ e_m e_mᵀ/n_m + wC) / D, so one default suits text encoders of any scale; the absolute λ
+is recorded.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StageTConfig:
-    """Stage T's settings (a spec's `settings: {T: ...}`); None takes the spec's own eta / ridge / token_role."""
+    """Stage T's settings (a spec's `settings: {T: ...}`); None takes the spec's own eta / ridge / token_role.
+    `eta` is the paper's η (see `preserve_weight`)."""
 
     eta: float | None = None
     ridge: float | None = None
@@ -57,8 +65,9 @@ class StageTConfig:
     preserve_role: str = "all"  # a role over the preservation prompts, or "same" (the mapped role minus key)
     batch_size: int = 64
     pooled: bool = True  # also map the pooled text path where the family has one (SDXL); False: the ablation
-    # the pooled path's own preservation weight (None: eta). On a DiT the pooled vector modulates every block, so
-    # its edit moves the other concepts more than the token edit does and wants a larger weight
+    # the pooled path's own preservation weight w on its mean-normalised prior (trce's unit: the paper has no pooled
+    # path; None: the token path's w). On a DiT the pooled vector modulates every block, so its edit moves the other
+    # concepts more than the token edit does and wants a larger weight
     pooled_eta: float | None = None
     # the layer-wise variant (joint-attention families, trce.methods.layerwise): each joint block's text keys and
     # values mapped on the text stream's own states, instead of the context embedder
@@ -122,28 +131,14 @@ def run_trce(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, context: 
     return _erase(pipe, specs, config, "trce", context)
 
 
-def run_uce(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, context: Context) -> Edit:
-    """The UCE-style baseline: the same solve on the expression's own tokens (token role `key`)."""
+def run_trce_key(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, context: Context) -> Edit:
+    """TRCE's [KEY] ablation (paper Table 4; method `trce-key`): the same solve on the expression's own tokens (token
+    role `key`), with TRCE's prior and ridge. Not UCE: `trce.methods.uce` is UCE as its authors compute it. Hardened
+    with `robust=3, robust_attack=closed-form` it is what trce called RECE before (keyword rows, relative λ)."""
     if config.token_role not in (None, "key"):
-        raise TrceError(f"UCE maps the keyword tokens (token role 'key'), not {config.token_role!r}; "
-                        "use method trce for other token roles")
-    return _erase(pipe, specs, replace(config, token_role="key"), "uce", context)
-
-
-@dataclass(frozen=True)
-class RECEConfig(StageTConfig):
-    """RECE (Gong et al., ECCV 2024): UCE's closed form re-solved with closed-form adversarial embeddings, round
-    after round (its published recipe: keyword rows, closed-form adversaries only)."""
-
-    robust: int = 3
-    robust_attack: str = "closed-form"
-
-
-def run_rece(pipe, specs: Sequence[ConceptSpec], config: RECEConfig, context: Context) -> Edit:
-    """RECE (the registry's stage function): UCE (token role `key`) hardened by closed-form adversaries."""
-    if config.token_role not in (None, "key"):
-        raise TrceError(f"RECE maps the keyword tokens (token role 'key'), not {config.token_role!r}")
-    return _erase(pipe, specs, replace(config, token_role="key"), "rece", context)
+        raise TrceError(f"the [KEY] ablation (trce-key) maps the keyword tokens (token role 'key'), not "
+                        f"{config.token_role!r}; use method trce for other token roles")
+    return _erase(pipe, specs, replace(config, token_role="key"), "trce-key", context)
 
 
 def erase(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig | None = None,
@@ -152,10 +147,10 @@ def erase(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig 
     return run_trce(pipe, as_specs(spec), config or StageTConfig(), context or Context())
 
 
-def erase_uce(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig | None = None,
-              context: Context | None = None) -> Edit:
-    """UCE on one spec or several (see `run_uce`)."""
-    return run_uce(pipe, as_specs(spec), config or StageTConfig(), context or Context())
+def erase_trce_key(pipe, spec: ConceptSpec | Sequence[ConceptSpec], config: StageTConfig | None = None,
+                   context: Context | None = None) -> Edit:
+    """TRCE's [KEY] ablation on one spec or several (see `run_trce_key`)."""
+    return run_trce_key(pipe, as_specs(spec), config or StageTConfig(), context or Context())
 
 
 # --------------------------------------------------------------------------- the solve
@@ -188,6 +183,12 @@ def _system(em: torch.Tensor, es: torch.Tensor, cov: torch.Tensor, eta: float, r
     a = mm + eta * cov
     lam = ridge * float(torch.trace(a)) / width
     return a + lam * eye, sm + eta * cov + lam * eye, lam
+
+
+def preserve_weight(eta: float, tokens: int, captions: int) -> float:
+    """w of Eq. 5 from the paper's η, as the authors' code applies it (module doc): η² times the prior's tokens per
+    caption (`tokens` summed over `captions`); 0 without a prior."""
+    return float(eta) ** 2 * tokens / captions if captions else 0.0
 
 
 def solve_transform(em: torch.Tensor, es: torch.Tensor, cov: torch.Tensor, eta: float, ridge: float,
@@ -416,11 +417,12 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
     if em.shape[0] == 0:
         log.warning("stage T: %s has no embeddings to map; the edit changes nothing", "+".join(s.name for s in specs))
     solved, factors = {}, {}
-    prior = diag = None  # the layer-wise variant leaves the token input's layer as it is: no prior, no solve for it
+    prior = diag = weight = None  # the layer-wise variant leaves the token input's layer as it is: no prior, no solve
     if not config.layerwise:
         prior = preservation_prior(pipe, prompts, preserve_role, base["id"], context.cache_dir, context.use_cache,
                                    config.batch_size, context.progress)
-        t, diag = solve_transform(em, es, prior.cov, eta, ridge)
+        weight = preserve_weight(eta, prior.count, prior.prompts)
+        t, diag = solve_transform(em, es, prior.cov, weight, ridge)
     t3 = time.perf_counter()
     token_input = next(inp for inp in inputs if inp.name == "tokens")
     robust_info = None
@@ -432,23 +434,23 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
                                  for p in token_input.paths}, method=method)
 
         t, robust_info = harden(pipe, pairs=pairs, em=em, es=es, row_pair=row_pair, cov=prior.cov, t=t,
-                                solve=lambda a, b: solve_transform(a, b, prior.cov, eta, ridge), make_edit=token_edit,
+                                solve=lambda a, b: solve_transform(a, b, prior.cov, weight, ridge), make_edit=token_edit,
                                 config=config, paths=token_input.paths, seed=context.seed, progress=context.progress)
         diag = diag | diagnostics(t, em, es, prior.cov)  # the hardened T on the spec's own rows
     if not config.layerwise:
         solved["tokens"] = t
         # the layer products through T's low-rank factors (the hardened T is no longer I + rank n: dense)
-        factors["tokens"] = None if robust_info is not None else solve_low_rank(em, es, prior.cov, eta, ridge)
+        factors["tokens"] = None if robust_info is not None else solve_low_rank(em, es, prior.cov, weight, ridge)
     pooled_info = None
     if with_pooled:
         # the pooled path (SDXL's pooled CLIP embedding): the same closed form on one vector per prompt
         pm, ps = pooled_pairs
         pprior = preservation_prior(pipe, prompts, "all", base["id"], context.cache_dir, context.use_cache,
                                     config.batch_size, context.progress, text_input="pooled")
-        peta = eta if config.pooled_eta is None else float(config.pooled_eta)
+        peta = weight if config.pooled_eta is None else float(config.pooled_eta)
         solved["pooled"], pdiag = solve_transform(pm, ps, pprior.cov, peta, ridge)
         factors["pooled"] = solve_low_rank(pm, ps, pprior.cov, peta, ridge)
-        pooled_info = {"embeddings": int(pm.shape[0]), "eta": peta, "prior_cache": pprior.key, "prior_cached": pprior.cached,
+        pooled_info = {"embeddings": int(pm.shape[0]), "preserve_weight": peta, "prior_cache": pprior.key, "prior_cached": pprior.cached,
                        **{k: pdiag[k] for k in ("condition", "erase_residual", "preserve_drift", "lambda")}}
     layer_info = None
     if config.layerwise:
@@ -471,7 +473,8 @@ def _erase(pipe, specs: Sequence[ConceptSpec], config: StageTConfig, method: str
 
     record = spec_record(specs)
     settings = {
-        "stage": "T", "eta": eta, "ridge": ridge, "lambda": None if diag is None else diag["lambda"], "token_role": role,
+        "stage": "T", "eta": eta, "preserve_weight": weight, "ridge": ridge,
+        "lambda": None if diag is None else diag["lambda"], "token_role": role,
         "preserve_role": preserve_role, "key_alignment": "last target token", "dtype": "float64",
     }
     if config.layerwise:

@@ -161,7 +161,9 @@ class StageVConfig:
     n_uncond: int = 2000  # unconditional points for Eq. 9, cached once per base model
     ddim_steps: int = 50  # DDIM steps of the cached trajectories
     keep_fraction: float = 0.5  # the noisy first part of the trajectory used for Eq. 8 (steps 0-24 of 50)
-    sample_guidance: float = 7.5  # classifier-free guidance of the cached sampling (SD's sampler setting)
+    # classifier-free guidance of the cached concept trajectories: the authors' 3 (ddgoodgood/TRCE
+    # `stage2_data_preparation.py`, gen_image(guidance_scale=3)); the unconditional ones read "" either way
+    sample_guidance: float = 3.0
     batch_size: int = 1  # concept samples per process and micro-batch
     preserve_batch: int = 4  # unconditional points per concept sample (the official code uses 4)
     grad_accum: int = 1  # micro-batches per optimizer step
