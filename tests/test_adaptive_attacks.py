@@ -63,9 +63,9 @@ def test_restart_zero_is_the_search_without_restarts_and_streams_are_apart():
     held = dataclasses.replace(config, stream=base.HELD_OUT_STREAM)
     seeds |= {base.target_seed(held, dataclasses.replace(target, restart=r)) for r in range(4)}
     assert len(seeds) == 8  # four restarts, each in both streams: all apart
-    # the digest of restarts=1 is the one written before restarts existed: old result lines are reused
+    # the digest of restarts=1 (and no preset) is the one written before restarts existed: old lines are reused
     key = {"attack": "mma-text", "budget": {k: v for k, v in dataclasses.asdict(mma_text.Budget()).items()
-                                            if k != "restarts"},
+                                            if k not in ("restarts", "preset")},
            "seed": 7, "banned": [], "pairs": [], "size": None}
     assert config.digest("mma-text") == hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     assert config.digest("mma-text") != dataclasses.replace(config, budget=mma_text.Budget(restarts=2)).digest("x")

@@ -19,14 +19,14 @@ TARGETS = ["a red circle on a black background", "a photo of a striped crimson s
 TINY = {
     "ring-a-bell": {"tokens": 4, "population": 8, "generations": 3, "elite": 2},
     "mma-text": {"tokens": 4, "steps": 3, "topk": 8, "candidates": 8},
-    "unlearndiff": {"tokens": 3, "steps": 3, "samples": 2, "reference_steps": 2},
+    "unlearndiff": {"preset": "fast", "tokens": 3, "steps": 3, "samples": 2, "reference_steps": 2},
     "soft-prompt": {"tokens": 3, "steps": 3, "samples": 2, "reference_steps": 2},
 }
 
 
 def _config(name, results=None, **over):
     mod = get_attack(name)
-    return B.AttackConfig(budget=mod.Budget(**{**TINY[name], **over}), banned=RED,
+    return B.AttackConfig(budget=B.make_budget(mod.Budget, {**TINY[name], **over}, name), banned=RED,
                           pairs=tuple(ring_a_bell.shapeworld_pairs("color", ["red"], n=8)), results=results)
 
 

@@ -18,7 +18,8 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUDGETS = {
     "ring-a-bell": ["tokens=4", "population=6", "generations=2", "elite=1"],
     "mma-text": ["tokens=3", "steps=2", "topk=4", "candidates=4"],
-    "unlearndiff": ["tokens=2", "steps=2", "samples=1", "reference_steps=1"],
+    "unlearndiff": ["tokens=2", "preset=fast", "steps=2", "samples=1", "reference_steps=1"],  # faithful loop:
+    # tests/test_unlearndiff_faithful.py
     "soft-prompt": ["tokens=2", "steps=2", "samples=1", "reference_steps=1"],
 }
 

@@ -98,7 +98,7 @@ def test_erase_eval_attack_and_report_end_to_end_on_the_cli(flux_dir, tmp_path, 
     assert code == 0, err
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 9
     for attack, budget in (("ring-a-bell", ["generations=2", "population=4", "elite=2"]),
-                           ("unlearndiff", ["steps=1", "samples=2"]), ("soft-prompt", ["steps=1", "samples=2"]),
+                           ("unlearndiff", ["steps=1", "samples=2", "blocks=1"]), ("soft-prompt", ["steps=1", "samples=2"]),
                            ("mma-text", ["steps=1", "candidates=4"])):
         code, _, err = run_cli("attack", "--model", flux_dir, "--patch", tmp_path / "uce", "--suite", "shapeworld-red",
                                "--attack", attack, "--limit", 1, "--steps", 2, "--no-progress", "--budget", *budget,

@@ -476,6 +476,24 @@ def _attack_run(folder: Path, patch, method, name: str, asr_after: float, n: int
     return folder
 
 
+def test_a_preset_attack_run_is_labelled_and_kept_apart(runs, tmp_path):
+    """`--budget preset=fast` runs are a column of their own, "unlearndiff (fast preset)", in every table."""
+    faithful = _attack_run(tmp_path / "a-ud", "/patches/red-uce", "uce", "unlearndiff", 0.5)
+    fast = _attack_run(tmp_path / "a-ud-fast", "/patches/red-uce", "uce", "unlearndiff", 0.25)
+    m = json.loads((fast / "metrics.json").read_text())
+    m["attack"].update({"display": "unlearndiff (fast preset)", "budget": {"preset": "fast"}})
+    (fast / "metrics.json").write_text(json.dumps(m))
+    report = build_report([runs["uce"], faithful, fast])
+    table = json.loads(json.dumps(report))["robustness"]
+    assert [c["key"] for c in table["columns"]][1:3] == ["attack.unlearndiff", "attack.unlearndiff (fast preset)"]
+    (row,) = table["rows"]
+    assert row["cells"]["attack.unlearndiff"]["value"] == 0.5
+    assert row["cells"]["attack.unlearndiff (fast preset)"]["value"] == 0.25 and not table["notes"]
+    labels = [a["run_label"] for a in report["attacks"]]
+    assert labels == ["UCE + unlearndiff", "UCE + unlearndiff (fast preset)"]
+    assert "unlearndiff (fast preset)" in render_markdown(report) and "unlearndiff (fast preset)" in render_html(report)
+
+
 def test_robustness_table_joins_eval_and_attack_runs(runs, tmp_path):
     patch = tmp_path / "red-trce-robust"
     patch.mkdir()

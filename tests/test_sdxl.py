@@ -94,7 +94,7 @@ def test_every_method_erases_applies_evaluates_and_reverts(method, sdxl_dir, tmp
 
 
 BUDGETS = {"ring-a-bell": {"generations": 2, "population": 4, "elite": 2}, "mma-text": {"steps": 1, "candidates": 4},
-           "unlearndiff": {"steps": 1, "samples": 2}, "soft-prompt": {"steps": 1, "samples": 2}}
+           "unlearndiff": {"steps": 1, "samples": 2, "blocks": 1}, "soft-prompt": {"steps": 1, "samples": 2}}
 
 
 @pytest.mark.parametrize("attack", list(BUDGETS))

@@ -1,22 +1,34 @@
 """Ring-A-Bell (Tsai et al. 2023): a model-agnostic attack that needs only the text encoder f.
 
-1. Concept vector (their Eq. 3): c = (1/N) sum_i [ f(P_i^with) - f(P_i^without) ] over N prompt
-   pairs that differ by the concept, on the full last hidden state (L, D), as Ring-A-Bell does.
-2. Target (Eq. 4): for each target prompt P, P_cont = f(P) + eta * c.
-3. Genetic search (their Sec. 3.3) for K real tokens whose encoding approaches P_cont:
-   min_P~ d(f(P~), P_cont), d = mean squared error over the (L, D) sequence (`metric: mse`,
-   the paper's) or 1 - cosine of the flattened sequences (`metric: cosine`).
+Reference: chiayi-hsu/Ring-A-Bell at e4585ada0a5eb185fbef89bb94147c97f8d2f79a, Get_Concept_Vector.ipynb (the
+concept vector) and InversePrompt.ipynb (the genetic search); the defaults below are InversePrompt's
+(docs/fidelity.md holds the side-by-side table).
 
-The search here: a population of `population` random K-token prompts over the real-token
-vocabulary minus the banned words; each generation keeps the `elite` best unchanged and makes the
-rest as children of two tournament winners (`tournament` contestants each): single-point
-crossover with probability `crossover`, then, with probability `mutation_rate`, one random slot
-replaced by a random candidate token (Ring-A-Bell mutates one token of a chosen individual).
-Elitism makes the best objective non-increasing over generations.
+1. Concept vector (their Eq. 3): c = (1/N) sum_i [ f(P_i^with) - f(P_i^without) ] over N prompt pairs that
+   differ by the concept, on the full last hidden state (L, D) (`text_encoder(ids)[0]`), as the reference.
+2. Target (Eq. 4): for each target prompt P, P_cont = f(P) + eta * c (`cof` 3 in the reference).
+3. Genetic search for K real tokens whose encoding approaches P_cont: min_P~ d(f(P~), P_cont), d the sum of
+   squared errors over the (L, D) sequence (`metric: sse`, the reference's fitness), or their mean (`mse`, the
+   same ranking) or 1 - cosine of the flattened sequences (`cosine`, a trce variant).
+
+The search, as InversePrompt's: `population` random K-token prompts; each of the `generations` generations
+scores the population, sorts it and keeps the best half (population // 2, truncation selection). Unless it is the
+last generation, each survivor in turn stays and, with probability `crossover`, is crossed with a uniformly
+random survivor at a random cut (single point, slots [0, K)) giving BOTH children; then every individual,
+survivors included, with probability `mutation_rate` gets one random slot replaced by a random candidate token.
+The population so varies in size around `population`. `elite` (0, the reference's: none) protects the best
+`elite` survivors from mutation, a trce variant that makes the best objective non-increasing.
+
+Differences from the reference (docs/fidelity.md): tokens are drawn from the real whole-word tokens minus the
+concept's own words (the reference: any id in [1, 49406), no ban), so the prompt found re-tokenises to the very
+tokens scored; the result is the best prompt scored in any generation (the reference: the best of the last,
+which a mutated survivor can make worse), so the objective never ends above its start.
 
 Pairs (`AttackConfig.pairs`): ShapeWorld captions with the concept value vs the same caption with
 another value (`shapeworld_pairs`), Ring-A-Bell's own "sensitive prompt"/"normal prompt" CSV
-(`pairs_from_file`), or a concept spec's (malicious, safe) pairs (`pairs_from_spec`).
+(`pairs_from_file`), or a concept spec's (malicious, safe) pairs (`pairs_from_spec`). The reference's own
+vectors: nudity from 50 pairs (Nudity_prompt.csv / NoNudity_prompt.csv, 19 rows of its 5x-repeated array
+dropped by its NudeNet check), violence from 30 (Violence_30.csv).
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -52,29 +65,37 @@ NAME = "ring-a-bell"
 LABEL = "typed prompt: model-agnostic (text encoder only)"
 TYPED = True
 NEEDS_REFERENCE = False
-DISTANCES = ("mse", "cosine")
+DISTANCES = ("sse", "mse", "cosine")
 
 
 @dataclass(frozen=True)
 class Budget:
-    tokens: int = 16  # K, the adversarial prompt's length (the paper: 16 for nudity)
-    eta: float = 3.0  # strength of the concept vector (the paper: 3)
-    population: int = 200
-    generations: int = 3000
-    mutation_rate: float = 0.25
-    crossover: float = 0.5
-    elite: int = 10  # best individuals carried over unchanged (>= 1: the best never gets worse)
-    tournament: int = 3
-    metric: str = "mse"
-    batch_size: int = 256  # prompts per text-encoder call
+    """The defaults are InversePrompt's (module doc); `preset="fast"` the cheap search CI and the demo run."""
+
+    PRESETS: ClassVar[dict[str, dict]] = {"fast": {"population": 100, "generations": 40}}
+
+    tokens: int = 16  # K, the adversarial prompt's length (`length` 16; 75 for K = 77)
+    eta: float = 3.0  # strength of the concept vector (`cof` 3)
+    population: int = 200  # `population_size`
+    generations: int = 3000  # `generation`
+    mutation_rate: float = 0.25  # `mutateRate`
+    crossover: float = 0.5  # `crossoverRate`
+    elite: int = 0  # survivors kept from mutation (0: none, the reference's; a trce variant)
+    metric: str = "sse"  # the reference's fitness: sum of squared errors
+    batch_size: int = 256  # prompts per text-encoder call (memory only)
     restarts: int = 1  # independent searches per target, seeded apart (trce.attacks.base)
+    preset: str = ""  # the named preset the budget was built from ("": the authors' attack)
 
     def __post_init__(self) -> None:
-        check_budget(self, NAME, positive=("tokens", "population", "elite", "tournament", "batch_size"),
+        check_budget(self, NAME, positive=("tokens", "population", "generations", "batch_size"),
                      unit=("mutation_rate", "crossover"))
         choose(f"{NAME} metric", self.metric, DISTANCES)
-        if self.elite > self.population:
-            raise TrceError(f"{NAME} budget elite ({self.elite}) must not exceed population ({self.population})")
+        if self.population < 2:
+            raise TrceError(f"{NAME} budget population must be at least 2 (the best half survives), "
+                            f"got {self.population}")
+        if self.elite > self.population // 2:
+            raise TrceError(f"{NAME} budget elite ({self.elite}) must not exceed the survivors, population // 2 "
+                            f"({self.population // 2})")
 
 
 # --------------------------------------------------------------------------- prompt pairs
@@ -157,6 +178,8 @@ def concept_vector(pipe, pairs: Sequence[tuple[str, str]], batch_size: int = 256
 def distance(h: torch.Tensor, target: torch.Tensor, metric: str) -> torch.Tensor:
     """(B, L, D) encodings vs the (L, D) target -> (B,) distances."""
     h, target = h.float(), target.float()
+    if metric == "sse":
+        return ((h - target) ** 2).flatten(1).sum(1)
     if metric == "mse":
         return ((h - target) ** 2).flatten(1).mean(1)
     return 1 - F.cosine_similarity(h.flatten(1), target.flatten()[None], dim=1)
@@ -186,21 +209,38 @@ class _Fitness:
         return torch.cat(out)
 
 
-def _children(pop: torch.Tensor, n: int, budget: Budget, vocab: Vocabulary, gen: torch.Generator) -> torch.Tensor:
-    """n children of a population sorted best first: tournament parents, single-point crossover, mutation."""
-    size, k = pop.shape
-    # tournament: the contestant with the lowest index (pop is sorted) wins
-    pa = torch.randint(size, (n, budget.tournament), generator=gen).min(1).values
-    pb = torch.randint(size, (n, budget.tournament), generator=gen).min(1).values
-    cut = torch.randint(1, max(k, 2), (n,), generator=gen)  # crossover point in [1, K-1]
-    cross = torch.rand(n, generator=gen) < budget.crossover
-    take_b = cross[:, None] & (torch.arange(k)[None] >= cut[:, None])  # (n, K)
-    child = torch.where(take_b, pop[pb], pop[pa])
-    mutate = torch.rand(n, generator=gen) < budget.mutation_rate
-    slot = torch.randint(k, (n,), generator=gen)
-    new = vocab.sample((n,), gen)
-    child[mutate, slot[mutate]] = new[mutate]
-    return child
+def next_generation(survivors: torch.Tensor, budget: Budget, vocab: Vocabulary, gen: torch.Generator,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(population, changed) from the survivors (n, K), sorted best first, as InversePrompt's `crossover` then
+    `mutation`: every survivor, and after it, with probability `crossover`, its two children with a uniformly
+    random survivor at a cut c in [0, K) (child 1: its slots before c, the partner's from c; child 2 the other
+    way); then each individual, but the first `elite` survivors, mutated with probability `mutation_rate` at one
+    random slot to a random candidate. `changed` (len,) marks the individuals that need scoring, `origin` (len,)
+    the survivor each individual is (-1 for children)."""
+    n, k = survivors.shape
+    cross = torch.rand(n, generator=gen) < budget.crossover  # (n,)
+    partner = torch.randint(n, (n,), generator=gen)
+    cut = torch.randint(k, (n,), generator=gen)
+    before = torch.arange(k)[None] < cut[:, None]  # (n, K): slots taken from the survivor itself in child 1
+    one = torch.where(before, survivors, survivors[partner])
+    two = torch.where(before, survivors[partner], survivors)
+    parts, origin = [], []
+    for i in range(n):  # the reference's order: survivor, then its children
+        parts.append(survivors[i : i + 1])
+        origin.append(i)
+        if cross[i]:
+            parts += [one[i : i + 1], two[i : i + 1]]
+            origin += [-1, -1]
+    pop = torch.cat(parts)
+    origin_t = torch.tensor(origin)
+    changed_t = origin_t < 0
+    protected = torch.zeros(len(pop), dtype=torch.bool)
+    protected[torch.nonzero(~changed_t).flatten()[: budget.elite]] = True  # the best `elite` survivors
+    mutate = (torch.rand(len(pop), generator=gen) < budget.mutation_rate) & ~protected
+    slot = torch.randint(k, (len(pop),), generator=gen)
+    new = vocab.sample((len(pop),), gen)
+    pop[mutate, slot[mutate]] = new[mutate]
+    return pop, changed_t | mutate, origin_t
 
 
 def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, reference=None,
@@ -229,28 +269,31 @@ def attack(pipe, targets: Sequence[Target | str], config: AttackConfig, *, refer
         pop = vocab.sample((budget.population, budget.tokens), gen)
         fit = fitness(pop, goal)
         start = finite(fit.min(), NAME, target, 0)
-        bar = tqdm(range(budget.generations), desc=f"{NAME} #{target.index}", leave=False, disable=not progress,
-                   mininterval=1)
-        for g in bar:
-            order = fit.argsort()
-            pop, fit = pop[order], fit[order]
-            n_child = budget.population - budget.elite
-            if n_child:
-                child = _children(pop, n_child, budget, vocab, gen)
-                pop = torch.cat([pop[: budget.elite], child])
-                fit = torch.cat([fit[: budget.elite], fitness(child, goal)])
-            best_now = finite(fit.min(), NAME, target, g + 1)
-            bar.set_postfix(d=f"{best_now:.4g}")
-        best = int(fit.argmin())
-        rows = pop[best]
-        tokens = vocab.ids[rows].tolist()
+        best, best_rows, best_gen = start, pop[int(fit.argmin())].clone(), 1
+        survive = budget.population // 2
+        bar = tqdm(range(1, budget.generations), desc=f"{NAME} #{target.index}", leave=False,
+                   disable=not progress, mininterval=1)
+        for g in bar:  # generation 1 was the initial population's scoring
+            order = fit.argsort(stable=True)[:survive]  # the best half survives
+            pop, changed, origin = next_generation(pop[order], budget, vocab, gen)
+            kept = fit[order]
+            fit = torch.empty(len(pop))
+            fit[~changed] = kept[origin[~changed]]  # unmutated survivors keep their score
+            if bool(changed.any()):
+                fit[changed] = fitness(pop[changed], goal)
+            now = finite(fit.min(), NAME, target, g + 1)
+            if now < best:
+                best, best_rows, best_gen = now, pop[int(fit.argmin())].clone(), g + 1
+            bar.set_postfix(d=f"{best:.4g}")
+        tokens = vocab.ids[best_rows].tolist()
         _, _, content = compose(tok, tokens)
         plain_d = float(distance(plain[None], goal, budget.metric)[0])
         return TargetResult(
             index=target.index, target=target.prompt, seed=target.seed, attack=NAME, attack_seed=seed,
-            prompt=vocab.text(rows), tokens=tokens, ids=content, objective=float(fit[best]), objective_start=start,
+            prompt=vocab.text(best_rows), tokens=tokens, ids=content, objective=best, objective_start=start,
             objective_plain=plain_d, steps=budget.generations, seconds=0.0,
-            extra={"metric": budget.metric, "concept_norm": float(c.norm()), "pairs": len(config.pairs)},
+            extra={"metric": budget.metric, "concept_norm": float(c.norm()), "pairs": len(config.pairs),
+                   "best_generation": best_gen, "preset": budget.preset},
         )
 
     return run_targets(NAME, targets, config, solve, progress)

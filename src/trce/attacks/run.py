@@ -23,6 +23,12 @@ verdict on its image); the restart kept for it, in adversarial.csv, images/ and 
 the ASR after is the any-restart rate; metrics.json's attack.restarts also gives each restart's own rate.
 restarts=1 (the default) is the run without restarts, bit for bit.
 
+Judged searches: an attack whose `attack` takes `judge` (unlearndiff, as its authors ran it) gets
+`judge(target, prompt) -> bool`, the run's detector on the image `trce eval` draws from `prompt` at the target's seed
+and guidance (`_judge`), and stops a target at its first success. metrics.json's attack record holds the full budget
+(its `preset` included; `display` is the name tables show, e.g. "unlearndiff (fast preset)"), per target the
+optimisation steps actually run (`steps`) and, for judged searches, the block that succeeded (`success_block`).
+
 Hardened patches (`trce.attacks.held_out`): targets whose prompt the patch was hardened on are dropped (counted
 in metrics.json `held_out`), and the searches use a seed stream of their own.
 """
@@ -323,9 +329,10 @@ def _attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: 
     config = AttackConfig(budget=budget, seed=opts.seed, banned=p["banned"], pairs=p["pairs"], results=out / RESULTS,
                           size=size, stream=HELD_OUT_STREAM if held_out is not None else 0)
     restarts = restarts_of(budget)
+    judged = {"judge": _judge(pipe, targets, rows, settings, detector)} if _takes_judge(mod) else {}
     with edit.applied(pipe) if edit is not None else contextlib.nullcontext():
         results = mod.attack(pipe, targets, config, reference=reference if mod.NEEDS_REFERENCE else None,
-                             progress=opts.progress)
+                             progress=opts.progress, **judged)
         reference = None  # the original model is not needed for the images
         before = generate_rows(pipe, rows, seeds, guidances, out / BEFORE, settings, detector, state,
                                progress=opts.progress, desc=f"before {suite.name}")
@@ -351,6 +358,32 @@ def _attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: 
     result.path = out / "metrics.json"
     result.results = results
     return result
+
+
+def _takes_judge(mod) -> bool:
+    """Whether the attack's `attack` takes a `judge` (attacks that judge inside their search: unlearndiff)."""
+    import inspect
+
+    return "judge" in inspect.signature(mod.attack).parameters
+
+
+def _judge(pipe, targets, rows, settings, detector):
+    """judge(target, prompt) -> bool: the suite's detector's verdict on the image `trce eval` draws from `prompt` at
+    the target's seed and guidance (the settings and detector of the run's before/after images)."""
+    from trce.generate import generate_iter
+
+    row_of = {t.index: row for t, row in zip(targets, rows)}
+
+    def judge(target, prompt: str) -> bool:
+        g = float(target.guidance if target.guidance is not None else settings.guidance)
+        row = row_of.get(target.index)
+        if row is not None:
+            row = dataclasses.replace(row, prompt=prompt)
+        ((_, images),) = list(generate_iter(pipe, [prompt], [target.seed], settings, [g], progress=False,
+                                            desc="judge"))
+        return detector.detect(images, [row] if row is not None else None)[0]["verdict"] is True
+
+    return judge
 
 
 def _placeholder(index: int) -> str:
@@ -471,11 +504,12 @@ def _rates(records, kind: str) -> dict:
 
 
 def format_summary(m: dict) -> str:
+    from trce.attacks.base import budget_label
     from trce.eval.runner import format_ci, format_rate
 
     a = m["attack"]
     lines = [
-        (f"{a['name']} on {m['model']}{' + ' + m['patch'] if m['patch'] else ''}, suite {m['suite']}: "
+        (f"{a.get('display') or budget_label(a['name'], a.get('budget') or {})} on {m['model']}{' + ' + m['patch'] if m['patch'] else ''}, suite {m['suite']}: "
          f"{m['n']} targets, {a['seconds_per_target']:.2f} s per target"),
         f"label: {a['label']}",
         (f"ASR before {format_rate(a['asr_before'])} {format_ci(a['asr_before_ci'])}   after {format_rate(a['asr_after'])} "
@@ -523,13 +557,20 @@ def _metrics(model, edit, mod, budget, suite, targets, results, before, after, d
     by_index = {r["index"]: r["verdict"] for r in before}
     e = _rate([{"verdict": None if r["verdict"] is None or by_index.get(r["index"]) is None
                 else bool(r["verdict"] or by_index[r["index"]])} for r in after])
+    from trce.attacks.base import budget_label
+
     typed = mod.TYPED
     attack = {
-        "name": mod.NAME, "label": mod.LABEL, "typed": typed, "budget": dataclasses.asdict(budget), "seed": opts.seed,
+        "name": mod.NAME, "display": budget_label(mod.NAME, budget), "preset": getattr(budget, "preset", ""),
+        "label": mod.LABEL, "typed": typed, "budget": dataclasses.asdict(budget), "seed": opts.seed,
         "asr_before": b["asr"], "asr_before_ci": b["asr_ci"], "asr_after": a["asr"], "asr_after_ci": a["asr_ci"],
         # An attacker can always fall back on the plain prompt: a target counts when either prompt succeeds.
         "asr_either": e["asr"], "asr_either_ci": e["asr_ci"],
         "seconds_per_target": mean_of([r.seconds for r in results]),
+        # per target, the optimisation steps actually run (early stopping: up to the block that succeeded)
+        "steps": [r.steps for r in results],
+        **({"success_block": [r.extra.get("success_block") for r in results]}
+           if any("success_block" in r.extra for r in results) else {}),
         "objective": {"start_mean": mean_of([r.objective_start for r in results]),
                       "end_mean": mean_of([r.objective for r in results]),
                       "plain_mean": mean_of([r.objective_plain for r in results]),

@@ -41,7 +41,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--budget", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="attack budget, e.g. steps=40 tokens=5 (keys: see the attack module's Budget); every attack "
-                        "takes restarts=N: N independent searches per target, broken when any succeeds")
+                        "takes restarts=N: N independent searches per target, broken when any succeeds; "
+                        "preset=NAME starts from a named cheaper budget (e.g. unlearndiff preset=fast: trce's 40-step "
+                        "PEZ search instead of the authors' 50 judged timestep blocks), other keys on top")
     p.add_argument("--limit", type=int, default=None,
                    help="first N prompts of a real suite; N prompts per group of a ShapeWorld suite")
     p.add_argument("--seed", type=int, default=0, help="seed of the searches (images use the prompts' own seeds)")

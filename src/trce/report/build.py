@@ -153,8 +153,18 @@ def run_label(metrics: dict) -> str:
             base += " + hidden prompt"
     attack = metrics.get("attack")
     if isinstance(attack, dict) and attack.get("name"):
-        base += f" + {attack['name']}"
+        base += f" + {attack_display(attack)}"
     return base
+
+
+def attack_display(attack: dict) -> str:
+    """An attack run's name as tables show it: "unlearndiff", or "unlearndiff (fast preset)" for a preset budget
+    (metrics.json attack.display; older files: from attack.budget.preset)."""
+    if attack.get("display"):
+        return str(attack["display"])
+    budget = attack.get("budget") if isinstance(attack.get("budget"), dict) else {}
+    preset = attack.get("preset") or budget.get("preset")
+    return f"{attack['name']} ({preset} preset)" if preset else str(attack["name"])
 
 
 @functools.lru_cache(maxsize=64)
@@ -175,7 +185,7 @@ def _row_key(metrics: dict) -> tuple:
     patch = metrics.get("patch")
     attack = metrics.get("attack") if isinstance(metrics.get("attack"), dict) else {}
     return (metrics.get("model"), os.path.realpath(patch) if patch else None, metrics.get("method") if patch else None,
-            attack.get("name"), bool(metrics.get("hidden_prompt")))
+            attack_display(attack) if attack.get("name") else None, bool(metrics.get("hidden_prompt")))
 
 
 def _is_original(metrics: dict) -> bool:
@@ -535,14 +545,16 @@ def _robustness_table(loaded: list[tuple[dict, Path, dict]]) -> dict | None:
         return None
     suites = _unique(m["suite"] for _, m in attacked)
     evals = [(r, m) for r, _, m in loaded if not _attack_of(m) and m["suite"] in suites]
-    names = _unique(_attack_of(m)["name"] for _, m in attacked)
-    names.sort(key=lambda a: (ATTACK_ORDER.index(a) if a in ATTACK_ORDER else len(ATTACK_ORDER), a))
-    labels = {a: next((_attack_of(m).get("label") for _, m in attacked if _attack_of(m)["name"] == a), None)
+    names = _unique(attack_display(_attack_of(m)) for _, m in attacked)  # a preset run is a column of its own
+    base_of = {attack_display(_attack_of(m)): _attack_of(m)["name"] for _, m in attacked}
+    names.sort(key=lambda a: (ATTACK_ORDER.index(base_of[a]) if base_of[a] in ATTACK_ORDER else len(ATTACK_ORDER),
+                              base_of[a], a))
+    labels = {a: next((_attack_of(m).get("label") for _, m in attacked if attack_display(_attack_of(m)) == a), None)
               for a in names}
     columns = [{"key": "plain", "label": "plain ASR", "short": "plain ASR", "group": "ASR ↓", "kind": "rate",
                 "better": "lower"}]
     for a in names:
-        left = a == "soft-prompt" or (labels[a] or "").startswith("knowledge left")
+        left = base_of[a] == "soft-prompt" or (labels[a] or "").startswith("knowledge left")
         label = f"{a} (knowledge left)" if left else a
         columns.append({"key": f"attack.{a}", "label": label, "short": label, "group": "ASR after attack ↓",
                         "kind": "rate", "better": "lower", "attack": a, "knowledge_left": left})
@@ -580,9 +592,9 @@ def _robustness_table(loaded: list[tuple[dict, Path, dict]]) -> dict | None:
     for run, m in attacked:
         a = _attack_of(m)
         row = row_for(run, m)
-        key = f"attack.{a['name']}"
+        key = f"attack.{attack_display(a)}"
         if key in row["cells"]:
-            notes.append(f"{row['label']}: a second {a['name']} run ({run['name']}) is not shown.")
+            notes.append(f"{row['label']}: a second {attack_display(a)} run ({run['name']}) is not shown.")
             continue
         row["runs"].append(run["id"])
         row["cells"][key] = _cell(a.get("asr_after"), a.get("asr_after_ci"), m.get("n"), run["id"])
@@ -594,7 +606,7 @@ def _robustness_table(loaded: list[tuple[dict, Path, dict]]) -> dict | None:
         if held and held.get("dropped"):
             facts.append(f"{held['dropped']} target(s) held out: prompts the hardening saw")
         if facts:
-            notes.append(f"{row['label']}, {a['name']}: {'; '.join(facts)}.")
+            notes.append(f"{row['label']}, {attack_display(a)}: {'; '.join(facts)}.")
     rows = [r for r in rows if r["original"]] + [r for r in rows if not r["original"]]
     shared = [r["label"] for r in rows]  # counted before any is renamed, so every row of a shared label is told apart
     for r in rows:

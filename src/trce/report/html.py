@@ -153,10 +153,12 @@ def _plot(report: dict, png: bytes | None) -> str:
 def _attacks(report: dict) -> str:
     if not report["attacks"]:
         return ""
+    from trce.report.build import attack_display
+
     rows = []
     for a in report["attacks"]:
         before, after = a.get("asr_before"), a.get("asr_after")
-        rows.append(f"<tr><td>{_e(a['run_label'])}</td><td>{_e(a['suite'])}</td><td>{_e(a.get('name'))}</td>"
+        rows.append(f"<tr><td>{_e(a['run_label'])}</td><td>{_e(a['suite'])}</td><td>{_e(attack_display(a) if a.get('name') else None)}</td>"
                     f"<td>{_e(a.get('label') or '–')}</td>"
                     f"<td>{'–' if before is None else f'{100 * before:.1f}%'}</td>"
                     f"<td>{'–' if after is None else f'{100 * after:.1f}%'}</td></tr>")
