@@ -206,7 +206,7 @@ def test_real_text_spec_with_shared_coco(tiny_dir, tmp_path, run_cli, cache):
     if not (DATA / "prompts" / "coco_30k.csv").exists():
         pytest.skip("shared data folder absent")
     code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", "nudity", "--method", "uce", "--data", DATA,
-                           "--set", "uce.preserve=spec", "--out", tmp_path / "s")
+                           "--set", "uce.preserve=spec", "--set", "uce.prompts=pairs", "--out", tmp_path / "s")
     assert code == 0, err
     meta = io.read_json(tmp_path / "s" / "patch.json")  # UCE retains '' and, with preserve=spec, the COCO captions
     assert meta["spec"]["name"] == "sexual" and 991 <= meta["info"]["retain_texts"] <= 1001

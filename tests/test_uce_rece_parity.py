@@ -27,8 +27,11 @@ def _spec():
     return spec_from_dict(SPEC)
 
 
-def _texts(spec):
-    return [(p.malicious, p.safe) for p in spec.pairs()]
+def _texts(spec, prompts="expressions"):
+    """(old, new) texts as the reference gets them: the bare concept words (--concepts) and their targets, '' -> ' '."""
+    if prompts == "pairs":
+        return [(p.malicious, p.safe) for p in spec.pairs()]
+    return [(e.text, e.target_for(None) or " ") for e in spec.expressions]
 
 
 # --------------------------------------------------------------------------- the reference, written out
@@ -127,12 +130,13 @@ def _assert_close(edit, reference):
 
 
 # --------------------------------------------------------------------------- the tests
-@pytest.mark.parametrize("settings", [{}, {"preserve": "spec", "target": "uncond"}])
+@pytest.mark.parametrize("settings", [{}, {"preserve": "spec", "target": "uncond"}, {"prompts": "pairs"}])
 def test_uce_equals_the_reference_edit_model(tiny_pipe, settings):
     spec = _spec()
     edit = trce.erase(tiny_pipe, spec, method="uce", progress=False, uce=settings)
-    olds = [o for o, _ in _texts(spec)]
-    news = [" " for _ in olds] if settings.get("target") == "uncond" else [n for _, n in _texts(spec)]
+    texts = _texts(spec, settings.get("prompts", "expressions"))
+    olds = [o for o, _ in texts]
+    news = [" " for _ in olds] if settings.get("target") == "uncond" else [n for _, n in texts]
     retain = [""] + (list(SPEC["preserve"]["prompts"]) if settings.get("preserve") == "spec" else [])
     _assert_close(edit, _reference_uce(tiny_pipe, olds, news, retain))
     assert edit.method == "uce" and edit.settings["lamb"] == 0.5 and edit.settings["erase_scale"] == 1.0

@@ -36,7 +36,8 @@ RECE (train.py:228-260) then runs `robust` rounds ("epochs") on the UCE model, e
 over all L positions of each concept prompt e_c (the slice to its last tokens is commented out, :197-200), with an
 absolute λ_a (regular_scale 0.1 for nudity). With W_l = W0_l·T: Σ W_lᵀW_l = Tᵀ G T and Σ W_lᵀ W0_l = Tᵀ G, G = Σ W0ᵀW0.
 
-trce's choices (docs/fidelity.md): the concept prompts and targets are the spec's pairs (`prompts`, `target`); token
+trce's choices (docs/fidelity.md): the concept words are the spec's expressions and their targets the spec's
+targets (`prompts`, `target`; the spec's prompt pairs are a variant); token
 positions come from the tokenizer's ids ([EoT] = the first end-of-text id), the same rows as the attention mask;
 the pooled text path (SDXL, SD3, FLUX), which the reference does not have, gets the same closed form on one vector
 per prompt (`pooled`); RECE's adversaries act on the token states only, and RECE returns the last round (the
@@ -98,9 +99,10 @@ class UCEConfig:
     # what a trce spec's preservation prompts become: "none" retains [''] only (the reference's default for every
     # concept type but 'art', :409-422); "spec": [''] + the spec's preservation prompts (as --preserve_concepts)
     preserve: str = "none"
-    # the concept prompts: "pairs" = the spec's malicious prompts (expressions x templates); "expressions" = the bare
-    # expressions (the reference's --concepts with add_prompts False, :365-388)
-    prompts: str = "pairs"
+    # the concept prompts: "expressions" = the spec's bare expressions, the reference's --concepts with add_prompts
+    # False (:365-388); "pairs" = the spec's malicious prompts (expressions x templates), a variant: with hundreds of
+    # prompts the unnormalised erase sums outweigh λ and '' (on ShapeWorld, 719 prompts: other colours 62 %)
+    prompts: str = "expressions"
     # their targets: "spec" = the spec's safe texts (as --guided_concepts); "uncond" = ' ' for all (no
     # --guided_concepts, :390-392). An empty target becomes ' ' (:215-216).
     target: str = "spec"
