@@ -72,8 +72,10 @@ def test_the_inner_attack_brings_the_concept_back_on_the_current_model(tiny_pipe
     objective l_atk = ||eps_phi(z_t, [delta; c_e]) - eps_theta(z_t, c_e)||^2 below where it started AND below the
     plain prompt's on the same batch: with delta* the current model draws the concept as the original did, so the
     erasure loss ESD trains on is higher there (what the outer step then lowers)."""
+    # a 5-token prefix (UnlearnDiffAtk's; the released script's default is 1) gives the attack room on this tiny model
     cfg = AdvUnlearnConfig(iterations=8, warmup=4, attack_steps=3, attack_lr=1e-2, attack_latents="batch", lr=3e-3,
-                           latents="cached", cache_trajectories=1, ddim_steps=4, batch_size=2, preserve_weight=0)
+                           latents="cached", cache_trajectories=1, ddim_steps=4, batch_size=2, preserve_weight=0,
+                           attack_tokens=5)
     edit = erase_advunlearn(tiny_pipe, ERASE, cfg, progress=False)
     h = edit.info["history"]
     assert len(h["attack"]) == 4 and len(h["loss"]) == 8
