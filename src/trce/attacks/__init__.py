@@ -3,8 +3,8 @@
 Each attack is one module with one plain function
 `attack(pipe, targets, config, *, reference=None, progress=True) -> list[TargetResult]`,
 a `Budget` dataclass (its search budget, recorded in every result), and `NAME`, `LABEL`,
-`TYPED` (whether results are prompts anyone can type) and `NEEDS_REFERENCE` (whether it needs the
-original model's images of the concept):
+`TYPED` (whether results are prompts anyone can type), `NEEDS_REFERENCE` (whether it needs the
+original model's images of the concept) and, optionally, `JUDGED` (whether its `attack` takes `judge=`):
 
 - `ring-a-bell`  Tsai et al. 2023: concept vector + genetic search over real tokens (text encoder only);
 - `mma-text`     Yang et al. 2024: greedy coordinate gradient over real tokens, concept words banned;
@@ -13,8 +13,8 @@ original model's images of the concept):
 
 Every budget has `restarts` (independent searches per target; `trce.attacks.base`); a budget may declare named
 presets (`PRESETS`, `--budget preset=fast`: `trce.attacks.base`), its default being the attack as its authors ran it.
-Attacks that judge inside their search (unlearndiff) also take `judge(target, prompt) -> bool`, which `trce attack`
-builds from the suite's detector. `get_attack(name)` returns
+Attacks that judge inside their search (`JUDGED = True`: unlearndiff) also take `judge(target, prompt) -> bool`,
+which `trce attack` builds from the suite's detector. `get_attack(name)` returns
 the module; shared pieces are in `trce.attacks.base`; `trce.attacks.held_out` keeps hardened patches from being
 attacked on the prompts they were hardened on.
 """

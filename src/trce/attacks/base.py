@@ -154,6 +154,15 @@ def budget_label(attack: str, budget: Any) -> str:
     return f"{attack} ({' + '.join(parts)})" if parts else attack
 
 
+def record_label(attack: dict) -> str:
+    """An attack record's (metrics.json `attack`) name as tables show it: its `display`, or for a record written before
+    `display` existed, its name with the preset it records."""
+    if attack.get("display"):
+        return str(attack["display"])
+    budget = attack.get("budget") if isinstance(attack.get("budget"), dict) else {}
+    return budget_label(str(attack["name"]), {PRESET: attack.get(PRESET) or budget.get(PRESET, "")})
+
+
 def check_budget_preset(budget: Any, attack: str) -> None:
     """A budget's recorded preset name must be one its class declares (called by `check_budget`)."""
     name = getattr(budget, PRESET, "")
@@ -414,24 +423,36 @@ class Vocabulary:
     removed: tuple[str, ...]
 
     @classmethod
-    def for_pipeline(cls, pipe, banned: Sequence[str] = ()) -> Vocabulary:
+    def for_pipeline(cls, pipe, banned: Sequence[str] = (), substring: bool = False) -> Vocabulary:
         """The whole-word tokens the pipeline's text encoder has embeddings for, banned words removed."""
         from trce.families import family_of
 
         fam = family_of(pipe)
-        return cls.build(fam.tokenizer(pipe), banned, limit=fam.input_table(pipe).shape[0])
+        return cls.build(fam.tokenizer(pipe), banned, limit=fam.input_table(pipe).shape[0], substring=substring)
 
     @classmethod
-    def build(cls, tokenizer, banned: Sequence[str] = (), limit: int | None = None) -> Vocabulary:
+    def build(cls, tokenizer, banned: Sequence[str] = (), limit: int | None = None,
+              substring: bool = False) -> Vocabulary:
+        """The real tokens minus the banned ones: by exact word, case-insensitive; with `substring`, every token whose
+        raw text (lowercased, `</w>` included) contains one of `banned` (MMA-Diffusion's rule)."""
         real = real_tokens(tokenizer, limit)
-        ban = {w.strip().lower() for w in banned if w.strip()}
-        keep = {i: w for i, w in real.items() if w.lower() not in ban}
-        removed = tuple(sorted(w for w in real.values() if w.lower() in ban))
+        if substring:
+            subs = tuple(dict.fromkeys(w.lower() for w in banned if w))
+            raw = dict(zip(real, tokenizer.convert_ids_to_tokens(list(real))))
+            hit = {i for i in real if any(b in raw[i].lower() for b in subs)}
+            ban = subs
+        else:
+            words = {w.strip().lower() for w in banned if w.strip()}
+            hit = {i for i, w in real.items() if w.lower() in words}
+            ban = tuple(sorted(words))
+        keep = {i: w for i, w in real.items() if i not in hit}
+        removed = tuple(sorted(real[i] for i in hit))
         if not keep:
-            raise TrceError("no candidate tokens left: the tokenizer has no whole-word tokens outside the banned words")
+            raise TrceError("no candidate tokens left: the tokenizer has no whole-word tokens outside the banned "
+                            + (f"substrings {', '.join(map(repr, ban))}" if substring else "words"))
         ids = sorted(keep)
-        return cls(ids=torch.tensor(ids, dtype=torch.long), words=tuple(keep[i] for i in ids),
-                   banned=tuple(sorted(ban)), removed=removed)
+        return cls(ids=torch.tensor(ids, dtype=torch.long), words=tuple(keep[i] for i in ids), banned=ban,
+                   removed=removed)
 
     def __len__(self) -> int:
         return len(self.words)

@@ -60,11 +60,10 @@ from trce.attacks.base import (
     compose,
     finite,
     frozen,
-    real_tokens,
     run_targets,
     target_seed,
 )
-from trce.errors import TrceError, choose
+from trce.errors import choose
 
 log = logging.getLogger(__name__)
 
@@ -114,29 +113,11 @@ def banned_substrings(concept: Sequence[str], ban: str = "mma") -> tuple[str, ..
     return tuple(dict.fromkeys(words))
 
 
-def substring_vocabulary(tokenizer, substrings: Sequence[str], limit: int | None = None) -> Vocabulary:
-    """The real tokens whose raw token text (`</w>` included, lowercased) contains none of `substrings`."""
-    real = real_tokens(tokenizer, limit)
-    ids = sorted(real)
-    raw = tokenizer.convert_ids_to_tokens(ids)
-    subs = [s.lower() for s in substrings if s]
-    keep = [(i, real[i]) for i, t in zip(ids, raw) if not any(s in t.lower() for s in subs)]
-    removed = tuple(sorted(real[i] for i, t in zip(ids, raw) if any(s in t.lower() for s in subs)))
-    if not keep:
-        raise TrceError(f"{NAME}: no candidate tokens left once every token containing one of "
-                        f"{', '.join(map(repr, subs))} is removed")
-    return Vocabulary(ids=torch.tensor([i for i, _ in keep], dtype=torch.long), words=tuple(w for _, w in keep),
-                      banned=tuple(subs), removed=removed)
-
-
 def vocabulary(pipe, banned: Sequence[str], ban: str = "mma") -> Vocabulary:
     """The attack's candidate tokens on `pipe` under the `ban` rule (module doc)."""
     if ban == "exact":
         return Vocabulary.for_pipeline(pipe, banned)
-    from trce.families import family_of
-
-    fam = family_of(pipe)
-    return substring_vocabulary(fam.tokenizer(pipe), banned_substrings(banned, ban), limit=fam.input_table(pipe).shape[0])
+    return Vocabulary.for_pipeline(pipe, banned_substrings(banned, ban), substring=True)
 
 
 def letter_rows(vocab: Vocabulary) -> torch.Tensor:

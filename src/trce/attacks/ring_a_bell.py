@@ -211,7 +211,7 @@ class _Fitness:
 
 def next_generation(survivors: torch.Tensor, budget: Budget, vocab: Vocabulary, gen: torch.Generator,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(population, changed) from the survivors (n, K), sorted best first, as InversePrompt's `crossover` then
+    """(population, changed, origin) from the survivors (n, K), sorted best first, as InversePrompt's `crossover` then
     `mutation`: every survivor, and after it, with probability `crossover`, its two children with a uniformly
     random survivor at a cut c in [0, K) (child 1: its slots before c, the partner's from c; child 2 the other
     way); then each individual, but the first `elite` survivors, mutated with probability `mutation_rate` at one

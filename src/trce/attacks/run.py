@@ -23,7 +23,7 @@ verdict on its image); the restart kept for it, in adversarial.csv, images/ and 
 the ASR after is the any-restart rate; metrics.json's attack.restarts also gives each restart's own rate.
 restarts=1 (the default) is the run without restarts, bit for bit.
 
-Judged searches: an attack whose `attack` takes `judge` (unlearndiff, as its authors ran it) gets
+Judged searches: an attack that declares `JUDGED = True` (unlearndiff, as its authors ran it) gets
 `judge(target, prompt) -> bool`, the run's detector on the image `trce eval` draws from `prompt` at the target's seed
 and guidance (`_judge`), and stops a target at its first success. metrics.json's attack record holds the full budget
 (its `preset` included; `display` is the name tables show, e.g. "unlearndiff (fast preset)"), per target the
@@ -329,7 +329,7 @@ def _attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: 
     config = AttackConfig(budget=budget, seed=opts.seed, banned=p["banned"], pairs=p["pairs"], results=out / RESULTS,
                           size=size, stream=HELD_OUT_STREAM if held_out is not None else 0)
     restarts = restarts_of(budget)
-    judged = {"judge": _judge(pipe, targets, rows, settings, detector)} if _takes_judge(mod) else {}
+    judged = {"judge": _judge(pipe, targets, rows, settings, detector)} if getattr(mod, "JUDGED", False) else {}
     with edit.applied(pipe) if edit is not None else contextlib.nullcontext():
         results = mod.attack(pipe, targets, config, reference=reference if mod.NEEDS_REFERENCE else None,
                              progress=opts.progress, **judged)
@@ -358,13 +358,6 @@ def _attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: 
     result.path = out / "metrics.json"
     result.results = results
     return result
-
-
-def _takes_judge(mod) -> bool:
-    """Whether the attack's `attack` takes a `judge` (attacks that judge inside their search: unlearndiff)."""
-    import inspect
-
-    return "judge" in inspect.signature(mod.attack).parameters
 
 
 def _judge(pipe, targets, rows, settings, detector):
@@ -504,12 +497,12 @@ def _rates(records, kind: str) -> dict:
 
 
 def format_summary(m: dict) -> str:
-    from trce.attacks.base import budget_label
+    from trce.attacks.base import record_label
     from trce.eval.runner import format_ci, format_rate
 
     a = m["attack"]
     lines = [
-        (f"{a.get('display') or budget_label(a['name'], a.get('budget') or {})} on {m['model']}{' + ' + m['patch'] if m['patch'] else ''}, suite {m['suite']}: "
+        (f"{record_label(a)} on {m['model']}{' + ' + m['patch'] if m['patch'] else ''}, suite {m['suite']}: "
          f"{m['n']} targets, {a['seconds_per_target']:.2f} s per target"),
         f"label: {a['label']}",
         (f"ASR before {format_rate(a['asr_before'])} {format_ci(a['asr_before_ci'])}   after {format_rate(a['asr_after'])} "

@@ -84,6 +84,7 @@ NAME = "unlearndiff"
 LABEL = "typed prompt: white-box attack on the model under test"
 TYPED = True
 NEEDS_REFERENCE = True
+JUDGED = True  # `attack` takes judge=: the authors' search stops at its first judged success
 _HINT = "lower the budget's lr"
 SEARCHES = ("relaxed", "pez")  # the authors' relaxed-distribution search; trce's earlier PEZ search (preset fast)
 

@@ -47,18 +47,19 @@ reference keeps the round with the lowest NudeNet rate on its validation prompts
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from trce.concepts import ConceptSpec, as_specs, preservation_prompts_of, spec_record
 from trce.edit import Edit, resolve
-from trce.errors import TrceError
+from trce.errors import TrceError, choose
 from trce.families import family_of
+from trce.methods.training import check_numbers
 from trce.registry import Context
 from trce.tokens import first_eos
 
@@ -67,21 +68,7 @@ log = logging.getLogger(__name__)
 KEY_LAYERS = ("to_k", "add_k_proj", "k_proj")  # module names of key projections (`with_to_k=False` leaves them)
 
 
-def _check(config, numbers: Sequence[str], choices: dict[str, tuple[str, ...]], ints: Sequence[str] = ()) -> None:
-    for name in numbers:
-        value = getattr(config, name)
-        if value is None and name == "preserve_scale":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise TrceError(f"{name} must be a number >= 0, got {value!r}", field=name)
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise TrceError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}", field=name)
-    for name in ints:
-        value = getattr(config, name)
-        low = 0 if name == "robust" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise TrceError(f"{name} must be an integer >= {low}, got {value!r}", field=name)
+def _check_switches(config) -> None:
     for name in ("with_to_k", "pooled"):
         if not isinstance(getattr(config, name), bool):
             raise TrceError(f"{name} must be true or false, got {getattr(config, name)!r}", field=name)
@@ -109,10 +96,15 @@ class UCEConfig:
     pooled: bool = True  # the pooled text path (SDXL, SD3, FLUX) mapped by the same closed form (trce's extension)
     batch_size: int = 64
 
+    WHAT: ClassVar[str] = "UCE"
+
     def __post_init__(self) -> None:
-        _check(self, ("erase_scale", "preserve_scale", "lamb"),
-               {"technique": ("replace",), "preserve": ("none", "spec"), "prompts": ("pairs", "expressions"),
-                "target": ("spec", "uncond")}, ("batch_size",))
+        scales = ("erase_scale", "lamb") + (() if self.preserve_scale is None else ("preserve_scale",))
+        check_numbers(self, self.WHAT, integers=("batch_size",), non_negative=scales)
+        for name, allowed in (("technique", ("replace",)), ("preserve", ("none", "spec")),
+                              ("prompts", ("pairs", "expressions")), ("target", ("spec", "uncond"))):
+            choose(f"{self.WHAT} {name}", str(getattr(self, name)), allowed)
+        _check_switches(self)
 
 
 @dataclass(frozen=True)
@@ -127,9 +119,12 @@ class RECEConfig(UCEConfig):
     rece_erase_scale: float = 1.0  # --erase_scale default 1 (train.py:52)
     rece_preserve_scale: float = 0.1  # --preserve_scale 0.1 (nudity.sh, train.py:50)
 
+    WHAT: ClassVar[str] = "RECE"
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, ("reg", "rece_lamb", "rece_erase_scale", "rece_preserve_scale"), {}, ("robust",))
+        check_numbers(self, self.WHAT, non_negative_integers=("robust",),
+                      non_negative=("reg", "rece_lamb", "rece_erase_scale", "rece_preserve_scale"))
 
 
 # --------------------------------------------------------------------------- texts and token states
@@ -234,8 +229,23 @@ def _inputs(pipe, config: UCEConfig):
     return tokens, pooled
 
 
-def _uce(pipe, specs: Sequence[ConceptSpec], config: UCEConfig, context: Context):
-    """The UCE solve: (T of the token input, T of the pooled input or None, texts, retain texts, record, states)."""
+class Solved(NamedTuple):
+    """The UCE solve: T of the token input (and of the pooled one, or None), the (old, new) texts, the spec's
+    preservation prompts (`keep`, [] without preserve=spec) and the retain texts, a record, and the token states
+    (N, L, D) of the old and new texts."""
+
+    t: torch.Tensor
+    tp: torch.Tensor | None
+    texts: list[tuple[str, str]]
+    keep: list[str]
+    retain: list[str]
+    record: dict
+    h_old: torch.Tensor
+    h_new: torch.Tensor
+
+
+def _uce(pipe, specs: Sequence[ConceptSpec], config: UCEConfig, context: Context) -> Solved:
+    """The UCE solve (`Solved`)."""
     fam = family_of(pipe)
     tok = fam.tokenizer(pipe)
     texts = concept_texts(specs, config)
@@ -258,7 +268,7 @@ def _uce(pipe, specs: Sequence[ConceptSpec], config: UCEConfig, context: Context
         tp = closed_form(pv[0], pv[1], pv[2].T @ pv[2], config.lamb, config.erase_scale, scale)
     record = {"texts": len(texts), "erase_rows": int(old.shape[0]), "retain_texts": len(retain),
               "retain_rows": len(retain) * int(h_o.shape[1]), "preserve_scale": scale}
-    return t, tp, texts, retain, record, (h_o, h_n)
+    return Solved(t, tp, texts, keep, retain, record, h_o, h_n)
 
 
 def _edit(pipe, specs, config: UCEConfig, t: torch.Tensor, tp: torch.Tensor | None, method: str, settings: dict,
@@ -284,10 +294,12 @@ def run_uce(pipe, specs: Sequence[ConceptSpec], config: UCEConfig, context: Cont
     t0 = time.perf_counter()
     specs = as_specs(specs)
     base = fingerprint(pipe)
-    t, tp, texts, retain, record, _ = _uce(pipe, specs, config, context)
-    log.info("uce: %d concept prompts, %d erase rows, %d retain texts (scale %.3g)", len(texts),
-             record["erase_rows"], len(retain), record["preserve_scale"])
-    return _edit(pipe, specs, config, t, tp, "uce", {"stage": "uce", "preserve_scale": record["preserve_scale"]},
+    solved = _uce(pipe, specs, config, context)
+    record = solved.record
+    log.info("uce: %d concept prompts, %d erase rows, %d retain texts (scale %.3g)", len(solved.texts),
+             record["erase_rows"], len(solved.retain), record["preserve_scale"])
+    return _edit(pipe, specs, config, solved.t, solved.tp, "uce",
+                 {"stage": "uce", "preserve_scale": record["preserve_scale"]},
                  {**record, "seconds": time.perf_counter() - t0}, base)
 
 
@@ -300,12 +312,12 @@ def run_rece(pipe, specs: Sequence[ConceptSpec], config: RECEConfig, context: Co
     t0 = time.perf_counter()
     specs = as_specs(specs)
     base = fingerprint(pipe)
-    t, tp, texts, _, record, (h_o, h_n) = _uce(pipe, specs, config, context)
+    solved = _uce(pipe, specs, config, context)
+    t, texts, keep, record, h_o, h_n = solved.t, solved.texts, solved.keep, solved.record, solved.h_old, solved.h_new
     tokens, _ = _inputs(pipe, config)
     gram = layer_gram(pipe, tokens.paths, tokens.columns)  # (D, D) Σ W0ᵀ W0 over the edited layers
     # retain texts of the rounds (train.py:154-159): ' ' once per concept prompt; with preserve="spec" a seeded sample
     # of as many spec preservation prompts (the reference samples characters of the --preserve_concepts string)
-    keep = preservation_prompts_of(specs, context.data_dir) if config.preserve == "spec" else []
     rounds_retain = ([" "] * len(texts) if not keep else
                      random.Random(context.seed).sample(keep, min(len(texts), len(keep))))
     if keep:
@@ -327,4 +339,4 @@ def run_rece(pipe, specs: Sequence[ConceptSpec], config: RECEConfig, context: Co
                 "robust_attack": "closed-form (RECE, absolute λ, every position)"}
     info = {**record, "robust": {"rounds": rounds, "attack": "closed-form", "retain_texts": len(rounds_retain)},
             "seconds": time.perf_counter() - t0}
-    return _edit(pipe, specs, config, t, tp, "rece", settings, info, base)
+    return _edit(pipe, specs, config, t, solved.tp, "rece", settings, info, base)

@@ -158,13 +158,10 @@ def run_label(metrics: dict) -> str:
 
 
 def attack_display(attack: dict) -> str:
-    """An attack run's name as tables show it: "unlearndiff", or "unlearndiff (fast preset)" for a preset budget
-    (metrics.json attack.display; older files: from attack.budget.preset)."""
-    if attack.get("display"):
-        return str(attack["display"])
-    budget = attack.get("budget") if isinstance(attack.get("budget"), dict) else {}
-    preset = attack.get("preset") or budget.get("preset")
-    return f"{attack['name']} ({preset} preset)" if preset else str(attack["name"])
+    """An attack run's name as tables show it ("unlearndiff", "unlearndiff (fast preset)"): `record_label`."""
+    from trce.attacks.base import record_label
+
+    return record_label(attack)
 
 
 @functools.lru_cache(maxsize=64)
