@@ -10,14 +10,18 @@ from __future__ import annotations
 
 from trce.report.build import build_report, load_metrics
 from trce.report.html import render_html
+from trce.report.outputs import check_outputs
 from trce.report.plot import asr_preservation_plot
 from trce.report.tables import render_markdown
 
-__all__ = ["asr_preservation_plot", "build_report", "load_metrics", "render_html", "render_markdown", "write_report"]
+__all__ = ["asr_preservation_plot", "build_report", "check_outputs", "load_metrics", "render_html", "render_markdown", "write_report"]
 
 
 def write_report(runs, out, *, markdown=None, grid_size: int = 8, title: str | None = None, blur: bool = True) -> str:
     """Write `out` (HTML) and its JSON beside it (report.html -> report.json); returns the Markdown table.
+
+    An output that exists must be an earlier report of its kind (`check_outputs`): a report never writes over a
+    run's metrics.json or any other file.
 
     JSON first: the Markdown and the page are drawn from the document as written.
     """
@@ -27,6 +31,7 @@ def write_report(runs, out, *, markdown=None, grid_size: int = 8, title: str | N
     from trce.utils import io
 
     out = Path(out)
+    check_outputs(runs, out, markdown)  # before any work: never over an input's files nor any other non-report
     report = build_report([Path(r) for r in runs], grid_size=grid_size, title=title, blur=blur)
     json_path = out.with_suffix(".json")
     io.write_json(json_path, report)

@@ -16,6 +16,10 @@ The document holds
     grids    before/after image pairs on the same prompts and seeds, N prompts per group picked
              deterministically (evenly spaced over the group's rows);
     attacks  red-team runs (metrics.json "attack"), with their label ("knowledge left" for soft prompts);
+    bases    the base models of the runs (metrics.json `base_fingerprint`, else `model`): every run belongs to one.
+             Runs of different bases never compete: each base has its own original row (its baseline), the best
+             value is bolded per column within a base, the plot measures each row against its own base's original,
+             and with several bases every row names its base;
     robustness  with attack runs: one table, rows = model/patch (and suite), columns = the plain ASR of its eval
              run on the attacked suite, the ASR after each attack, the eval run's preservation accuracy and the
              hardening's seconds per round (the patch's info); the same table shape as `tables`, so the
@@ -178,21 +182,68 @@ def retrained_without(model: str | None) -> str | None:
     return str(config.get("exclude") or "") or None
 
 
-def _row_key(metrics: dict) -> tuple:
+def _row_key(metrics: dict, base: str | None = None) -> tuple:
     patch = metrics.get("patch")
     attack = metrics.get("attack") if isinstance(metrics.get("attack"), dict) else {}
-    return (metrics.get("model"), os.path.realpath(patch) if patch else None, metrics.get("method") if patch else None,
-            attack_display(attack) if attack.get("name") else None, bool(metrics.get("hidden_prompt")))
+    return (base, metrics.get("model"), os.path.realpath(patch) if patch else None,
+            metrics.get("method") if patch else None, attack_display(attack) if attack.get("name") else None,
+            bool(metrics.get("hidden_prompt")))
+
+
+def assign_bases(metrics: Sequence[dict]) -> tuple[list[str], list[dict]]:
+    """The base model of each run, and the bases in order of first appearance.
+
+    A run's base is its `base_fingerprint` (the unedited model's weights, which `trce eval` records); a run without
+    one (older metrics) joins the base its `model` has when that model names exactly one fingerprint, else its base is
+    the model name. Returns (a key per run, [{"key", "label", "models", "fingerprint"}]); a base's label is its model
+    name(s), with the fingerprint's first characters when two bases would read the same."""
+    fps: dict[str, set[str]] = {}
+    for m in metrics:
+        fp = m.get("base_fingerprint")
+        if isinstance(fp, str) and fp:
+            fps.setdefault(str(m.get("model")), set()).add(fp)
+    keys = []
+    for m in metrics:
+        fp, model = m.get("base_fingerprint"), str(m.get("model"))
+        if isinstance(fp, str) and fp:
+            keys.append(f"fingerprint:{fp}")
+        elif len(fps.get(model, ())) == 1:
+            keys.append(f"fingerprint:{next(iter(fps[model]))}")
+        else:
+            keys.append(f"model:{model}")
+    bases: list[dict] = []
+    for key, m in zip(keys, metrics):
+        base = next((b for b in bases if b["key"] == key), None)
+        if base is None:
+            fp = key.split(":", 1)[1] if key.startswith("fingerprint:") else None
+            base = {"key": key, "label": "", "models": [], "fingerprint": fp}
+            bases.append(base)
+        if m.get("model") is not None and str(m["model"]) not in base["models"]:
+            base["models"].append(str(m["model"]))
+    for b in bases:
+        b["label"] = " / ".join(b["models"]) or "unknown model"
+    labels = [b["label"] for b in bases]
+    for b in bases:
+        if b["fingerprint"] and labels.count(b["label"]) > 1:
+            b["label"] += f" [{b['fingerprint'][:8]}]"
+    labels = [b["label"] for b in bases]
+    for label in dict.fromkeys(labels):  # still the same (one model, a base without a fingerprint): number them
+        same = [b for b in bases if b["label"] == label]
+        if len(same) > 1:
+            for i, b in enumerate(same, 1):
+                b["label"] += f" #{i}"
+    return keys, bases
 
 
 def _is_original(metrics: dict) -> bool:
     return not metrics.get("patch") and not metrics.get("attack")
 
 
-def _run_entry(i: int, folder: Path, m: dict) -> dict:
+def _run_entry(i: int, folder: Path, m: dict, base: dict | None = None) -> dict:
     s = m.get("settings") or {}
     return {
         "id": f"run{i}", "folder": str(folder.resolve()), "name": folder.resolve().name, "label": run_label(m),
+        "base": base["key"] if base else None, "base_label": base["label"] if base else None,
         "suite": m["suite"], "suite_version": m.get("suite_version"), "kind": m["kind"],
         "description": m.get("description"), "note": m.get("note"),
         "model": m.get("model"), "patch": m.get("patch"), "method": m.get("method"), "original": _is_original(m),
@@ -224,12 +275,13 @@ class _Rows:
         self.rows: list[dict] = []
 
     def row_for(self, run: dict, metrics: dict, suite: str) -> dict:
-        key = _row_key(metrics)
+        key = _row_key(metrics, run.get("base"))
         for row in self.rows:
             if row["_key"] == key and suite not in row["_suites"]:
                 break
         else:
             row = {"_key": key, "_suites": set(), "label": run["label"], "original": run["original"],
+                   "base": run.get("base"), "base_label": run.get("base_label"),
                    # a check, not an eraser: the KPOP patch with its hidden prompt put back
                    "diagnostic": bool(metrics.get("hidden_prompt")),
                    "model": run["model"], "patch": run["patch"], "runs": [], "cells": {}}
@@ -240,7 +292,8 @@ class _Rows:
         return row
 
     def finish(self, runs_by_id: dict) -> list[dict]:
-        rows = [r for r in self.rows if r["original"]] + [r for r in self.rows if not r["original"]]
+        rows = _by_base(self.rows)
+        _name_bases(rows)  # before telling two rows of one label apart: two bases are told apart by name
         labels = [r["label"] for r in rows]
         for r in rows:  # two patches of one method: tell them apart by folder
             if labels.count(r["label"]) > 1:
@@ -253,23 +306,45 @@ class _Rows:
         return rows
 
 
+def _by_base(rows: list[dict]) -> list[dict]:
+    """Rows grouped by base model (bases in order of first appearance), each base's original rows first."""
+    bases = list(dict.fromkeys(r.get("base") for r in rows))
+    return [r for b in bases for original in (True, False) for r in rows
+            if r.get("base") == b and bool(r["original"]) == original]
+
+
+def _name_bases(rows: list[dict]) -> bool:
+    """With rows of several base models, each row's label names its base (unless it already ends with it: "Original
+    (model)"); returns whether there were several."""
+    if len({r.get("base") for r in rows}) < 2:
+        return False
+    for r in rows:
+        label = r.get("base_label")
+        if label and f"({label})" not in r["label"]:
+            r["label"] += f" · {label}"
+    return True
+
+
 def _mark_best(table: dict) -> None:
-    """Bold the best patched value per column (lower ASR/FD, higher accuracy/CLIP), when two or more compete;
-    the original model and diagnostic rows (a hidden prompt put back) do not compete."""
+    """Bold the best patched value per column and base model (lower ASR/FD, higher accuracy/CLIP), when two or
+    more of the base's rows compete; the original model and diagnostic rows (a hidden prompt put back) do not
+    compete, nor do rows of different base models."""
     for col in table["columns"]:
         better = col.get("better")
         if better not in ("lower", "higher"):
             continue
-        cells = [r["cells"].get(col["key"]) for r in table["rows"] if not r["original"] and not r.get("diagnostic")]
-        cells = [c for c in cells if c and c.get("value") is not None]
-        if len(cells) < 2:
-            continue
-        values = [c["value"] for c in cells]
-        if max(values) - min(values) <= 1e-12:
-            continue  # a tie across the board singles nothing out
-        best = min(values) if better == "lower" else max(values)
-        for c in cells:
-            c["best"] = abs(c["value"] - best) <= 1e-12
+        for base in dict.fromkeys(r.get("base") for r in table["rows"]):
+            cells = [r["cells"].get(col["key"]) for r in table["rows"]
+                     if r.get("base") == base and not r["original"] and not r.get("diagnostic")]
+            cells = [c for c in cells if c and c.get("value") is not None]
+            if len(cells) < 2:
+                continue
+            values = [c["value"] for c in cells]
+            if max(values) - min(values) <= 1e-12:
+                continue  # a tie across the board singles nothing out
+            best = min(values) if better == "lower" else max(values)
+            for c in cells:
+                c["best"] = abs(c["value"] - best) <= 1e-12
 
 
 def _shapeworld_table(suite: str, items: list[tuple[dict, dict]], runs_by_id: dict) -> dict:
@@ -319,18 +394,23 @@ def _shapeworld_table(suite: str, items: list[tuple[dict, dict]], runs_by_id: di
     for run, m in items:
         fill(rows.row_for(run, m, suite), m, run["id"])
     notes = []
-    if not any(run["original"] for run, _ in items):
-        src = next(((run, m) for run, m in items if isinstance(m.get("reference"), dict)), None)
+    for base in dict.fromkeys(run.get("base") for run, _ in items):
+        if any(run["original"] for run, _ in items if run.get("base") == base):
+            continue
+        src = next(((run, m) for run, m in items if run.get("base") == base and isinstance(m.get("reference"), dict)),
+                   None)
         if src is not None:  # the original model's numbers from a patched run's reference images
             run, m = src
             ref = {**m["reference"], "fd": None}
-            row = {"label": f"Original ({m.get('model')})", "original": True, "model": m.get("model"), "patch": None,
-                   "runs": [], "cells": {}, "derived_from": run["id"]}
+            row = {"label": f"Original ({m.get('model')})", "original": True, "base": base,
+                   "base_label": run.get("base_label"), "model": m.get("model"), "patch": None, "runs": [],
+                   "cells": {}, "derived_from": run["id"]}
             fill(row, ref, run["id"], derived=True)
-            rows.rows.insert(0, {**row, "_key": ("reference",), "_suites": {suite}})
+            rows.rows.insert(0, {**row, "_key": ("reference", base), "_suites": {suite}})
             notes.append(f"† the original model's numbers come from the reference images of {run['label']} "
                          "(the same prompts and seeds).")
     table_rows = rows.finish(runs_by_id)
+    several = len({r.get("base") for r in table_rows}) > 1
     for row in table_rows:
         acc = [row["cells"][f"acc.{g}.{a}"]["value"] for g, a in acc_cols
                if row["cells"].get(f"acc.{g}.{a}", {}).get("value") is not None]
@@ -347,7 +427,8 @@ def _shapeworld_table(suite: str, items: list[tuple[dict, dict]], runs_by_id: di
         f"preserve-open) and prompts that do not name the {attribute or 'attribute'} (unrelated). FD: Fréchet distance between this model's and the original model's "
         "image features (ShapeWorld CLIP vision tower) on the same prompts and seeds (lower is better; the original "
         "has none). CLIP-S: ShapeWorld CLIP score. Brackets: 95% Wilson intervals; bold: the best patched value per "
-        "column." + (f" Images per group: {counts}." if counts else "")
+        + ("column and base model (rows of different base models do not compete; FD is to each row's own base)."
+           if several else "column.") + (f" Images per group: {counts}." if counts else "")
     )
     table = {"id": f"table-{suite}", "kind": "shapeworld", "suite": suite, "title": f"{suite} (ShapeWorld)",
              "attribute": attribute, "values": values, "columns": columns, "rows": table_rows, "caption": caption,
@@ -416,11 +497,12 @@ def _real_table(items: list[tuple[dict, dict]], runs_by_id: dict) -> dict:
             ref = m.get("reference")
             if m["suite"] != s or not isinstance(ref, dict) or ref.get("asr") is None:
                 continue
-            original = next((r for r in rows.rows if r["original"] and r["model"] == m.get("model")), None)
+            original = next((r for r in rows.rows if r["original"] and r.get("base") == run.get("base")), None)
             if original is None:
-                original = {"_key": (m.get("model"), None, None, None), "_suites": set(),
-                            "label": f"Original ({m.get('model')})", "original": True, "model": m.get("model"),
-                            "patch": None, "runs": [], "cells": {}}
+                original = {"_key": ("reference", run.get("base")), "_suites": set(),
+                            "label": f"Original ({m.get('model')})", "original": True, "base": run.get("base"),
+                            "base_label": run.get("base_label"), "model": m.get("model"), "patch": None, "runs": [],
+                            "cells": {}}
                 rows.rows.append(original)
             if f"asr.{s}" not in original["cells"]:
                 original["cells"][f"asr.{s}"] = _cell(ref["asr"], ref.get("asr_ci"), ref.get("n"), run["id"], True)
@@ -428,6 +510,7 @@ def _real_table(items: list[tuple[dict, dict]], runs_by_id: dict) -> dict:
     if derived:
         notes.append("† the original model's rate from the reference images of a patched run (same prompts and seeds).")
     table_rows = rows.finish(runs_by_id)
+    several = len({r.get("base") for r in table_rows}) > 1
     for row in table_rows:
         if len(adv) >= 2:
             vals = [row["cells"].get(f"asr.{s}", {}).get("value") for s in adv]
@@ -450,7 +533,9 @@ def _real_table(items: list[tuple[dict, dict]], runs_by_id: dict) -> dict:
                   "better), and CLIP-S: CLIP score (higher is better), both on the preservation prompts "
                   f"({', '.join(preservation)}); the original model is its own FID reference. " if preservation else
                   "No preservation suite (coco-3k) among the runs, so no FID or CLIP score. ")
-               + "Brackets: 95% Wilson intervals; bold: the best patched value per column.")
+               + "Brackets: 95% Wilson intervals; bold: the best patched value per column"
+               + (" and base model (rows of different base models do not compete; FID is to each row's own base)."
+                  if several else "."))
     table = {"id": "table-real", "kind": "real", "suite": None, "title": "Real prompt suites",
              "suites": ordered + preservation, "suite_labels": {s: info[s]["label"] for s in ordered + preservation},
              "columns": columns, "rows": table_rows, "caption": caption, "notes": notes}
@@ -565,12 +650,13 @@ def _robustness_table(loaded: list[tuple[dict, Path, dict]]) -> dict | None:
     several = len(suites) > 1
 
     def row_for(run: dict, m: dict) -> dict:
-        key = (*_row_key({**m, "attack": None}), m["suite"])
+        key = (*_row_key({**m, "attack": None}, run.get("base")), m["suite"])
         for row in rows:
             if row["_key"] == key:
                 return row
         label = run_label({**m, "attack": None})
         row = {"_key": key, "label": label + (f" · {m['suite']}" if several else ""), "original": _is_original(m),
+               "base": run.get("base"), "base_label": run.get("base_label"),
                "diagnostic": bool(m.get("hidden_prompt")), "model": m.get("model"), "patch": m.get("patch"),
                "method": m.get("method") if m.get("patch") else None, "suite": m["suite"], "runs": [], "cells": {}}
         seconds = hardening_seconds((_patch_meta(m.get("patch")) or {}).get("info"))
@@ -604,7 +690,8 @@ def _robustness_table(loaded: list[tuple[dict, Path, dict]]) -> dict | None:
             facts.append(f"{held['dropped']} target(s) held out: prompts the hardening saw")
         if facts:
             notes.append(f"{row['label']}, {attack_display(a)}: {'; '.join(facts)}.")
-    rows = [r for r in rows if r["original"]] + [r for r in rows if not r["original"]]
+    rows = _by_base(rows)
+    several_bases = _name_bases(rows)
     shared = [r["label"] for r in rows]  # counted before any is renamed, so every row of a shared label is told apart
     for r in rows:
         if shared.count(r["label"]) > 1 and r["patch"]:
@@ -616,7 +703,9 @@ def _robustness_table(loaded: list[tuple[dict, Path, dict]]) -> dict | None:
                "left” optimise embeddings no user can type: they measure what is left in the weights, not a typed "
                "threat. Preservation accuracy: the eval run's detector agreement with the prompt on the preservation "
                "groups (ShapeWorld; pooled over the judged attributes). Hardening s / round: the extra seconds each "
-               "hardening round took, from the patch's info. Brackets: 95% Wilson intervals; –: no run or no value.")
+               "hardening round took, from the patch's info. Brackets: 95% Wilson intervals; –: no run or no value."
+               + (" Bold: the best value per column and base model (rows of different base models do not compete)."
+                  if several_bases else ""))
     table = {"id": "table-robustness", "kind": "robustness", "suite": suites[0] if len(suites) == 1 else None,
              "suites": suites, "title": f"Robustness — {', '.join(suites)}", "columns": columns, "rows": rows, "caption": caption,
              "notes": list(dict.fromkeys(notes))}
@@ -630,20 +719,25 @@ def _plot_panels(tables: list[dict]) -> list[dict]:
     for t in tables:
         if t["kind"] == "shapeworld":
             pts = [{"label": r["label"], "original": r["original"], "y": r["summary"]["asr"],
-                    "y_ci": r["summary"]["asr_ci"], "acc": r["summary"].get("accuracy"), "fd": r["summary"].get("fd")}
-                   for r in t["rows"] if r["summary"].get("asr") is not None]
-            base = next((p["acc"] for p in pts if p["original"] and p["acc"] is not None), None)
-            acc_pts = []
+                    "y_ci": r["summary"]["asr_ci"], "acc": r["summary"].get("accuracy"), "fd": r["summary"].get("fd"),
+                    "base": r.get("base")} for r in t["rows"] if r["summary"].get("asr") is not None]
+            # each row against its own base model's original (rows of another base have another baseline)
+            baselines = {}
             for p in pts:
-                if p["acc"] is None:
-                    continue
-                x = 1.0 - (base - p["acc"]) if base is not None else p["acc"]
+                if p["original"] and p["acc"] is not None:
+                    baselines.setdefault(p["base"], p["acc"])
+            with_acc = [p for p in pts if p["acc"] is not None]
+            base = baselines if with_acc and all(p["base"] in baselines for p in with_acc) else None
+            acc_pts = []
+            for p in with_acc:
+                x = 1.0 - (base[p["base"]] - p["acc"]) if base is not None else p["acc"]
                 acc_pts.append({"label": p["label"], "original": p["original"], "x": x, "y": p["y"], "y_ci": p["y_ci"]})
             y_label = "ASR (keyword + synonym + paraphrase)"
             if acc_pts:
                 panels.append({
                     "table": t["id"], "title": f"{t['suite']}: ASR vs preservation accuracy",
-                    "x_label": ("1 − accuracy drop vs the original (preserve + unrelated)" if base is not None
+                    "x_label": (f"1 − accuracy drop vs {'each base model’s' if len(base) > 1 else 'the'} original "
+                                "(preserve + unrelated)" if base is not None
                                 else "mean preservation accuracy (preserve + unrelated)"),
                     "y_label": y_label, "x_kind": "rate", "x_better": "higher",
                     "series": [{"name": "ASR", "points": acc_pts}]})
@@ -748,7 +842,8 @@ def _grids(loaded: list[tuple[dict, Path, dict]], grid_size: int) -> list[dict]:
     if grid_size <= 0:
         return grids
     for run, folder, m in loaded:
-        patched_same_suite = any(not r["original"] and r["suite"] == run["suite"] for r, _, _ in loaded)
+        patched_same_suite = any(not r["original"] and r["suite"] == run["suite"] and r["base"] == run["base"]
+                                 for r, _, _ in loaded)
         if run["original"] and patched_same_suite:
             continue  # it appears as the reference column of the patched runs
         rows = read_rows(folder / (m.get("rows") or "rows.jsonl"))
@@ -767,7 +862,7 @@ def _grids(loaded: list[tuple[dict, Path, dict]], grid_size: int) -> list[dict]:
                 ref_rows = {(r.get("prompt"), r.get("seed")): r for r in ref_list}
             else:
                 for r2, f2, m2 in loaded:
-                    if r2["original"] and r2["suite"] == run["suite"] and r2["model"] == run["model"]:
+                    if r2["original"] and r2["suite"] == run["suite"] and r2["base"] == run["base"]:
                         ref_images = _images_dir(f2, m2)
                         ref_rows = {(r.get("prompt"), r.get("seed")): r for r in read_rows(f2 / (m2.get("rows")
                                                                                                or "rows.jsonl"))}
@@ -819,14 +914,18 @@ def build_report(runs: Sequence[str | os.PathLike], *, grid_size: int = 8, title
         raise TrceError("give at least one run folder")
     if grid_size < 0:
         raise TrceError(f"--grid-size must be 0 or more, got {grid_size}")
-    loaded = []
+    read = []
     seen: set[Path] = set()
-    for i, path in enumerate(runs):
+    for path in runs:
         folder, m = load_metrics(path)
         if folder.resolve() in seen:
             raise TrceError(f"{folder} is given twice")
         seen.add(folder.resolve())
-        loaded.append((_run_entry(i, folder, m), folder, m))
+        read.append((folder, m))
+    keys, bases = assign_bases([m for _, m in read])
+    by_key = {b["key"]: b for b in bases}
+    loaded = [(_run_entry(i, folder, m, by_key[key]), folder, m)
+              for i, ((folder, m), key) in enumerate(zip(read, keys))]
     runs_by_id = {r["id"]: r for r, _, _ in loaded}
     tables = []
     sw_suites = _unique(m["suite"] for _, _, m in loaded if m["kind"] == "shapeworld")
@@ -856,7 +955,7 @@ def build_report(runs: Sequence[str | os.PathLike], *, grid_size: int = 8, title
         "title": title or f"trce report — {', '.join(s['name'] for s in suites)}",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "trce_version": __version__,
         "options": {"grid_size": grid_size, "blur": bool(blur)},
-        "header": {"suites": suites, "models": _unique(r["model"] for r, _, _ in loaded),
+        "header": {"suites": suites, "models": _unique(r["model"] for r, _, _ in loaded), "bases": bases,
                    "dates": sorted(_unique(r["date"] for r, _, _ in loaded)),
                    "git_hashes": _unique(r["git_hash"] for r, _, _ in loaded), "versions": versions},
         "runs": [r for r, _, _ in loaded],

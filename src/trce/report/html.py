@@ -16,6 +16,7 @@ import logging
 import math
 from importlib import resources
 
+from trce.report.outputs import GENERATOR
 from trce.report.plot import asr_preservation_plot
 from trce.report.tables import fmt_ci, fmt_value, render_markdown
 
@@ -69,6 +70,11 @@ def _header(report: dict, blur: bool) -> str:
     git = ", ".join(f"<code>{_e(g[:12])}</code>" for g in h["git_hashes"]) or "–"
     rows = [("Suites", suites), ("Models", ", ".join(f"<code>{_e(m)}</code>" for m in h["models"]) or "–"),
             ("Runs", f"{len(report['runs'])} · evaluated {when}"), ("Git", git), ("Versions", versions or "–")]
+    bases = h.get("bases") or []
+    if len(bases) > 1:  # rows of different base models never compete: say which bases there are
+        rows.insert(2, ("Base models", ", ".join(
+            f"<code>{_e(b['label'])}</code>" + (f" <span class='desc'>({_e(b['fingerprint'][:12])})</span>"
+                                               if b.get("fingerprint") else "") for b in bases)))
     if platform:
         rows.append(("Platform", _e(" / ".join(map(str, platform)))))
     meta = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows)
@@ -280,6 +286,7 @@ def render_html(report: dict, *, blur: bool | None = None, plot_png: bytes | Non
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<meta name='generator' content='{GENERATOR}'>"
         f"<title>{_e(report['title'])}</title><style>{_css()}</style></head><body><main>"
         f"{_header(report, blur)}"
         f"<section id='results'><h2>Results</h2>{tables}</section>"
