@@ -3,9 +3,12 @@ import os
 import pytest
 import torch
 
-# Tests share 2 cores with whatever else runs; TRCE_TEST_THREADS=1 keeps them polite.
+# Tests share 2 cores with whatever else runs; TRCE_TEST_THREADS=1 keeps them polite. Under pytest-xdist
+# (`-n 2`, as CI runs) each worker takes its share of the cores, so that workers never stall each other.
 if os.environ.get("TRCE_TEST_THREADS"):
     torch.set_num_threads(int(os.environ["TRCE_TEST_THREADS"]))
+elif os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="session")
