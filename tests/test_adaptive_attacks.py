@@ -167,7 +167,7 @@ def test_restarts_one_leaves_the_run_as_it_was(run_cli, tiny_dir, tmp_path):
     assert code == 0, err
     code, _, err = _attack(run_cli, tiny_dir, tmp_path / "one", "mma-text", [*MMA, "restarts=1"])
     assert code == 0, err
-    for name in ("adversarial.csv", "rows.jsonl", "before/rows.jsonl", "attack.json"):
+    for name in ("adversarial.csv", "rows.jsonl", "before/rows.jsonl", "trce.json"):
         assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _results(tmp_path / "plain")]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _results(tmp_path / "one")]

@@ -120,7 +120,7 @@ def test_erase_refuses_to_replace_a_foreign_folder(tiny_dir, tmp_path, run_cli, 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", "red", "--out", tmp_path / "mine")
-    assert_one_line_error(code, err, "is not a trce patch folder")
+    assert_one_line_error(code, err, "holds files trce did not write (notes.txt)")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 

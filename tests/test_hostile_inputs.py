@@ -3,7 +3,9 @@
 Each row is one case: the command line, the exit status, a regular expression the one `trce: error:` line must
 match (None: the command must succeed), and the files that must not exist afterwards. `setup` prepares the case
 (files, a monkeypatched fault, environment variables); `check` looks at what the command left behind. Cases that
-need two processes or a signal are the tests after the table.
+need two processes or a signal are the tests after the table. The catalogue goes on in test_hostile_checks.py
+(ranges and paths checked before work), test_hostile_api.py (the Python calls), test_folders.py (folders of
+another kind or key, eval resume at another --limit), test_hostile_report.py and test_ship.py.
 
 Placeholders in the arguments: {tmp} (the case's folder), {tiny} (a tiny diffusers pipeline), {patch} (a good
 patch of {tiny}), {other} (a patch of another base model). Every case runs on the tiny pipeline with one or two
@@ -340,7 +342,7 @@ def unchanged_rows(out: str) -> Callable[[Case], None]:
     def check(case: Case) -> None:
         rows = rows_of(out)(case)
         assert len(rows) == 1 and {r["name"] for r in rows} == {"00000"}
-        assert json.loads((case.tmp / out / "eval.json").read_text())["key"]["steps"] == 1
+        assert json.loads((case.tmp / out / "trce.json").read_text())["key"]["steps"] == 1
     return check
 
 
@@ -539,7 +541,7 @@ ROWS: list[Row] = [
         r"^--patch .*p is not a trce patch folder \(no patch\.json\)", absent=["x.png"],
         setup=both(folder("p"), no_model_load)),
     # ---------------------------------------------------------------- output folders
-    row("erase-out-is-a-file", ERASE + " --out {tmp}/f", r"^--out .*f exists and is not a trce patch folder",
+    row("erase-out-is-a-file", ERASE + " --out {tmp}/f", r"^--out .*f is a file, not a folder",
         setup=both(write("f", "keep"), no_model_load), check=file_kept("f", "keep")),
     row("eval-out-is-a-file", EVAL_RED + " --out {tmp}/f", r"^--out .*f is a file, not a folder",
         setup=both(write("f", "keep"), no_model_load), check=file_kept("f", "keep")),

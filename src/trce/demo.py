@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trce.errors import TrceError
-from trce.utils import io
+from trce.utils import folders, io
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> str:
     from trce.report import write_report
 
     out = Path(out)
+    folders.check(out, "demo")  # before the model loads: never another run's folder
+    folders.declare(out, "demo")
     torch.manual_seed(cfg.seed)
     pipe = load_pipeline(cfg.model, device=cfg.device)
     patches = {}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from trce.errors import TrceError
-from trce.utils import io
+from trce.utils import folders, io
 
 log = logging.getLogger(__name__)
 
@@ -116,33 +116,67 @@ class Edit:
                     f"tensor {path} has shape {tuple(value.shape)} in the patch but {tuple(target.shape)} in the model"
                 )
 
-    def apply(self, pipe, check_base: bool = True) -> None:
-        """Write the edit's weights into `pipe` (in its dtype and device); `revert` undoes it."""
+    def label(self) -> str:
+        """How messages name this edit: "the trce edit of 'shapeworld-red' (patch runs/red)"."""
+        concept = self.spec.get("name") if isinstance(self.spec, Mapping) else None
+        return (f"the {self.method} edit" + (f" of {concept!r}" if concept else "")
+                + (f" (patch {self.source})" if self.source else ""))
+
+    def is_applied(self, pipe) -> bool:
+        """Whether this edit is applied to `pipe` and not reverted (`applied_edits`)."""
+        return any(edit is self for edit in applied_edits(pipe))
+
+    def check_applicable(self, pipe, check_base: bool = True) -> None:
+        """What `apply` checks before it writes anything (`trce.evaluate` and `trce.attack` call it before any work).
+
+        An edit already applied to `pipe` is refused. With `check_base` (the default) the pipeline must hold no
+        other edit either, since its base model is checked against the one the edit was made for and an applied
+        edit would hide it; then the shapes must fit (`check`). `check_base=False` is for callers that stack edits
+        on purpose (a method's later stages)."""
+        stack = applied_edits(pipe)
+        if self.is_applied(pipe):
+            raise TrceError(f"{self.label()} is already applied to this pipeline")
+        if check_base and stack:
+            other = stack[-1]
+            how = "pipe.trce_patch.revert(pipe)" if getattr(pipe, "trce_patch", None) is other else "edit.revert(pipe)"
+            same = other.files is not None and other.files == self.files
+            raise TrceError(f"{other.label()} is already applied to this pipeline"
+                            + (" (the same patch)" if same else f"; revert it first ({how}) to apply {self.label()}"))
         self.check(pipe, check_base)
-        stash = snapshot(pipe, self.weights)
+
+    def apply(self, pipe, check_base: bool = True) -> None:
+        """Write the edit's weights into `pipe` (in its dtype and device), after `check_applicable`; `revert` undoes
+        it. An apply that fails or is interrupted part way leaves the pipeline as it was."""
+        self.check_applicable(pipe, check_base)
         stack = pipe.__dict__.setdefault("_trce_applied", [])
+        stash = snapshot(pipe, self.weights)
+        try:
+            with torch.no_grad():
+                for path, value in self.weights.items():
+                    target = resolve(pipe, path)
+                    target.copy_(value.to(device=target.device, dtype=target.dtype))
+        except BaseException:  # an interrupted apply leaves the pipeline as it was
+            _restore(pipe, stash)
+            raise
         stack.append((self, stash))
-        with torch.no_grad():
-            for path, value in self.weights.items():
-                target = resolve(pipe, path)
-                target.copy_(value.to(device=target.device, dtype=target.dtype))
         log.debug("applied %s edit to %d tensors", self.method, len(self.weights))
 
     def revert(self, pipe) -> None:
         """Restore the values `apply` replaced, bit for bit (edits must be reverted in reverse order)."""
         stack = pipe.__dict__.get("_trce_applied", [])
-        if not stack or stack[-1][0] is not self:
-            raise TrceError("this edit is not the last one applied to the pipeline; revert edits in reverse order")
-        _, stash = stack.pop()
+        if not self.is_applied(pipe):
+            raise TrceError(f"{self.label()} is not applied to this pipeline")
+        if stack[-1][0] is not self:
+            raise TrceError(f"{self.label()} is not the last edit applied to the pipeline ({stack[-1][0].label()} "
+                            "is); revert edits in reverse order")
+        _restore(pipe, stack[-1][1])  # popped once every value is back: an interrupted revert can be run again
+        stack.pop()
         if getattr(pipe, "trce_patch", None) is self:
             pipe.trce_patch = None
-        with torch.no_grad():
-            for path, value in stash.items():
-                resolve(pipe, path).copy_(value)
 
     @contextlib.contextmanager
     def applied(self, pipe, check_base: bool = True) -> Iterator[Any]:
-        """`with edit.applied(pipe): ...` runs the block on the edited model, then reverts."""
+        """`with edit.applied(pipe): ...` runs the block on the edited model, then reverts (however the block ends)."""
         self.apply(pipe, check_base)
         try:
             yield pipe
@@ -166,6 +200,7 @@ class Edit:
     def save(self, folder: str | Path, **record: Any) -> Path:
         """Write this edit as a patch folder, atomically."""
         folder = Path(folder)
+        folders.check(folder, "patch", "folder")  # a patch replaces the folder: never another run's results
         meta_weights = {p: list(t.shape) for p, t in self.weights.items()}
         with io.run_lock(folder, "folder"), io.atomic_dir(folder) as tmp:
             io.save_tensors(tmp / "weights.safetensors", dict(self.weights))
@@ -192,6 +227,25 @@ class Edit:
 def applied_edits(pipe) -> list[Edit]:
     """The edits applied to `pipe` and not reverted, oldest first (revert them newest first)."""
     return [edit for edit, _ in pipe.__dict__.get("_trce_applied", [])]
+
+
+def as_edit(value, field: str = "edit") -> Edit | None:
+    """An `Edit`, a patch folder (read with `load_patch`) or None, as `trce.evaluate`'s `edit` and `load_pipeline`'s
+    `patch` take them; anything else is one TrceError naming it."""
+    import os
+
+    if value is None or isinstance(value, Edit):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return load_patch(value)
+    raise TrceError(f"{field} must be an Edit (from trce.erase or trce.load_patch) or a patch folder, "
+                    f"got {type(value).__name__} {value!r}", field=field)
+
+
+def _restore(pipe, stash: Mapping[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for path, value in stash.items():
+            resolve(pipe, path).copy_(value)
 
 
 def _sha256(path: Path) -> str:
@@ -287,6 +341,7 @@ def export(pipe, edit: Edit, out: str | Path, record: dict | None = None) -> Pat
     `trce-export.json` beside the weights records the edit (method, spec, settings, base) and `record`.
     """
     out = Path(out)
+    folders.check(out, "export")  # an export replaces the folder: never another run's results
     patch = {"method": edit.method, "spec": edit.spec, "settings": edit.settings, "base": edit.base,
              "source": edit.source}
     if edit.source is not None and (Path(edit.source) / "patch.json").exists():

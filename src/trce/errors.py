@@ -31,6 +31,15 @@ class TrceError(Exception):
         return text
 
 
+def check_integer(value, field: str, *, at_least: int | None = None) -> None:
+    """An integer argument or setting (not a bool, not a float such as 1.5), at least `at_least` when given: the one
+    check behind the library's and the CLI's `FIELD must be an integer, got 1.5` and `FIELD must be at least 1, got 0`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TrceError(f"{field} must be an integer, got {value!r}", field=field)
+    if at_least is not None and value < at_least:
+        raise TrceError(f"{field} must be at least {at_least}, got {value!r}", field=field)
+
+
 def choose(kind: str, name: str, available) -> str:
     """Validate `name` against `available`, naming the choices (and a close match) on a typo."""
     import difflib

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trce.errors import TrceError
+from trce.errors import TrceError, check_integer
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,8 @@ def check_guidance(value, field: str = "guidance") -> None:
 
 
 def check_count(value, field: str) -> None:
-    """A count (steps, images, batch size): an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TrceError(f"{field} must be at least 1, got {value!r}", field=field)
+    """A count (steps, images, batch size, limit): an integer >= 1 (`trce.errors.check_integer`)."""
+    check_integer(value, field, at_least=1)
 
 
 def chunk_size(height: int, width: int) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -71,6 +72,13 @@ def load_pipeline(
     for another base model is refused. The applied Edit stays reachable as `pipe.trce_patch`
     (`pipe.trce_patch.revert(pipe)` gives back the base model, bit for bit).
     """
+    from trce.edit import as_edit
+
+    if not isinstance(model, (str, os.PathLike)):
+        raise TrceError(f"model must be a built-in model name, a diffusers folder or a hub id, got {model!r}",
+                        field="model")
+    model = os.fspath(model)
+    edit = as_edit(patch, "patch")  # a bad patch is refused before the model loads
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if model == "shapeworld":
@@ -103,10 +111,7 @@ def load_pipeline(
     pipe = pipe.to(dev)
     pipe.trce_model_name = model  # recorded in every output made with this pipeline
     pipe.trce_patch = None
-    if patch is not None:
-        from trce.edit import Edit, load_patch
-
-        edit = patch if isinstance(patch, Edit) else load_patch(patch)
+    if edit is not None:
         edit.apply(pipe)
         pipe.trce_patch = edit
     return pipe

@@ -175,7 +175,8 @@ def check_budget_preset(budget: Any, attack: str) -> None:
 def parse_budget(budget_cls: type, items: Sequence[str], attack: str, base: Any = None) -> Any:
     """`["steps=40", "lr=0.01"]` -> a `budget_cls` (from `base`, else its defaults); keys may use - or _.
 
-    `preset=NAME` is applied first (from the preset's values, not `base`), then the other keys on top."""
+    `preset=NAME` is applied first (from the preset's values, not `base`), then the other keys on top; a key given
+    twice is refused."""
     current = base if base is not None else budget_cls()
     names = {f.name for f in fields(budget_cls)}
     items = [str(i) for i in items]
@@ -187,12 +188,16 @@ def parse_budget(budget_cls: type, items: Sequence[str], attack: str, base: Any 
         current = from_preset(budget_cls, name, attack)
         items = [i for i in items if i not in preset]
     values: dict[str, Any] = {}
+    given: dict[str, str] = {}  # key -> the item that gave it: a key given twice is refused, not the last one taken
     for item in items:
         key, sep, raw = str(item).partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise TrceError(f"--budget takes key=value pairs, got {item!r}")
         choose(f"{attack} budget key", key, names)
+        if key in given:
+            raise TrceError(f"--budget gives {key} twice ({given[key]} and {item}); give each key once")
+        given[key] = item
         default = getattr(current, key)
         raw = raw.strip()
         try:

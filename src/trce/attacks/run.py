@@ -4,7 +4,8 @@ and after with the suite's detector, exactly as `trce.evaluate` measures it (`tr
 
 Output folder (`out`):
 
-    out/attack.json            what the results and images depend on; a rerun with other values is refused
+    out/trce.json              the folder's manifest (`trce.utils.folders`): kind "attack" and what the results and
+                               images depend on (the targets included); a rerun with other values is refused
     out/results.jsonl          one line per attacked target (resume: finished targets are skipped)
     out/adversarial.csv        case_number, prompt, evaluation_seed, evaluation_guidance, target_prompt
                                (`trce eval --prompts out/adversarial.csv` replays them on any model);
@@ -38,6 +39,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -47,8 +50,9 @@ from typing import Any
 
 import torch
 
-from trce.errors import TrceError, choose
+from trce.errors import TrceError, check_integer, choose
 from trce.eval.runner import ImageOptions, Metrics
+from trce.utils import folders
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +76,9 @@ class AttackOptions(ImageOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
-                                       or self.limit < 1):
-            raise TrceError(f"limit must be at least 1, got {self.limit!r}", field="limit")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TrceError(f"seed must be an integer, got {self.seed!r}", field="seed")
+        if self.limit is not None:
+            check_integer(self.limit, "limit", at_least=1)
+        check_integer(self.seed, "seed")
 
     def group_list(self) -> list[str]:
         items = self.groups.split(",") if isinstance(self.groups, str) else list(self.groups)
@@ -105,6 +107,7 @@ def attack(pipe, suite: str, attack: str, *, edit=None, budget: Any = None, out:
     """Attack `pipe` (with `edit` applied for the duration, when given) on a suite's prompts; returns the metrics.
 
     attack     ring-a-bell, mma-text, unlearndiff or soft-prompt (`trce.attacks.ATTACKS`)
+    edit       an `Edit` (from `trce.erase` or `trce.load_patch`) or a patch folder
     budget     the attack's `Budget`, a mapping of its fields, or ["key=value", ...] (None: its defaults);
                `restarts=N` (every attack): N searches per target, broken when any succeeds (the module doc)
     out        the run folder; rerunning into it resumes. None: a temporary folder, removed afterwards
@@ -115,16 +118,40 @@ def attack(pipe, suite: str, attack: str, *, edit=None, budget: Any = None, out:
     Returns None on the non-main processes of a sharded (`accelerate launch`) run. A hardened `edit` is attacked
     on held-out targets only (`trce.attacks.held_out`).
     """
+    import os
+
+    from trce.attacks import ATTACKS, get_attack
+    from trce.edit import as_edit
+
+    # every argument is checked before any work, with the messages `trce attack` gives
+    if not isinstance(suite, (str, os.PathLike)):
+        raise TrceError(f"suite must be a suite name (see trce.suites()) or a suite YAML path, got {suite!r}",
+                        field="suite")
+    if not isinstance(attack, str):
+        raise TrceError(f"attack must be the name of an attack ({', '.join(ATTACKS)}), got {attack!r}", field="attack")
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise TrceError(f"out must be a folder path, got {out!r}", field="out")
+    mod = get_attack(attack)
+    if not (budget is None or isinstance(budget, (mod.Budget, Mapping, str))
+            or (isinstance(budget, (list, tuple)) and all(isinstance(b, str) for b in budget))):
+        raise TrceError(f"budget must be a {mod.NAME} Budget, a mapping of its fields or 'key=value' text such as "
+                        f"'restarts=2' or 'preset=NAME', got {type(budget).__name__} {budget!r}", field="budget")
     for name in options:
         if name not in {f.name for f in dataclasses.fields(AttackOptions)}:
             choose("attack option", name, [f.name for f in dataclasses.fields(AttackOptions)])
     opts = AttackOptions(**options)
+    suite = os.fspath(suite)
+    prepared = prepare(suite, attack, budget, opts)
+    edit = as_edit(edit)
+    if edit is not None:
+        edit.check_applicable(pipe)  # another edit on the pipeline, another base model: refused now
     if out is None:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="trce-attack-") as tmp:
-            return _run(pipe, suite, attack, edit, budget, Path(tmp) / "attack", reference, opts, {})
-    return _run(pipe, suite, attack, edit, budget, Path(out), reference, opts, {})
+            return _run(pipe, suite, attack, edit, budget, Path(tmp) / "attack", reference, opts, {},
+                        prepared=prepared)
+    return _run(pipe, suite, attack, edit, budget, Path(out), reference, opts, {}, prepared=prepared)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -278,6 +305,7 @@ def _run(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: Att
     from trce.utils.processes import process_state
 
     io.check_folder(out, "out")
+    folders.check(out, "attack")
     io.check_writable(out, "out")
     if state is None:
         state = process_state(family_of(pipe).denoiser(pipe).device.type == "cpu")
@@ -307,6 +335,8 @@ def _attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: 
     family = family_of(pipe)
     denoiser = family.denoiser(pipe)
     check_settings(pipe, settings)
+    if edit is not None:
+        edit.check(pipe)  # a patch of another base model is refused before any search or image
     if state.is_main_process:
         warn_long_prompts(pipe, [t.prompt for t in targets])
     device = state.device if state.num_processes > 1 else denoiser.device
@@ -321,7 +351,10 @@ def _attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: 
            "detector": detector.info(), "dtype": str(denoiser.dtype)}
     if held_out is not None:  # only for hardened patches: other run folders keep their keys
         key["held_out"] = {"dropped": held_out["dropped_indices"], "seed_stream": held_out["seed_stream"]}
-    io.check_run_key(out / "attack.json", key, state, "an attack")
+    # which targets exist: a rerun with another --limit (or prompts) is refused, not mixed into these results
+    key["targets"] = hashlib.sha256(json.dumps([[t.index, t.prompt, t.seed, g] for t, g in zip(targets, guidances)])
+                                    .encode()).hexdigest()[:16]
+    folders.claim(out, "attack", key, state)
 
     if mod.NEEDS_REFERENCE and reference is None:
         # the original model's images of the concept: the edit taken off for the draw, or the model itself

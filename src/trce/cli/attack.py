@@ -73,7 +73,7 @@ def cmd_attack(args) -> int:
     from trce.attacks.run import CSV_NAME, AttackOptions, _run, hold_out_targets, prepare
     from trce.edit import load_patch
     from trce.loading import load_pipeline, resolve_device
-    from trce.utils import io
+    from trce.utils import folders, io
     from trce.utils.processes import process_state
 
     options = AttackOptions(limit=args.limit, seed=args.seed, groups=args.groups, concept=args.concept, ban=args.ban,
@@ -82,6 +82,7 @@ def cmd_attack(args) -> int:
     prepared = prepare(args.suite, args.attack, args.budget, options)  # every input checked before the model loads
     out = Path(args.out)
     io.check_folder(out, "out")
+    folders.check(out, "attack")
     io.check_writable(out, "out")
     edit = load_patch(args.patch) if args.patch is not None else None
     cpu = args.device == "cpu" or not torch.cuda.is_available()

@@ -12,7 +12,7 @@ from typing import Any
 
 from trce.cli.common import add_model_args, parser_kwargs, read_yaml_mapping
 from trce.errors import TrceError
-from trce.utils import io
+from trce.utils import folders, io
 
 log = logging.getLogger("trce")
 
@@ -111,12 +111,6 @@ def _concept_names(values: Any) -> list[str]:
     return [str(v) for v in values]
 
 
-def _check_out(out: Path, marker: str, what: str) -> None:
-    """Refuse to replace a folder that is not one of ours (an existing `marker` file says it is)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
-        raise TrceError(f"out {out} exists and is not a {what}; choose a new folder", field="out")
-
-
 def _sections(method, cfg: dict[str, Any], flags: dict[str, Any], assignments: list[str]) -> dict[str, dict]:
     """Settings per stage: the --config file's sections, stage-T flags (--eta ...), then `--set STAGE.KEY=VALUE`.
 
@@ -178,11 +172,16 @@ def cmd_erase(args) -> int:
     seed = settings["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TrceError(f"--seed must be an integer, got {seed!r}")
+    from trce.methods.robust import check_rounds
+
+    check_rounds(settings.get("robust"), "robust", field="robust")  # --robust (or the run file's robust:)
     the_plan = plan(names, method.name, None if settings["stages"] is None else str(settings["stages"]), seed=seed,
                     data=settings.get("data"), cache=settings.get("cache"), use_cache=not args.no_cache,
                     **stage_settings)
+    for stage, config in the_plan.configs.items():  # --set V.robust=..., a config section's robust:
+        check_rounds(getattr(config, "robust", None), f"setting {stage}.robust")
     out = Path(args.out)
-    _check_out(out, "patch.json", "trce patch folder")
+    folders.check(out, "patch")
     io.check_writable(out, "out", replace=True)  # before any work: a read-only place is found now, not after training
     with io.run_lock(out, "out"):  # a second `trce erase` into the same --out is refused, not mixed
         pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
@@ -205,7 +204,7 @@ def cmd_export(args) -> int:
     from trce.loading import load_pipeline
 
     out = Path(args.out)
-    _check_out(out, "model_index.json", "diffusers pipeline folder")
+    folders.check(out, "export")
     io.check_writable(out, "out", replace=True)
     patch = load_patch(args.patch)  # refuse a broken patch before loading the model
     with io.run_lock(out, "out"):

@@ -71,6 +71,29 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_suites)
 
 
+def _check_concept(args) -> None:
+    """--concept names what the shapeworld detector judges outside ShapeWorld suites; where nothing would read it, it
+    is refused rather than ignored: a ShapeWorld suite judges its own concept, other detectors none."""
+    if args.concept is None:
+        return
+    from trce.eval.suites import load_suite
+    from trce.shapeworld import world
+
+    attribute, values = world.attribute_values(args.concept, "concept")  # a misspelt concept is named first
+    suite = load_suite(args.suite) if args.suite is not None else None
+    if suite is not None and suite.kind == "shapeworld":
+        if (attribute, set(values)) == (suite.attribute, set(suite.values)):
+            return
+        own = f"{suite.attribute}={','.join(suite.values)}"
+        raise TrceError(f"--concept {args.concept} does not apply to suite {suite.name}: a ShapeWorld suite judges its "
+                        f"own concept ({own}); for {args.concept} choose its suite (`trce suites`) or a suite YAML",
+                        field="concept")
+    detector = args.detector or (suite.detector if suite is not None else "nudenet")
+    if detector != "shapeworld":
+        raise TrceError(f"--concept {args.concept} is read only by the shapeworld detector; this run's detector is "
+                        f"{detector} (add --detector shapeworld to judge {args.concept})", field="concept")
+
+
 def cmd_eval(args) -> int:
     from trce.eval.runner import EvalConfig, format_table, run_eval
 
@@ -78,6 +101,7 @@ def cmd_eval(args) -> int:
         raise TrceError("give --suite NAME (see `trce suites`) or --prompts FILE")
     if args.with_hidden_prompt and args.patch is None:
         raise TrceError("--with-hidden-prompt needs --patch DIR (a KPOP patch)")
+    _check_concept(args)
     config = EvalConfig(
         suite=args.suite, prompts=args.prompts, model=args.model, patch=args.patch, data=args.data, limit=args.limit,
         **image_options(args), seeds=args.seeds, concept=args.concept, clip_weights=args.clip_weights,

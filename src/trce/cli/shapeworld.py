@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 
 from trce.cli.common import EXAMPLES, add_model_args, parser_kwargs
 from trce.errors import TrceError
+from trce.shapeworld.settings import check_seed
 
 log = logging.getLogger("trce")
 
@@ -49,7 +51,10 @@ def register(sub) -> None:
     p.add_argument("--exclude", default=None, metavar="ATTRIBUTE=VALUE",
                    help="the UNet never sees an image showing it (e.g. color=red) and starts from scratch: the "
                         "retrained reference an erasure is judged against")
-    p.add_argument("--ship", action="store_true", help="copy the exported pipeline into the installed package")
+    p.add_argument("--ship", action="store_true",
+                   help="install the exported model into the package, replacing the shipped one (the detector too), "
+                        "once it passes the quality bar of `trce shapeworld check`; the replaced folder is kept beside "
+                        "it. Refused with --tiny or --exclude")
     p.set_defaults(func=cmd_train)
 
     p = swsub.add_parser("check", **parser_kwargs(
@@ -68,19 +73,100 @@ TRAIN_OPTIONS = ("pool_size", "clip_steps", "vae_steps", "detector_steps", "unet
                  "clip_aux_weight", "warm_start", "exclude")
 
 
+def _check_numbers(args) -> None:
+    """Every number `trce shapeworld train` takes, in range before anything is made (`trce.shapeworld.settings`)."""
+    from dataclasses import replace
+
+    from trce.shapeworld.settings import MINIATURE_OPTIONS, check_training
+
+    check_seed(args.seed)
+    given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
+    if args.family == "sd1":
+        from trce.shapeworld.train import TrainConfig
+
+        cfg = TrainConfig.tiny(seed=args.seed) if args.tiny else TrainConfig(seed=args.seed)
+        check_training(replace(cfg, **given))
+    else:
+        from trce.shapeworld.miniatures import MiniatureConfig
+
+        cfg = MiniatureConfig.tiny(args.family, seed=args.seed) if args.tiny else MiniatureConfig(args.family)
+        options = {**MINIATURE_OPTIONS, "pool_size": "pool_size"}  # miniature field -> option
+        check_training(replace(cfg, **{f: given[o] for f, o in options.items() if o in given}))
+
+
+def _check_out(out) -> None:
+    """Refuse an --out inside the installed trce package: only a deliberate --ship writes there."""
+    from pathlib import Path
+
+    import trce
+
+    package = Path(trce.__file__).resolve().parent
+    target = Path(out).expanduser().resolve()
+    if target == package or package in target.parents:
+        raise TrceError(f"--out {out} is inside the installed trce package ({package}); train into a folder of your "
+                        "own (--ship installs the finished model into the package)", field="out")
+
+
+def _check_ship(args) -> None:
+    """--ship's refusals, before any training and before anything is written."""
+    if not args.ship:
+        return
+    from trce.loading import shapeworld_dir
+    from trce.shapeworld.miniatures import miniature_dir
+    from trce.shapeworld.train import check_ship_args
+
+    dest = shapeworld_dir() if args.family == "sd1" else miniature_dir(args.family)
+    check_ship_args(tiny=args.tiny, exclude=args.exclude, dest=dest)
+
+
+def _shipped(kind: str, export, shipped) -> None:
+    log.info("ShapeWorld %s written to %s", kind, export)
+    if shipped is not None:
+        print(f"installed {export} into {shipped.dest}")
+        print(f"the weights it replaced are kept in {shipped.backup}" if shipped.backup is not None
+              else "there were no weights to replace")
+
+
+@contextlib.contextmanager
+def _nothing_left(out):
+    """A run refused before it wrote anything (a --warm-start that is no finished run, ...) leaves no empty --out
+    behind: the folders it made for it (--out and its missing parents) are removed again once the run's lock is
+    released, each only while empty; folders that were there, and finished work (a resume's), are kept."""
+    from pathlib import Path
+
+    made = []  # the folders this run makes, innermost first
+    folder = Path(out).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:  # never made (a run refused before it made --out): its parents may be
+                continue
+            except OSError:  # not empty (work to resume, or another run's lock)
+                break
+        raise
+
+
 def cmd_train(args) -> int:
     from trce.shapeworld.train import train
     from trce.utils import io
 
+    _check_numbers(args)
+    _check_ship(args)
+    io.check_path(args.out, "out")  # a name too long, a loop of links: one clear error before the path is resolved
+    _check_out(args.out)
     io.check_writable(args.out, "out")  # before the training, not after its first stage
     if args.family != "sd1":
         return _train_miniature(args)
-    with io.run_lock(args.out, "out"):  # a second training into the same --out is refused
-        export, dest = train(args.out, seed=args.seed, device=args.device, tiny=args.tiny, ship=args.ship,
-                             **{k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None})
-    log.info("ShapeWorld pipeline written to %s", export)
-    if dest is not None:
-        log.info("installed into %s", dest)
+    with _nothing_left(args.out), io.run_lock(args.out, "out"):  # a second training into the same --out is refused
+        export, shipped = train(args.out, seed=args.seed, device=args.device, tiny=args.tiny, ship=args.ship,
+                                **{k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None})
+    _shipped("pipeline", export, shipped)
     return 0
 
 
@@ -96,12 +182,10 @@ def _train_miniature(args) -> int:
                         "--warm-start)")
     names = {"unet_steps": "steps", "unet_batch": "batch", "pool_size": "pool_size", "warm_start": "warm_start"}
     overrides = {new: getattr(args, old) for old, new in names.items() if getattr(args, old) is not None}
-    with io.run_lock(args.out, "out"):
-        export, dest = train_miniature(args.out, args.family, seed=args.seed, device=args.device, tiny=args.tiny,
-                                       ship_it=args.ship, **overrides)
-    log.info("ShapeWorld %s denoiser written to %s", args.family, export)
-    if dest is not None:
-        log.info("installed into %s", dest)
+    with _nothing_left(args.out), io.run_lock(args.out, "out"):
+        export, shipped = train_miniature(args.out, args.family, seed=args.seed, device=args.device, tiny=args.tiny,
+                                          ship_it=args.ship, **overrides)
+    _shipped(f"{args.family} denoiser", export, shipped)
     return 0
 
 
@@ -112,6 +196,7 @@ def cmd_check(args) -> int:
 
     if args.n < 3:
         raise TrceError(f"--n must be at least 3 (one image per group), got {args.n}")
+    check_seed(args.seed)
     settings = GenSettings(steps=args.steps, guidance=args.guidance, batch_size=100)  # checked before loading
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     result = run_check(pipe, n=args.n, seed=args.seed, settings=settings, progress=not args.json)

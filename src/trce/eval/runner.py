@@ -2,8 +2,9 @@
 
 Output folder (`--out DIR`):
 
-    DIR/eval.json                what the images depend on (model and patch fingerprints, steps, size,
-                                 detector); a rerun with other values is refused instead of mixing
+    DIR/trce.json                the folder's manifest (`trce.utils.folders`): kind "eval" and what the images
+                                 depend on (model and patch fingerprints, steps, size, detector); a rerun with
+                                 other values is refused instead of mixing, and so is a folder of another kind
     DIR/images/{index:05d}.png   one image per prompt row
     DIR/rows.jsonl               one JSON line per finished row: index, prompt, seed, guidance, group,
                                  categories, detector scores and verdict (appended and flushed per batch)
@@ -14,7 +15,10 @@ Output folder (`--out DIR`):
     .DIR.lock (beside DIR)       while a run writes DIR; a second run into DIR is refused (`trce.utils.io.run_lock`)
 
 Rerunning the same command resumes: rows whose line is in rows.jsonl and whose image exists are
-skipped; a line cut short by a kill is dropped and its row redone, so no row is ever doubled.
+skipped; a line cut short by a kill is dropped and its row redone, so no row is ever doubled. A rerun
+that asks for other rows (`--limit` grown or shrunk) keeps the rows it still asks for, wherever they
+now stand (matched by prompt, seed and guidance), draws the new ones and sets aside the rest in
+DIR/.unused/ (taken back when asked for again): rows.jsonl and the metrics hold exactly the rows asked for.
 Under `accelerate launch` (or `torchrun`) the unfinished rows are split across processes with
 `PartialState.split_between_processes`; each rank appends to its own `rows.rank{r}.jsonl`, and
 rank 0 merges the shards and computes the metrics after `wait_for_everyone`.
@@ -38,11 +42,12 @@ import torch
 
 from trce.errors import TrceError, choose
 from trce.eval import metrics as M
+from trce.eval import resume
 from trce.eval.detectors import Detector, make_detector
 from trce.eval.prompts import PromptRow, load_prompts
 from trce.eval.suites import ERASURE_GROUPS, Defaults, Suite, load_suite
 from trce.generate import GenSettings, generate_iter
-from trce.utils import io
+from trce.utils import folders, io
 from trce.utils.processes import SingleState, process_state
 from trce.utils.records import Records
 
@@ -119,9 +124,10 @@ class EvalOptions(ImageOptions):
             raise TrceError(f"seeds has repeated values: {','.join(map(str, self.seeds))}", field="seeds")
         if any(s < 0 for s in self.seeds):
             raise TrceError(f"seeds must be non-negative, got {','.join(map(str, self.seeds))}", field="seeds")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
-                                       or self.limit < 1):
-            raise TrceError(f"limit must be at least 1, got {self.limit!r}", field="limit")
+        if self.limit is not None:
+            from trce.generate import check_count
+
+            check_count(self.limit, "limit")
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,7 @@ def _matches(rec: dict | None, row: PromptRow, seed: int, guidance: float, folde
 
 
 def _record(index: int, name: str, row: PromptRow, seed: int, guidance: float, result: dict) -> dict:
+    """A finished row's record; `result` holds the detector's verdict and scores."""
     return {"index": index, "name": name, "prompt": row.prompt, "seed": seed, "guidance": guidance,
             "group": row.category, "categories": list(row.categories), "case_number": row.case_number,
             "verdict": result["verdict"], "scores": result["scores"], "extra": row.extra}
@@ -188,11 +195,18 @@ def generate_rows(pipe, rows: Sequence[PromptRow], seeds: Sequence[int], guidanc
     `embeds` ((N, L, D) conditionings: soft prompts) the images are drawn from them, not from the rows' text.
     """
     state = state if state is not None else SingleState()
+    by_index = names is None  # rows named by their index: a rerun asking for other rows moves them (`resume`)
     names = list(names) if names is not None else [f"{i:05d}" for i in range(len(rows))]
     folder = Path(folder)
     records = Records(folder / ROWS, "name", state, order=lambda r: (r.get("index", 0), r["name"]))
     if state.is_main_process:
         (folder / IMAGES).mkdir(parents=True, exist_ok=True)
+        if by_index:
+            def remake(i: int, rec: dict) -> dict:
+                return {**rec, **_record(i, names[i], rows[i], seeds[i], guidances[i], rec)}
+
+            resume.reconcile(folder, [resume.identity(r.prompt, s, g) for r, s, g in zip(rows, seeds, guidances)],
+                             names, IMAGES, ROWS, remake)
     done = records.done()
     todo = [i for i in range(len(rows)) if not _matches(done.get(names[i]), rows[i], seeds[i], guidances[i], folder)]
     if len(todo) < len(rows) and state.is_main_process:
@@ -276,7 +290,7 @@ def evaluate(pipe, suite: str | None = None, *, edit=None, out: str | Path | Non
     """Evaluate `pipe` (with `edit` applied for the duration, when given) on a suite; returns the metrics.
 
     suite    a built-in suite name (`trce.suites()`) or a suite YAML path; or `prompts=FILE` instead
-    edit     an `Edit` (from `trce.erase` or `trce.load_patch`); the pipeline is left as it was
+    edit     an `Edit` (from `trce.erase` or `trce.load_patch`) or a patch folder; the pipeline is left as it was
     out      the run folder (images, rows.jsonl, metrics.json); rerunning into it resumes. None: a
              temporary folder, removed afterwards (the metrics are returned)
     limit    prompts per group (ShapeWorld) or in all (real suites); seeds: seed offsets (0: the suite's own)
@@ -284,12 +298,24 @@ def evaluate(pipe, suite: str | None = None, *, edit=None, out: str | Path | Non
              concept, reference_cache, hidden_prompt, clip_weights, inception_weights, q16_weights, progress
     Returns None on the non-main processes of a sharded (`accelerate launch`) run.
     """
+    from collections.abc import Iterable
+
+    from trce.edit import as_edit
+
     known = {f.name for f in fields(EvalOptions)}
     for name in options:
         if name not in known:
             choose("evaluate option", name, known)
-    opts = EvalOptions(suite=suite, limit=limit, seeds=tuple([seeds] if isinstance(seeds, int) else seeds),
-                       **options)
+    # every argument is checked before any work, with the messages `trce eval` gives
+    for name, value, want in (("suite", suite, "a suite name (see trce.suites()) or a suite YAML path"),
+                              ("prompts", options.get("prompts"), "a prompt file path"), ("out", out, "a folder path")):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TrceError(f"{name} must be {want}, got {value!r}", field=name)
+    seeds = tuple(seeds) if isinstance(seeds, Iterable) and not isinstance(seeds, (str, bytes)) else (seeds,)
+    opts = EvalOptions(suite=None if suite is None else os.fspath(suite), limit=limit, seeds=seeds, **options)
+    edit = as_edit(edit)
+    if edit is not None:
+        edit.check_applicable(pipe)  # another edit on the pipeline, another base model: refused now
     if opts.hidden_prompt and edit is None:
         raise TrceError("hidden_prompt needs an edit (a KPOP patch)", field="hidden_prompt")
     if out is None:
@@ -325,6 +351,7 @@ def _check_folders(out: Path, options: EvalOptions) -> EvalOptions:
     left out (one log line) and the original model's images are drawn into `out`."""
     io.check_folder(out, "out")
     io.check_folder(options.reference_cache, "reference_cache")
+    folders.check(out, "eval")
     io.check_writable(out, "out")
     if options.reference_cache is not None:
         problem = io.usable_folder(options.reference_cache)
@@ -365,6 +392,8 @@ def _evaluate(pipe, edit, options: EvalOptions, out: Path, plan: _Plan, record: 
     denoiser = family.denoiser(pipe)
     detector = plan.detector
     check_settings(pipe, settings)
+    if edit is not None:
+        edit.check(pipe)  # a patch of another base model is refused before any image is drawn
     base = fingerprint(pipe)
     if edit is not None and options.hidden_prompt:
         from trce.methods.kpop import hidden_prompt
@@ -376,7 +405,7 @@ def _evaluate(pipe, edit, options: EvalOptions, out: Path, plan: _Plan, record: 
            "steps": plan.steps, "size": plan.size, "guidance": options.guidance, "suite": f"{suite.name}@{suite.version}",
            "detector": detector.info(), "dtype": str(denoiser.dtype),
            **({"hidden_prompt": True} if options.hidden_prompt else {})}
-    io.check_run_key(out / "eval.json", key, state, "an evaluation")
+    folders.claim(out, "eval", key, state)
     if state.is_main_process:
         warn_long_prompts(pipe, [r.prompt for r in rows])
 

@@ -23,12 +23,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trce.errors import TrceError
+from trce.errors import TrceError, check_integer
 from trce.registry import Context, Method, get_method, make_config
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,19 @@ def resolve_concepts(concept) -> list:
     """A name, alias, spec path, `ConceptSpec`, or a list of them (names may be comma-separated) -> specs."""
     from trce.concepts import ConceptSpec, load_spec
 
-    items = [concept] if isinstance(concept, (str, Path, ConceptSpec)) else list(concept or [])
+    if isinstance(concept, (str, os.PathLike, ConceptSpec)):
+        items = [concept]
+    elif concept is None or (isinstance(concept, Iterable) and not isinstance(concept, (bytes, Mapping))):
+        items = list(concept or [])
+    else:
+        raise TrceError(f"concept must be a name, a spec path, a ConceptSpec or a list of them, got "
+                        f"{type(concept).__name__} {concept!r}", field="concept")
     specs = []
     for item in items:
         if isinstance(item, ConceptSpec):
             specs.append(item)
             continue
-        if not isinstance(item, (str, Path)):
+        if not isinstance(item, (str, os.PathLike)):
             raise TrceError(f"a concept is a name, a spec path or a ConceptSpec, got {type(item).__name__} {item!r}")
         text = str(item)
         names = [text] if Path(text).expanduser().exists() else [x.strip() for x in text.split(",") if x.strip()]
@@ -96,6 +103,12 @@ def plan(concept, method: str = "trce", stages: str | Sequence[str] | None = Non
     """Resolve an erasure without running it (the arguments of `erase`; `family`: the model family whose
     `family_settings` the specs apply, which `run` fills in from the pipeline when left out)."""
     m = get_method(method)
+    if isinstance(stages, Iterable) and not isinstance(stages, (str, bytes, Mapping)):
+        stages = list(stages)
+    if not (stages is None or isinstance(stages, str) or (isinstance(stages, list)
+                                                          and all(isinstance(s, str) for s in stages))):
+        raise TrceError(f"stages must be stage names of method {m.name!r} ({', '.join(m.stage_names)}) as 'T,V' or "
+                        f"a list, got {stages!r}", field="stages")
     chosen = m.parse_stages(stages)
     for section, values in settings.items():
         if section not in m.stage_names:
@@ -103,8 +116,7 @@ def plan(concept, method: str = "trce", stages: str | Sequence[str] | None = Non
                             f"its stages: {', '.join(m.stage_names)}")
         if values is not None and not isinstance(values, Mapping):
             raise TrceError(f"settings of stage {section} must be a mapping such as {{'lr': 1e-4}}, got {values!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TrceError(f"seed must be an integer, got {seed!r}")
+    check_integer(seed, "seed")
     specs = [s.for_family(family) for s in resolve_concepts(concept)]
     overrides = _hardened(m, {k: dict(v) for k, v in settings.items() if v})
     configs = _configs(chosen, specs, family, overrides, seed)

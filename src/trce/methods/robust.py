@@ -37,11 +37,25 @@ import torch
 
 from trce.concepts import Pair
 from trce.edit import Edit, resolve
+from trce.errors import TrceError
 from trce.families import family_of
 
 log = logging.getLogger(__name__)
 
 ADVERSARIES = ("closed-form", "soft", "closed-form+soft")
+
+# The most hardening rounds a run may ask for. Each round searches adversaries against the edited model, then
+# re-solves (stage T, RECE) or trains on them (stage V): seconds to about a minute a round, so 100 rounds is already
+# an hour or more; a larger count is a typo (`--robust 1000000`: weeks), not a plan.
+MAX_ROUNDS = 100
+
+
+def check_rounds(rounds, where: str = "robust", field: str | None = None) -> None:
+    """Refuse more than `MAX_ROUNDS` hardening rounds (`where` names the setting: "robust", "setting V.robust")."""
+    if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds > MAX_ROUNDS:
+        raise TrceError(f"{where} must be at most {MAX_ROUNDS}, got {rounds}: each hardening round searches "
+                        "adversaries against the edited model and re-solves or retrains on them, seconds to a minute "
+                        f"a round ({MAX_ROUNDS} rounds is already an hour or more)", field=field)
 
 
 def layer_gram(pipe, paths: Sequence[str], columns: tuple[int, int] | None = None) -> torch.Tensor:

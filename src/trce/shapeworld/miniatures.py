@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from trce.errors import TrceError, choose
 from trce.families.sd3 import T5_FREE_ROWS, CollapsedRowsJointProcessor
 from trce.shapeworld import world
-from trce.utils import io
+from trce.shapeworld.settings import check_training
+from trce.utils import folders, io
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +191,15 @@ class MiniatureTrainer:
         from trce.loading import shapeworld_dir
         from trce.shapeworld.train import _device
 
+        check_training(config)  # every number in range before anything is made
         self.out, self.cfg = Path(out), config
         self.device = _device(config.device)
         self.base = shapeworld_dir() if config.base == "shapeworld" else Path(config.base).expanduser()
         if not (self.base / "clip_text_projection.safetensors").exists():
             raise TrceError(f"--base {self.base} is not an exported ShapeWorld pipeline (no clip_text_projection)")
-        self.out.mkdir(parents=True, exist_ok=True)
+        folders.check(self.out, "training")  # never trained into another run's results
         self.warm = self._warm_source(config.warm_start) if config.warm_start else None
+        self.out.mkdir(parents=True, exist_ok=True)
         record = self.out / "train.json"
         if record.exists():
             previous = {"warm_start": "", **io.read_json(record)["config"]}
@@ -397,20 +400,37 @@ class MiniatureTrainer:
         io.write_json(self.out / "export" / "DONE", {"path": str(self.out / "export")})
 
 
-def ship(family: str, export: Path) -> Path:
-    """Install an exported miniature denoiser as the package's shipped one."""
-    import shutil
+def ship(family: str, export: Path, *, device: str = "auto", n: int | None = None, dest: Path | None = None):
+    """Install an exported miniature denoiser as the package's shipped one, once it passes the ShapeWorld quality
+    bar (assembled with the shipped parts, judged by the shipped detector); the folder it replaces is kept beside it
+    (`trce.shapeworld.train.install`). Returns a `trce.shapeworld.train.Shipped`."""
+    from trce.loading import resolve_device
+    from trce.shapeworld.train import SHIP_CHECK_N, Shipped, check_ship_args, install, quality_check
 
-    dest = miniature_dir(family)
-    with io.atomic_dir(dest) as tmp:
-        shutil.copytree(export, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
-    return dest
+    export = Path(export)
+    dest = Path(dest) if dest is not None else miniature_dir(family)
+    if export.resolve() == dest.resolve():
+        raise TrceError(f"--ship: {export} is the shipped folder itself", field="ship")
+    config = (io.read_json(export / "made.json") if (export / "made.json").is_file() else {}).get("config") or {}
+    tiny = asdict(MiniatureConfig.tiny(family))
+    recorded_tiny = bool(config) and all(config.get(k) == tiny[k] for k in ("pool_size", "steps", "batch"))
+    check_ship_args(tiny=recorded_tiny, dest=dest)
+    if config and config.get("family", family) != family:
+        raise TrceError(f"--ship: {export} holds a {config.get('family')} denoiser, not {family}", field="ship")
+    pipe = load_miniature(MINIATURES[family][0], folder=export).to(resolve_device(device))
+    result = quality_check(pipe, n=SHIP_CHECK_N if n is None else n, what=str(export))
+    del pipe
+    shipped = {"date": io.run_record()["date"], "from": str(export.resolve()), "quality_check": result}
+    dest, backup = install(export, dest, shipped)
+    return Shipped(dest, backup, result)
 
 
 def train_miniature(out: str | Path, family: str, *, seed: int = 0, device: str = "auto", tiny: bool = False,
-                    ship_it: bool = False, **overrides) -> tuple[Path, Path | None]:
+                    ship_it: bool = False, **overrides) -> tuple[Path, object]:
     """`trce shapeworld train --family sdxl|sd3`: train (or resume) the miniature's denoiser into `out`; returns
-    (the exported folder, where it was installed when `ship_it`)."""
+    (the exported folder, a `Shipped` record of where it was installed and where the replaced weights were kept,
+    when `ship_it`). A ship is refused before training with `tiny` or another `base`, and after it when the model
+    fails the quality bar."""
     from dataclasses import fields, replace
 
     known = {f.name for f in fields(MiniatureConfig)}
@@ -418,5 +438,12 @@ def train_miniature(out: str | Path, family: str, *, seed: int = 0, device: str 
         choose(f"ShapeWorld {family} training setting", name, known)
     cfg = MiniatureConfig.tiny(family, seed) if tiny else MiniatureConfig(family=family, seed=seed)
     cfg = replace(cfg, device=device, **overrides)
+    if ship_it:
+        from trce.shapeworld.train import check_ship_args
+
+        check_ship_args(tiny=tiny, dest=miniature_dir(family))
+        if cfg.base != "shapeworld":
+            raise TrceError(f"--ship refuses a denoiser trained around {cfg.base}: the shipped one works with the "
+                            "shipped ShapeWorld parts", field="ship")
     export = MiniatureTrainer(out, cfg).run()
-    return export, (ship(family, export) if ship_it else None)
+    return export, (ship(family, export, device=device) if ship_it else None)

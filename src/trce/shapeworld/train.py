@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from trce.errors import TrceError
 from trce.shapeworld import models, world
 from trce.shapeworld.language import training_caption
+from trce.shapeworld.settings import check_training
 from trce.shapeworld.tokenizer import build_tokenizer
-from trce.utils import io
+from trce.utils import folders, io
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +153,14 @@ def _to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, out: str | Path, config: TrainConfig):
+        check_training(config)  # every number in range before anything is made
         self.out = Path(out)
         self.cfg = config
         self.device = _device(config.device)
         self.tokenizer = build_tokenizer()
         self.warm = warm_source(config.warm_start) if config.warm_start else None
         self.excluded = excluded_value(config.exclude)  # checked before any stage runs
+        folders.check(self.out, "training")  # never trained into another run's results
         self.out.mkdir(parents=True, exist_ok=True)
         record_path = self.out / "train.json"
         if record_path.exists():
@@ -614,30 +617,161 @@ def _run_record(run: Path) -> dict:
     return {**io.read_json(run / "train.json"), "stages": stages}
 
 
-def ship_weights(export: Path) -> Path:
-    """Install an exported pipeline as the package's shipped ShapeWorld weights."""
+# --------------------------------------------------------------------------- shipping
+# The package's ShapeWorld weights (the pipeline, and the detector every evaluation judges with) change only through a
+# deliberate ship: a full-size model (not --tiny), one that saw every value (not --exclude), that passes the quality bar
+# of `trce shapeworld check` (judged by the shipped detector) and, for sd1, whose own detector reads fresh renders; the
+# folder it replaces is kept beside it, hidden (".weights.backup-<UTC time>", outside the package data).
+SHIP_CHECK_N = 600  # images of the ship's quality check: the bar of test_shapeworld_quality (DDIM 30, guidance 7.5)
+DETECTOR_BAR = 0.97  # per-attribute agreement of a shipped detector with fresh renders (test_shipped_detector_...)
+DETECTOR_CHECK_N = 2000  # fresh renders the detector is checked on (as many as the detector stage checks it on)
+
+
+@dataclass
+class Shipped:
+    """Where a ship installed the weights, where the folder it replaced was kept (None: there was none), and the
+    quality check the model passed."""
+
+    dest: Path
+    backup: Path | None
+    check: dict
+
+
+def check_ship_args(*, tiny: bool = False, exclude: str | None = None, dest: Path | None = None) -> None:
+    """Refuse, before any training, a `--ship` that must not replace the package's weights."""
+    if tiny:
+        raise TrceError("--ship refuses --tiny: a smoke-test model never replaces the shipped ShapeWorld weights "
+                        "(the pipeline and the detector every evaluation uses); drop --ship or --tiny", field="ship")
+    if exclude:
+        raise TrceError(f"--ship refuses --exclude {exclude}: a model that never saw {exclude} is the retrained "
+                        "reference of an erasure, not the shipped ShapeWorld model; drop --ship and pass its export "
+                        "folder as --model", field="ship")
+    if dest is not None:
+        io.check_writable(dest, "ship", replace=True)
+
+
+def quality_check(pipe, *, n: int, what: str) -> dict:
+    """`trce shapeworld check` on `pipe` (judged by the shipped detector); refused with one line naming the groups
+    below the bar when it fails."""
+    from trce.shapeworld import weights_dir
+    from trce.shapeworld.check import BAR, format_table, run_check
+
+    if not (weights_dir() / "detector" / "detector.json").is_file():
+        raise TrceError(f"--ship refused: no shipped ShapeWorld detector in {weights_dir() / 'detector'} to judge "
+                        f"{what} with; reinstall trce", field="ship")
+    log.info("checking %s against the ShapeWorld quality bar (%d images) before installing it", what, n)
+    result = run_check(pipe, n=n, progress=True)
+    log.info("quality check of %s:\n%s", what, format_table(result))
+    if not result["passed"]:
+        low = [f"{g} {a} {row[a]:.2f} < {BAR[g]:.2f}" for g, row in result["groups"].items() for a in ("color", "shape")
+               if row[a] < BAR[g]]
+        raise TrceError(f"--ship refused: {what} does not pass the ShapeWorld quality bar ({'; '.join(low)}); "
+                        "nothing was installed", field="ship")
+    return result
+
+
+def check_detector(folder: Path, device: str = "cpu") -> dict[str, float]:
+    """The per-attribute agreement of the detector in `folder` with fresh renders; refused below DETECTOR_BAR."""
+    from trce.shapeworld import detector
+
+    acc = detector_accuracy(detector(folder, device=str(_device(device))), seed=2024, n=DETECTOR_CHECK_N,
+                            device=_device(device))
+    low = [f"{a} {v:.3f}" for a, v in acc.items() if v < DETECTOR_BAR]
+    if low:
+        raise TrceError(f"--ship refused: the detector in {folder} agrees with fresh renders below {DETECTOR_BAR} "
+                        f"({', '.join(low)}); nothing was installed", field="ship")
+    return acc
+
+
+def install(export: Path, dest: Path, shipped: dict) -> tuple[Path, Path | None]:
+    """Copy `export` into `dest` as a whole (its made.json gets `shipped`); the folder it replaces is renamed to a
+    hidden timestamped sibling, kept. Returns (dest, the backup or None)."""
+    import datetime as dt
+    import os
     import shutil
+    import tempfile
 
-    from trce.loading import shapeworld_dir
-
-    dest = shapeworld_dir()
-    with io.atomic_dir(dest) as tmp:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    backup = None
+    try:
         shutil.copytree(export, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
-    return dest
+        made = io.read_json(tmp / "made.json") if (tmp / "made.json").is_file() else {}
+        io.write_json(tmp / "made.json", {**made, "shipped": shipped})
+        mask = os.umask(0)
+        os.umask(mask)
+        for sub in [tmp, *tmp.rglob("*")]:
+            if not sub.is_symlink():
+                os.chmod(sub, (0o777 if sub.is_dir() else 0o666) & ~mask)
+        if dest.exists():
+            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            backup = dest.with_name(f".{dest.name}.backup-{stamp}")
+            k = 1
+            while backup.exists():
+                k += 1
+                backup = dest.with_name(f".{dest.name}.backup-{stamp}-{k}")
+            os.replace(dest, backup)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                os.replace(backup, dest)  # put the old weights back: nothing changed
+                raise
+        else:
+            os.replace(tmp, dest)
+    except OSError as exc:
+        raise TrceError(f"--ship could not install {export} into {dest}: {exc}", field="ship") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("installed %s into %s%s", export, dest, f"; the weights it replaced are in {backup}" if backup else "")
+    return dest, backup
+
+
+def ship_weights(export: Path, *, device: str = "auto", n: int | None = None, dest: Path | None = None) -> Shipped:
+    """Install an exported pipeline as the package's shipped ShapeWorld weights (`dest`: the package's folder),
+    after refusing one trained with --exclude or recorded as a tiny run, one whose detector misreads fresh renders
+    or that fails the quality bar; the replaced folder is kept (see `install`)."""
+    from trce.loading import load_pipeline, shapeworld_dir
+
+    export = Path(export)
+    dest = Path(dest) if dest is not None else shapeworld_dir()
+    if export.resolve() == dest.resolve():
+        raise TrceError(f"--ship: {export} is the shipped folder itself", field="ship")
+    config = (io.read_json(export / "made.json") if (export / "made.json").is_file() else {}).get("config") or {}
+    check_ship_args(tiny=_recorded_tiny(config), exclude=config.get("exclude"), dest=dest)
+    detector_acc = check_detector(export / "detector", device)
+    pipe = load_pipeline(str(export), device=device)
+    result = quality_check(pipe, n=SHIP_CHECK_N if n is None else n, what=str(export))
+    del pipe
+    shipped = {"date": io.run_record()["date"], "from": str(export.resolve()),
+               "detector_accuracy": detector_acc, "quality_check": result}
+    dest, backup = install(export, dest, shipped)
+    return Shipped(dest, backup, result)
+
+
+def _recorded_tiny(config: dict) -> bool:
+    """True when a recorded training config is `TrainConfig.tiny`'s (whatever the seed and device)."""
+    tiny = asdict(TrainConfig.tiny())
+    keys = ("pool_size", "clip_steps", "vae_steps", "detector_steps", "unet_steps", "unet_batch")
+    return bool(config) and all(config.get(k) == tiny[k] for k in keys)
 
 
 def train(out: str | Path, *, seed: int = 0, device: str = "auto", tiny: bool = False, ship: bool = False,
-          **overrides) -> tuple[Path, Path | None]:
+          **overrides) -> tuple[Path, Shipped | None]:
     """`trce shapeworld train` in Python: train (or resume) every component into `out`; returns (the exported
-    pipeline folder, where it was installed when `ship`). `overrides` are `TrainConfig` fields."""
+    pipeline folder, where it was installed when `ship` and where the replaced weights were kept).
+    `overrides` are `TrainConfig` fields. A ship is refused before training with `tiny` or `exclude`, and after it
+    when the model fails the quality bar (see `ship_weights`)."""
     from dataclasses import fields, replace
 
     from trce.errors import choose
+    from trce.loading import shapeworld_dir
 
     known = {f.name for f in fields(TrainConfig)}
     for name in overrides:
         choose("ShapeWorld training setting", name, known)
+    if ship:
+        check_ship_args(tiny=tiny, exclude=overrides.get("exclude"), dest=shapeworld_dir())
     cfg = TrainConfig.tiny(seed=seed) if tiny else TrainConfig(seed=seed)
     cfg = replace(cfg, device=device, **overrides)
     export = Trainer(out, cfg).run()
-    return export, (ship_weights(export) if ship else None)
+    return export, (ship_weights(export, device=device) if ship else None)

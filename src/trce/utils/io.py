@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -82,13 +83,45 @@ def _umask() -> int:
     return mask
 
 
+_TEMP_ROOM = 8 + len(".tmp")  # what tempfile adds to a prefix: 8 random characters, then our suffix
+
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest name (in bytes) a file or folder may have in `folder`, or in the nearest existing folder above it
+    (255 on most file systems)."""
+    probe = Path(folder)
+    while not os.path.isdir(probe) and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return int(os.pathconf(probe, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or the file system does not say
+        return 255
+
+
+def sibling_name(path: str | os.PathLike, prefix: str = ".", suffix: str = "", *, room: int = 0) -> str:
+    """The name `prefix + NAME + suffix` of what trce keeps beside `path` (its lock, a temporary copy, the old
+    folder being replaced). Where that name, with `room` more bytes (the random part of a temporary name), would
+    pass the file system's limit on a name, a shorter one: NAME's first bytes, `~` and a hash of all of NAME (the
+    same in every process, so that two runs on one long --out still find one lock)."""
+    path = Path(path)
+    limit = name_max(path.parent)
+    name = f"{prefix}{path.name}{suffix}"
+    if len(os.fsencode(name)) + room <= limit:
+        return name
+    raw = os.fsencode(path.name)
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    keep = max(0, limit - room - len(os.fsencode(prefix + suffix)) - len(digest) - 1)
+    return f"{prefix}{raw[:keep].decode('utf-8', 'ignore')}~{digest}{suffix}"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
     path = Path(path)
     with _disk_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=sibling_name(path, ".", ".", room=_TEMP_ROOM), suffix=".tmp",
+                                   dir=path.parent)
         os.close(fd)
         tmp_path = Path(tmp)
         try:
@@ -107,7 +140,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     with _disk_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=sibling_name(path, ".", ".", room=_TEMP_ROOM), suffix=".tmp",
+                                    dir=path.parent))
         os.chmod(tmp, 0o777 & ~_umask())
         try:
             yield tmp
@@ -116,7 +150,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 if not sub.is_symlink():
                     os.chmod(sub, (0o777 if sub.is_dir() else 0o666) & ~_umask())
             if path.exists():
-                old = path.with_name(f".{path.name}.old")
+                old = path.with_name(sibling_name(path, ".", ".old"))
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(path, old)
                 os.replace(tmp, path)
@@ -258,9 +292,37 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return out
 
 
+def check_path(path: str | os.PathLike, field: str) -> None:
+    """Refuse a path no file can be made at: a name longer than the file system takes (255 bytes on most), a path
+    longer than it takes, a loop of symbolic links, a symbolic link to nothing. Other problems (a missing folder,
+    a file in the way, a read-only place) are left to the caller."""
+    target = Path(path).expanduser()
+    limit = name_max(target.parent)
+    for part in target.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise TrceError(f"{field} {path} has a name of {size} bytes; a file or folder name is at most {limit} "
+                            "bytes on this file system: choose a shorter name", field=field)
+    try:
+        os.stat(target)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TrceError(f"{field} {path} leads into a loop of symbolic links; remove the loop or choose another "
+                            "path", field=field) from None
+        if exc.errno == errno.ENAMETOOLONG:
+            raise TrceError(f"{field} {path} is too long a path for this file system "
+                            f"({len(os.fsencode(str(target)))} bytes); choose a shorter one", field=field) from None
+        if exc.errno == errno.ENOENT and os.path.islink(target):
+            raise TrceError(f"{field} {path} is a symbolic link to {os.readlink(target)}, which does not exist; "
+                            "remove the link or choose another path", field=field) from None
+
+
 def check_folder(path: str | os.PathLike | None, what: str) -> None:
-    """A folder to write into: it may be missing (it is made), but not a file."""
-    if path is not None and Path(path).expanduser().exists() and not Path(path).expanduser().is_dir():
+    """A folder to write into: it may be missing (it is made), but not a file (nor a path `check_path` refuses)."""
+    if path is None:
+        return
+    check_path(path, what)
+    if Path(path).expanduser().exists() and not Path(path).expanduser().is_dir():
         raise TrceError(f"{what} {path} is a file, not a folder; give a folder path", field=what)
 
 
@@ -284,10 +346,18 @@ def check_run_key(path: str | os.PathLike, key: dict, state, what: str) -> None:
 
 def check_writable(path: str | os.PathLike, field: str, *, kind: str = "folder", replace: bool = False) -> None:
     """Refuse, before any work, an output that cannot be written: a file where a folder must be (or the reverse),
-    a read-only place. The nearest existing folder at or above the output must take a new file (a probe file is
-    made and removed); the output itself may be missing (it is made). `kind` is "folder" or "file"; `replace`:
-    a folder written as a whole (a patch) is made beside the old one, so its parent must take it."""
+    a read-only place, a path `check_path` refuses. The nearest existing folder at or above the output must take a
+    new file (a probe file is made and removed); the output itself may be missing (it is made). `kind` is "folder"
+    or "file"; `replace`: a folder written as a whole (a patch) is made beside the old one, so its parent must take
+    it. An output written beside and renamed over (`replace`, and every file) must not be a symbolic link: the rename
+    would put the output in the link's place and leave what it points to as it was."""
+    check_path(path, field)
     target = Path(path).expanduser()
+    if target.is_symlink() and (replace or kind == "file"):
+        what = "folder" if kind == "folder" else "file"
+        raise TrceError(f"{field} {path} is a symbolic link (to {os.readlink(target)}); the {what} is written beside "
+                        f"it and renamed over it, which would replace the link, not what it points to: give the "
+                        f"{what} itself ({target.resolve()})", field=field)
     if target.exists() and kind == "folder" and not target.is_dir():
         raise TrceError(f"{field} {path} is a file, not a folder; give a folder path", field=field)
     if target.is_dir() and kind == "file":
@@ -328,8 +398,9 @@ _HELD: dict[Path, int] = {}  # locks this process holds, by target: run_lock is 
 def run_lock(path: str | os.PathLike, field: str = "out", *, wait: bool = False) -> Iterator[None]:
     """Hold the lock of output `path` for the block, so that two trce processes never write one output at once.
 
-    The lock is `.NAME.lock` beside `path`, taken with `flock`: the operating system releases it when its process
-    ends, however it ends, so a run killed with `kill -9` never blocks the next one (the file it leaves is reused).
+    The lock is `.NAME.lock` beside `path` (`_lock_file`), taken with `flock`: the operating system releases it when
+    its process ends, however it ends, so a run killed with `kill -9` never blocks the next one (the file it leaves is
+    reused).
     Another process holding it: one clear error naming that process, or with `wait` (a shared cache), waiting for
     it. Re-entrant within a process; where the file system takes no locks, the run goes on unlocked.
     """
@@ -355,9 +426,10 @@ def run_lock(path: str | os.PathLike, field: str = "out", *, wait: bool = False)
 
 
 def _lock_file(target: Path) -> Path:
-    """`.NAME.lock` beside `target`; inside it (`.trce.lock`) when `target` is a folder whose parent cannot be written
+    """`.NAME.lock` beside `target` (a shorter name with a hash of NAME where that one would be too long for the file
+    system, see `sibling_name`); inside it (`.trce.lock`) when `target` is a folder whose parent cannot be written
     (`--out .` in a read-only home): the same answer for every process that asks."""
-    beside = target.parent / f".{target.name}.lock"
+    beside = target.parent / sibling_name(target, ".", ".lock")
     try:
         beside.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(beside, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask()))
