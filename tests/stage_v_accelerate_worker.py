@@ -1,6 +1,7 @@
 """Run by tests/test_stage_v_accelerate.py under `accelerate launch`: one tiny stage V run.
 
-usage: CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 tests/stage_v_accelerate_worker.py OUT JSON
+usage: CUDA_VISIBLE_DEVICES= python -m torch.distributed.run --standalone --nproc-per-node 2 \
+           tests/stage_v_accelerate_worker.py OUT JSON      (or: accelerate launch --multi_gpu --num_processes 2 ...)
 (`accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is set up; the
 torchrun path above starts two, and an Accelerator made with cpu=True joins them over gloo.)
 Writes OUT/patch (the Edit) from the main process; the cache goes to OUT/cache.

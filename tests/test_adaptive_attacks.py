@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -183,22 +182,12 @@ def test_a_killed_run_with_restarts_resumes_per_target(run_cli, tiny_dir, tmp_pa
     args = ["attack", "--model", tiny_dir, "--suite", "shapeworld-red", "--attack", "mma-text", "--limit", 2,
             "--steps", 1, "--no-progress", "--budget", *MMA, "restarts=2"]
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRCE_THREADS": "1", "TRCE_TEST_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRCE_TEST_HOLD_AFTER_RECORDS": "1"}  # holds once target 0's line is written
-    proc = subprocess.Popen([sys.executable, "-m", "trce.cli", "-q", *map(str, [*args, "--out", out])], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not ((out / "results.jsonl").exists() and (out / "results.jsonl").read_text().count("\n") >= 1):
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < deadline, "the run never wrote its first target"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRCE_THREADS": "1", "TRCE_TEST_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    interrupt = Path(__file__).with_name("interrupt.py")  # killed right after target 0's line is written
+    proc = subprocess.run([sys.executable, str(interrupt), "KILL", "records:results", "1", "-q",
+                           *map(str, [*args, "--out", out])], check=False, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     first = (out / "results.jsonl").read_text().splitlines()
     assert len(first) == 1 and len(json.loads(first[0])["extra"]["restarts"]) == 2
     code, _, err = run_cli(*args, "--out", out)

@@ -14,6 +14,10 @@ import trce.eval.runner  # noqa: F401  (the CLI is built on it: no eval package,
 from trce.testing import assert_one_line_error
 from trce.utils import io
 
+# Two processes as `accelerate launch --multi_gpu` starts them (torchrun), in torchrun's standalone mode: its
+# rendezvous takes a port the operating system picks, so runs side by side never collide (a port chosen here and
+# handed on could be taken in between)
+TWO_PROCESSES = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUDGETS = {
     "ring-a-bell": ["tokens=4", "population=6", "generations=2", "elite=1"],
@@ -143,19 +147,14 @@ def test_user_mistakes_are_one_line_errors(run_cli, tiny_dir, tmp_path):
 
 
 def test_two_processes_shard_the_targets_and_merge(tiny_dir, tmp_path):
-    """`accelerate launch` (torchrun path, CUDA hidden, gloo): each rank attacks half, rank 0 merges and reports."""
-    import socket
+    """Two processes (torchrun, as `accelerate launch --multi_gpu` starts them; CUDA hidden, gloo): each rank attacks
+    half, rank 0 merges and reports."""
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {**os.environ, "TRCE_TEST_THREADS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "trce.cli", "attack", "--model", str(tiny_dir), "--suite", "shapeworld-red", "--attack", "mma-text",
+    cmd = [sys.executable, *TWO_PROCESSES, "-m", "trce.cli", "attack", "--model", str(tiny_dir), "--suite", "shapeworld-red", "--attack", "mma-text",
            "--out", str(out), "--limit", "3", "--steps", "1", "--no-progress", "--device", "cpu",
            "--budget", *BUDGETS["mma-text"]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)

@@ -2,10 +2,8 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,18 +180,13 @@ def test_two_processes_equal_one(tmp_path, tiny_dir, run_cli):
             "--batch-size", "1", "--device", "cpu", "--no-progress"]
     code, _, err = run_cli(*args, "--out", tmp_path / "one")
     assert code == 0, err
-    accelerate = Path(sys.executable).parent / "accelerate"
     # Each process computes with as many threads as the in-process run above: a different thread count sums
     # floats in another order, and the CLIP scores compared exactly below would differ in the last bits.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    with socket.socket() as sock:  # a free port, so parallel test runs do not collide on accelerate's default
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # `--multi_gpu` is accelerate's torchrun launcher; trce's PartialState(cpu=True) makes it gloo on CPUs
-    # (`accelerate launch --cpu --num_processes 2` starts one process only unless MPI is configured).
+    # torchrun, as `accelerate launch --multi_gpu` starts it; trce's PartialState(cpu=True) makes it gloo on CPUs.
+    # Standalone mode: its rendezvous takes a port the operating system picks, so parallel runs never collide.
     proc = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "trce.cli", *args, "--out", str(tmp_path / "two")],
         capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -622,7 +622,7 @@ def test_hostile_input(case_row: Row, inputs, tmp_path, monkeypatch, caplog, cap
             code = exc.code
         captured = capsys.readouterr()
         case.out, case.err = captured.out, captured.err
-        case.elapsed = elapsed = time.time() - t0
+        case.elapsed = time.time() - t0
         assert "Traceback" not in case.err, case.err
         if case_row.error is None:
             assert code == (case_row.code or 0), case.err
@@ -638,7 +638,6 @@ def test_hostile_input(case_row: Row, inputs, tmp_path, monkeypatch, caplog, cap
         if case_row.check is not None:
             monkeypatch.undo()  # the check reads files without the case's faults
             case_row.check(case)
-        assert elapsed < 30, f"took {elapsed:.0f} s"
     finally:
         for cleanup in case.cleanups:
             cleanup()
@@ -646,19 +645,18 @@ def test_hostile_input(case_row: Row, inputs, tmp_path, monkeypatch, caplog, cap
 
 # --------------------------------------------------------------------------- two processes, a signal
 PAUSE_AFTER_FIRST_BATCH = """
-import pathlib, sys, time
+import sys
 import trce.eval.runner as runner
-real, mark, go = runner.generate_iter, pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+real = runner.generate_iter
 def paused(*args, **kwargs):
     for n, item in enumerate(real(*args, **kwargs)):
         yield item
-        if n == 0:  # the first batch is on disk: hold the run here, as a long one would be
-            mark.write_text("paused")
-            while not go.exists():
-                time.sleep(0.05)
+        if n == 0:  # the first batch is on disk: hold the run here, as a long one would be, until told to go on
+            print("paused", flush=True)
+            sys.stdin.readline()
 runner.generate_iter = paused
 from trce.cli import main
-sys.exit(main(sys.argv[3:]))
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -677,16 +675,13 @@ def test_a_second_process_on_the_same_out_is_refused_and_sigterm_says_how_to_res
             "--batch-size", "4", "--no-progress", "--device", "cpu", "--out"]
     script = tmp_path / "paused.py"
     script.write_text(PAUSE_AFTER_FIRST_BATCH)
-    mark, go, out = tmp_path / "paused", tmp_path / "go", tmp_path / "o"
+    out = tmp_path / "o"
     env = {**os.environ, "TRCE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, str(script), str(mark), str(go), *args, str(out)], env=env,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([sys.executable, str(script), *args, str(out)], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while not mark.exists():
-            if first.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the first run never reached its first batch: {first.communicate()[1]}")
-            time.sleep(0.1)
+        if first.stdout.readline().strip() != "paused":  # blocks until the first batch is on disk (no polling)
+            pytest.fail(f"the first run never reached its first batch: {first.communicate()[1]}")
         rows_before = (out / "rows.jsonl").read_text()
         assert len(rows_before.splitlines()) == 4
         code, _, err = run_cli(*args, out)

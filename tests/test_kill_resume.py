@@ -1,9 +1,9 @@
 """Every long job resumes after `kill -9`: the same command again finishes with the result of an uninterrupted run
 (eval, attack, stage V, KPOP, ESD, ShapeWorld training); Ctrl-C leaves no half-written file and says how to resume.
 
-Each job runs as a real `python -m trce.cli` subprocess (one thread, so runs are bit-reproducible), is killed with
-SIGKILL as soon as its first checkpoint or result line is on disk (so the kill lands in the middle of the next
-step), then rerun; an uninterrupted run of the same command in another folder is the reference.
+Each job runs as a real CLI subprocess (one thread, so runs are bit-reproducible) that kills itself with SIGKILL
+right after its first checkpoint or result line is on disk (`tests/interrupt.py`: a hook, not a race against a
+clock), then rerun; an uninterrupted run of the same command in another folder is the reference.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,38 +28,29 @@ def _cli(*args) -> list[str]:
 
 
 def _run(args, cache: Path) -> None:
-    done = subprocess.run(_cli(*args), check=False, env={**ENV, "TRCE_CACHE": str(cache)}, capture_output=True,
-                          text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
+    """The command run to its end in this process, with the subprocesses' one thread (runs are bit-reproducible):
+    the uninterrupted reference and the resume. Only the interrupted run needs a process of its own."""
+    from trce.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in {**ENV, "TRCE_CACHE": str(cache)}.items():
+                if os.environ.get(name) != value:
+                    mp.setenv(name, value)
+            assert main(["-q", *map(str, args)]) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _kill_when(args, cache: Path, ready: Callable[[], bool], sig: int = signal.SIGKILL,
-               env: dict | None = None) -> subprocess.CompletedProcess:
-    """Start the command, send `sig` as soon as `ready()` holds; the process must not have finished by then."""
-    # Ctrl-C as a terminal delivers it: a suite started in the background (`.ci/run &`) has SIGINT *ignored*, which
-    # children inherit (and Python then installs no KeyboardInterrupt handler); a handled signal is reset to the
-    # default on exec, so the child is started while this process handles SIGINT
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        proc = subprocess.Popen(_cli(*args), env={**ENV, "TRCE_CACHE": str(cache), **(env or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    deadline = time.time() + 240
-    try:
-        while not ready():
-            if proc.poll() is not None:
-                pytest.fail(f"the job finished before it could be interrupted: {proc.stderr.read()}")
-            if time.time() > deadline:
-                pytest.fail("the job never reached the point to interrupt it")
-            time.sleep(0.02)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+INTERRUPT = Path(__file__).with_name("interrupt.py")
+
+
+def _interrupted(args, cache: Path, event: str, sig: str = "KILL", n: int = 1) -> subprocess.CompletedProcess:
+    """The command, signalled by itself right after the n-th `event` (tests/interrupt.py: a batch of records appended,
+    a file or checkpoint folder put in place): the same point of the run on any machine, no polling."""
+    return subprocess.run([sys.executable, str(INTERRUPT), sig, event, str(n), "-q", *map(str, args)], check=False,
+                          env={**ENV, "TRCE_CACHE": str(cache)}, capture_output=True, text=True, timeout=300)
 
 
 def _lines(path: Path) -> int:
@@ -88,7 +77,7 @@ def test_erase_resumes_after_kill_9(method, settings, marker, tiny_dir, tmp_path
             *[a for s in settings for a in ("--set", s)]]
     _run([*args, "--out", tmp_path / "whole"], tmp_path / "cache-whole")
     cache = tmp_path / "cache"
-    killed = _kill_when([*args, "--out", tmp_path / "patch"], cache, lambda: any(cache.glob(marker)))
+    killed = _interrupted([*args, "--out", tmp_path / "patch"], cache, f"file:{cache}/*{marker}")
     assert killed.returncode == -signal.SIGKILL and not (tmp_path / "patch").exists()
     _run([*args, "--out", tmp_path / "patch"], cache)
     _same_patch(tmp_path / "patch", tmp_path / "whole")
@@ -99,19 +88,18 @@ def test_erase_resumes_after_kill_9(method, settings, marker, tiny_dir, tmp_path
 
 
 def test_eval_resumes_after_kill_9_and_ctrl_c_says_how(tiny_dir, tmp_path):
-    # 54 rows in bursts of 16 (trce.generate.chunk_size); each run holds (sleeps, TRCE_TEST_HOLD_AFTER_RECORDS) after
-    # its first burst, so the signals land mid-run however loaded the machine is
+    # 54 rows in bursts of 16 (trce.generate.chunk_size): killed after its first burst is recorded, then Ctrl-C
+    # after the rerun's first burst, so both signals land mid-run
     args = ["eval", "--model", tiny_dir, "--suite", "shapeworld-red", "--limit", 6, "--steps", 2, "--batch-size", 2,
             "--no-progress"]
-    hold = {"TRCE_TEST_HOLD_AFTER_RECORDS": "1"}
     _run([*args, "--out", tmp_path / "whole"], tmp_path / "c")
     out = tmp_path / "run"
-    killed = _kill_when([*args, "--out", out], tmp_path / "c", lambda: _lines(out / "rows.jsonl") >= 1, env=hold)
+    killed = _interrupted([*args, "--out", out], tmp_path / "c", "records:rows")
     assert killed.returncode == -signal.SIGKILL
-    before = _lines(out / "rows.jsonl")  # Ctrl-C once the rerun has drawn more: mid-run, not before it started
+    before = _lines(out / "rows.jsonl")
     assert 0 < before < 54
-    stopped = _kill_when([*args, "--out", out], tmp_path / "c", lambda: _lines(out / "rows.jsonl") > before,
-                         sig=signal.SIGINT, env=hold)
+    stopped = _interrupted([*args, "--out", out], tmp_path / "c", "records:rows", sig="INT")
+    assert _lines(out / "rows.jsonl") > before  # the rerun drew more before Ctrl-C: mid-run, not before it started
     assert stopped.returncode == 130 and "rerun the same command to resume" in stopped.stderr
     assert not list(out.rglob("*.tmp")) and not (out / "metrics.json").exists()  # nothing half-written
     _run([*args, "--out", out], tmp_path / "c")
@@ -126,7 +114,7 @@ def test_attack_resumes_after_kill_9(tiny_dir, tmp_path):
             "--steps", 2, "--no-progress", "--budget", "generations=6", "population=8", "elite=2"]
     _run([*args, "--out", tmp_path / "whole"], tmp_path / "c")
     out = tmp_path / "run"
-    killed = _kill_when([*args, "--out", out], tmp_path / "c", lambda: _lines(out / "results.jsonl") >= 1)
+    killed = _interrupted([*args, "--out", out], tmp_path / "c", "records:results")
     assert killed.returncode == -signal.SIGKILL
     _run([*args, "--out", out], tmp_path / "c")
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "whole"))
@@ -140,7 +128,7 @@ def test_shapeworld_training_resumes_after_kill_9(tmp_path):
     args = ["shapeworld", "train", "--tiny", "--device", "cpu", "--unet-steps", 8]
     _run([*args, "--out", tmp_path / "whole"], tmp_path / "c")
     out = tmp_path / "run"
-    killed = _kill_when([*args, "--out", out], tmp_path / "c", lambda: (out / "unet" / "last.json").exists())
+    killed = _interrupted([*args, "--out", out], tmp_path / "c", f"file:{out}/unet/last.json")
     assert killed.returncode == -signal.SIGKILL and not (out / "export" / "DONE").exists()
     _run([*args, "--out", out], tmp_path / "c")
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):

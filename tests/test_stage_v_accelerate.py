@@ -1,8 +1,9 @@
 """Stage V under `accelerate launch` with two CPU processes (data parallel over gloo), end to end.
 
 `accelerate launch --cpu --num_processes 2` starts a single process unless mpirun is configured
-(accelerate 1.15), so the test launches through torchrun (`--multi_gpu`) with CUDA hidden; the
-Accelerator made with cpu=True then joins the two processes as MULTI_CPU.
+(accelerate 1.15), so the test launches through torchrun (what `accelerate launch --multi_gpu` runs), in
+standalone mode (a rendezvous port the system picks), with CUDA hidden; the Accelerator made with cpu=True
+then joins the two processes as MULTI_CPU.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,19 +27,13 @@ SETTINGS = {"n_trajectories": 4, "n_uncond": 8, "ddim_steps": 6, "epochs": 1, "p
             "cache_batch_size": 4, "lr": 1e-4, "checkpoint_every": 2, "batch_size": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path):
     worker = Path(__file__).with_name("stage_v_accelerate_worker.py")
     env = {**os.environ, "TRCE_TEST_THREADS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONHASHSEED": "random"}  # processes must agree on cache keys whatever their hash seeds
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+    # torchrun, as `accelerate launch --multi_gpu` starts it, in standalone mode: a rendezvous port the operating
+    # system picks, so runs side by side never collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(worker), str(tmp_path / "two"), json.dumps({**SETTINGS, "pairs": PAIRS})]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

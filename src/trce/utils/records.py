@@ -6,9 +6,6 @@ kill loses at most the batch in flight; a line cut short is dropped on reading a
 `accelerate launch` each process appends to its own shard `<name>.rank{r}.jsonl` and the main process folds
 the shards into the one file (`merge`). Every record carries a key field (`name` for images, `index` for
 attack targets): the latest record of a key wins, so an item is never doubled.
-
-Fault injection for tests: with TRCE_TEST_HOLD_AFTER_RECORDS=N a process stops working (it sleeps, signals still
-reach it) once it has appended N records, so that a test can kill or interrupt a run mid-way without racing it.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,18 +23,6 @@ from trce.utils.io import read_jsonl
 from trce.utils.processes import SingleState
 
 log = logging.getLogger(__name__)
-HOLD_ENV = "TRCE_TEST_HOLD_AFTER_RECORDS"
-
-
-def _hold_if_asked(appended: int) -> None:
-    """The test hook of the module doc: sleep for good once `appended` reaches $TRCE_TEST_HOLD_AFTER_RECORDS."""
-    hold = os.environ.get(HOLD_ENV)
-    if hold and appended >= int(hold):
-        log.warning("%s=%s: holding after %d records until a signal comes", HOLD_ENV, hold, appended)
-        while True:
-            time.sleep(0.05)
-
-
 class Records:
     def __init__(self, path: str | os.PathLike, key: str, state=None, order: Callable[[dict], Any] | None = None):
         self.path = Path(path)
@@ -79,7 +63,6 @@ class Records:
             f"{self.path.stem}.rank{self.state.process_index}{self.path.suffix}")
         with contextlib.ExitStack() as stack:
             handles: list[int] = []
-            appended = [0]
 
             def append(batch: list[dict]) -> None:
                 # Unbuffered, so that nothing is left to flush on closing after a failed write. A full disk is one
@@ -93,8 +76,6 @@ class Records:
                     while data:
                         data = data[os.write(fd, data):]
                     os.fsync(fd)
-                appended[0] += len(batch)
-                _hold_if_asked(appended[0])
 
             yield append
 
