@@ -37,7 +37,7 @@ Beyond the paper (all off by default, so the stage is the paper's unless a spec 
   image attends, not what a conditioning's values become downstream; "visual+non-cross-attn" also trains the
   ResNets, feed-forwards and projections (never stage T's to_k / to_v), where an adversarial conditioning's concept
   turns into pixels. (On ShapeWorld it held the typed attacks but not the soft prompt, and cost the other colours:
-  README, "Erasure under attack".)
+  docs/robustness.md.)
 
 Hardened stage V (`robust=R`; `trce.erase(..., robust=R)` and `trce erase --robust R` harden T and V). Eq. 8 steers
 the trajectories of the spec's prompts c^m. An attacker who chooses the text encoder's INPUT, a prefix δ of k free
