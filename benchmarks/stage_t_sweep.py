@@ -170,8 +170,9 @@ def embedding_proxy(text_encoder, tokenizer, concept: str = "shapeworld-red", se
     import numpy as np
     import torch
 
+    from trce.methods.closed_form import solve_transform
     from trce.methods.prior import preservation_prior
-    from trce.methods.stage_t import pair_embeddings, solve_transform
+    from trce.methods.stage_t import pair_embeddings
     from trce.shapeworld import world
 
     pipe = types.SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder)

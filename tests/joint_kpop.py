@@ -12,9 +12,9 @@ import trce
 from trce.edit import load_patch
 from trce.errors import TrceError
 from trce.families import family_of
+from trce.families.injection import PromptInjectionProcessor
 from trce.generate import GenSettings, generate
-from trce.methods.kpop import hidden_prompt_installed
-from trce.prompt_injection import PromptInjectionProcessor
+from trce.prompt_injection import hidden_prompt_installed
 
 
 def kpop_erase_on_the_cli(model_dir, tmp_path, run_cli):

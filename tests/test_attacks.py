@@ -10,7 +10,7 @@ import torch
 from trce.attacks import ATTACKS, get_attack, mma_text, ring_a_bell, soft_prompt, unlearndiff
 from trce.attacks import base as B
 from trce.errors import TrceError
-from trce.tokens import first_eos, tokenize
+from trce.tokens import encode_with, first_eos, tokenize
 from trce.utils.io import read_jsonl
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -90,8 +90,8 @@ def test_encode_with_substitutes_slots_and_passes_gradients(tiny_pipe):
     placeholder = ids.clone()
     placeholder[slots] = vocab.ids[0]
     embeds = table[[5, 6]].clone().requires_grad_(True)
-    h = B.encode_with(te, placeholder[None], slots, embeds[None])
-    assert torch.allclose(h, B.encode_with(te, ids[None]), atol=1e-6)
+    h = encode_with(te, placeholder[None], slots, embeds[None])
+    assert torch.allclose(h, encode_with(te, ids[None]), atol=1e-6)
     h.square().sum().backward()
     assert embeds.grad is not None and embeds.grad.abs().sum() > 0
 
@@ -175,7 +175,7 @@ def _reevaluate(name, pipe, config, target, result):
         return float(ring_a_bell.distance(h, goal, config.budget.metric)[0])
     if name == "mma-text":
         ids = tokenize(tok, [target.prompt, result.prompt])
-        h = B.encode_with(pipe.text_encoder, ids)
+        h = encode_with(pipe.text_encoder, ids)
         feats = h[torch.arange(2), first_eos(ids, tok.eos_token_id)]
         return float(1 - torch.cosine_similarity(feats[0], feats[1], dim=0))
     vocab = B.Vocabulary.build(tok, config.banned)
@@ -183,7 +183,7 @@ def _reevaluate(name, pipe, config, target, result):
         get_attack(name).Budget, name), target, pipe, name)
     if name == "soft-prompt":
         return float(wb.objective(result.embeds["prompt_embeds"][None]))
-    return float(wb.objective(B.encode_with(pipe.text_encoder, tokenize(tok, [result.prompt]))))
+    return float(wb.objective(encode_with(pipe.text_encoder, tokenize(tok, [result.prompt]))))
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))

@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from trce.concepts import load_spec
-from trce.edit import _sha256, load_patch, resolve
-from trce.loading import fingerprint, load_pipeline
+from trce.edit import _sha256, fingerprint, load_patch, resolve
+from trce.loading import load_pipeline
 from trce.testing import assert_one_line_error, tiny_pipeline_dir
 from trce.utils import io
 

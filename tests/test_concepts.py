@@ -8,7 +8,7 @@ import yaml
 from trce.concepts import builtin_specs, load_spec, preservation_prompts
 from trce.errors import TrceError
 from trce.shapeworld import world
-from trce.shapeworld.language import language
+from trce.shapeworld.lexicon import language
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAPEWORLD = ("shapeworld-red", "shapeworld-star", "shapeworld-striped", "shapeworld-3shapes")

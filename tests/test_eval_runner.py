@@ -19,8 +19,8 @@ from trce.utils.io import read_jsonl
 @pytest.fixture(scope="module")
 def patch_dir(tmp_path_factory, tiny_dir):
     """A patch for the tiny model that rescales one cross-attention key projection."""
-    from trce.edit import Edit, resolve
-    from trce.loading import fingerprint, load_pipeline
+    from trce.edit import Edit, fingerprint, resolve
+    from trce.loading import load_pipeline
 
     pipe = load_pipeline(str(tiny_dir), device="cpu")
     path = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"

@@ -184,3 +184,23 @@ def test_eval_resume_is_exact_when_the_limit_shrinks_and_grows(run_cli, tiny_dir
     _same_as_fresh(out, tmp_path / "fresh2")
     assert {p.stem: p.stat().st_ino for p in (out / "images").glob("*.png")} == inodes  # nothing drawn again
     assert not list((out / "images").glob(".move-*"))
+
+
+def test_a_file_where_a_folder_goes_is_refused_by_every_kind(tmp_path):
+    (tmp_path / "f.txt").write_text("keep")
+    for kind in folders.KINDS:
+        with pytest.raises(TrceError, match=r"f.txt is a file, not a folder"):
+            folders.check(tmp_path / "f.txt", kind)
+    assert (tmp_path / "f.txt").read_text() == "keep"
+
+
+def test_a_patch_replaced_from_inside_its_folder(made, run_cli, tiny_dir, tmp_path, monkeypatch):
+    """`trce erase --out .` run inside a patch folder replaces it (the new folder is made beside it)."""
+    import shutil
+
+    monkeypatch.setenv("TRCE_CACHE", str(made / "cache"))
+    shutil.copytree(made / "patch", tmp_path / "p")
+    monkeypatch.chdir(tmp_path / "p")
+    code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-red", "--stages", "T", "--out", ".")
+    assert code == 0, err
+    assert (tmp_path / "p" / "patch.json").is_file() and not list(tmp_path.glob(".p*"))

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import trce
-from trce.edit import Edit, applied_edits, resolve
+from trce.edit import Edit, applied_edits, fingerprint, resolve
 from trce.errors import TrceError
-from trce.loading import fingerprint
 
 RED = "shapeworld-red"
 PATH = "text_encoder.final_layer_norm.weight"

@@ -10,15 +10,10 @@ import torch
 from trce.edit import Edit, load_patch
 from trce.errors import TrceError
 from trce.families import family_of
+from trce.families.injection import PromptInjectionProcessor
 from trce.generate import GenSettings, generate
-from trce.methods.kpop import (
-    KPOPConfig,
-    erase_kpop,
-    generate_with_hidden_prompt,
-    hidden_prompt,
-    hidden_prompt_installed,
-)
-from trce.prompt_injection import PromptInjectionProcessor
+from trce.methods.kpop import KPOPConfig, erase_kpop, generate_with_hidden_prompt
+from trce.prompt_injection import hidden_prompt, hidden_prompt_installed
 from trce.testing import Killed, die_after_checkpoint
 
 ERASE = ["a red circle", "a crimson disc"]

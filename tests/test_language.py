@@ -12,7 +12,8 @@ import pytest
 from trce.concepts import builtin_specs, load_spec
 from trce.eval.suites import OPEN_GROUPS, load_suite
 from trce.shapeworld import world
-from trce.shapeworld.language import OpenStyle, draft, language, open_caption, training_caption
+from trce.shapeworld.language import OpenStyle, draft, open_caption, training_caption
+from trce.shapeworld.lexicon import language
 from trce.shapeworld.tokenizer import build_tokenizer
 
 WORD = re.compile(r"[a-z]+")

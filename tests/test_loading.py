@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from trce.edit import fingerprint, same_base
 from trce.errors import TrceError
-from trce.loading import fingerprint, load_pipeline, resolve_dtype, same_base
+from trce.loading import load_pipeline, resolve_dtype
 
 
 def test_local_folder_loads_as_a_stable_diffusion_pipeline(tiny_dir):

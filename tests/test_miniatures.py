@@ -13,17 +13,9 @@ import torch
 from trce.errors import TrceError
 from trce.families import family_of
 from trce.families.sd3 import T5_FREE_ROWS, CollapsedRowsJointProcessor
-from trce.loading import shapeworld_dir
-from trce.shapeworld.miniatures import (
-    MiniatureConfig,
-    MiniatureTrainer,
-    assemble,
-    denoiser_model,
-    load_miniature,
-    miniature_dir,
-    text_encoder,
-    train_miniature,
-)
+from trce.shapeworld import weights_dir
+from trce.shapeworld.miniatures import MiniatureConfig, MiniatureTrainer, train_miniature
+from trce.shapeworld.pipelines import assemble, denoiser_model, load_miniature, miniature_dir, text_encoder
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
@@ -31,7 +23,7 @@ def test_training_conditions_as_the_pipeline_does(family, tmp_path):
     from transformers import CLIPTokenizer
 
     trainer = MiniatureTrainer(tmp_path / "run", MiniatureConfig.tiny(family))
-    base = shapeworld_dir()
+    base = weights_dir()
     pipe = assemble(family, denoiser_model(family), base)
     prompts = ["a red circle on a black background", "draw a crimson star shape"]
     tok = CLIPTokenizer.from_pretrained(base / "tokenizer")

@@ -11,15 +11,10 @@ import torch
 from trce.errors import TrceError
 from trce.families import family_of
 from trce.families.flux import FluxFamily
+from trce.families.injection import JointPromptInjectionProcessor, PromptInjectionProcessor, inject
 from trce.families.sd3 import joint_blocks_at
 from trce.generate import GenSettings, generate
-from trce.prompt_injection import (
-    JointPromptInjectionProcessor,
-    PromptInjectionProcessor,
-    inject,
-    injected,
-    site_layers,
-)
+from trce.prompt_injection import injected, site_layers
 from trce.testing import tiny_flux_pipeline, tiny_sd3_pipeline
 
 EXPECTED = {  # the tiny UNet: cross-attention in down_blocks.0, the mid block and up_blocks.1

@@ -36,8 +36,8 @@ def test_the_closed_form_adversary_minimises_rece_objective():
 def test_a_round_maps_its_adversaries_onto_the_safe_rows():
     """The adversaries found against the plain edit are mapped closer to their safe rows by the re-solve, and the
     spec's own rows stay mapped (the property the rounds are for)."""
+    from trce.methods.closed_form import solve_transform
     from trce.methods.robust import harden
-    from trce.methods.stage_t import solve_transform
 
     gen = torch.Generator().manual_seed(1)
     d, n = 8, 20

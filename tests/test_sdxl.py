@@ -86,7 +86,7 @@ def test_every_method_erases_applies_evaluates_and_reverts(method, sdxl_dir, tmp
                             progress=False)
     assert metrics["n"] == 9 and metrics["method"] == method
     if method == "kpop":
-        from trce.methods.kpop import hidden_prompt_installed
+        from trce.prompt_injection import hidden_prompt_installed
 
         with hidden_prompt_installed(pipe, edit, apply=True):  # the hidden prompt fits the 2048-wide (here 64) text
             assert trce.generate_images(pipe, "a red star", 0, steps=2, progress=False).shape == (1, 32, 32, 3)

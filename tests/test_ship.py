@@ -1,7 +1,7 @@
 """`trce shapeworld train --ship`: the package's ShapeWorld weights change only through a deliberate ship.
 
-Nothing here writes into the installed package: the ship destination (`trce.loading.shapeworld_dir`, and
-`miniature_dir` for the miniatures) is pointed at a copy in a tmp folder, and a test fails if the real folder changes.
+Nothing here writes into the installed package: the ship destination (`trce.shapeworld.weights_dir`, and
+`trce.shapeworld.pipelines.miniature_dir` for the miniatures) is pointed at a copy in a tmp folder, and a test fails if the real folder changes.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 import trce
-import trce.loading
+import trce.shapeworld
 import trce.shapeworld.train as train_mod
 from trce.errors import TrceError
-from trce.shapeworld import miniatures
+from trce.shapeworld import miniatures, pipelines
 
-SHIPPED = trce.loading.shapeworld_dir()
+SHIPPED = trce.shapeworld.weights_dir()
 
 
 def _listing(folder: Path) -> dict[str, int]:
@@ -41,8 +41,8 @@ def dest(tmp_path, monkeypatch) -> Path:
     """A copy of the shipped weights standing in for the package's folder (the judge's detector comes from it too)."""
     folder = tmp_path / "pkg" / "weights"
     shutil.copytree(SHIPPED, folder)
-    monkeypatch.setattr(trce.loading, "shapeworld_dir", lambda: folder)
-    monkeypatch.setattr(miniatures, "miniature_dir", lambda family: tmp_path / "pkg" / f"weights-{family}")
+    monkeypatch.setattr(trce.shapeworld, "weights_dir", lambda: folder)
+    monkeypatch.setattr(pipelines, "miniature_dir", lambda family: tmp_path / "pkg" / f"weights-{family}")
     return folder
 
 

@@ -6,21 +6,12 @@ import pytest
 import torch
 
 from trce.concepts import spec_from_dict
-from trce.edit import resolve
+from trce.edit import fingerprint, resolve, same_base
 from trce.errors import TrceError
-from trce.loading import fingerprint, same_base
 from trce.methods import erase as erase_method
+from trce.methods.closed_form import apply_transform, solve_low_rank, solve_transform
 from trce.methods.prior import preservation_prior
-from trce.methods.stage_t import (
-    StageTConfig,
-    apply_transform,
-    erase,
-    erase_trce_key,
-    pair_embeddings,
-    projection_paths,
-    solve_low_rank,
-    solve_transform,
-)
+from trce.methods.stage_t import StageTConfig, erase, erase_trce_key, pair_embeddings, projection_paths
 from trce.registry import Context, get_method
 from trce.tokens import role_positions, tokenize
 

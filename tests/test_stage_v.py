@@ -382,7 +382,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(pipe, tmp_path):
 
 
 def test_reference_is_the_original_model_when_stage_t_ran_first(pipe, tmp_path):
-    from trce.loading import fingerprint
+    from trce.edit import fingerprint
     from trce.testing import tiny_pipeline
 
     edited = tiny_pipeline(0)  # stands for the stage-T model: other cross-attention keys

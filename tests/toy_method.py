@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from trce.edit import Edit
+from trce.edit import Edit, fingerprint
 from trce.errors import TrceError
 from trce.families import family_of
-from trce.loading import fingerprint
 
 
 @dataclass(frozen=True)

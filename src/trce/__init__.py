@@ -15,7 +15,7 @@ Everything the `trce` command line does is one of these calls. Lists of what exi
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from trce.version import __version__
 
 # name -> "module:attribute"; imported on first use, so `import trce` stays cheap (no torch at startup).
 _API = {

@@ -77,8 +77,8 @@ def _plan(name: str, cfg: DemoConfig, family: str | None = None):
 
 def _erase(pipe, name: str, folder: Path, cfg: DemoConfig) -> tuple[Path, bool]:
     """The patch of one demo method, made or reused; True when it was (re)made."""
+    from trce.edit import fingerprint
     from trce.families import family_of
-    from trce.loading import fingerprint
     from trce.methods import run
 
     plan = _plan(name, cfg, family_of(pipe).name)

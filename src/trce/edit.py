@@ -2,7 +2,8 @@
 
 An Edit is frozen: new weights keyed by the exact parameter path inside the pipeline (for example
 `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight`), the method and concept
-spec that made it, its settings, and the fingerprint of the base model it was computed on.
+spec that made it, its settings, and the fingerprint of the base model it was computed on (`fingerprint`,
+compared with `same_base`: a patch for another base model is refused).
 `apply(pipe)` writes the weights into a loaded pipeline (remembering what was there) and
 `revert(pipe)` puts the previous values back bit for bit. Nothing on disk is ever modified.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -75,7 +77,7 @@ class Edit:
     method: str
     spec: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
-    base: dict | None = None  # trce.loading.fingerprint() of the base model
+    base: dict | None = None  # fingerprint() of the base model
     extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # measured facts: losses, timings, seeds
     source: str | None = field(default=None, compare=False)  # the patch folder it was read from
@@ -100,8 +102,6 @@ class Edit:
     def check(self, pipe, check_base: bool = True) -> None:
         """Refuse a patch for another base model, or tensors whose shape does not fit."""
         if check_base and self.base is not None:
-            from trce.loading import fingerprint, same_base
-
             here = fingerprint(pipe)
             if not same_base(self.base, here):
                 made_for = self.base.get("model", "?")
@@ -354,3 +354,51 @@ def export(pipe, edit: Edit, out: str | Path, record: dict | None = None) -> Pat
         pipe.save_pretrained(tmp, safe_serialization=True)
         io.write_json(tmp / "trce-export.json", io.run_record({**(record or {}), "dtype": dtype}, patch=patch))
     return out
+
+
+# --------------------------------------------------------------------------- identity of a base model
+def fingerprint(pipe, *, denoiser: torch.nn.Module | None = None) -> dict:
+    """Identity of a base model: its architecture hash and a probe of its weights.
+
+    The modules are those the model family names (SD: the UNet and the text encoder; `denoiser`
+    stands in for the pipeline's own when given, as stage V's frozen reference does). The probe is
+    the mean absolute value of the first 4096 entries of every tensor of those modules, which
+    survives fp32/fp16/bf16 loading (compare with a tolerance, see `same_base`) but tells different
+    checkpoints apart.
+    """
+    from trce.families import family_of
+
+    fam = family_of(pipe)
+    modules = fam.identity_modules(pipe)
+    if denoiser is not None:
+        modules[fam.denoiser_name] = denoiser
+    arch = {name: _config_record(module) for name, module in modules.items()}
+    arch_hash = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    probe = []
+    with torch.no_grad():
+        for module in modules.values():
+            for tensor in module.state_dict().values():
+                probe.append(float(tensor.flatten()[:4096].float().abs().mean()))
+    digest = hashlib.sha256(json.dumps([round(p, 3) for p in probe]).encode()).hexdigest()[:16]
+    return {"model": getattr(pipe, "trce_model_name", None), "arch": arch_hash, "id": f"{arch_hash}-{digest}",
+            "probe": probe}
+
+
+def _config_record(module: torch.nn.Module) -> dict:
+    """A module's configuration without the entries that change with loading (paths, versions, dtype)."""
+    config = module.config
+    if hasattr(config, "to_dict"):  # transformers
+        record = config.to_dict()
+        for drop in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
+                     "_attn_implementation_autoset"):
+            record.pop(drop, None)
+        return record
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}  # diffusers
+
+
+def same_base(a: dict, b: dict, rtol: float = 2e-2) -> bool:
+    """Whether two fingerprints describe the same base model (up to dtype rounding)."""
+    if a["arch"] != b["arch"] or len(a["probe"]) != len(b["probe"]):
+        return False
+    pa, pb = torch.tensor(a["probe"], dtype=torch.float64), torch.tensor(b["probe"], dtype=torch.float64)
+    return bool(torch.allclose(pa, pb, rtol=rtol, atol=1e-5))

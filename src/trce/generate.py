@@ -232,7 +232,7 @@ def generate_images(pipe, prompts: str | Sequence[str], seeds: int | Sequence[in
         if edit is not None:
             stack.enter_context(edit.applied(pipe))
         if hidden_prompt:
-            from trce.methods.kpop import hidden_prompt_installed
+            from trce.prompt_injection import hidden_prompt_installed
 
             stack.enter_context(hidden_prompt_installed(pipe, edit))
         warn_long_prompts(pipe, prompts)

@@ -11,12 +11,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +28,6 @@ BUILTIN_MODELS = ("shapeworld", "shapeworld-xl", "shapeworld-dit", "sd14-arch", 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def shapeworld_dir() -> Path:
-    """Folder of the shipped ShapeWorld pipeline."""
-    return Path(str(resources.files("trce.shapeworld").joinpath("weights")))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -82,9 +75,11 @@ def load_pipeline(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if model == "shapeworld":
-        pipe = _from_folder(shapeworld_dir(), dt, name="shapeworld")
+        from trce.shapeworld import weights_dir
+
+        pipe = _from_folder(weights_dir(), dt, name="shapeworld")
     elif model in ("shapeworld-xl", "shapeworld-dit"):
-        from trce.shapeworld.miniatures import load_miniature
+        from trce.shapeworld.pipelines import load_miniature
 
         pipe = load_miniature(model, dt)
     elif model == "sd14-arch":
@@ -339,54 +334,6 @@ def sd3_arch_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
     return pipe.to(dtype=dtype)
 
 
-# --------------------------------------------------------------------------- identity of a base model
-def fingerprint(pipe, *, denoiser: torch.nn.Module | None = None) -> dict:
-    """Identity of a base model: its architecture hash and a probe of its weights.
-
-    The modules are those the model family names (SD: the UNet and the text encoder; `denoiser`
-    stands in for the pipeline's own when given, as stage V's frozen reference does). The probe is
-    the mean absolute value of the first 4096 entries of every tensor of those modules, which
-    survives fp32/fp16/bf16 loading (compare with a tolerance, see `same_base`) but tells different
-    checkpoints apart.
-    """
-    from trce.families import family_of
-
-    fam = family_of(pipe)
-    modules = fam.identity_modules(pipe)
-    if denoiser is not None:
-        modules[fam.denoiser_name] = denoiser
-    arch = {name: _config_record(module) for name, module in modules.items()}
-    arch_hash = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    probe = []
-    with torch.no_grad():
-        for module in modules.values():
-            for tensor in module.state_dict().values():
-                probe.append(float(tensor.flatten()[:4096].float().abs().mean()))
-    digest = hashlib.sha256(json.dumps([round(p, 3) for p in probe]).encode()).hexdigest()[:16]
-    return {"model": getattr(pipe, "trce_model_name", None), "arch": arch_hash, "id": f"{arch_hash}-{digest}",
-            "probe": probe}
-
-
-def _config_record(module: torch.nn.Module) -> dict:
-    """A module's configuration without the entries that change with loading (paths, versions, dtype)."""
-    config = module.config
-    if hasattr(config, "to_dict"):  # transformers
-        record = config.to_dict()
-        for drop in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
-                     "_attn_implementation_autoset"):
-            record.pop(drop, None)
-        return record
-    return {k: v for k, v in dict(config).items() if not k.startswith("_")}  # diffusers
-
-
-def same_base(a: dict, b: dict, rtol: float = 2e-2) -> bool:
-    """Whether two fingerprints describe the same base model (up to dtype rounding)."""
-    if a["arch"] != b["arch"] or len(a["probe"]) != len(b["probe"]):
-        return False
-    pa, pb = torch.tensor(a["probe"], dtype=torch.float64), torch.tensor(b["probe"], dtype=torch.float64)
-    return bool(torch.allclose(pa, pb, rtol=rtol, atol=1e-5))
-
-
 def parameter_counts(pipe) -> dict[str, int]:
     """Parameters per torch component of the pipeline (denoiser, text encoders, VAE)."""
     from trce.families import family_of
@@ -397,6 +344,7 @@ def parameter_counts(pipe) -> dict[str, int]:
 
 def describe(pipe) -> dict:
     """What `trce info` prints: components and parameter counts, device, dtype, the family's facts, fingerprint."""
+    from trce.edit import fingerprint
     from trce.families import family_of
 
     family = family_of(pipe)

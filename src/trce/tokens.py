@@ -21,12 +21,16 @@ Truncation: CLIP's tokenizer keeps an end-of-text token at the last position of 
 fills the context, so `eot` is still found; an expression cut off by truncation has no `key`
 tokens and its pair contributes nothing for that role (counted as dropped). A tokenizer that
 truncates without an eos falls back to the last position for `eot`.
+
+Free slots: `encode_with` / `slot_embeddings` run a text encoder with the token embeddings at some positions
+replaced by given, differentiable vectors (the attacks' adversarial tokens, through each family's `encode_ids`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -158,3 +162,36 @@ def encode(text_encoder, ids: torch.Tensor, cut_at_eos: int | None = None) -> to
     if cut_at_eos is not None:
         ids = ids[:, : int(first_eos(ids, cut_at_eos).max()) + 1]
     return text_encoder(ids.to(text_encoder.device)).last_hidden_state
+
+
+# --------------------------------------------------------------------------- free slots
+@contextlib.contextmanager
+def slot_embeddings(text_encoder, slots: slice | None, embeds: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, `text_encoder` reads `embeds` ((B or 1, k, E), differentiable) as the token embeddings at
+    `slots` (a forward hook on the input-embedding layer, removed on exit)."""
+    if embeds is None:
+        yield
+        return
+    table = text_encoder.get_input_embeddings()
+    # the embedding layers that read that table: T5's stack runs its own module tied to the shared one
+    layers = [m for m in text_encoder.modules() if isinstance(m, torch.nn.Embedding) and m.weight is table.weight]
+
+    def swap(module, args, out):  # out: (B, L, E) token embeddings, before position embeddings
+        out = out.clone()
+        out[:, slots] = embeds.to(out.dtype).expand(out.shape[0], -1, -1)
+        return out
+
+    handles = [m.register_forward_hook(swap) for m in layers or [table]]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def encode_with(text_encoder, ids: torch.Tensor, slots: slice | None = None,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) ids -> (B, L, D) last hidden state, with token embeddings at `slots` replaced by
+    `embeds` ((B or 1, k, D), differentiable)."""
+    with slot_embeddings(text_encoder, slots, embeds):
+        return text_encoder(ids.to(text_encoder.device)).last_hidden_state

@@ -16,7 +16,7 @@ sensitive words or the concept's), and `trce.attacks.mma_text` applies it by def
 
 Free slots. `family.encode_ids(pipe, ids, slots, embeds)` runs the text encoder(s) with the token
 embeddings at `slots` replaced by `embeds` (a forward hook on each input-embedding layer, removed
-in `finally`, `slot_embeddings`), so gradients reach `embeds`; it returns the conditioning the denoiser
+in `finally`, `trce.tokens.slot_embeddings`), so gradients reach `embeds`; it returns the conditioning the denoiser
 reads. With several text encoders (SDXL) a token's embedding is the concatenation of each encoder's row
 (`family.input_table`). GCG's one-hot gradient, PEZ-style projected gradients and soft prompts all go
 through it.
@@ -530,38 +530,6 @@ def compose(tokenizer, tokens: Sequence[int], prompt: str | None = None) -> tupl
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id] + [pad] * (length - 2 - len(body))
     return torch.tensor(ids, dtype=torch.long), slice(1, 1 + len(tokens)), body
-
-
-@contextlib.contextmanager
-def slot_embeddings(text_encoder, slots: slice | None, embeds: torch.Tensor | None) -> Iterator[None]:
-    """Within the block, `text_encoder` reads `embeds` ((B or 1, k, E), differentiable) as the token embeddings at
-    `slots` (a forward hook on the input-embedding layer, removed on exit)."""
-    if embeds is None:
-        yield
-        return
-    table = text_encoder.get_input_embeddings()
-    # the embedding layers that read that table: T5's stack runs its own module tied to the shared one
-    layers = [m for m in text_encoder.modules() if isinstance(m, torch.nn.Embedding) and m.weight is table.weight]
-
-    def swap(module, args, out):  # out: (B, L, E) token embeddings, before position embeddings
-        out = out.clone()
-        out[:, slots] = embeds.to(out.dtype).expand(out.shape[0], -1, -1)
-        return out
-
-    handles = [m.register_forward_hook(swap) for m in layers or [table]]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def encode_with(text_encoder, ids: torch.Tensor, slots: slice | None = None,
-                embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) ids -> (B, L, D) last hidden state, with token embeddings at `slots` replaced by
-    `embeds` ((B or 1, k, D), differentiable)."""
-    with slot_embeddings(text_encoder, slots, embeds):
-        return text_encoder(ids.to(text_encoder.device)).last_hidden_state
 
 
 @contextlib.contextmanager

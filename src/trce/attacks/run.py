@@ -149,9 +149,9 @@ def attack(pipe, suite: str, attack: str, *, edit=None, budget: Any = None, out:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="trce-attack-") as tmp:
-            return _run(pipe, suite, attack, edit, budget, Path(tmp) / "attack", reference, opts, {},
+            return run_attack(pipe, suite, attack, edit, budget, Path(tmp) / "attack", reference, opts, {},
                         prepared=prepared)
-    return _run(pipe, suite, attack, edit, budget, Path(out), reference, opts, {}, prepared=prepared)
+    return run_attack(pipe, suite, attack, edit, budget, Path(out), reference, opts, {}, prepared=prepared)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -297,9 +297,10 @@ def prepare(suite: str, attack_name: str, budget: Any, opts: AttackOptions):
             "detector": detector_name}
 
 
-def _run(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: AttackOptions, record: dict,
+def run_attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: AttackOptions, record: dict,
          prepared: dict | None = None, state=None) -> AttackResult | None:
-    """The attack run in `out`, holding its lock (`io.run_lock`: a second run into `out` is refused)."""
+    """The attack run in `out`, holding its lock (`io.run_lock`: a second run into `out` is refused); what `attack`
+    and `trce attack` run once their inputs are checked (`prepared`: `prepare`'s result)."""
     from trce.families import family_of
     from trce.utils import io
     from trce.utils.processes import process_state
@@ -316,12 +317,12 @@ def _run(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: Att
 def _attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: AttackOptions, record: dict,
             prepared: dict | None, state) -> AttackResult | None:
     from trce.attacks.base import HELD_OUT_STREAM, AttackConfig, budget_key, restarts_of
+    from trce.edit import fingerprint
     from trce.eval.detectors import make_detector
     from trce.eval.prompts import PromptRow
     from trce.eval.runner import generate_rows
     from trce.families import family_of
     from trce.generate import check_settings, warn_long_prompts
-    from trce.loading import fingerprint
     from trce.utils import io
 
     t0 = time.time()

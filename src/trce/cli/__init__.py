@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    from trce import __version__
+    from trce.version import __version__
 
     parser.add_argument("--version", action="version", version=f"trce {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -70,7 +70,7 @@ def register(sub) -> None:
 def cmd_attack(args) -> int:
     import torch
 
-    from trce.attacks.run import CSV_NAME, AttackOptions, _run, hold_out_targets, prepare
+    from trce.attacks.run import CSV_NAME, AttackOptions, hold_out_targets, prepare, run_attack
     from trce.edit import load_patch
     from trce.loading import load_pipeline, resolve_device
     from trce.utils import folders, io
@@ -96,7 +96,7 @@ def cmd_attack(args) -> int:
         reference = (load_pipeline(args.reference_model, device=device, dtype=args.dtype)
                      if args.reference_model is not None and prepared["mod"].NEEDS_REFERENCE else None)
         record = {k: v for k, v in vars(args).items() if k not in ("func", "flags")}
-        metrics = _run(pipe, args.suite, args.attack, edit, args.budget, out, reference,
+        metrics = run_attack(pipe, args.suite, args.attack, edit, args.budget, out, reference,
                        options, record, prepared=prepared, state=state)
     if metrics is None:  # a non-main process of a sharded run: rank 0 reports
         return 0

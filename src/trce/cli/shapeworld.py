@@ -111,11 +111,11 @@ def _check_ship(args) -> None:
     """--ship's refusals, before any training and before anything is written."""
     if not args.ship:
         return
-    from trce.loading import shapeworld_dir
-    from trce.shapeworld.miniatures import miniature_dir
+    from trce.shapeworld import weights_dir
+    from trce.shapeworld.pipelines import miniature_dir
     from trce.shapeworld.train import check_ship_args
 
-    dest = shapeworld_dir() if args.family == "sd1" else miniature_dir(args.family)
+    dest = weights_dir() if args.family == "sd1" else miniature_dir(args.family)
     check_ship_args(tiny=args.tiny, exclude=args.exclude, dest=dest)
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from trce.concepts.spec import _END, _START, ConceptSpec, Pair, _assemble
+from trce.concepts.spec import ConceptSpec, Pair
 from trce.shapeworld import world
+from trce.utils.text import END, START, assemble
 
 
 def _form_of(attribute: str, text: str) -> str:
@@ -44,7 +45,7 @@ def _draw(rng: np.random.Generator, attribute: str, value: str) -> tuple[str, st
 
 def _noun_phrase(words: dict[str, tuple[str, str] | None], slot_attr: str, slot_text: str) -> str:
     """The noun phrase with the slot marked; `words` holds the other attributes' (form, text)."""
-    slot = _START + slot_text + _END
+    slot = START + slot_text + END
     slot_form = _form_of(slot_attr, slot_text) if slot_text else "keyword"
 
     def pre(attribute: str) -> list[str]:
@@ -66,14 +67,10 @@ def _noun_phrase(words: dict[str, tuple[str, str] | None], slot_attr: str, slot_
     return " ".join(pre("pattern") + pre("color") + [noun] + post("color") + post("pattern"))
 
 
-def _article(word: str) -> str:
-    return "an" if word[:1] in "aeiou" else "a"
-
-
 def _render(template: str, np_marked: str, bg: str | None) -> tuple[str, tuple[int, int]]:
-    plain = np_marked.replace(_START, "").replace(_END, "").strip()
-    text = template.format(np=np_marked, bg=bg, a=_article(plain), a_bg=_article(bg or ""))
-    return _assemble(text)
+    plain = np_marked.replace(START, "").replace(END, "").strip()
+    text = template.format(np=np_marked, bg=bg, a=world.article(plain), a_bg=world.article(bg or ""))
+    return assemble(text)
 
 
 OBJECT_PARAPHRASE = "the color of {x}"  # how the world's grammar names a colour through an object

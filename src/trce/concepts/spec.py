@@ -49,13 +49,13 @@ from typing import Any
 import yaml
 
 from trce.errors import TrceError, choose
+from trce.utils.text import END, START, assemble
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("prompts", "file", "coco", "shapeworld-captions", "none")
 COCO_FILE = Path("prompts") / "coco_30k.csv"
 _SLOT = re.compile(r"\{(?:concept)?\}")
-_START, _END = "\x01", "\x02"  # marks the slot while a prompt is assembled
 _TOP_KEYS = ("name", "aliases", "description", "erase", "templates", "preserve", "eta", "ridge", "token_role",
              "attribute", "value", "values", "contexts", "open", "seed", "settings", "family_settings", "extends")
 _NOT_INHERITED = ("name", "aliases", "description")  # what an `extends:` spec never takes from its base
@@ -272,23 +272,7 @@ def fill(template: str, text: str) -> tuple[str, tuple[int, int]]:
     An empty `text` leaves a zero-width span where the slot was, without doubled spaces.
     """
     pre, post = _SLOT.split(template, maxsplit=1)
-    return _assemble(pre + _START + text + _END + post)
-
-
-def _assemble(marked: str) -> tuple[str, tuple[int, int]]:
-    """`... \\x01slot\\x02 ...` -> (text with whitespace collapsed, span of the slot)."""
-    pre, rest = marked.split(_START, 1)
-    mid, post = rest.split(_END, 1)
-    pre = re.sub(r"\s+", " ", pre).lstrip()
-    post = re.sub(r"\s+", " ", post).rstrip()
-    mid = re.sub(r"\s+", " ", mid).strip()
-    if not mid:
-        pre, post = pre.rstrip(), post.lstrip()
-        sep = " " if pre and post and not post.startswith((",", ".")) else ""
-        return pre + sep + post, (len(pre), len(pre))
-    if pre and not pre.endswith(" "):
-        pre += " " if pre[-1].isalnum() and mid[0].isalnum() else ""
-    return pre + mid + post, (len(pre), len(pre) + len(mid))
+    return assemble(pre + START + text + END + post)
 
 
 # --------------------------------------------------------------------------- reading YAML
@@ -560,7 +544,8 @@ def _expressions(r: _Reader, raw: Any, attribute: str | None, values: tuple[str,
 def _from_vocab(r: _Reader, key: str, attribute: str, values: tuple[str, ...], forms: tuple[str, ...], target: str,
                 label: str | None, family_targets: tuple[tuple[str, str], ...] = ()) -> list[Expression]:
     from trce.shapeworld import world
-    from trce.shapeworld.language import LANGUAGE_FORMS, language
+    from trce.shapeworld.language import LANGUAGE_FORMS
+    from trce.shapeworld.lexicon import language
 
     out = []
     for form in forms:
@@ -583,7 +568,7 @@ def _vocab_form(attribute: str | None, text: str) -> tuple[str | None, str | Non
     if attribute is None:
         return None, None
     from trce.shapeworld import world
-    from trce.shapeworld.language import language
+    from trce.shapeworld.lexicon import language
 
     v = world.vocab()
     for value in v.values(attribute):

@@ -382,9 +382,9 @@ def _run(pipe, edit, options: EvalOptions, out: Path, plan: _Plan | None, record
 
 
 def _evaluate(pipe, edit, options: EvalOptions, out: Path, plan: _Plan, record: dict, state, device) -> Metrics | None:
+    from trce.edit import fingerprint
     from trce.families import family_of
     from trce.generate import check_settings, warn_long_prompts
-    from trce.loading import fingerprint
 
     t0 = time.time()
     suite, rows, settings = plan.suite, plan.rows, plan.settings
@@ -396,7 +396,7 @@ def _evaluate(pipe, edit, options: EvalOptions, out: Path, plan: _Plan, record: 
         edit.check(pipe)  # a patch of another base model is refused before any image is drawn
     base = fingerprint(pipe)
     if edit is not None and options.hidden_prompt:
-        from trce.methods.kpop import hidden_prompt
+        from trce.prompt_injection import hidden_prompt
 
         hidden_prompt(edit)  # a patch without one fails here, before any image
     model = getattr(pipe, "trce_model_name", None) or type(pipe).__name__
@@ -434,7 +434,7 @@ def _evaluate(pipe, edit, options: EvalOptions, out: Path, plan: _Plan, record: 
             if edit is not None:
                 ctx.enter_context(edit.applied(pipe))
             if options.hidden_prompt:
-                from trce.methods.kpop import hidden_prompt_installed
+                from trce.prompt_injection import hidden_prompt_installed
 
                 ctx.enter_context(hidden_prompt_installed(pipe, edit))
             desc = f"eval {suite.name}" + (f" seed+{offset}" if len(options.seeds) > 1 else "")

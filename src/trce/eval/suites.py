@@ -359,7 +359,7 @@ def _open_row(suite: Suite, group: str, i: int, g: int, rng: np.random.Generator
     preserve-open    every other value of the attribute, by keyword
     """
     from trce.shapeworld import world
-    from trce.shapeworld.language import OpenStyle, _expressions, draft
+    from trce.shapeworld.language import OpenStyle, draft, expressions
 
     a = suite.attribute
     base = group.removesuffix("-open")
@@ -377,7 +377,7 @@ def _open_row(suite: Suite, group: str, i: int, g: int, rng: np.random.Generator
         else:
             form = "object" if a == "color" and k % 2 else "paraphrase"
             words = "heldout"
-    expr = _expressions(a, value, form, words)
+    expr = expressions(a, value, form, words)
     expr = expr[int(rng.integers(len(expr)))]
     scene = world.sample_scene(rng, **{a: value})
     keyword = {"keyword": 1.0}

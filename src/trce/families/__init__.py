@@ -183,7 +183,7 @@ class ModelFamily:
     def injection_processor(self, inner, slot, name: str):
         """The processor that wraps layer `name`'s own processor `inner` and injects `slot.prompt` there
         (`trce.prompt_injection`; cross-attention by default)."""
-        from trce.prompt_injection import PromptInjectionProcessor
+        from trce.families.injection import PromptInjectionProcessor
 
         return PromptInjectionProcessor(inner, slot, name)
 

@@ -36,7 +36,7 @@ T5's 4096; initialised from LN(context_embedder(T5 rows)); sites over the 19 joi
 9). FLUX's joint attention also rotates queries and keys by `image_rotary_emb`, built from
 [txt_ids; img_ids], text first, txt_ids all 0 (identity rotation): the prompt rows get the identity
 rotation too (position id 0), inserted after the text rows and before the image rows, so a prompt row
-is positioned exactly like a text row (`trce.prompt_injection.identity_rotary_rows`).
+is positioned exactly like a text row (`trce.families.injection.identity_rotary_rows`).
 
 The 38 single-stream blocks are never injected: they have no separate context stream (text and image rows
 are one sequence through shared weights, and the model cuts the image rows out of it by the text's length
@@ -81,7 +81,7 @@ class FluxFamily(SD3Family):
         return [pipe.text_encoder, pipe.text_encoder_2]
 
     def _t5(self, pipe, ids: torch.Tensor, slots=None, embeds=None) -> torch.Tensor:
-        from trce.attacks.base import slot_embeddings
+        from trce.tokens import slot_embeddings
 
         te = pipe.text_encoder_2
         with slot_embeddings(te, slots, embeds):

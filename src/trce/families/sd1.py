@@ -59,7 +59,7 @@ class SD1Family(ModelFamily):
 
     def encode_ids(self, pipe, ids: torch.Tensor, slots: slice | None = None,
                    embeds: torch.Tensor | None = None) -> torch.Tensor:
-        from trce.attacks.base import encode_with
+        from trce.tokens import encode_with
 
         return encode_with(pipe.text_encoder, ids, slots, embeds)
 

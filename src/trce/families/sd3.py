@@ -28,7 +28,7 @@ attn2.to_q), the guided trajectories are drawn with a stateless Euler flow sampl
 ESD and UCE run unchanged (UCE's keyword rows through the same context_embedder solve).
 
 KPOP. The learnable prompt p joins the context rows of the joint attention at the chosen blocks,
-C -> [C; p] (`trce.prompt_injection.JointPromptInjectionProcessor`; its doc has the equations): the
+C -> [C; p] (`trce.families.injection.JointPromptInjectionProcessor`; `trce.prompt_injection` has the equations): the
 joint softmax reads m_p more keys and values, p's own output rows are dropped, so every block keeps its
 shapes. p therefore lives in the context stream's width at the attention, d = the context embedder's
 output width (`caption_projection_dim`, the blocks' inner width), not the text encoder's
@@ -115,6 +115,12 @@ class CollapsedRowsJointProcessor(_joint_processor_base()):
     its logit raised by log n, so every query's output is unchanged. Without `repeated_row` (or without a context)
     it is `JointAttnProcessor2_0` itself."""
 
+    @property
+    def collapses_repeated_row(self) -> bool:
+        """True for exactly this processor (a subclass may compute otherwise): what a prompt injection wrapping it
+        checks before it passes `repeated_row` on (`trce.families.injection.JointPromptInjectionProcessor`)."""
+        return type(self) is CollapsedRowsJointProcessor
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, repeated_row: tuple[int, int] | None = None,
                  *args, **kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +164,7 @@ def collapsible(denoiser) -> bool:
     injection of appended prompt rows, which keeps the rows' indices), after putting it in place of diffusers' own
     `JointAttnProcessor2_0` (the same computation without `repeated_row`); processors of any other kind (a
     user's) are left alone, and then the rows are not collapsed."""
-    from trce.prompt_injection import JointPromptInjectionProcessor
+    from trce.families.injection import JointPromptInjectionProcessor
 
     base = _joint_processor_base()
     processors = getattr(denoiser, "attn_processors", None)
@@ -209,7 +215,7 @@ class SD3Family(ModelFamily):
         return int(pipe.transformer.config.joint_attention_dim)
 
     def _clip_states(self, pipe, ids1: torch.Tensor, ids2: torch.Tensor, slots=None, embeds=None):
-        from trce.attacks.base import slot_embeddings
+        from trce.tokens import slot_embeddings
 
         te1, te2 = pipe.text_encoder, pipe.text_encoder_2
         e1 = te1.get_input_embeddings().weight.shape[1]
@@ -347,7 +353,7 @@ class SD3Family(ModelFamily):
         return out
 
     def injection_layers(self, denoiser, sites: str) -> list[str]:
-        from trce.prompt_injection import SITES
+        from trce.families.injection import SITES
 
         sites = choose("prompt injection site", sites, SITES)
         blocks = getattr(denoiser, "transformer_blocks", None) or []
@@ -359,7 +365,7 @@ class SD3Family(ModelFamily):
         return names
 
     def injection_processor(self, inner, slot, name: str):
-        from trce.prompt_injection import JointPromptInjectionProcessor
+        from trce.families.injection import JointPromptInjectionProcessor
 
         return JointPromptInjectionProcessor(inner, slot, name)
 

@@ -60,8 +60,7 @@ class SDXLFamily(SD1Family):
 
     def encode_ids(self, pipe, ids: torch.Tensor, slots: slice | None = None,
                    embeds: torch.Tensor | None = None) -> torch.Tensor:
-        from trce.attacks.base import slot_embeddings
-        from trce.tokens import first_eos
+        from trce.tokens import first_eos, slot_embeddings
 
         te1, te2 = pipe.text_encoder, pipe.text_encoder_2
         e1 = te1.get_input_embeddings().weight.shape[1]

@@ -217,9 +217,8 @@ def robust_stage(method: str) -> str:
 
 def run(pipe, plan: Plan):
     """Run a `Plan` on `pipe`: one Edit (see the module doc)."""
-    from trce.edit import Edit
+    from trce.edit import Edit, fingerprint
     from trce.families import family_of
-    from trce.loading import fingerprint
 
     plan = plan.for_family(family_of(pipe).name)  # a no-op when the plan was made for this family
     m = plan.method

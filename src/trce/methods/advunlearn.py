@@ -234,7 +234,7 @@ def erase_advunlearn(pipe, erase_prompts: list[str], config: AdvUnlearnConfig = 
                             "advunlearn.preserve_weight=0 to train without the utility term")
     from trce.attacks.base import Vocabulary, compose
     from trce.attacks.unlearndiff import candidate_table
-    from trce.loading import fingerprint
+    from trce.edit import fingerprint
     from trce.tokens import tokenize
 
     t_start = time.time()

@@ -98,7 +98,7 @@ def erase_esd(pipe, erase_prompts: list[str], config: ESDConfig = ESDConfig(), *
     checkpoint_every = config.checkpoint_every if checkpoint_every is None else checkpoint_every
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise TrceError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
-    from trce.loading import fingerprint
+    from trce.edit import fingerprint
 
     t_start = time.time()
     base = fingerprint(pipe)

@@ -51,16 +51,15 @@ text encoder's.
 
 The pipeline is left as it was (weights, dtype, processors, requires_grad): the result is an
 `Edit` whose weights are the trained tensors and whose extras hold the hidden prompt, which
-`hidden_prompt_installed(pipe, edit)` puts back to recover the concept (paper Fig. 6).
+`trce.prompt_injection.hidden_prompt_installed(pipe, edit)` puts back to recover the concept (paper Fig. 6).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
@@ -73,6 +72,7 @@ from tqdm.auto import tqdm
 from trce.edit import Edit
 from trce.errors import TrceError, choose
 from trce.families import family_of
+from trce.families.injection import Mode, Sites
 from trce.methods.training import (
     Checkpoints,
     NoisyLatents,
@@ -85,7 +85,7 @@ from trce.methods.training import (
     save_state,
     training_state,
 )
-from trce.prompt_injection import MODES, SITES, Mode, Sites, injected, site_layers
+from trce.prompt_injection import hidden_prompt_installed, injected, site_layers
 from trce.registry import Context
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def erase_kpop(pipe, erase_prompts: list[str], config: KPOPConfig = KPOPConfig()
     erase_prompts = list(erase_prompts)
     if neutral_prompt is not None:
         config = dataclasses.replace(config, neutral_prompt=neutral_prompt)
-    from trce.loading import fingerprint
+    from trce.edit import fingerprint
 
     t_start = time.time()
     base = fingerprint(pipe)
@@ -448,43 +448,6 @@ def run(pipe, specs, config: KPOPConfig, context: Context) -> Edit:
                       preserve_prompts=keep, other_prompts=others, progress=context.progress,
                       checkpoint_dir=context.checkpoint_dir,
                       cache_dir=cache_dir(context.cache_dir) if context.use_cache else None)
-
-
-# --------------------------------------------------------------------------- the hidden prompt
-def hidden_prompt(edit: Edit) -> tuple[torch.Tensor, dict]:
-    """The hidden prompt of a KPOP edit (also inside combined edits) and its injection settings."""
-    settings = edit.settings
-    if "injection" not in settings and isinstance(settings.get("kpop"), dict):
-        settings = settings["kpop"]  # Edit.combine nests each method's settings under its name
-    if "hidden_prompt" not in edit.extras or "injection" not in settings:
-        raise TrceError(f"this {edit.method} patch has no hidden prompt; only KPOP patches carry one")
-    injection = settings["injection"]
-    mode = choose("prompt injection mode", str(injection.get("mode")), MODES)
-    sites = choose("prompt injection site", str(injection.get("sites")), SITES)
-    return edit.extras["hidden_prompt"], {**injection, "mode": mode, "sites": sites}
-
-
-@contextlib.contextmanager
-def hidden_prompt_installed(pipe, edit: Edit, apply: bool = False) -> Iterator[Any]:
-    """`with hidden_prompt_installed(pipe, edit): pipe(...)` draws with the KPOP hidden prompt injected.
-
-    The edit's weights are expected to be applied already (`load_pipeline(..., patch=DIR)`); with
-    `apply=True` they are applied here and reverted on exit. The prompt recovers the erased
-    concept (paper Sec. 5.6.4, Fig. 6).
-    """
-    prompt, injection = hidden_prompt(edit)
-    family = family_of(pipe)
-    width = family.injection_width(pipe)
-    if prompt.ndim != 2 or prompt.shape[-1] != width:
-        raise TrceError(f"the hidden prompt has shape {tuple(prompt.shape)}, which does not fit this model's prompt "
-                        f"width {width}")
-    denoiser = family.denoiser(pipe)
-    prompt = prompt.to(device=denoiser.device, dtype=denoiser.dtype)
-    with contextlib.ExitStack() as stack:
-        if apply:
-            stack.enter_context(edit.applied(pipe))
-        stack.enter_context(injected(pipe, prompt, injection["mode"], injection["sites"]))
-        yield pipe
 
 
 def generate_with_hidden_prompt(pipe, edit: Edit, prompts: Sequence[str], seeds: Sequence[int], settings=None,

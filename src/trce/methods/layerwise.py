@@ -150,7 +150,7 @@ def stream_states(pipe, prompts: Sequence[str], inputs: Sequence[TextInput], pts
 def solve_layerwise(pipe, pairs, prompts, parts, preserve_parts, eta: float, ridge: float, points: int, seed: int,
                     batch_size: int, progress: bool):
     """{group name: (T, LowRank | None, diagnostics)} and the stream inputs, for every joint block (module doc)."""
-    from trce.methods.stage_t import diagnostics, pair_index, preserve_weight, solve_low_rank, solve_transform
+    from trce.methods.closed_form import diagnostics, pair_index, preserve_weight, solve_low_rank, solve_transform
 
     fam = family_of(pipe)
     tok = fam.tokenizer(pipe)

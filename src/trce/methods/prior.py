@@ -79,7 +79,7 @@ def preservation_prior(
     if not prompts:
         return Prior(torch.zeros(width, width, dtype=torch.float64), 0, 0, role, "", False, 0.0)
     if fingerprint_id is None:
-        from trce.loading import fingerprint
+        from trce.edit import fingerprint
 
         fingerprint_id = fingerprint(pipe)["id"]
     tok = fam.tokenizer(pipe)

@@ -80,8 +80,8 @@ class Reference:
         A bare denoiser borrows the text encoder(s), tokenizer(s) and scheduler of `pipe` (TRCE never changes
         the text encoder, so they are the original's).
         """
+        from trce.edit import fingerprint
         from trce.families import family_of
-        from trce.loading import fingerprint
 
         fam = family_of(pipe)
         source = pipe if reference is None else reference

@@ -273,7 +273,7 @@ def _uce(pipe, specs: Sequence[ConceptSpec], config: UCEConfig, context: Context
 
 def _edit(pipe, specs, config: UCEConfig, t: torch.Tensor, tp: torch.Tensor | None, method: str, settings: dict,
           info: dict, base: dict) -> Edit:
-    from trce.methods.stage_t import apply_transform
+    from trce.methods.closed_form import apply_transform
 
     tokens, pooled = _inputs(pipe, config)
     weights = {p: apply_transform(resolve(pipe, p), t, tokens.columns) for p in tokens.paths}  # W' = W·T
@@ -289,7 +289,7 @@ def _edit(pipe, specs, config: UCEConfig, t: torch.Tensor, tp: torch.Tensor | No
 
 def run_uce(pipe, specs: Sequence[ConceptSpec], config: UCEConfig, context: Context) -> Edit:
     """UCE (the registry's stage function): the Edit of train_erase.py's `edit_model` (module doc)."""
-    from trce.loading import fingerprint
+    from trce.edit import fingerprint
 
     t0 = time.perf_counter()
     specs = as_specs(specs)
@@ -306,7 +306,7 @@ def run_uce(pipe, specs: Sequence[ConceptSpec], config: UCEConfig, context: Cont
 def run_rece(pipe, specs: Sequence[ConceptSpec], config: RECEConfig, context: Context) -> Edit:
     """RECE (the registry's stage function): UCE, then `robust` rounds of closed-form adversaries over every position
     of each concept prompt mapped onto every position of ' ' (or its target), each re-solve on top of the last."""
-    from trce.loading import fingerprint
+    from trce.edit import fingerprint
     from trce.methods.robust import layer_gram
 
     t0 = time.perf_counter()

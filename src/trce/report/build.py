@@ -948,7 +948,7 @@ def build_report(runs: Sequence[str | os.PathLike], *, grid_size: int = 8, title
                            "description": r["description"], "note": r["note"]})
     attacks = [{**r["attack"], "run": r["id"], "run_label": r["label"], "suite": r["suite"]}
                for r, _, _ in loaded if isinstance(r["attack"], dict)]
-    from trce import __version__
+    from trce.version import __version__
 
     report = {
         "format": REPORT_FORMAT, "format_version": REPORT_VERSION,

@@ -12,9 +12,10 @@ __all__ = ["clip_vision", "detector", "weights_dir"]
 
 
 def weights_dir() -> Path:
-    from trce.loading import shapeworld_dir
+    """Folder of the shipped ShapeWorld pipeline, inside the installed package."""
+    from importlib import resources
 
-    return shapeworld_dir()
+    return Path(str(resources.files("trce.shapeworld").joinpath("weights")))
 
 
 def detector(folder: str | Path | None = None, device: str = "cpu"):

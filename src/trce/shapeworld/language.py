@@ -1,4 +1,5 @@
-"""ShapeWorld's open caption language: prompts as people write them (`language.yaml`).
+"""ShapeWorld's open caption language: prompts as people write them (`language.yaml`, read by
+`trce.shapeworld.lexicon`).
 
 The in-grammar captions of `trce.shapeworld.world` put a noun phrase into one of 12 templates. The open
 language adds what those never produce: relative clauses ("a star that is red"), attributes after the noun
@@ -16,92 +17,19 @@ construction removed, or the shape named "shape") and its character span returne
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 
 import numpy as np
-import yaml
 
 from trce.shapeworld import world
+from trce.shapeworld.lexicon import Construction, language
+from trce.utils.text import END, START, assemble
 
-START, END = "\x01", "\x02"  # mark the slot while a caption is assembled (as trce.concepts.spec does)
 LANGUAGE_FORMS = ("keyword", "synonym", "paraphrase", "object")
 POSITIONS = ("pre", "post", "noun", "bg")
 WRITINGS = ("lower", "title", "upper", "shout", "ellipsis")
 MAX_TOKENS = 30  # content tokens: the tokenizer's 32 minus start and end of text
-
-
-@dataclass(frozen=True)
-class Construction:
-    """How an attribute's expression attaches to the noun: `text` with {x}, {y}, {i}, {o}, {ob} (see language.yaml)."""
-
-    text: str
-    forms: tuple[str, ...]
-    position: str
-    group: str
-    attribute: str = ""
-
-
-class Language:
-    """The parsed `language.yaml`."""
-
-    def __init__(self, raw: dict):
-        self.raw = raw
-
-    def _split(self, entry, group: str) -> list:
-        if group == "all":
-            return list(entry["spec"]) + list(entry["heldout"])
-        return list(entry[group])
-
-    def objects(self, value: str, group: str = "all") -> list[str]:
-        """Things that have colour `value` ("a ripe tomato")."""
-        entry = self.raw["objects"].get(value)
-        return self._split(entry, group) if entry else []
-
-    def intensifiers(self, group: str = "all") -> list[str]:
-        return self._split(self.raw["intensifiers"], group)
-
-    def constructions(self, attribute: str, group: str = "all", position: str | None = None,
-                      form: str | None = None) -> list[Construction]:
-        out = []
-        for g in (("spec", "heldout") if group == "all" else (group,)):
-            for pos, items in self.raw["constructions"][attribute][g].items():
-                if position is not None and pos != position:
-                    continue
-                for item in items:
-                    c = Construction(item["text"], tuple(item["forms"]), pos, g, attribute)
-                    if form is None or form in c.forms:
-                        out.append(c)
-        return out
-
-    def frames(self, group: str = "all") -> list[str]:
-        return self._split(self.raw["frames"], group)
-
-    def openings(self, group: str = "all") -> list[str]:
-        return self._split(self.raw["openings"], group)
-
-    def closings(self, group: str = "all") -> list[str]:
-        return self._split(self.raw["closings"], group)
-
-    def writings(self, group: str = "all") -> list[str]:
-        return self._split(self.raw["writing"], group)
-
-    def all_text(self) -> list[str]:
-        """Every string the language can put in a caption (for building the tokenizer)."""
-        out = [*self.frames(), *self.openings(), *self.closings(), *self.intensifiers()]
-        for value in self.raw["objects"]:
-            out.extend(self.objects(value))
-        for attribute in self.raw["constructions"]:
-            out.extend(c.text for c in self.constructions(attribute))
-        return out
-
-
-@functools.cache
-def language() -> Language:
-    text = resources.files("trce.shapeworld").joinpath("language.yaml").read_text()
-    return Language(yaml.safe_load(text))
 
 
 def n_tokens(text: str) -> int:
@@ -138,7 +66,9 @@ def _pick(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
 
 
-def _expressions(attribute: str, value: str, form: str, words: str) -> list[str]:
+def expressions(attribute: str, value: str, form: str, words: str) -> list[str]:
+    """The open language's ways of naming `value` of `attribute` in `form` (objects included), from the `words`
+    group (`spec`, `heldout` or `all`; backgrounds are always `all`)."""
     if form == "object":
         return language().objects(value, words)
     group = "all" if attribute == "background" else words
@@ -207,8 +137,8 @@ class Draft:
         """(caption, character span of the slot or None): `slot_text` replaces the slot's construction."""
         noun_phrase = self._np(slot_text)
         plain = noun_phrase.replace(START, "").replace(END, "").strip()
-        text = self.frame.format(np=noun_phrase, bg=self.bg or "", a=world._article(plain),
-                                 a_bg=world._article(self.bg or ""))
+        text = self.frame.format(np=noun_phrase, bg=self.bg or "", a=world.article(plain),
+                                 a_bg=world.article(self.bg or ""))
         text = " ".join(p for p in (self.opening, text, self.closing) if p)
         if self.writing == "title":
             text = text.title()
@@ -220,9 +150,7 @@ class Draft:
             text = text + "..."
         if START not in text:
             return re.sub(r"\s+", " ", text).strip(), None
-        from trce.concepts.spec import _assemble
-
-        return _assemble(text)
+        return assemble(text)
 
 
 def draft(scene: world.Scene, rng: np.random.Generator, style: OpenStyle = OpenStyle(), *, slot: str | None = None,
@@ -262,11 +190,11 @@ def draft(scene: world.Scene, rng: np.random.Generator, style: OpenStyle = OpenS
         if forced and slot_expr is not None:
             form, expr = slot_expr
         else:
-            options = [f for f in weights if weights[f] > 0 and _expressions(attribute, value, f, style.words)
+            options = [f for f in weights if weights[f] > 0 and expressions(attribute, value, f, style.words)
                        and lang.constructions(attribute, style.group, form=f)]
             p = np.asarray([weights[f] for f in options], dtype=float)
             form = options[int(rng.choice(len(options), p=p / p.sum()))]
-            expr = _pick(rng, _expressions(attribute, value, form, style.words))
+            expr = _pick(rng, expressions(attribute, value, form, style.words))
         constructions = lang.constructions(attribute, style.group, form=form)
         if not constructions:
             raise ValueError(f"no {style.group} construction of {attribute} takes the form {form!r}")
@@ -274,7 +202,7 @@ def draft(scene: world.Scene, rng: np.random.Generator, style: OpenStyle = OpenS
         marked = _fill(construction, form, value, rng, style)
         second = expr
         if _Y in marked:  # a second expression of the same value ("red, crimson")
-            second = _pick(rng, [e for e in _expressions(attribute, value, form, style.words) if e != expr] or [expr])
+            second = _pick(rng, [e for e in expressions(attribute, value, form, style.words) if e != expr] or [expr])
         text = _materialise(marked, expr, second)
         if forced:
             chosen_construction = construction

@@ -23,7 +23,7 @@ Min-SNR weighting under SD's DDPM schedule for SDXL; rectified flow (x_t = (1-σ
 logit-normal σ as SD3 trains) for the DiT. EMA weights are exported; every stage resumes.
 
 Shipped: only the denoiser and its record (`weights-xl/`, `weights-dit/`); `trce.load_pipeline("shapeworld-xl")`
-assembles the pipeline from them and the shipped ShapeWorld parts.
+assembles the pipeline from them and the shipped ShapeWorld parts (`trce.shapeworld.pipelines`).
 """
 
 from __future__ import annotations
@@ -39,119 +39,14 @@ from tqdm.auto import tqdm
 
 from trce.errors import TrceError, choose
 from trce.families.sd3 import T5_FREE_ROWS, CollapsedRowsJointProcessor
-from trce.shapeworld import world
+from trce.shapeworld import pipelines, world
+from trce.shapeworld.pipelines import MINIATURES, denoiser_model, load_miniature, text_encoder
 from trce.shapeworld.settings import check_training
 from trce.utils import folders, io
 
 log = logging.getLogger(__name__)
 
-MINIATURES = {"sdxl": ("shapeworld-xl", "weights-xl", "unet"), "sd3": ("shapeworld-dit", "weights-dit", "transformer")}
-NAMES = {name: family for family, (name, _, _) in MINIATURES.items()}
 TIME_IDS = (32.0, 32.0, 0.0, 0.0, 32.0, 32.0)  # SDXL's size ids at ShapeWorld's 32 px: original, crop, target
-
-
-def miniature_dir(family: str) -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("trce.shapeworld").joinpath(MINIATURES[family][1])))
-
-
-# --------------------------------------------------------------------------- components
-def text_encoder(base: Path, projection: bool, dtype=torch.float32):
-    """ShapeWorld's CLIP text tower from an exported pipeline folder; with `projection`, as a
-    `CLIPTextModelWithProjection` carrying the trained text projection (its `text_embeds`: the pooled vector)."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    text = CLIPTextModel.from_pretrained(base / "text_encoder", dtype=torch.float32)
-    if not projection:
-        return text.to(dtype)
-    model = CLIPTextModelWithProjection(text.config)
-    model.text_model.load_state_dict(text.state_dict())  # CLIPTextModel holds the text transformer's parts
-    proj = io.load_tensors(base / "clip_text_projection.safetensors")["text_projection"].float()
-    with torch.no_grad():
-        model.text_projection.weight.copy_(proj)
-    return model.eval().to(dtype)
-
-
-def denoiser_model(family: str, seed: int = 0):
-    """The miniature's denoiser, about the size of ShapeWorld's UNet."""
-    torch.manual_seed(seed)
-    if family == "sdxl":
-        from diffusers import UNet2DConditionModel
-
-        time_dim = 16
-        return UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(48, 96, 96),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=512, attention_head_dim=8, norm_num_groups=16, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=128 + 6 * time_dim,
-        )
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=512, caption_projection_dim=128, pooled_projection_dim=256,
-        pos_embed_max_size=8,
-    )
-
-
-def flow_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(shift=1.0)  # 8x8 latents: no resolution shift
-
-
-def assemble(family: str, denoiser, base: Path, dtype=torch.float32):
-    """The miniature's diffusers pipeline: `denoiser` with the ShapeWorld parts of the exported folder `base`."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTokenizer
-
-    tok = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    vae = AutoencoderKL.from_pretrained(base / "vae", dtype=torch.float32)
-    if family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
-
-        from trce.shapeworld.models import scheduler
-
-        pipe = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoder(base, False), text_encoder_2=text_encoder(base, True), tokenizer=tok,
-            tokenizer_2=CLIPTokenizer.from_pretrained(base / "tokenizer"), unet=denoiser, scheduler=scheduler(),
-            force_zeros_for_empty_prompt=True)
-    else:
-        from diffusers import StableDiffusion3Pipeline
-
-        vae.register_to_config(shift_factor=0.0)
-        pipe = StableDiffusion3Pipeline(
-            transformer=denoiser, scheduler=flow_scheduler(), vae=vae, text_encoder=text_encoder(base, True),
-            tokenizer=tok, text_encoder_2=text_encoder(base, True),
-            tokenizer_2=CLIPTokenizer.from_pretrained(base / "tokenizer"), text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
-
-
-def load_miniature(name: str, dtype=torch.float32, folder: Path | None = None):
-    """`trce.load_pipeline("shapeworld-xl" | "shapeworld-dit")`: the shipped denoiser with the shipped parts."""
-    from trce.loading import shapeworld_dir
-
-    family = NAMES[name]
-    folder = folder or miniature_dir(family)
-    sub = folder / MINIATURES[family][2]
-    if not (sub / "config.json").exists():
-        raise TrceError(f"the {name} weights are missing from this install ({folder}); build them with "
-                        f"`trce shapeworld train --family {family} --out DIR --ship`")
-    cls = _denoiser_class(family)
-    denoiser = cls.from_pretrained(sub, dtype=torch.float32, use_safetensors=True, local_files_only=True)
-    pipe = assemble(family, denoiser, shapeworld_dir(), dtype)
-    pipe.trce_model_name = name
-    return pipe
-
-
-def _denoiser_class(family: str):
-    import diffusers
-
-    return getattr(diffusers, "UNet2DConditionModel" if family == "sdxl" else "SD3Transformer2DModel")
 
 
 # --------------------------------------------------------------------------- training
@@ -188,13 +83,13 @@ class MiniatureTrainer:
     STAGES = ("cache", "denoiser", "export")
 
     def __init__(self, out: str | Path, config: MiniatureConfig):
-        from trce.loading import shapeworld_dir
-        from trce.shapeworld.train import _device
+        from trce.shapeworld import weights_dir
+        from trce.shapeworld.train import torch_device
 
         check_training(config)  # every number in range before anything is made
         self.out, self.cfg = Path(out), config
-        self.device = _device(config.device)
-        self.base = shapeworld_dir() if config.base == "shapeworld" else Path(config.base).expanduser()
+        self.device = torch_device(config.device)
+        self.base = weights_dir() if config.base == "shapeworld" else Path(config.base).expanduser()
         if not (self.base / "clip_text_projection.safetensors").exists():
             raise TrceError(f"--base {self.base} is not an exported ShapeWorld pipeline (no clip_text_projection)")
         folders.check(self.out, "training")  # never trained into another run's results
@@ -267,14 +162,14 @@ class MiniatureTrainer:
         from transformers import CLIPTokenizer
 
         from trce.shapeworld.language import training_caption
-        from trce.shapeworld.train import _to_float
+        from trce.shapeworld.train import to_float
 
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 31])
         scenes = [world.sample_scene(rng) for _ in range(cfg.pool_size)]
         images = np.stack([world.render(s) for s in tqdm(scenes, desc="render pool", mininterval=2)])
         vae = AutoencoderKL.from_pretrained(self.base / "vae", dtype=torch.float32).to(self.device).eval()
-        lat = [vae.encode(_to_float(images[s:s + 256], self.device)).latent_dist.mean.cpu()
+        lat = [vae.encode(to_float(images[s:s + 256], self.device)).latent_dist.mean.cpu()
                for s in tqdm(range(0, len(images), 256), desc="encode latents", mininterval=2)]
         latents = torch.cat(lat) * float(vae.config.scaling_factor)  # (N, 4, 8, 8), as the pipeline scales them
         tok = CLIPTokenizer.from_pretrained(self.base / "tokenizer")
@@ -408,7 +303,7 @@ def ship(family: str, export: Path, *, device: str = "auto", n: int | None = Non
     from trce.shapeworld.train import SHIP_CHECK_N, Shipped, check_ship_args, install, quality_check
 
     export = Path(export)
-    dest = Path(dest) if dest is not None else miniature_dir(family)
+    dest = Path(dest) if dest is not None else pipelines.miniature_dir(family)
     if export.resolve() == dest.resolve():
         raise TrceError(f"--ship: {export} is the shipped folder itself", field="ship")
     config = (io.read_json(export / "made.json") if (export / "made.json").is_file() else {}).get("config") or {}
@@ -441,7 +336,7 @@ def train_miniature(out: str | Path, family: str, *, seed: int = 0, device: str 
     if ship_it:
         from trce.shapeworld.train import check_ship_args
 
-        check_ship_args(tiny=tiny, dest=miniature_dir(family))
+        check_ship_args(tiny=tiny, dest=pipelines.miniature_dir(family))
         if cfg.base != "shapeworld":
             raise TrceError(f"--ship refuses a denoiser trained around {cfg.base}: the shipped one works with the "
                             "shipped ShapeWorld parts", field="ship")

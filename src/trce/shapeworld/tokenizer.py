@@ -59,7 +59,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
 
 def build_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(token -> id, merges) covering every ShapeWorld word, of the vocabulary and of the open language, as one token."""
-    from trce.shapeworld.language import language
+    from trce.shapeworld.lexicon import language
 
     texts = [*vocab().all_text(), *language().all_text()]
     words = sorted({w for text in texts for w in _WORD.findall(text.lower()) if "{" not in w and "}" not in w})

@@ -83,7 +83,7 @@ class TrainConfig:
         )
 
 
-def _device(name: str) -> torch.device:
+def torch_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -145,7 +145,7 @@ def denoiser_loop(model, ema, opt, loss_at, *, steps: int, lr: float, warmup: in
             log.info("%s checkpoint at step %d (loss %.4f)", desc, step + 1, np.mean(losses[-50:]))
 
 
-def _to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
     x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
@@ -156,7 +156,7 @@ class Trainer:
         check_training(config)  # every number in range before anything is made
         self.out = Path(out)
         self.cfg = config
-        self.device = _device(config.device)
+        self.device = torch_device(config.device)
         self.tokenizer = build_tokenizer()
         self.warm = warm_source(config.warm_start) if config.warm_start else None
         self.excluded = excluded_value(config.exclude)  # checked before any stage runs
@@ -294,7 +294,7 @@ class Trainer:
             # Causal attention: positions before the padding do not depend on it, so a batch padded
             # to its own longest caption gives the same [EoT] outputs as padding to MAX_LENGTH.
             tok = self.tokenizer(list(texts), padding="longest", truncation=True, return_tensors="pt").to(self.device)
-            pix = _to_float(images[idx], self.device)
+            pix = to_float(images[idx], self.device)
             out = model(input_ids=tok.input_ids, attention_mask=None, pixel_values=pix)
             logits = out.logits_per_text  # (B_text, B_image), already scaled
             # Soft targets: caption i matches every image whose named attributes agree with it, so
@@ -344,7 +344,7 @@ class Trainer:
         bar = tqdm(range(cfg.vae_steps), desc="vae", mininterval=2)
         for step in bar:
             rng = _step_rng(cfg.seed, "vae", step)
-            x = _to_float(images[rng.choice(len(images), size=cfg.vae_batch, replace=False)], self.device)
+            x = to_float(images[rng.choice(len(images), size=cfg.vae_batch, replace=False)], self.device)
             posterior = vae.encode(x).latent_dist
             torch.manual_seed(cfg.seed * 100003 + step)
             recon = vae.decode(posterior.sample()).sample
@@ -372,7 +372,7 @@ class Trainer:
         for step in bar:
             rng = _step_rng(cfg.seed, "detector", step)
             idx = rng.choice(len(images), size=cfg.detector_batch, replace=False)
-            x = (_to_float(images[idx], self.device) + 1) / 2
+            x = (to_float(images[idx], self.device) + 1) / 2
             # Light noise so the detector also reads slightly imperfect generated images.
             x = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
             logits = det(x)
@@ -401,7 +401,7 @@ class Trainer:
         vae = AutoencoderKL.from_pretrained(self.out / "vae", dtype=torch.float32).to(self.device).eval()
         lat = []
         for s in tqdm(range(0, len(images), 256), desc="encode latents", mininterval=2):
-            lat.append(vae.encode(_to_float(images[s : s + 256], self.device)).latent_dist.mean.cpu())
+            lat.append(vae.encode(to_float(images[s : s + 256], self.device)).latent_dist.mean.cpu())
         latents = torch.cat(lat)  # (N, 4, 8, 8)
         scaling = float(1.0 / latents.std())
         text = CLIPTextModel.from_pretrained(self.out / "clip").to(self.device).eval()
@@ -497,7 +497,7 @@ def detector_accuracy(det, seed: int, n: int, device: torch.device) -> dict[str,
     """Per-attribute accuracy of the classifier on `n` fresh renders."""
     rng = np.random.default_rng([seed, 12345])
     scenes = [world.sample_scene(rng) for _ in range(n)]
-    x = (_to_float(np.stack([world.render(s) for s in scenes]), device) + 1) / 2
+    x = (to_float(np.stack([world.render(s) for s in scenes]), device) + 1) / 2
     pred = det.predict(x)
     return {a: float(np.mean([p == s.attribute(a) for p, s in zip(pred[a], scenes)])) for a in world.ATTRIBUTES}
 
@@ -553,9 +553,9 @@ def warm_source(path: str) -> tuple[str, Path]:
     """("run", folder) for a finished training run, ("export", folder) for an exported pipeline (`shapeworld`:
     the shipped weights, which hold the CLIP towers, the UNet's EMA weights, the VAE and the detector)."""
     if path == "shapeworld":
-        from trce.loading import shapeworld_dir
+        from trce.shapeworld import weights_dir
 
-        return "export", shapeworld_dir()
+        return "export", weights_dir()
     src = Path(path).expanduser()
     if not src.is_dir():
         raise TrceError(f"--warm-start {src} is not a finished ShapeWorld run or exported pipeline: no such folder")
@@ -674,8 +674,8 @@ def check_detector(folder: Path, device: str = "cpu") -> dict[str, float]:
     """The per-attribute agreement of the detector in `folder` with fresh renders; refused below DETECTOR_BAR."""
     from trce.shapeworld import detector
 
-    acc = detector_accuracy(detector(folder, device=str(_device(device))), seed=2024, n=DETECTOR_CHECK_N,
-                            device=_device(device))
+    acc = detector_accuracy(detector(folder, device=str(torch_device(device))), seed=2024, n=DETECTOR_CHECK_N,
+                            device=torch_device(device))
     low = [f"{a} {v:.3f}" for a, v in acc.items() if v < DETECTOR_BAR]
     if low:
         raise TrceError(f"--ship refused: the detector in {folder} agrees with fresh renders below {DETECTOR_BAR} "
@@ -730,10 +730,11 @@ def ship_weights(export: Path, *, device: str = "auto", n: int | None = None, de
     """Install an exported pipeline as the package's shipped ShapeWorld weights (`dest`: the package's folder),
     after refusing one trained with --exclude or recorded as a tiny run, one whose detector misreads fresh renders
     or that fails the quality bar; the replaced folder is kept (see `install`)."""
-    from trce.loading import load_pipeline, shapeworld_dir
+    from trce.loading import load_pipeline
+    from trce.shapeworld import weights_dir
 
     export = Path(export)
-    dest = Path(dest) if dest is not None else shapeworld_dir()
+    dest = Path(dest) if dest is not None else weights_dir()
     if export.resolve() == dest.resolve():
         raise TrceError(f"--ship: {export} is the shipped folder itself", field="ship")
     config = (io.read_json(export / "made.json") if (export / "made.json").is_file() else {}).get("config") or {}
@@ -764,13 +765,13 @@ def train(out: str | Path, *, seed: int = 0, device: str = "auto", tiny: bool = 
     from dataclasses import fields, replace
 
     from trce.errors import choose
-    from trce.loading import shapeworld_dir
+    from trce.shapeworld import weights_dir
 
     known = {f.name for f in fields(TrainConfig)}
     for name in overrides:
         choose("ShapeWorld training setting", name, known)
     if ship:
-        check_ship_args(tiny=tiny, exclude=overrides.get("exclude"), dest=shapeworld_dir())
+        check_ship_args(tiny=tiny, exclude=overrides.get("exclude"), dest=weights_dir())
     cfg = TrainConfig.tiny(seed=seed) if tiny else TrainConfig(seed=seed)
     cfg = replace(cfg, device=device, **overrides)
     export = Trainer(out, cfg).run()

@@ -243,7 +243,8 @@ def fixed_style(form: str, group: str = "heldout") -> CaptionStyle:
     )
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
+    """The indefinite article before `word`."""
     return "an" if word[:1] in "aeiou" else "a"
 
 
@@ -291,7 +292,7 @@ def describe(
     if bg is None and "{bg}" in template:
         bg = scene.background  # a template forced with {bg}: name the background by keyword
         named = named + ("background",)
-    text = template.format(np=np_text, bg=bg, a=_article(np_text), a_bg=_article(bg or ""))
+    text = template.format(np=np_text, bg=bg, a=article(np_text), a_bg=article(bg or ""))
     return re.sub(r"\s+", " ", text).strip(), named
 
 

@@ -86,6 +86,8 @@ def check(folder: str | os.PathLike, kind: str, field: str = "out") -> None:
         raise ValueError(f"unknown folder kind {kind!r}")
     io.check_path(folder, field)  # a name too long or a loop of links: one clear line, not an OSError
     path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise TrceError(f"{field} {folder} is a file, not a folder; give a folder path", field=field)
     if not path.is_dir():
         return
     have = kind_of(path)
@@ -127,7 +129,7 @@ def claim(folder: str | os.PathLike, kind: str, key: dict, state=None, field: st
 
 def declare(folder: str | os.PathLike, kind: str, key: dict | None = None) -> None:
     """Write `folder`'s manifest (atomically): its kind and the key its results depend on."""
-    from trce import __version__
+    from trce.version import __version__
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     io.write_json(Path(folder) / MANIFEST, {"format": FORMAT, "version": VERSION, "kind": kind,

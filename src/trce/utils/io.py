@@ -60,7 +60,7 @@ def _write_errno(exc: BaseException) -> int | None:
 
 
 @contextlib.contextmanager
-def _disk_errors(path: Path) -> Iterator[None]:
+def disk_errors(path: Path) -> Iterator[None]:
     """Turn a full disk or a read-only place while writing `path` into one clear `WriteError` naming `path`."""
     try:
         yield
@@ -118,7 +118,7 @@ def sibling_name(path: str | os.PathLike, prefix: str = ".", suffix: str = "", *
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
     path = Path(path)
-    with _disk_errors(path):
+    with disk_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=sibling_name(path, ".", ".", room=_TEMP_ROOM), suffix=".tmp",
                                    dir=path.parent)
@@ -137,8 +137,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` as a whole."""
-    path = Path(path)
-    with _disk_errors(path):
+    path = Path(os.path.abspath(os.path.expanduser(path)))  # `.` or `x/..` has a parent to write beside
+    with disk_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=sibling_name(path, ".", ".", room=_TEMP_ROOM), suffix=".tmp",
                                     dir=path.parent))
@@ -243,10 +243,10 @@ def versions() -> dict[str, str]:
     import diffusers
     import transformers
 
-    import trce
+    from trce.version import __version__
 
     return {
-        "trce": trce.__version__,
+        "trce": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -436,7 +436,7 @@ def _lock_file(target: Path) -> Path:
     except OSError as exc:
         if target.is_dir() and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             return target / ".trce.lock"
-        with _disk_errors(beside):
+        with disk_errors(beside):
             raise
     return beside
 
@@ -447,7 +447,7 @@ def _acquire(lock: Path, path, field: str, wait: bool) -> int | None:
     except ImportError:  # no flock (Windows): unlocked
         return None
     while True:
-        with _disk_errors(lock):
+        with disk_errors(lock):
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         try:
             try:

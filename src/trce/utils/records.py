@@ -68,7 +68,7 @@ class Records:
                 # Unbuffered, so that nothing is left to flush on closing after a failed write. A full disk is one
                 # clear line (`io.WriteError`); a line it cut short is dropped on reading and its item redone.
                 data = "".join(json.dumps(r) + "\n" for r in batch).encode("utf-8")
-                with io._disk_errors(shard):
+                with io.disk_errors(shard):
                     if not handles:  # opened on the first batch: a process with nothing to do writes no file
                         handles.append(os.open(shard, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666))
                         stack.callback(os.close, handles[0])
