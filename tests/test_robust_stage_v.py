@@ -18,7 +18,7 @@ import trce
 from trce.errors import TrceError
 from trce.families import family_of
 from trce.methods import plan, robust
-from trce.methods.stage_v import StageVConfig, _original, erase_v, round_steps
+from trce.methods.stage_v import StageVConfig, erase_v, original_pipeline, round_steps
 from trce.methods.training import encode_prompts
 from trce.methods.trajectories import Reference, concept_trajectories
 from trce.testing import assert_one_line_error
@@ -236,7 +236,7 @@ def test_several_processes_need_a_checkpoint_folder(pipe):
 
     fake = SimpleNamespace(num_processes=2, is_main_process=True)
     with pytest.raises(TrceError, match="over 2 processes shares each round's adversaries"):
-        stage_v._Hardening(pipe, family_of(pipe), PAIRS, torch.zeros(3, 4, 2), (None, None, None, None,
+        stage_v.Hardening(pipe, family_of(pipe), PAIRS, torch.zeros(3, 4, 2), (None, None, None, None,
                            torch.tensor([0, 1])), HARD, None, fake, None, 4, False)
 
 
@@ -250,11 +250,11 @@ def test_the_reference_images_come_from_the_original_model(pipe):
                 param.mul_(1.5)
     after_t = {k: v.clone() for k, v in edited.unet.state_dict().items()}
     ref = Reference.from_pipe(edited, pipe.unet)
-    with _original(edited, family_of(edited), ref) as original:
+    with original_pipeline(edited, family_of(edited), ref) as original:
         assert original is edited
         assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in edited.unet.state_dict().items())
     assert all(torch.equal(v, after_t[k]) for k, v in edited.unet.state_dict().items())  # T's edit back
-    with _original(pipe, family_of(pipe), Reference.from_pipe(pipe)) as original:  # stage V alone: itself
+    with original_pipeline(pipe, family_of(pipe), Reference.from_pipe(pipe)) as original:  # stage V alone: itself
         assert original is pipe
 
 

@@ -16,10 +16,10 @@ from trce.families import family_of
 from trce.methods import trajectories
 from trce.methods.stage_v import (
     StageVConfig,
-    _settings,
     epoch_plan,
     erase_v,
     repelled_safe,
+    settings_record,
     stage_v_loss,
     trainable_parameters,
     triplet_loss,
@@ -114,7 +114,7 @@ def test_repel_is_recorded_and_keyed_only_when_set(pipe, tmp_path):
     pushed = erase_v(pipe, PAIRS, replace(TINY, lr=1e-3, repel=1.0), cache_dir=tmp_path, progress=False)
     assert "repel" not in plain.settings and pushed.settings["repel"] == 1.0
     # what the run key hashes (a run made before `repel` existed resumes)
-    assert "repel" not in _settings(TINY) and _settings(replace(TINY, repel=0.5))["repel"] == 0.5
+    assert "repel" not in settings_record(TINY) and settings_record(replace(TINY, repel=0.5))["repel"] == 0.5
     assert any(not torch.equal(plain.weights[k], pushed.weights[k]) for k in plain.weights)
     with pytest.raises(TrceError, match="repel"):
         StageVConfig(repel=-1.0)
@@ -170,7 +170,7 @@ def test_params_widens_the_trained_group_to_a_union_and_only_it_changes(pipe, tm
         after = pipe.unet.state_dict()
         changed = {f"unet.{k}" for k in before if not torch.equal(after[k], before[k])}
     assert changed == set(edit.weights)
-    assert edit.settings["params"] == "visual+non-cross-attn" and "params" not in _settings(TINY)
+    assert edit.settings["params"] == "visual+non-cross-attn" and "params" not in settings_record(TINY)
     for bad, needle in (("visal", "did you mean 'visual'"), ("visual+visual", "twice"), (3, "joined by")):
         with pytest.raises(TrceError, match=needle):
             StageVConfig(params=bad)
