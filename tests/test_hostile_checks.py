@@ -160,6 +160,18 @@ ROWS = [
         r"^--warm-start .*nothing is not a finished ShapeWorld run", absent=["sw"]),
     row("miniature-warm-start-refused", TRAIN + " --family sdxl --warm-start {tmp}/nothing --out {tmp}/runs/sw",
         r"^--warm-start .*nothing is not a finished ShapeWorld sdxl run", absent=["runs"]),
+    # found by a probe of the new surfaces: seeds beyond the generators' range, an eta whose square overflows
+    row("attack-seed-negative", ATTACK + " --seed -5 --out {tmp}/a", r"^--seed must be an integer from 0 to 2\*\*32 - 1, "
+        "got -5", absent=["a"], setup=no_work),
+    row("generate-seed-huge", "generate --model {tiny} --steps 1 --prompt x --seed 99999999999999999999 --out {tmp}/x.png",
+        r"^--seed must be an integer from 0 to 2\*\*32 - 1", absent=["x.png"], setup=no_work),
+    row("erase-seed-negative", ERASE + " --seed -1 --out {tmp}/p", r"^--seed must be an integer from 0 to 2\*\*32 - 1",
+        absent=["p"], setup=no_work),
+    row("eta-huge", ERASE + " --eta 1e308 --out {tmp}/p", r"^--eta must be at most 1e\+06, got 1e\+308", absent=["p"],
+        setup=no_work),
+    row("demo-out-a-file", "demo --model {tiny} --limit 1 --steps 1 --out {tmp}/f.txt", r"^--out .*f.txt is a file, "
+        "not a folder", setup=lambda tmp, mp: (tmp / "f.txt").write_text("keep"),
+        check=lambda tmp: (tmp / "f.txt").read_text() == "keep" or pytest.fail("f.txt changed")),
 ]
 
 

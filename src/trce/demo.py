@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from trce.errors import TrceError
+from trce.errors import TrceError, check_seed
 from trce.utils import folders, io
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class DemoConfig:
                 raise TrceError(f"unknown demo method {name!r}; available: {', '.join(METHODS)}")
         if self.limit < 1 or self.steps < 1:
             raise TrceError("--limit and --steps must be at least 1")
+        check_seed(self.seed, "seed")
 
 
 def _plan(name: str, cfg: DemoConfig, family: str | None = None):

@@ -40,6 +40,16 @@ def check_integer(value, field: str, *, at_least: int | None = None) -> None:
         raise TrceError(f"{field} must be at least {at_least}, got {value!r}", field=field)
 
 
+MAX_SEED = 2 ** 32  # seeds reach numpy (SeedSequence, RandomState: no negatives, below 2**32) and torch.manual_seed
+
+
+def check_seed(value, field: str = "seed") -> None:
+    """A seed: an integer from 0 to 2**32 - 1 (the range every random generator trce seeds accepts)."""
+    check_integer(value, field)
+    if not 0 <= value < MAX_SEED:
+        raise TrceError(f"{field} must be an integer from 0 to 2**32 - 1, got {value}", field=field)
+
+
 def choose(kind: str, name: str, available) -> str:
     """Validate `name` against `available`, naming the choices (and a close match) on a typo."""
     import difflib

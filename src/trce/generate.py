@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trce.errors import TrceError, check_integer
+from trce.errors import TrceError, check_integer, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,8 @@ def generate_images(pipe, prompts: str | Sequence[str], seeds: int | Sequence[in
     else:
         prompts = list(prompts)
         seeds = [seeds + k for k in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
+    for seed in seeds:  # image k's seed is seed + k: every one in range
+        check_seed(seed, "seed")
     if hidden_prompt and edit is None:
         raise TrceError("hidden_prompt needs an edit (a KPOP patch)", field="hidden_prompt")
     settings = GenSettings(steps=steps, guidance=guidance, height=size, width=size)

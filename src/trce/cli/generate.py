@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from trce.cli.common import add_model_args, parser_kwargs
-from trce.errors import TrceError
+from trce.errors import TrceError, check_seed
 
 log = logging.getLogger("trce")
 
@@ -43,6 +43,8 @@ def cmd_generate(args) -> int:
     check_count(args.steps, "steps")
     check_guidance(args.guidance)
     check_size(args.size)
+    for k in (0, args.n - 1):  # image k's seed is --seed + k
+        check_seed(args.seed + k, "seed")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise TrceError(f"--out must end in .png, got {args.out!r}")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trce.errors import TrceError, check_integer
+from trce.errors import TrceError, check_seed
 from trce.registry import Context, Method, get_method, make_config
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def plan(concept, method: str = "trce", stages: str | Sequence[str] | None = Non
                             f"its stages: {', '.join(m.stage_names)}")
         if values is not None and not isinstance(values, Mapping):
             raise TrceError(f"settings of stage {section} must be a mapping such as {{'lr': 1e-4}}, got {values!r}")
-    check_integer(seed, "seed")
+    check_seed(seed, "seed")
     specs = [s.for_family(family) for s in resolve_concepts(concept)]
     overrides = _hardened(m, {k: dict(v) for k, v in settings.items() if v})
     configs = _configs(chosen, specs, family, overrides, seed)

@@ -61,6 +61,9 @@ from trce.tokens import (
 log = logging.getLogger(__name__)
 
 
+MAX_WEIGHT = 1e6  # the largest eta, ridge or pooled_eta a stage T config takes
+
+
 @dataclass(frozen=True)
 class StageTConfig:
     """Stage T's settings (a spec's `settings: {T: ...}`); None takes the spec's own eta / ridge / token_role.
@@ -98,6 +101,10 @@ class StageTConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value < 0):
                 raise TrceError(f"{name} must be a number >= 0, got {value!r}", field=name)
+            if value is not None and value > MAX_WEIGHT:  # η² times the tokens would overflow the solve
+                raise TrceError(f"{name} must be at most {MAX_WEIGHT:g}, got {value!r}: it weights the preserved "
+                                "rows (η² per token) against the erased ones, and far below that bound the "
+                                "preservation term alone decides the solve", field=name)
         if self.token_role is not None:
             parse_role(self.token_role, ROLES)
         if self.preserve_role != "same":

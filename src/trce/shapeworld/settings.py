@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 
-from trce.errors import TrceError, check_integer
+from trce.errors import TrceError, check_integer, check_seed
 
-MAX_SEED = 2 ** 32  # seeds reach numpy's SeedSequence (no negatives) and torch.manual_seed(seed * 100003 + step)
 # field of a miniature's config -> the `trce shapeworld train` option it comes from
 MINIATURE_OPTIONS = {"steps": "unet_steps", "batch": "unet_batch", "lr": "unet_lr"}
 _COUNTS = {"pool_size": 1, "clip_steps": 0, "vae_steps": 1, "detector_steps": 1, "unet_steps": 1, "unet_batch": 1,
@@ -23,12 +22,6 @@ _WHY = {"clip_steps": " (0 keeps the initial or warm-start CLIP)"}
 # finite and >= 0 (a learning rate of 0 is a run that changes nothing: the warm-start tests use it)
 _WEIGHTS = ("clip_lr", "vae_lr", "detector_lr", "unet_lr", "clip_aux_weight", "vae_kl_weight")
 _FRACTIONS = ("caption_dropout", "unet_ema", "ema")  # in [0, 1)
-
-
-def check_seed(seed) -> None:
-    check_integer(seed, "seed")
-    if not 0 <= seed < MAX_SEED:
-        raise TrceError(f"seed must be an integer from 0 to 2**32 - 1, got {seed}", field="seed")
 
 
 def check_training(cfg) -> None:
