@@ -8,7 +8,7 @@ Side by side in one run, on the same prompts, batch size, steps, dtype and per-p
 
 - diffusers: a loop calling `pipe(prompt=batch, generator=[one per prompt], output_type="np")`;
 - trce generate: `trce.generate.generate_iter` (what `trce eval` generates with);
-- trce eval: `trce.eval.runner.generate_rows`, i.e. generation plus PNG writing, the detector and the
+- trce eval: `trce.eval.rows.generate_rows`, i.e. generation plus PNG writing, the detector and the
   per-row JSONL, end to end (the first two columns are what the ratio compares).
 
 Each timing is the median of `--repeats` alternating runs after one warm-up batch. The goal is a
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from trce.eval.detectors import make_detector
-from trce.eval.runner import generate_rows
+from trce.eval.rows import generate_rows
 from trce.eval.suites import load_suite
 from trce.generate import GenSettings, generate_iter
 from trce.loading import load_pipeline

@@ -102,7 +102,8 @@ def image_evaluator(out: str | Path, limit: int, steps: int | None, concept: str
     `limit` prompts per group, the original model's images shared through one reference cache."""
     import yaml
 
-    from trce.eval.runner import EvalConfig, run_eval
+    from trce.eval.options import EvalConfig
+    from trce.eval.runner import run_eval
     from trce.eval.suites import builtin_suites
 
     out = Path(out)

@@ -121,7 +121,7 @@ def test_a_method_plugs_in_with_one_module_and_one_registry_line(toy, tiny_dir, 
                     "settings: {toy: {scale: 2.0}}\n")
     code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", spec, "--method", "toy", "--out", tmp_path / "t2")
     assert_one_line_error(code, err, "settings.toy", "scale must be in (0, 1], got 2.0")
-    from trce.report.build import run_label
+    from trce.report.runs import run_label
 
     assert run_label({"patch": str(tmp_path / "toy"), "method": "toy"}) == "Toy"
 

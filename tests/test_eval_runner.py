@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from trce.eval.detectors import make_detector
-from trce.eval.runner import EvalConfig, generate_rows, run_eval
+from trce.eval.options import EvalConfig
+from trce.eval.rows import generate_rows
+from trce.eval.runner import run_eval
 from trce.eval.suites import load_suite
 from trce.generate import GenSettings
 from trce.utils.io import read_jsonl
@@ -35,7 +37,7 @@ def _rows(limit=3):
 
 
 def test_resume_after_kill_never_duplicates(tmp_path, tiny_pipe, monkeypatch):
-    from trce.eval import runner
+    from trce.eval import rows as eval_rows
 
     suite, rows, seeds, guid = _rows()
     det = make_detector("shapeworld", attribute=suite.attribute, values=suite.values)
@@ -44,7 +46,7 @@ def test_resume_after_kill_never_duplicates(tmp_path, tiny_pipe, monkeypatch):
 
     # first run: killed while saving the 7th image (the middle of the second batch)
     saved = {"n": 0}
-    real_save = runner.io.save_png
+    real_save = eval_rows.io.save_png
 
     def dying_save(path, image):
         saved["n"] += 1
@@ -52,11 +54,11 @@ def test_resume_after_kill_never_duplicates(tmp_path, tiny_pipe, monkeypatch):
             raise KeyboardInterrupt
         real_save(path, image)
 
-    monkeypatch.setattr(runner.io, "save_png", dying_save)
+    monkeypatch.setattr(eval_rows.io, "save_png", dying_save)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         generate_rows(tiny_pipe, rows, seeds, guid, out, settings, det, progress=False)
-    monkeypatch.setattr(runner.io, "save_png", real_save)
+    monkeypatch.setattr(eval_rows.io, "save_png", real_save)
     assert len(read_jsonl(out / "rows.jsonl")) == 4  # the first batch only
     assert len(list((out / "images").glob("*.png"))) == 6  # two images of batch 2 without their rows
     # and a line cut short by the kill
@@ -64,13 +66,13 @@ def test_resume_after_kill_never_duplicates(tmp_path, tiny_pipe, monkeypatch):
         fh.write('{"index": 9, "name": "00009", "prompt": "a tru')
 
     generated = []
-    real_iter = runner.generate_iter
+    real_iter = eval_rows.generate_iter
 
     def counting_iter(pipe, prompts, *args, **kwargs):
         generated.extend(prompts)
         yield from real_iter(pipe, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "generate_iter", counting_iter)
+    monkeypatch.setattr(eval_rows, "generate_iter", counting_iter)
     resumed = generate_rows(tiny_pipe, rows, seeds, guid, out, settings, det, progress=False)
     assert len(generated) == len(rows) - 4  # only unfinished rows were generated again
     lines = read_jsonl(out / "rows.jsonl")

@@ -646,15 +646,15 @@ def test_hostile_input(case_row: Row, inputs, tmp_path, monkeypatch, caplog, cap
 # --------------------------------------------------------------------------- two processes, a signal
 PAUSE_AFTER_FIRST_BATCH = """
 import sys
-import trce.eval.runner as runner
-real = runner.generate_iter
+import trce.eval.rows as eval_rows  # generate_rows looks generate_iter up there
+real = eval_rows.generate_iter
 def paused(*args, **kwargs):
     for n, item in enumerate(real(*args, **kwargs)):
         yield item
         if n == 0:  # the first batch is on disk: hold the run here, as a long one would be, until told to go on
             print("paused", flush=True)
             sys.stdin.readline()
-runner.generate_iter = paused
+eval_rows.generate_iter = paused
 from trce.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -572,7 +572,7 @@ def test_robustness_rows_join_through_a_link_and_tell_two_patches_of_one_method_
 
 
 def test_a_retrained_reference_is_labelled_so(tmp_path):
-    from trce.report.build import run_label
+    from trce.report.runs import run_label
 
     model = tmp_path / "no-red-export"
     model.mkdir()

@@ -1,5 +1,5 @@
 """`trce.attack`: red-team a model (and an edit) with an attack that runs against it, and measure the ASR before
-and after with the suite's detector, exactly as `trce.evaluate` measures it (`trce.eval.runner.generate_rows`,
+and after with the suite's detector, exactly as `trce.evaluate` measures it (`trce.eval.rows.generate_rows`,
 `trce.eval.detectors.make_detector`, `trce.eval.metrics.rate`).
 
 Output folder (`out`):
@@ -50,8 +50,9 @@ from typing import Any
 
 import torch
 
-from trce.errors import TrceError, check_integer, choose
-from trce.eval.runner import ImageOptions, Metrics
+from trce.errors import TrceError, check_integer, check_seed, choose
+from trce.eval.options import ImageOptions
+from trce.eval.summary import Metrics
 from trce.utils import folders
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class AttackOptions(ImageOptions):
         super().__post_init__()
         if self.limit is not None:
             check_integer(self.limit, "limit", at_least=1)
-        check_integer(self.seed, "seed")
+        check_seed(self.seed, "seed")
 
     def group_list(self) -> list[str]:
         items = self.groups.split(",") if isinstance(self.groups, str) else list(self.groups)
@@ -320,7 +321,7 @@ def _attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opts: 
     from trce.edit import fingerprint
     from trce.eval.detectors import make_detector
     from trce.eval.prompts import PromptRow
-    from trce.eval.runner import generate_rows
+    from trce.eval.rows import generate_rows
     from trce.families import family_of
     from trce.generate import check_settings, warn_long_prompts
     from trce.utils import io
@@ -447,7 +448,7 @@ def _judge_restarts(pipe, mod, results, targets, guidances, rows, out: Path, set
 
     from trce.attacks.base import choose_restart, restart_results
     from trce.eval.prompts import PromptRow
-    from trce.eval.runner import IMAGES, ROWS, generate_rows
+    from trce.eval.rows import IMAGES, ROWS, generate_rows
     from trce.utils import io
 
     parts = [restart_results(r, out) for r in results]
@@ -532,7 +533,7 @@ def _rates(records, kind: str) -> dict:
 
 def format_summary(m: dict) -> str:
     from trce.attacks.base import record_label
-    from trce.eval.runner import format_ci, format_rate
+    from trce.eval.summary import format_ci, format_rate
 
     a = m["attack"]
     lines = [
@@ -577,7 +578,7 @@ def _restart_record(budget, results) -> dict:
 def _metrics(model, edit, mod, budget, suite, targets, results, before, after, detector, settings, size, image_size,
              denoiser, device, state, concept_record, opts: AttackOptions, out, t0, record: dict,
              held_out: dict | None = None) -> dict:
-    from trce.eval.runner import mean_of
+    from trce.eval.measures import mean_of
     from trce.utils import io
 
     b, a = _rates(before, suite.kind), _rates(after, suite.kind)
@@ -614,7 +615,7 @@ def _metrics(model, edit, mod, budget, suite, targets, results, before, after, d
         replay = f"trce eval --model MODEL --prompts {out / CSV_NAME}{extra} --out DIR"
     # The top level reads as a `trce eval` metrics file of the adversarial prompts (what `trce report`
     # tabulates, in a row of its own per attack); "attack" holds both rates and the attack's record.
-    from trce.eval.runner import IMAGES, ROWS
+    from trce.eval.rows import IMAGES, ROWS
 
     return {
         "suite": suite.name, "suite_version": suite.version, "kind": suite.kind, **suite.presentation(),

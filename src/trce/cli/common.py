@@ -48,10 +48,10 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
 
 
 def image_options(args) -> dict[str, Any]:
-    """The `add_image_args` flags as `trce.eval.runner.ImageOptions` fields."""
+    """The `add_image_args` flags as `trce.eval.options.ImageOptions` fields."""
     from dataclasses import fields
 
-    from trce.eval.runner import ImageOptions
+    from trce.eval.options import ImageOptions
 
     return {f.name: getattr(args, f.name) for f in fields(ImageOptions)}
 

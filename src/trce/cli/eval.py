@@ -95,7 +95,9 @@ def _check_concept(args) -> None:
 
 
 def cmd_eval(args) -> int:
-    from trce.eval.runner import EvalConfig, format_table, run_eval
+    from trce.eval.options import EvalConfig
+    from trce.eval.runner import run_eval
+    from trce.eval.summary import format_table
 
     if args.suite is None and args.prompts is None:
         raise TrceError("give --suite NAME (see `trce suites`) or --prompts FILE")

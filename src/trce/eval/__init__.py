@@ -14,10 +14,14 @@ __all__ = ["EvalConfig", "load_prompts", "load_suite", "make_detector", "run_eva
 
 def __getattr__(name: str):
     # Lazy, so importing one submodule does not pull in torch and diffusers.
-    if name in ("EvalConfig", "run_eval"):
-        from trce.eval import runner
+    if name == "EvalConfig":
+        from trce.eval.options import EvalConfig
 
-        return getattr(runner, name)
+        return EvalConfig
+    if name == "run_eval":
+        from trce.eval.runner import run_eval
+
+        return run_eval
     if name == "load_prompts":
         from trce.eval.prompts import load_prompts
 

@@ -8,10 +8,11 @@
 
 from __future__ import annotations
 
-from trce.report.build import build_report, load_metrics
+from trce.report.build import build_report
 from trce.report.html import render_html
 from trce.report.outputs import check_outputs
 from trce.report.plot import asr_preservation_plot
+from trce.report.runs import load_metrics
 from trce.report.tables import render_markdown
 
 __all__ = ["asr_preservation_plot", "build_report", "check_outputs", "load_metrics", "render_html", "render_markdown", "write_report"]

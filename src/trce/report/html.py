@@ -159,7 +159,7 @@ def _plot(report: dict, png: bytes | None) -> str:
 def _attacks(report: dict) -> str:
     if not report["attacks"]:
         return ""
-    from trce.report.build import attack_display
+    from trce.report.runs import attack_display
 
     rows = []
     for a in report["attacks"]:
