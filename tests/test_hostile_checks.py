@@ -167,6 +167,8 @@ ROWS = [
         r"^--seed must be an integer from 0 to 2\*\*32 - 1", absent=["x.png"], setup=no_work),
     row("erase-seed-negative", ERASE + " --seed -1 --out {tmp}/p", r"^--seed must be an integer from 0 to 2\*\*32 - 1",
         absent=["p"], setup=no_work),
+    row("eval-seeds-huge", EVAL_RED + " --seeds 0,99999999999 --out {tmp}/o", r"^--seeds must be offsets from 0 to "
+        r"2\*\*32 - 1, got 0,99999999999", absent=["o"], setup=no_work),
     row("eta-huge", ERASE + " --eta 1e308 --out {tmp}/p", r"^--eta must be at most 1e\+06, got 1e\+308", absent=["p"],
         setup=no_work),
     row("demo-out-a-file", "demo --model {tiny} --limit 1 --steps 1 --out {tmp}/f.txt", r"^--out .*f.txt is a file, "

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from trce.errors import TrceError
+from trce.errors import MAX_SEED, TrceError
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,9 @@ class EvalOptions(ImageOptions):
             raise TrceError(f"seeds must be integers, got {self.seeds!r}", field="seeds")
         if len(set(self.seeds)) != len(self.seeds):
             raise TrceError(f"seeds has repeated values: {','.join(map(str, self.seeds))}", field="seeds")
-        if any(s < 0 for s in self.seeds):
-            raise TrceError(f"seeds must be non-negative, got {','.join(map(str, self.seeds))}", field="seeds")
+        if any(s < 0 or s >= MAX_SEED for s in self.seeds):
+            raise TrceError(f"seeds must be offsets from 0 to 2**32 - 1, got {','.join(map(str, self.seeds))}",
+                            field="seeds")
         if self.limit is not None:
             from trce.generate import check_count
 
