@@ -11,7 +11,8 @@ import torch
 from trce.errors import TrceError
 from trce.shapeworld import models, world
 from trce.shapeworld import train as train_module
-from trce.shapeworld.train import TrainConfig, Trainer, excluded_value, train
+from trce.shapeworld.train import TrainConfig, Trainer, train
+from trce.shapeworld.train_io import excluded_value
 from trce.utils import io
 
 

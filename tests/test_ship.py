@@ -15,6 +15,7 @@ import pytest
 
 import trce
 import trce.shapeworld
+import trce.shapeworld.ship as ship_mod
 import trce.shapeworld.train as train_mod
 from trce.errors import TrceError
 from trce.shapeworld import miniatures, pipelines
@@ -123,9 +124,9 @@ FULL = {**asdict(train_mod.TrainConfig()), "warm_start": "shapeworld"}
 def test_a_recorded_tiny_or_exclude_export_is_refused(tmp_path, dest):
     before = _listing(dest)
     with pytest.raises(TrceError, match="refuses --tiny"):
-        train_mod.ship_weights(_export(tmp_path / "t", asdict(train_mod.TrainConfig.tiny(seed=3))))
+        ship_mod.ship_weights(_export(tmp_path / "t", asdict(train_mod.TrainConfig.tiny(seed=3))))
     with pytest.raises(TrceError, match="refuses --exclude color=red"):
-        train_mod.ship_weights(_export(tmp_path / "x", {**FULL, "exclude": "color=red"}))
+        ship_mod.ship_weights(_export(tmp_path / "x", {**FULL, "exclude": "color=red"}))
     assert _listing(dest) == before
 
 
@@ -133,24 +134,24 @@ def test_a_detector_that_misreads_renders_is_refused(tmp_path, dest, monkeypatch
     from trce.shapeworld import models
     from trce.utils import io
 
-    monkeypatch.setattr(train_mod, "DETECTOR_CHECK_N", 64)
+    monkeypatch.setattr(ship_mod, "DETECTOR_CHECK_N", 64)
     export = _export(tmp_path, FULL)
     det = models.AttributeClassifier(models.DetectorConfig.default())  # untrained: a guess
     io.save_tensors(export / "detector" / "detector.safetensors", det.state_dict())
     before = _listing(dest)
     with pytest.raises(TrceError, match=r"detector in .* agrees with fresh renders below 0.97.*nothing was installed"):
-        train_mod.ship_weights(export, device="cpu")
+        ship_mod.ship_weights(export, device="cpu")
     assert _listing(dest) == before and sorted(p.name for p in dest.parent.iterdir()) == ["weights"]
 
 
 def test_a_model_below_the_quality_bar_is_refused(tmp_path, dest, monkeypatch):
     from trce.shapeworld import check
 
-    monkeypatch.setattr(train_mod, "DETECTOR_CHECK_N", 64)
+    monkeypatch.setattr(ship_mod, "DETECTOR_CHECK_N", 64)
     monkeypatch.setattr(check, "run_check", _checked(synonym_color=0.5))
     before = _listing(dest)
     with pytest.raises(TrceError, match=r"does not pass the ShapeWorld quality bar \(synonym color 0.50 < 0.85\)"):
-        train_mod.ship_weights(_export(tmp_path, FULL), device="cpu")
+        ship_mod.ship_weights(_export(tmp_path, FULL), device="cpu")
     assert _listing(dest) == before and sorted(p.name for p in dest.parent.iterdir()) == ["weights"]
 
 
@@ -160,7 +161,7 @@ def test_a_ship_checks_installs_and_keeps_a_backup(tmp_path, dest, monkeypatch, 
     from trce.shapeworld import check
 
     seen: list = []
-    monkeypatch.setattr(train_mod, "DETECTOR_CHECK_N", 64)
+    monkeypatch.setattr(ship_mod, "DETECTOR_CHECK_N", 64)
     monkeypatch.setattr(check, "run_check", _checked(synonym_color=0.9, seen=seen))
     export = _export(tmp_path, FULL)
     (export / "DONE").write_text("{}")
@@ -178,7 +179,7 @@ def test_a_ship_checks_installs_and_keeps_a_backup(tmp_path, dest, monkeypatch, 
                                 "--device", "cpu", "--ship")
     assert code == 0, err
     (pipe, n), = seen  # the exported pipeline was checked, on the quality bar's 600 images, before installing
-    assert n == train_mod.SHIP_CHECK_N == 600 and str(pipe.name_or_path) == str(export)
+    assert n == ship_mod.SHIP_CHECK_N == 600 and str(pipe.name_or_path) == str(export)
     backups = [p for p in dest.parent.iterdir() if p.name.startswith(".weights.backup-")]
     assert len(backups) == 1 and (backups[0] / "old-marker").read_text() == "the weights before"
     assert f"installed {export} into {dest}" in stdout and f"kept in {backups[0]}" in stdout

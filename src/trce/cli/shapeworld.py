@@ -82,7 +82,7 @@ def _check_numbers(args) -> None:
     check_seed(args.seed)
     given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
     if args.family == "sd1":
-        from trce.shapeworld.train import TrainConfig
+        from trce.shapeworld.training import TrainConfig
 
         cfg = TrainConfig.tiny(seed=args.seed) if args.tiny else TrainConfig(seed=args.seed)
         check_training(replace(cfg, **given))
@@ -113,7 +113,7 @@ def _check_ship(args) -> None:
         return
     from trce.shapeworld import weights_dir
     from trce.shapeworld.pipelines import miniature_dir
-    from trce.shapeworld.train import check_ship_args
+    from trce.shapeworld.ship import check_ship_args
 
     dest = weights_dir() if args.family == "sd1" else miniature_dir(args.family)
     check_ship_args(tiny=args.tiny, exclude=args.exclude, dest=dest)

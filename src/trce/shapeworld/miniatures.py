@@ -84,7 +84,7 @@ class MiniatureTrainer:
 
     def __init__(self, out: str | Path, config: MiniatureConfig):
         from trce.shapeworld import weights_dir
-        from trce.shapeworld.train import torch_device
+        from trce.shapeworld.training import torch_device
 
         check_training(config)  # every number in range before anything is made
         self.out, self.cfg = Path(out), config
@@ -162,7 +162,7 @@ class MiniatureTrainer:
         from transformers import CLIPTokenizer
 
         from trce.shapeworld.language import training_caption
-        from trce.shapeworld.train import to_float
+        from trce.shapeworld.training import to_float
 
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 31])
@@ -238,7 +238,7 @@ class MiniatureTrainer:
         return ((pred - (noise - x0)) ** 2).mean()
 
     def stage_denoiser(self) -> None:
-        from trce.shapeworld.train import denoiser_loop
+        from trce.shapeworld.training import denoiser_loop
 
         cfg = self.cfg
         cache = io.load_tensors(self.out / "cache" / "latents.safetensors")
@@ -298,26 +298,22 @@ class MiniatureTrainer:
 def ship(family: str, export: Path, *, device: str = "auto", n: int | None = None, dest: Path | None = None):
     """Install an exported miniature denoiser as the package's shipped one, once it passes the ShapeWorld quality
     bar (assembled with the shipped parts, judged by the shipped detector); the folder it replaces is kept beside it
-    (`trce.shapeworld.train.install`). Returns a `trce.shapeworld.train.Shipped`."""
+    (`trce.shapeworld.ship.install`). Returns a `trce.shapeworld.ship.Shipped`."""
     from trce.loading import resolve_device
-    from trce.shapeworld.train import SHIP_CHECK_N, Shipped, check_ship_args, install, quality_check
+    from trce.shapeworld.ship import check_ship_args, recorded_config, recorded_tiny, ship_checked
 
     export = Path(export)
     dest = Path(dest) if dest is not None else pipelines.miniature_dir(family)
-    if export.resolve() == dest.resolve():
-        raise TrceError(f"--ship: {export} is the shipped folder itself", field="ship")
-    config = (io.read_json(export / "made.json") if (export / "made.json").is_file() else {}).get("config") or {}
-    tiny = asdict(MiniatureConfig.tiny(family))
-    recorded_tiny = bool(config) and all(config.get(k) == tiny[k] for k in ("pool_size", "steps", "batch"))
-    check_ship_args(tiny=recorded_tiny, dest=dest)
+    config = recorded_config(export, dest)
+    tiny = recorded_tiny(config, asdict(MiniatureConfig.tiny(family)), ("pool_size", "steps", "batch"))
+    check_ship_args(tiny=tiny, dest=dest)
     if config and config.get("family", family) != family:
         raise TrceError(f"--ship: {export} holds a {config.get('family')} denoiser, not {family}", field="ship")
-    pipe = load_miniature(MINIATURES[family][0], folder=export).to(resolve_device(device))
-    result = quality_check(pipe, n=SHIP_CHECK_N if n is None else n, what=str(export))
-    del pipe
-    shipped = {"date": io.run_record()["date"], "from": str(export.resolve()), "quality_check": result}
-    dest, backup = install(export, dest, shipped)
-    return Shipped(dest, backup, result)
+
+    def load():
+        return load_miniature(MINIATURES[family][0], folder=export).to(resolve_device(device))
+
+    return ship_checked(export, dest, load, n=n)
 
 
 def train_miniature(out: str | Path, family: str, *, seed: int = 0, device: str = "auto", tiny: bool = False,
@@ -334,7 +330,7 @@ def train_miniature(out: str | Path, family: str, *, seed: int = 0, device: str 
     cfg = MiniatureConfig.tiny(family, seed) if tiny else MiniatureConfig(family=family, seed=seed)
     cfg = replace(cfg, device=device, **overrides)
     if ship_it:
-        from trce.shapeworld.train import check_ship_args
+        from trce.shapeworld.ship import check_ship_args
 
         check_ship_args(tiny=tiny, dest=pipelines.miniature_dir(family))
         if cfg.base != "shapeworld":

@@ -10,14 +10,16 @@ skips finished stages and the UNet resumes from its last checkpoint:
     cache     latents of the pool and text embeddings of K captions per image, computed once
     unet      UNet2DConditionModel on the cached latents/embeddings, caption dropout for CFG
     export    a StableDiffusionPipeline folder + vision tower + detector + made.json
+
+The pieces shared with the miniatures' trainer are in `trce.shapeworld.training`, the warm start, exclusion and
+export in `trce.shapeworld.train_io`, `--ship` in `trce.shapeworld.ship`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,126 +31,26 @@ from trce.errors import TrceError
 from trce.shapeworld import models, world
 from trce.shapeworld.language import training_caption
 from trce.shapeworld.settings import check_training
+from trce.shapeworld.ship import Shipped, check_ship_args, ship_weights
 from trce.shapeworld.tokenizer import build_tokenizer
+from trce.shapeworld.train_io import excluded_value, export_pipeline, warm_clip, warm_source
+from trce.shapeworld.training import (
+    STAGES,
+    TrainConfig,
+    cosine_lr,
+    denoiser_loop,
+    detector_accuracy,
+    to_float,
+    torch_device,
+)
 from trce.utils import folders, io
 
 log = logging.getLogger(__name__)
-
-STAGES = ("pool", "clip", "vae", "detector", "cache", "unet", "export")
-
-
-@dataclass
-class TrainConfig:
-    seed: int = 0
-    pool_size: int = 80_000
-    clip_steps: int = 700
-    clip_batch: int = 256
-    clip_lr: float = 5e-4
-    # Weight of attribute-classification heads on the CLIP image and text embeddings, added to the
-    # contrastive loss. Without them the 32x32 ViT could not tell a diamond from a cross, so the
-    # contrastive loss never pushed the two words apart (pooled [EoT] cosine 0.998 in v1).
-    clip_aux_weight: float = 1.0
-    vae_steps: int = 1500
-    vae_batch: int = 64
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    detector_steps: int = 800
-    detector_batch: int = 128
-    detector_lr: float = 2e-3
-    captions_per_image: int = 2
-    unet_steps: int = 5500
-    unet_batch: int = 128
-    unet_lr: float = 3e-4
-    unet_warmup: int = 200
-    unet_ema: float = 0.999
-    caption_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
-    checkpoint_every: int = 250
-    device: str = "auto"
-    # A finished run folder whose CLIP and UNet weights initialise this run (fine-tuning instead of
-    # training from scratch); pool, vae and detector are reused from it when their settings agree.
-    warm_start: str = ""
-    # "ATTRIBUTE=VALUE" (e.g. "color=red"): the UNet never sees an image showing it and starts from scratch even
-    # with a warm start (a warm-started UNet has seen it). The retrained reference that machine unlearning judges
-    # erasure against: what an attack recovers from a model that never knew the value is the attack's floor.
-    exclude: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def tiny(cls, seed: int = 0) -> TrainConfig:
-        """A minutes-long configuration for tests (results are not meant to be good)."""
-        return cls(
-            seed=seed, pool_size=256, clip_steps=3, clip_batch=32, vae_steps=3, vae_batch=16, detector_steps=3,
-            detector_batch=32, captions_per_image=1, unet_steps=4, unet_batch=16, unet_warmup=2, checkpoint_every=2,
-        )
-
-
-def torch_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _step_rng(seed: int, stage: str, step: int) -> np.random.Generator:
     """A generator that depends only on (seed, stage, step), so a resumed run draws the same batches."""
     return np.random.default_rng([seed, STAGES.index(stage), step])
-
-
-def _cosine_lr(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def denoiser_loop(model, ema, opt, loss_at, *, steps: int, lr: float, warmup: int, ema_decay: float, ckdir: Path,
-                  model_file: str, checkpoint_every: int, desc: str) -> None:
-    """The denoiser training loop of ShapeWorld's UNet and of its miniatures (`trce.shapeworld.miniatures`):
-    `loss_at(step)` is the step's loss (its batch drawn from the step alone, so a resumed run draws the same);
-    cosine lr with warmup, gradient clipping at 1, EMA weights, a checkpoint (model, EMA, optimizer; last.json
-    written last: it makes the checkpoint count) every `checkpoint_every` steps and at the end, resumed from
-    `ckdir` when one is there; a non-finite loss stops with the last checkpoint kept."""
-    start = 0
-    if (ckdir / "last.json").exists():
-        meta = io.read_json(ckdir / "last.json")
-        start = meta["step"]
-        model.load_state_dict(io.load_tensors(ckdir / model_file))
-        ema.load_state_dict(io.load_tensors(ckdir / "ema.safetensors"))
-        io.load_optimizer_state(opt, io.load_tensors(ckdir / "opt.safetensors"), meta["opt"])
-        log.info("resuming %s training at step %d", desc, start)
-    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, mininterval=2)
-    losses: list[float] = []
-    for step in bar:
-        loss = loss_at(step)
-        if not torch.isfinite(loss):
-            raise TrceError(f"{desc} loss became {loss.item()} at step {step}; the last checkpoint is kept in {ckdir}")
-        for grp in opt.param_groups:
-            grp["lr"] = lr * _cosine_lr(step, steps, warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - decay)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            ckdir.mkdir(exist_ok=True)
-            io.save_tensors(ckdir / model_file, model.state_dict())
-            io.save_tensors(ckdir / "ema.safetensors", ema.state_dict())
-            tensors, scalars = io.optimizer_state(opt)
-            io.save_tensors(ckdir / "opt.safetensors", tensors)
-            io.write_json(ckdir / "last.json", {"step": step + 1, "loss": float(np.mean(losses[-50:])),
-                                                "opt": scalars})
-            log.info("%s checkpoint at step %d (loss %.4f)", desc, step + 1, np.mean(losses[-50:]))
-
-
-def to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
 
 
 class Trainer:
@@ -324,7 +226,7 @@ class Trainer:
                         aux = aux + F.cross_entropy(text_logits, lab[mentioned, k])
                 loss = loss + cfg.clip_aux_weight * aux
             for g in opt.param_groups:
-                g["lr"] = cfg.clip_lr * _cosine_lr(step, cfg.clip_steps, min(100, cfg.clip_steps // 10 + 1))
+                g["lr"] = cfg.clip_lr * cosine_lr(step, cfg.clip_steps, min(100, cfg.clip_steps // 10 + 1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -351,7 +253,7 @@ class Trainer:
             rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
             loss = rec + cfg.vae_kl_weight * posterior.kl().mean()
             for g in opt.param_groups:
-                g["lr"] = cfg.vae_lr * _cosine_lr(step, cfg.vae_steps, min(100, cfg.vae_steps // 10 + 1))
+                g["lr"] = cfg.vae_lr * cosine_lr(step, cfg.vae_steps, min(100, cfg.vae_steps // 10 + 1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -379,7 +281,7 @@ class Trainer:
             y = torch.from_numpy(labels[idx].astype(np.int64)).to(self.device)
             loss = sum(F.cross_entropy(logits[a], y[:, k]) for k, a in enumerate(world.ATTRIBUTES))
             for g in opt.param_groups:
-                g["lr"] = cfg.detector_lr * _cosine_lr(step, cfg.detector_steps, min(50, cfg.detector_steps // 10 + 1))
+                g["lr"] = cfg.detector_lr * cosine_lr(step, cfg.detector_steps, min(50, cfg.detector_steps // 10 + 1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -490,270 +392,6 @@ class Trainer:
     def stage_export(self) -> None:
         export_pipeline(self.out, self.out / "export", self.cfg)
         self._mark("export", {"path": str(self.out / "export")})
-
-
-@torch.no_grad()
-def detector_accuracy(det, seed: int, n: int, device: torch.device) -> dict[str, float]:
-    """Per-attribute accuracy of the classifier on `n` fresh renders."""
-    rng = np.random.default_rng([seed, 12345])
-    scenes = [world.sample_scene(rng) for _ in range(n)]
-    x = (to_float(np.stack([world.render(s) for s in scenes]), device) + 1) / 2
-    pred = det.predict(x)
-    return {a: float(np.mean([p == s.attribute(a) for p, s in zip(pred[a], scenes)])) for a in world.ATTRIBUTES}
-
-
-def export_pipeline(run: Path, dest: Path, cfg: TrainConfig) -> None:
-    """Assemble the trained parts into the folder that ships in the package (fp16 weights)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
-
-    scaling = io.read_json(run / "cache" / "DONE")["scaling_factor"]
-    tokenizer = CLIPTokenizer.from_pretrained(run / "clip" / "tokenizer")
-    text = CLIPTextModel.from_pretrained(run / "clip")
-    vae = AutoencoderKL.from_pretrained(run / "vae")
-    vae.register_to_config(scaling_factor=scaling)
-    unet = models.unet_model(seed=cfg.seed)
-    unet.load_state_dict(io.load_tensors(run / "unet" / "ema.safetensors"))
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=models.scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    clip = CLIPModel.from_pretrained(run / "clip")
-    vision = CLIPVisionModelWithProjection(clip.config.vision_config)
-    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
-    vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
-    with io.atomic_dir(dest) as tmp:
-        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        vision.to(torch.float16).save_pretrained(tmp / "clip_vision", safe_serialization=True)
-        io.save_tensors(
-            tmp / "clip_text_projection.safetensors",
-            {"text_projection": clip.text_projection.weight.half(), "logit_scale": clip.logit_scale.detach()},
-        )
-        det = io.read_json(run / "detector" / "detector.json")
-        (tmp / "detector").mkdir()
-        io.save_tensors(tmp / "detector" / "detector.safetensors", io.load_tensors(run / "detector" / "detector.safetensors"))
-        io.write_json(tmp / "detector" / "detector.json", det)
-        made = {**_run_record(run), "exported": io.run_record()["date"]}
-        if cfg.warm_start:
-            # A fine-tuned run is only reproducible with the run it started from: keep its record too.
-            kind, src = warm_source(cfg.warm_start)
-            made["warm_start_run"] = _run_record(src) if kind == "run" else io.read_json(src / "made.json")
-        io.write_json(tmp / "made.json", made)
-
-
-def excluded_value(text: str) -> tuple[int, int] | None:
-    """"color=red" -> (the label column of "color", the index of "red"); "" -> None."""
-    if not text:
-        return None
-    attribute, (value,) = world.attribute_values(text, "exclude", several=False)
-    return world.ATTRIBUTES.index(attribute), list(world.vocab().values(attribute)).index(value)
-
-
-def warm_source(path: str) -> tuple[str, Path]:
-    """("run", folder) for a finished training run, ("export", folder) for an exported pipeline (`shapeworld`:
-    the shipped weights, which hold the CLIP towers, the UNet's EMA weights, the VAE and the detector)."""
-    if path == "shapeworld":
-        from trce.shapeworld import weights_dir
-
-        return "export", weights_dir()
-    src = Path(path).expanduser()
-    if not src.is_dir():
-        raise TrceError(f"--warm-start {src} is not a finished ShapeWorld run or exported pipeline: no such folder")
-    if (src / "model_index.json").exists() and (src / "clip_vision").is_dir() and (src / "made.json").exists():
-        return "export", src
-    missing = [s for s in ("clip", "unet") if not (src / s / "DONE").exists()]
-    if not (src / "train.json").exists() or missing:
-        raise TrceError(f"--warm-start {src} is not a finished ShapeWorld run (no train.json or unfinished: "
-                        f"{', '.join(missing) or 'train.json'}) nor an exported pipeline")
-    return "run", src
-
-
-def warm_clip(kind: str, src: Path, tokenizer, seed: int = 0):
-    """The CLIP of a finished run or an exported pipeline, for `tokenizer`: every token the old tokenizer had keeps
-    its embedding (matched by token string, so a grown vocabulary is fine); a new token starts at the mean of the
-    old embeddings of the pieces the old tokenizer split it into."""
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
-
-    if kind == "run":
-        old = CLIPModel.from_pretrained(src / "clip", dtype=torch.float32)
-        old_tok = CLIPTokenizer.from_pretrained(src / "clip" / "tokenizer")
-        text_state, vision, visual_proj = old.text_model.state_dict(), old.vision_model, old.visual_projection
-        text_proj, logit_scale = old.text_projection.weight.detach(), old.logit_scale.detach()
-    else:
-        text = CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32)
-        tower = CLIPVisionModelWithProjection.from_pretrained(src / "clip_vision", dtype=torch.float32)
-        old_tok = CLIPTokenizer.from_pretrained(src / "tokenizer")
-        proj = io.load_tensors(src / "clip_text_projection.safetensors")
-        text_state, vision, visual_proj = text.state_dict(), tower.vision_model, tower.visual_projection
-        text_proj, logit_scale = proj["text_projection"].float(), proj["logit_scale"].float()
-    model = models.clip_model(tokenizer, seed=seed)
-    old_rows = text_state.pop("embeddings.token_embedding.weight").float()  # (old vocab, D)
-    missing, unexpected = model.text_model.load_state_dict(text_state, strict=False)
-    if unexpected or set(missing) != {"embeddings.token_embedding.weight"}:
-        raise TrceError(f"--warm-start {src}: its text encoder does not fit this one ({missing[:2]}, {unexpected[:2]})")
-    old_vocab = old_tok.get_vocab()
-    rows = torch.empty(len(tokenizer), old_rows.shape[1])
-    fresh = 0
-    for token, i in tokenizer.get_vocab().items():
-        if token in old_vocab:
-            rows[i] = old_rows[old_vocab[token]]
-        else:
-            pieces = old_tok(token.replace("</w>", ""), add_special_tokens=False).input_ids or [old_tok.eos_token_id]
-            rows[i] = old_rows[pieces].mean(0)
-            fresh += 1
-    with torch.no_grad():
-        model.text_model.embeddings.token_embedding.weight.copy_(rows)
-        model.vision_model.load_state_dict(vision.state_dict())
-        model.visual_projection.load_state_dict(visual_proj.state_dict())
-        model.text_projection.weight.copy_(text_proj)
-        model.logit_scale.copy_(logit_scale)
-    log.info("CLIP warm start: %d of %d tokens carried over, %d new", len(tokenizer) - fresh, len(tokenizer), fresh)
-    return model
-
-
-def _run_record(run: Path) -> dict:
-    """A run folder's train.json with what each finished stage reported."""
-    stages = {s: io.read_json(run / s / "DONE") for s in STAGES if (run / s / "DONE").exists()}
-    return {**io.read_json(run / "train.json"), "stages": stages}
-
-
-# --------------------------------------------------------------------------- shipping
-# The package's ShapeWorld weights (the pipeline, and the detector every evaluation judges with) change only through a
-# deliberate ship: a full-size model (not --tiny), one that saw every value (not --exclude), that passes the quality bar
-# of `trce shapeworld check` (judged by the shipped detector) and, for sd1, whose own detector reads fresh renders; the
-# folder it replaces is kept beside it, hidden (".weights.backup-<UTC time>", outside the package data).
-SHIP_CHECK_N = 600  # images of the ship's quality check: the bar of test_shapeworld_quality (DDIM 30, guidance 7.5)
-DETECTOR_BAR = 0.97  # per-attribute agreement of a shipped detector with fresh renders (test_shipped_detector_...)
-DETECTOR_CHECK_N = 2000  # fresh renders the detector is checked on (as many as the detector stage checks it on)
-
-
-@dataclass
-class Shipped:
-    """Where a ship installed the weights, where the folder it replaced was kept (None: there was none), and the
-    quality check the model passed."""
-
-    dest: Path
-    backup: Path | None
-    check: dict
-
-
-def check_ship_args(*, tiny: bool = False, exclude: str | None = None, dest: Path | None = None) -> None:
-    """Refuse, before any training, a `--ship` that must not replace the package's weights."""
-    if tiny:
-        raise TrceError("--ship refuses --tiny: a smoke-test model never replaces the shipped ShapeWorld weights "
-                        "(the pipeline and the detector every evaluation uses); drop --ship or --tiny", field="ship")
-    if exclude:
-        raise TrceError(f"--ship refuses --exclude {exclude}: a model that never saw {exclude} is the retrained "
-                        "reference of an erasure, not the shipped ShapeWorld model; drop --ship and pass its export "
-                        "folder as --model", field="ship")
-    if dest is not None:
-        io.check_writable(dest, "ship", replace=True)
-
-
-def quality_check(pipe, *, n: int, what: str) -> dict:
-    """`trce shapeworld check` on `pipe` (judged by the shipped detector); refused with one line naming the groups
-    below the bar when it fails."""
-    from trce.shapeworld import weights_dir
-    from trce.shapeworld.check import BAR, format_table, run_check
-
-    if not (weights_dir() / "detector" / "detector.json").is_file():
-        raise TrceError(f"--ship refused: no shipped ShapeWorld detector in {weights_dir() / 'detector'} to judge "
-                        f"{what} with; reinstall trce", field="ship")
-    log.info("checking %s against the ShapeWorld quality bar (%d images) before installing it", what, n)
-    result = run_check(pipe, n=n, progress=True)
-    log.info("quality check of %s:\n%s", what, format_table(result))
-    if not result["passed"]:
-        low = [f"{g} {a} {row[a]:.2f} < {BAR[g]:.2f}" for g, row in result["groups"].items() for a in ("color", "shape")
-               if row[a] < BAR[g]]
-        raise TrceError(f"--ship refused: {what} does not pass the ShapeWorld quality bar ({'; '.join(low)}); "
-                        "nothing was installed", field="ship")
-    return result
-
-
-def check_detector(folder: Path, device: str = "cpu") -> dict[str, float]:
-    """The per-attribute agreement of the detector in `folder` with fresh renders; refused below DETECTOR_BAR."""
-    from trce.shapeworld import detector
-
-    acc = detector_accuracy(detector(folder, device=str(torch_device(device))), seed=2024, n=DETECTOR_CHECK_N,
-                            device=torch_device(device))
-    low = [f"{a} {v:.3f}" for a, v in acc.items() if v < DETECTOR_BAR]
-    if low:
-        raise TrceError(f"--ship refused: the detector in {folder} agrees with fresh renders below {DETECTOR_BAR} "
-                        f"({', '.join(low)}); nothing was installed", field="ship")
-    return acc
-
-
-def install(export: Path, dest: Path, shipped: dict) -> tuple[Path, Path | None]:
-    """Copy `export` into `dest` as a whole (its made.json gets `shipped`); the folder it replaces is renamed to a
-    hidden timestamped sibling, kept. Returns (dest, the backup or None)."""
-    import datetime as dt
-    import os
-    import shutil
-    import tempfile
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    backup = None
-    try:
-        shutil.copytree(export, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
-        made = io.read_json(tmp / "made.json") if (tmp / "made.json").is_file() else {}
-        io.write_json(tmp / "made.json", {**made, "shipped": shipped})
-        mask = os.umask(0)
-        os.umask(mask)
-        for sub in [tmp, *tmp.rglob("*")]:
-            if not sub.is_symlink():
-                os.chmod(sub, (0o777 if sub.is_dir() else 0o666) & ~mask)
-        if dest.exists():
-            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-            backup = dest.with_name(f".{dest.name}.backup-{stamp}")
-            k = 1
-            while backup.exists():
-                k += 1
-                backup = dest.with_name(f".{dest.name}.backup-{stamp}-{k}")
-            os.replace(dest, backup)
-            try:
-                os.replace(tmp, dest)
-            except OSError:
-                os.replace(backup, dest)  # put the old weights back: nothing changed
-                raise
-        else:
-            os.replace(tmp, dest)
-    except OSError as exc:
-        raise TrceError(f"--ship could not install {export} into {dest}: {exc}", field="ship") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("installed %s into %s%s", export, dest, f"; the weights it replaced are in {backup}" if backup else "")
-    return dest, backup
-
-
-def ship_weights(export: Path, *, device: str = "auto", n: int | None = None, dest: Path | None = None) -> Shipped:
-    """Install an exported pipeline as the package's shipped ShapeWorld weights (`dest`: the package's folder),
-    after refusing one trained with --exclude or recorded as a tiny run, one whose detector misreads fresh renders
-    or that fails the quality bar; the replaced folder is kept (see `install`)."""
-    from trce.loading import load_pipeline
-    from trce.shapeworld import weights_dir
-
-    export = Path(export)
-    dest = Path(dest) if dest is not None else weights_dir()
-    if export.resolve() == dest.resolve():
-        raise TrceError(f"--ship: {export} is the shipped folder itself", field="ship")
-    config = (io.read_json(export / "made.json") if (export / "made.json").is_file() else {}).get("config") or {}
-    check_ship_args(tiny=_recorded_tiny(config), exclude=config.get("exclude"), dest=dest)
-    detector_acc = check_detector(export / "detector", device)
-    pipe = load_pipeline(str(export), device=device)
-    result = quality_check(pipe, n=SHIP_CHECK_N if n is None else n, what=str(export))
-    del pipe
-    shipped = {"date": io.run_record()["date"], "from": str(export.resolve()),
-               "detector_accuracy": detector_acc, "quality_check": result}
-    dest, backup = install(export, dest, shipped)
-    return Shipped(dest, backup, result)
-
-
-def _recorded_tiny(config: dict) -> bool:
-    """True when a recorded training config is `TrainConfig.tiny`'s (whatever the seed and device)."""
-    tiny = asdict(TrainConfig.tiny())
-    keys = ("pool_size", "clip_steps", "vae_steps", "detector_steps", "unet_steps", "unet_batch")
-    return bool(config) and all(config.get(k) == tiny[k] for k in keys)
 
 
 def train(out: str | Path, *, seed: int = 0, device: str = "auto", tiny: bool = False, ship: bool = False,
