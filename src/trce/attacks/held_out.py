@@ -80,7 +80,7 @@ def _spec_from_record(record: Mapping) -> list:
     """The ConceptSpec(s) of a patch's spec record (`ConceptSpec.to_dict`, or {"name", "concepts": [...]})."""
     from dataclasses import fields
 
-    from trce.concepts.spec import ConceptSpec, Expression
+    from trce.concepts import ConceptSpec, Expression
 
     if isinstance(record.get("concepts"), list):
         return [s for r in record["concepts"] for s in _spec_from_record(r)]

@@ -15,11 +15,35 @@ the world's own word for an unnamed shape, "shape", is the neutral target.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import numpy as np
 
-from trce.concepts.spec import ConceptSpec, Pair
+from trce.concepts.model import Expression, Pair
 from trce.shapeworld import world
 from trce.utils.text import END, START, assemble
+
+
+class ShapeWorldSpec(Protocol):
+    """What the pairs read of a ShapeWorld `ConceptSpec` (`trce.concepts.spec`, which calls this module)."""
+
+    @property
+    def expressions(self) -> Sequence[Expression]: ...
+    @property
+    def templates(self) -> Sequence[str]: ...
+    @property
+    def attribute(self) -> str | None: ...
+    @property
+    def values(self) -> Sequence[str]: ...
+    @property
+    def contexts(self) -> int: ...
+    @property
+    def open(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def family(self) -> str | None: ...
 
 
 def _form_of(attribute: str, text: str) -> str:
@@ -76,7 +100,7 @@ def _render(template: str, np_marked: str, bg: str | None) -> tuple[str, tuple[i
 OBJECT_PARAPHRASE = "the color of {x}"  # how the world's grammar names a colour through an object
 
 
-def shapeworld_pairs(spec: ConceptSpec) -> list[Pair]:
+def shapeworld_pairs(spec: ShapeWorldSpec) -> list[Pair]:
     """expressions x templates x `spec.contexts` scenes in the world's grammar, then `spec.open` prompts per
     expression in the open language's spec constructions and frames; deterministic in `spec.seed`."""
     attribute = spec.attribute or ""
@@ -102,7 +126,7 @@ def shapeworld_pairs(spec: ConceptSpec) -> list[Pair]:
     return out + open_pairs(spec)
 
 
-def open_pairs(spec: ConceptSpec) -> list[Pair]:
+def open_pairs(spec: ShapeWorldSpec) -> list[Pair]:
     """`spec.open` prompts per expression in the open language (spec constructions, frames, fillers and writing;
     spec words for the other attributes): the construction holding the expression is the slot, and the safe
     side drops it (a colour or pattern) or names the shape "shape"."""
