@@ -204,3 +204,21 @@ def test_a_patch_replaced_from_inside_its_folder(made, run_cli, tiny_dir, tmp_pa
     code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-red", "--stages", "T", "--out", ".")
     assert code == 0, err
     assert (tmp_path / "p" / "patch.json").is_file() and not list(tmp_path.glob(".p*"))
+
+
+def test_a_demo_of_another_model_or_seed_is_refused(run_cli, tiny_dir, tmp_path, monkeypatch):
+    """A demo folder holds one demo: another model or seed is refused before anything is replaced (it used to
+    remake the patches and delete their evaluations); more --methods add to it."""
+    monkeypatch.setenv("TRCE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    args = ("demo", "--model", tiny_dir, "--limit", "1", "--steps", "1", "--methods", "uce", "--out", out)
+    assert run_cli(*args)[0] == 0
+    before = snapshot(out)
+    code, _, err = run_cli(*args, "--seed", "3")
+    refused(code, err, r"demo .*holds a demo made with other seed; use another --out")
+    from trce.testing import tiny_pipeline_dir
+
+    other = tiny_pipeline_dir(tmp_path / "other", seed=1)
+    code, _, err = run_cli(*[a if a != tiny_dir else other for a in args])
+    refused(code, err, r"holds a demo made with other model")
+    assert snapshot(out) == before

@@ -112,8 +112,9 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig()) -> str:
     from trce.report import write_report
 
     out = Path(out)
-    folders.check(out, "demo")  # before the model loads: never another run's folder
-    folders.declare(out, "demo")
+    # before the model loads: never another run's folder, nor a demo of another model, seed, limit or steps (its
+    # patches and evaluations would be replaced); other --methods add to the folder
+    folders.claim(out, "demo", {"model": str(cfg.model), "seed": cfg.seed, "limit": cfg.limit, "steps": cfg.steps})
     torch.manual_seed(cfg.seed)
     pipe = load_pipeline(cfg.model, device=cfg.device)
     patches = {}
