@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 from trce.attacks import ATTACKS, get_attack
-from trce.attacks.base import AttackConfig, Target, spec_banned
+from trce.attacks.base import AttackConfig
 from trce.attacks.ring_a_bell import pairs_from_file, pairs_from_spec
+from trce.attacks.targets import Target
+from trce.attacks.vocabulary import spec_banned
 from trce.concepts import load_spec
 from trce.loading import load_pipeline
 

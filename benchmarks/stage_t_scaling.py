@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stage_t import _peak_mb, _reset_peak, _rss_mb
 
-from trce.attacks.base import real_tokens
+from trce.attacks.vocabulary import real_tokens
 from trce.concepts import Expression, Preservation, load_spec
 from trce.families import family_of
 from trce.loading import load_pipeline

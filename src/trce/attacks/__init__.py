@@ -11,8 +11,8 @@ original model's images of the concept) and, optionally, `JUDGED` (whether its `
 - `unlearndiff`  Zhang et al. 2024: a k-token prefix optimised through the model under test;
 - `soft-prompt`  the same objective with free embeddings: "knowledge left", not a typed threat.
 
-Every budget has `restarts` (independent searches per target; `trce.attacks.base`); a budget may declare named
-presets (`PRESETS`, `--budget preset=fast`: `trce.attacks.base`), its default being the attack as its authors ran it.
+Every budget has `restarts` (independent searches per target; `trce.attacks.restarts`); a budget may declare named
+presets (`PRESETS`, `--budget preset=fast`: `trce.attacks.budget`), its default being the attack as its authors ran it.
 Attacks that judge inside their search (`JUDGED = True`: unlearndiff) also take `judge(target, prompt) -> bool`,
 which `trce attack` builds from the suite's detector. `get_attack(name)` returns
 the module; shared pieces are in `trce.attacks.base`; `trce.attacks.held_out` keeps hardened patches from being

@@ -28,7 +28,7 @@ Banned tokens (`ban`). The reference removes from the candidates every token who
 sensitive words (`sensitive_word_list`, `MMA_SENSITIVE` here, matched with `word in token` on the raw BPE token,
 `</w>` included): `ban: mma` (the default) removes those and every token containing one of the concept's own
 words (`AttackConfig.banned`), the same substring rule; `ban: concept` only the concept's words as substrings;
-`ban: exact` the shared exact-word rule of the other attacks (`trce.attacks.base.Vocabulary`). The reference's
+`ban: exact` the shared exact-word rule of the other attacks (`trce.attacks.vocabulary.Vocabulary`). The reference's
 multi-word entries ("naked child", ...) can never be part of one token and remove nothing, here as there.
 
 Differences from the reference (docs/fidelity.md): candidates are real whole-word tokens only (the reference

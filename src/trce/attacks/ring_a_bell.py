@@ -83,7 +83,7 @@ class Budget:
     elite: int = 0  # survivors kept from mutation (0: none, the reference's; a trce variant)
     metric: str = "sse"  # the reference's fitness: sum of squared errors
     batch_size: int = 256  # prompts per text-encoder call (memory only)
-    restarts: int = 1  # independent searches per target, seeded apart (trce.attacks.base)
+    restarts: int = 1  # independent searches per target, seeded apart (trce.attacks.restarts)
     preset: str = ""  # the named preset the budget was built from ("": the authors' attack)
 
     def __post_init__(self) -> None:

@@ -57,7 +57,7 @@ class Budget:
     images: int = 1
     reference_steps: int = 30
     reference_guidance: float = 7.5
-    restarts: int = 1  # independent searches per target, seeded apart (trce.attacks.base)
+    restarts: int = 1  # independent searches per target, seeded apart (trce.attacks.restarts)
 
     def __post_init__(self) -> None:
         check_budget(self, NAME, positive=("tokens", "lr", "samples", "images", "reference_steps"))

@@ -37,7 +37,7 @@ Scoring (trce's addition, for `objective` and the no-judge pick): the mean of Eq
 fixed (image, t, noise) draws per target (seeded), at the prefix typed from argmax p. The reference
 logs only each block's summed training loss, which is not comparable across timesteps.
 
-Candidates are the real-token vocabulary minus the banned words (see `trce.attacks.base`), not the
+Candidates are the real-token vocabulary minus the banned words (see `trce.attacks.vocabulary`), not the
 reference's whole tokenizer vocabulary (special tokens, sub-word pieces and the concept's own words
 included): a typed prompt must re-tokenise to what was scored, and may not spell the concept.
 
@@ -106,7 +106,7 @@ class Budget:
     metric: str = "cosine"  # pez: projection to the nearest token
     blocks: int = 50  # timestep blocks, each judged (UnlearnDiffAtk: 50); unused by pez
     search: str = "relaxed"  # relaxed (the authors') or pez (preset fast)
-    restarts: int = 1  # independent searches per target, seeded apart (trce.attacks.base)
+    restarts: int = 1  # independent searches per target, seeded apart (trce.attacks.restarts)
     preset: str = ""  # the named preset the budget was built from ("": the authors' attack)
 
     def __post_init__(self) -> None:

@@ -70,7 +70,10 @@ def register(sub) -> None:
 def cmd_attack(args) -> int:
     import torch
 
-    from trce.attacks.run import CSV_NAME, AttackOptions, hold_out_targets, prepare, run_attack
+    from trce.attacks.options import AttackOptions
+    from trce.attacks.outputs import CSV_NAME
+    from trce.attacks.prepare import hold_out_targets, prepare
+    from trce.attacks.run import run_attack
     from trce.edit import load_patch
     from trce.loading import load_pipeline, resolve_device
     from trce.utils import folders, io

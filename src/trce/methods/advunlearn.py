@@ -232,8 +232,9 @@ def erase_advunlearn(pipe, erase_prompts: list[str], config: AdvUnlearnConfig = 
             raise TrceError(f"AdvUnlearn preserve_weight={config.preserve_weight} needs preservation prompts (the "
                             "concept spec's `preserve:` section gives them); none were given. Set "
                             "advunlearn.preserve_weight=0 to train without the utility term")
-    from trce.attacks.base import Vocabulary, compose
+    from trce.attacks.base import compose
     from trce.attacks.unlearndiff import candidate_table
+    from trce.attacks.vocabulary import Vocabulary
     from trce.edit import fingerprint
     from trce.tokens import tokenize
 

@@ -106,7 +106,8 @@ def soft_attack(pipe, edit: Edit | None, prompts: Sequence[str], picked: Sequenc
     carries `embeds["prompt_embeds"]` (L(+1), D), the text encoder's full conditioning of [prefix; prompt] as the
     denoiser reads it. `results`: the attack's JSONL (resume, and the work split under `accelerate launch`)."""
     from trce.attacks import soft_prompt
-    from trce.attacks.base import AttackConfig, Target
+    from trce.attacks.base import AttackConfig
+    from trce.attacks.targets import Target
 
     targets = [Target(index=i, prompt=prompts[i], seed=int(seed) * 100003 + i) for i in picked]
     budget = soft_prompt.Budget(tokens=tokens, steps=steps, lr=lr, samples=samples)
@@ -147,7 +148,7 @@ def reference_latents_for(pipe, prompts: Sequence[str], indices: Sequence[int], 
                           guidance: float, size: int | None = None) -> dict[int, torch.Tensor]:
     """{i: (1, C, h, w) latents `pipe` draws from prompts[i]} for i in `indices` (seeded by `seed` and i): pass the
     ORIGINAL model, whose images of the concept the soft prompts must bring back."""
-    from trce.attacks.base import Target
+    from trce.attacks.targets import Target
     from trce.attacks.unlearndiff import reference_latents
 
     targets = [Target(index=i, prompt=prompts[i], seed=int(seed) * 100003 + i) for i in indices]

@@ -137,7 +137,7 @@ def run_label(metrics: dict) -> str:
 
 def attack_display(attack: dict) -> str:
     """An attack run's name as tables show it ("unlearndiff", "unlearndiff (fast preset)"): `record_label`."""
-    from trce.attacks.base import record_label
+    from trce.attacks.budget import record_label
 
     return record_label(attack)
 
