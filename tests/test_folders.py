@@ -222,3 +222,36 @@ def test_a_demo_of_another_model_or_seed_is_refused(run_cli, tiny_dir, tmp_path,
     code, _, err = run_cli(*[a if a != tiny_dir else other for a in args])
     refused(code, err, r"holds a demo made with other model")
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("owner", ["patch", "eval", "attack"])
+def test_nothing_is_written_inside_another_runs_folder(made, run_cli, tiny_dir, owner, monkeypatch):
+    """A patch, eval, attack, export or training folder is wholly its command's (erase replaces a patch folder as a
+    whole): eval, report, generate and a reference cache refuse a place inside one."""
+    monkeypatch.setenv("TRCE_CACHE", str(made / "cache"))
+    before = snapshot(made / owner)
+    inside = made / owner / "sub"
+    cases = [
+        ((*EVAL, "--limit", "1", "--model", tiny_dir, "--out", inside), r"--out .*sub is inside .*, an? \w+ folder"),
+        (("report", made / "eval", "--out", made / owner / "r.html"), r"--out .*r.html is inside .*folder"),
+        (("generate", "--model", tiny_dir, "--steps", "1", "--prompt", "x", "--out", made / owner / "metrics.png"),
+         r"--out .*metrics.png is inside"),
+        ((*EVAL, "--limit", "1", "--model", tiny_dir, "--patch", made / "patch", "--reference-cache", inside, "--out",
+          made / f"x-{owner}"), r"--reference-cache .*sub is inside"),
+    ]
+    for argv, error in cases:
+        code, _, err = run_cli(*argv)
+        refused(code, err, error)
+    assert snapshot(made / owner) == before
+
+
+def test_a_manifest_cannot_claim_a_patch(made, tmp_path):
+    """trce.json declares eval, attack and demo folders only: one claiming "patch" (a patch has patch.json) is
+    refused, so `trce erase` never replaces an eval folder whose manifest was edited."""
+    import shutil
+
+    shutil.copytree(made / "eval", tmp_path / "e")
+    data = io.read_json(tmp_path / "e" / folders.MANIFEST)
+    io.write_json(tmp_path / "e" / folders.MANIFEST, {**data, "kind": "patch"})
+    with pytest.raises(TrceError, match="is not a trce folder manifest"):
+        folders.check(tmp_path / "e", "patch")

@@ -212,3 +212,20 @@ def test_an_interrupted_apply_leaves_the_pipeline_as_it_was(tiny_pipe, monkeypat
     monkeypatch.setattr(torch.Tensor, "copy_", real)
     assert not edit.is_applied(tiny_pipe) and not applied_edits(tiny_pipe)
     assert all(torch.equal(t, before[p]) for p, t in tiny_pipe.text_encoder.named_parameters())
+
+
+def test_probe_findings_in_python(tmp_path):
+    """Found by a probe of the Python API: each ends in a TrceError naming the bad value."""
+    import trce
+    from trce.edit import Edit
+    from trce.testing import tiny_pipeline
+
+    edit = Edit(weights={}, method="toy", spec={"name": "red"})
+    for call in (lambda: edit.apply("notapipe"), lambda: edit.revert(None)):
+        with pytest.raises(trce.TrceError, match="pipe must be a diffusers pipeline"):
+            call()
+    with pytest.raises(trce.TrceError, match="V= sets stage V, which this run does not run"):
+        trce.erase(tiny_pipeline(), "shapeworld-red", stages="T", V={"lr": float("nan")}, cache=tmp_path / "c",
+                   progress=False)
+    with pytest.raises(trce.TrceError, match="has no metrics.json"):  # one path: read as one run, not its letters
+        trce.report(str(tmp_path), tmp_path / "r.html")

@@ -169,6 +169,16 @@ ROWS = [
         absent=["p"], setup=no_work),
     row("eval-seeds-huge", EVAL_RED + " --seeds 0,99999999999 --out {tmp}/o", r"^--seeds must be offsets from 0 to "
         r"2\*\*32 - 1, got 0,99999999999", absent=["o"], setup=no_work),
+    row("set-a-stage-not-run", ERASE + " --set V.lr=nan --out {tmp}/p", r"^--set V\.… sets stage V, which this run "
+        r"does not run \(stages T\)", absent=["p"], setup=no_work),
+    row("set-and-flag-twice", ERASE + " --set T.eta=1 --eta 2 --out {tmp}/p", r"^--set T.eta=1 and --eta both set "
+        r"T.eta; give it once", absent=["p"], setup=no_work),
+    row("generate-n-huge", "generate --model {tiny} --steps 1 --prompt x --n 100000 --out {tmp}/x.png",
+        r"^--n must be at most 1024, got 100000", absent=["x.png"], setup=no_work),
+    row("train-steps-huge", TRAIN + " --unet-steps 999999999999 --out {tmp}/sw", r"^--unet-steps must be at most "
+        r"10,000,000", absent=["sw"], setup=no_work),
+    row("demo-methods-empty", "demo --model {tiny} --methods , --out {tmp}/d", r"^--methods names no method",
+        absent=["d"], setup=no_work),
     row("eta-huge", ERASE + " --eta 1e308 --out {tmp}/p", r"^--eta must be at most 1e\+06, got 1e\+308", absent=["p"],
         setup=no_work),
     row("demo-out-a-file", "demo --model {tiny} --limit 1 --steps 1 --out {tmp}/f.txt", r"^--out .*f.txt is a file, "

@@ -57,6 +57,8 @@ class DemoConfig:
     kpop: dict = field(default_factory=lambda: {"iterations": 100, "ddim_steps": 10, "max_prompts": 144})
 
     def __post_init__(self) -> None:
+        if not self.methods:
+            raise TrceError(f"--methods names no method; choose from {', '.join(METHODS)}", field="methods")
         for name in self.methods:
             if name not in METHODS:
                 raise TrceError(f"unknown demo method {name!r}; available: {', '.join(METHODS)}")

@@ -163,9 +163,9 @@ class Edit:
 
     def revert(self, pipe) -> None:
         """Restore the values `apply` replaced, bit for bit (edits must be reverted in reverse order)."""
-        stack = pipe.__dict__.get("_trce_applied", [])
-        if not self.is_applied(pipe):
+        if not self.is_applied(pipe):  # (a pipe that is no pipeline is refused here: `applied_edits`)
             raise TrceError(f"{self.label()} is not applied to this pipeline")
+        stack = pipe.__dict__["_trce_applied"]
         if stack[-1][0] is not self:
             raise TrceError(f"{self.label()} is not the last edit applied to the pipeline ({stack[-1][0].label()} "
                             "is); revert edits in reverse order")
@@ -226,6 +226,9 @@ class Edit:
 
 def applied_edits(pipe) -> list[Edit]:
     """The edits applied to `pipe` and not reverted, oldest first (revert them newest first)."""
+    if not hasattr(pipe, "components"):  # what every diffusers pipeline has
+        raise TrceError(f"pipe must be a diffusers pipeline (trce.load_pipeline), got {type(pipe).__name__} "
+                        f"{pipe!r}"[:200], field="pipe")
     return [edit for edit, _ in pipe.__dict__.get("_trce_applied", [])]
 
 

@@ -54,6 +54,17 @@ def check_guidance(value, field: str = "guidance") -> None:
                         f"got {value!r}", field=field)
 
 
+MAX_IMAGES = 1024  # images of one `generate_images` call (one grid): beyond it a picture is no longer readable
+
+
+def check_images(n) -> None:
+    """The number of images of one call: 1 to MAX_IMAGES."""
+    check_count(n, "n")
+    if n > MAX_IMAGES:
+        raise TrceError(f"n must be at most {MAX_IMAGES}, got {n}: one call draws one grid of images; draw more "
+                        "with several calls or `trce eval --prompts FILE`", field="n")
+
+
 def check_count(value, field: str) -> None:
     """A count (steps, images, batch size, limit): an integer >= 1 (`trce.errors.check_integer`)."""
     check_integer(value, field, at_least=1)
@@ -216,7 +227,7 @@ def generate_images(pipe, prompts: str | Sequence[str], seeds: int | Sequence[in
     """
     import contextlib
 
-    check_count(n, "n")
+    check_images(n)
     check_size(size)
     if isinstance(prompts, str):
         if not isinstance(seeds, int) or isinstance(seeds, bool):

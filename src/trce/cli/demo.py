@@ -30,9 +30,9 @@ def cmd_demo(args) -> int:
     from trce.demo import run_demo
 
     t0 = time.perf_counter()
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods is not None else None
     cfg = DemoConfig(limit=args.limit, steps=args.steps, seed=args.seed, device=args.device, model=args.model,
-                     **({"methods": methods} if methods else {}))
+                     **({"methods": methods} if methods is not None else {}))
     table = run_demo(Path(args.out), cfg)
     print(table, end="")
     print(f"\nreport: {Path(args.out) / 'report.html'}  ({time.perf_counter() - t0:.0f} s)")

@@ -143,6 +143,8 @@ def _sections(method, cfg: dict[str, Any], flags: dict[str, Any], assignments: l
         if stage not in method.stage_names:
             raise TrceError(f"bad --set {item!r}: method {method.name!r} has no stage {stage!r}; "
                             f"its stages: {', '.join(method.stage_names)}")
+        if name in out.get(stage, {}) and name in t_values:
+            raise TrceError(f"--set {item} and --{name.replace('_', '-')} both set {stage}.{name}; give it once")
         out.setdefault(stage, {})[name] = value
     return out
 
@@ -177,6 +179,10 @@ def cmd_erase(args) -> int:
     the_plan = plan(names, method.name, None if settings["stages"] is None else str(settings["stages"]), seed=seed,
                     data=settings.get("data"), cache=settings.get("cache"), use_cache=not args.no_cache,
                     **stage_settings)
+    not_run = sorted({a.partition(".")[0] for a in args.set} - set(the_plan.stages))
+    if not_run:  # a --set of a stage this run skips would be ignored without a word
+        raise TrceError(f"--set {not_run[0]}.… sets stage {not_run[0]}, which this run does not run (stages "
+                        f"{','.join(the_plan.stages)}); drop it or add the stage to --stages")
     for stage, config in the_plan.configs.items():  # --set V.robust=..., a config section's robust:
         check_rounds(getattr(config, "robust", None), f"setting {stage}.robust")
     out = Path(args.out)

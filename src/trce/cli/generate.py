@@ -33,13 +33,24 @@ def register(sub) -> None:
                                              "width": "--size"})
 
 
+def _generate_record(path: Path) -> bool:
+    """Whether `path` is the JSON record `trce generate` writes beside its image."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("config"), dict) and "prompt" in data["config"]
+
+
 def cmd_generate(args) -> int:
     from trce.edit import load_patch
-    from trce.generate import check_count, check_guidance, check_size, generate_images, image_grid
+    from trce.generate import check_count, check_guidance, check_images, check_size, generate_images, image_grid
     from trce.loading import load_pipeline
-    from trce.utils import io
+    from trce.utils import folders, io
 
-    check_count(args.n, "n")  # every value is checked before the model loads
+    check_images(args.n)  # every value is checked before the model loads
     check_count(args.steps, "steps")
     check_guidance(args.guidance)
     check_size(args.size)
@@ -49,6 +60,11 @@ def cmd_generate(args) -> int:
     if out.suffix.lower() != ".png":
         raise TrceError(f"--out must end in .png, got {args.out!r}")
     io.check_writable(out, "out", kind="file")
+    folders.check_outside(out, "out")  # never inside a patch, eval, attack... (its command owns all of it)
+    record = out.with_suffix(".json")  # written beside the image: only over an earlier `trce generate` record
+    if record.exists() and not _generate_record(record):
+        raise TrceError(f"--out {out} would write its record to {record}, which exists and is not a `trce generate` "
+                        "record; choose another name")
     if args.with_hidden_prompt and not args.patch:
         raise TrceError("--with-hidden-prompt needs --patch DIR (a KPOP patch)")
     edit = load_patch(args.patch) if args.patch else None  # a broken patch is refused before the model loads

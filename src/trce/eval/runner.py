@@ -177,6 +177,12 @@ def _check_folders(out: Path, options: EvalOptions) -> EvalOptions:
     folders.check(out, "eval")
     io.check_writable(out, "out")
     if options.reference_cache is not None:
+        # the cache is shared by runs: never a run's own folder, nor inside one (its command owns all of it)
+        folders.check_outside(options.reference_cache, "reference_cache")
+        if folders.kind_of(options.reference_cache) is not None:
+            raise TrceError(f"reference_cache {options.reference_cache} is a trce "
+                            f"{folders.kind_of(options.reference_cache)} folder, not a cache; choose another folder",
+                            field="reference_cache")
         problem = io.usable_folder(options.reference_cache)
         if problem is not None:
             log.warning("reference cache %s cannot be used (%s); drawing the original model's images into %s "

@@ -199,8 +199,13 @@ def erase(pipe, concept, method: str = "trce", stages: str | Sequence[str] | Non
         settings[stage] = {**(settings.get(stage) or {}), "robust": robust}
     from trce.families import family_of
 
-    return run(pipe, plan(concept, method, stages, seed=seed, data=data, cache=cache, use_cache=use_cache,
-                          progress=progress, checkpoint_dir=checkpoint_dir, family=family_of(pipe).name, **settings))
+    the_plan = plan(concept, method, stages, seed=seed, data=data, cache=cache, use_cache=use_cache,
+                    progress=progress, checkpoint_dir=checkpoint_dir, family=family_of(pipe).name, **settings)
+    not_run = sorted(s for s, v in settings.items() if v and s not in the_plan.stages)
+    if not_run:  # settings of a stage this run skips would be ignored without a word
+        raise TrceError(f"{not_run[0]}= sets stage {not_run[0]}, which this run does not run (stages "
+                        f"{','.join(the_plan.stages)}); drop it or add the stage to stages=", field="stages")
+    return run(pipe, the_plan)
 
 
 def robust_stage(method: str) -> str:

@@ -27,10 +27,13 @@ def write_report(runs, out, *, markdown=None, grid_size: int = 8, title: str | N
     JSON first: the Markdown and the page are drawn from the document as written.
     """
     import json
+    import os
     from pathlib import Path
 
     from trce.utils import io
 
+    if isinstance(runs, (str, os.PathLike)):  # one run folder
+        runs = [runs]
     out = Path(out)
     check_outputs(runs, out, markdown)  # before any work: never over an input's files nor any other non-report
     report = build_report([Path(r) for r in runs], grid_size=grid_size, title=title, blur=blur)

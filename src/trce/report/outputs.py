@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trce.errors import TrceError
+from trce.utils import folders as run_folders
 
 GENERATOR = "trce report"  # the page's <meta name='generator'>
 _HEAD = 65536  # bytes of a page or table read to recognise it
@@ -90,6 +91,7 @@ def check_outputs(runs: Sequence[str | os.PathLike], out: str | os.PathLike,
     folders = [_run_folder(r) for r in runs]
     seen: dict[str, str] = {}
     for field, kind, path, given in outputs:
+        run_folders.check_outside(path, field)  # never inside a patch, eval, attack... (its command owns it all)
         real = os.path.realpath(path.expanduser())
         if real in seen:
             raise TrceError(f"{field} {given} is also the report's {seen[real]}; give each output its own name",

@@ -18,6 +18,7 @@ MINIATURE_OPTIONS = {"steps": "unet_steps", "batch": "unet_batch", "lr": "unet_l
 _COUNTS = {"pool_size": 1, "clip_steps": 0, "vae_steps": 1, "detector_steps": 1, "unet_steps": 1, "unet_batch": 1,
            "clip_batch": 1, "vae_batch": 1, "detector_batch": 1, "captions_per_image": 1, "checkpoint_every": 1,
            "unet_warmup": 0, "warmup": 0}
+MAX_STEPS = 10_000_000  # any training steps: far beyond any ShapeWorld training (days on a GPU)
 _WHY = {"clip_steps": " (0 keeps the initial or warm-start CLIP)"}
 # finite and >= 0 (a learning rate of 0 is a run that changes nothing: the warm-start tests use it)
 _WEIGHTS = ("clip_lr", "vae_lr", "detector_lr", "unet_lr", "clip_aux_weight", "vae_kl_weight")
@@ -34,6 +35,10 @@ def check_training(cfg) -> None:
             check_integer(values[name], name)
             if values[name] < low:
                 raise TrceError(f"{name} must be at least {low}{_WHY.get(name, '')}, got {values[name]}", field=name)
+    for name, value in values.items():
+        if name.endswith("steps") and isinstance(value, int) and value > MAX_STEPS:
+            raise TrceError(f"{name} must be at most {MAX_STEPS:,}, got {value:,} (the shipped model trains 5,500 "
+                            "UNet steps)", field=name)
     for name in _WEIGHTS:
         if name in values and not (_finite(values[name]) and values[name] >= 0):
             raise TrceError(f"{name} must be a finite number >= 0, got {values[name]}", field=name)

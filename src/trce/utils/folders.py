@@ -39,6 +39,10 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "demo": ("demo runs", ("run.json",)),
 }
 _LEGACY_KEY = {"eval": "eval.json", "attack": "attack.json"}  # where folders before the manifest kept their key
+MANIFEST_KINDS = ("eval", "attack", "demo")  # the kinds trce.json declares (the others have their own files)
+# kinds whose folder is wholly their command's: nothing else is written inside one (a demo folder is a container
+# of patch and eval folders, and takes them)
+OWNING = ("patch", "export", "eval", "attack", "training")
 
 
 def _name(kind: str) -> str:
@@ -55,7 +59,7 @@ def manifest(folder: str | os.PathLike) -> dict | None:
     except (OSError, ValueError, TrceError) as exc:
         raise TrceError(f"{path} cannot be read ({exc}); it is not a trce folder manifest: choose another folder",
                         field="out") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("kind") not in KINDS:
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("kind") not in MANIFEST_KINDS:
         raise TrceError(f"{path} is not a trce folder manifest; choose another folder", field="out")
     return data
 
@@ -84,6 +88,7 @@ def check(folder: str | os.PathLike, kind: str, field: str = "out") -> None:
     another kind, or a folder with files trce did not write. A missing or empty folder, or one of `kind`, is fine."""
     if kind not in KINDS:
         raise ValueError(f"unknown folder kind {kind!r}")
+    check_outside(folder, field)
     io.check_path(folder, field)  # a name too long or a loop of links: one clear line, not an OSError
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
@@ -95,12 +100,24 @@ def check(folder: str | os.PathLike, kind: str, field: str = "out") -> None:
         return
     if have is not None:
         raise TrceError(f"{field} {folder} is {_name(have)} folder (it holds {KINDS[have][0]}); {KINDS[kind][0]} go "
-                        f"elsewhere: choose another --{field}", field=field)
+                        "elsewhere: choose another folder", field=field)
     foreign = _foreign(path)
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise TrceError(f"{field} {folder} exists and holds files trce did not write ({shown}); choose a new or "
                         "empty folder", field=field)
+
+
+def check_outside(path: str | os.PathLike, field: str = "out") -> None:
+    """Refuse an output inside another run's folder (a patch, export, eval, attack or training run): that command
+    owns everything in it, and replaces or rewrites it (`trce erase` makes a patch folder anew)."""
+    here = Path(os.path.abspath(os.path.expanduser(path)))
+    for folder in here.parents:
+        if folder.is_dir():
+            kind = kind_of(folder)
+            if kind in OWNING:
+                raise TrceError(f"{field} {path} is inside {folder}, {_name(kind)} folder (it holds {KINDS[kind][0]}, "
+                                f"and its command owns all of it): choose a place outside it", field=field)
 
 
 def claim(folder: str | os.PathLike, kind: str, key: dict, state=None, field: str = "out") -> None:
