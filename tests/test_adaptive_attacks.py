@@ -178,6 +178,7 @@ def test_restarts_one_leaves_the_run_as_it_was(run_cli, tiny_dir, tmp_path):
     assert a["restarts"] == {"n": 1} and a["seed_stream"] == 0
 
 
+@pytest.mark.heavy
 def test_a_killed_run_with_restarts_resumes_per_target(run_cli, tiny_dir, tmp_path):
     args = ["attack", "--model", tiny_dir, "--suite", "shapeworld-red", "--attack", "mma-text", "--limit", 2,
             "--steps", 1, "--no-progress", "--budget", *MMA, "restarts=2"]

@@ -28,6 +28,7 @@ def _readme_python() -> str:
     return "\n".join(blocks)
 
 
+@pytest.mark.heavy
 def test_the_readme_python_section_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TRCE_CACHE", str(tmp_path / "cache"))
@@ -61,6 +62,7 @@ TINY = {  # stage settings small enough for the tiny pipeline; --set and the Pyt
 
 
 @pytest.mark.parametrize("concept", SHAPEWORLD)
+@pytest.mark.heavy
 def test_cli_and_python_erase_give_bit_identical_patches(concept, tiny_dir, tmp_path, run_cli, monkeypatch):
     assert set(TINY) == set(trce.methods())  # a new method gets a row here
     pipe = trce.load_pipeline(str(tiny_dir))

@@ -68,6 +68,7 @@ def test_generate_grid_and_bad_output(run_cli, tiny_dir, tmp_path):
     assert code == 2 and "g.jpg" in err
 
 
+@pytest.mark.heavy
 def test_shapeworld_train_tiny_resumes_and_refuses_other_settings(run_cli, tmp_path):
     out = tmp_path / "sw"
     code, _, err = run_cli("shapeworld", "train", "--out", out, "--tiny")
@@ -94,6 +95,7 @@ def test_shapeworld_check_json(run_cli, tiny_dir):
     assert result["passed"] == (code == 0)
 
 
+@pytest.mark.heavy
 def test_shapeworld_train_can_be_extended(run_cli, tmp_path):
     out = tmp_path / "sw"
     assert run_cli("shapeworld", "train", "--out", out, "--tiny")[0] == 0
@@ -103,6 +105,7 @@ def test_shapeworld_train_can_be_extended(run_cli, tmp_path):
     assert json.loads((out / "train.json").read_text())["extended"] == [{"from": 4, "to": 6}]
 
 
+@pytest.mark.heavy
 def test_shapeworld_train_warm_start_reuses_stages_and_starts_from_its_weights(run_cli, tmp_path, caplog):
     import logging
 

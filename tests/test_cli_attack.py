@@ -146,6 +146,7 @@ def test_user_mistakes_are_one_line_errors(run_cli, tiny_dir, tmp_path):
     assert_one_line_error(*run_cli(*base, "--suite", "shapeworld-nope", "--attack", "mma-text")[::2], "unknown suite")
 
 
+@pytest.mark.heavy
 def test_two_processes_shard_the_targets_and_merge(tiny_dir, tmp_path):
     """Two processes (torchrun, as `accelerate launch --multi_gpu` starts them; CUDA hidden, gloo): each rank attacks
     half, rank 0 merges and reports."""

@@ -1,11 +1,13 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from trce.testing import assert_one_line_error
 
 
+@pytest.mark.heavy
 def test_kpop_erase_and_hidden_prompt_end_to_end(run_cli, tiny_dir, tmp_path):
     patch = tmp_path / "kpop"
     code, _, err = run_cli("erase", "--model", tiny_dir, "--concept", "shapeworld-red", "--method", "kpop",
@@ -49,6 +51,7 @@ def test_kpop_erase_and_hidden_prompt_end_to_end(run_cli, tiny_dir, tmp_path):
     assert "KPOP + hidden prompt" in html and "KPOP</td>" in html.replace(" ", "")
 
 
+@pytest.mark.heavy
 def test_three_shapes_push_away_from_the_other_erased_shapes_end_to_end(run_cli, tiny_dir, tmp_path):
     patch = tmp_path / "kpop3"
     fast = ["--set", "kpop.iterations=1", "--set", "kpop.ddim_steps=2", "--set", "kpop.batch_size=1"]

@@ -1,6 +1,9 @@
 import json
 
+import pytest
 
+
+@pytest.mark.heavy
 def test_demo_end_to_end_and_resume(run_cli, tiny_dir, tmp_path):
     out = tmp_path / "demo"
     args = ("demo", "--model", tiny_dir, "--out", out, "--limit", 2, "--steps", 2, "--methods", "uce,trce-T")

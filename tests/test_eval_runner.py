@@ -177,6 +177,7 @@ def test_changed_settings_are_refused(tmp_path, tiny_dir):
                             progress=False), tmp_path)
 
 
+@pytest.mark.heavy
 def test_two_processes_equal_one(tmp_path, tiny_dir, run_cli):
     args = ["eval", "--model", str(tiny_dir), "--suite", "shapeworld-red", "--limit", "2", "--steps", "2",
             "--batch-size", "1", "--device", "cpu", "--no-progress"]

@@ -83,6 +83,7 @@ def test_stage_t_maps_the_erase_rows_and_reverts_bit_for_bit(distilled, tmp_path
     assert all(torch.equal(pipe.transformer.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.heavy
 def test_erase_eval_attack_and_report_end_to_end_on_the_cli(flux_dir, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("TRCE_CACHE", str(tmp_path / "cache"))
     for method, sets in (("trce", ["V.n_trajectories=2", "V.n_uncond=4", "V.ddim_steps=3", "V.epochs=1"]),

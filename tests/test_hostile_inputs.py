@@ -660,6 +660,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.heavy
 def test_a_second_process_on_the_same_out_is_refused_and_sigterm_says_how_to_resume(run_cli, tiny_dir, tmp_path):
     """Two `trce eval` into one --out: the second is refused with one line naming the first, and the first's rows
     are untouched. SIGTERM ends the first like Ctrl-C: the resume hint, exit 143, whole rows only, no lock left; the

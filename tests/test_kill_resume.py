@@ -72,6 +72,7 @@ def _same_patch(a: Path, b: Path) -> None:
     ("esd", ["esd.iterations=24", "esd.ddim_steps=3", "esd.latents=current", "esd.checkpoint_every=2"],
      "runs/esd-*/step-*"),
 ])
+@pytest.mark.heavy
 def test_erase_resumes_after_kill_9(method, settings, marker, tiny_dir, tmp_path):
     args = ["erase", "--model", tiny_dir, "--concept", "shapeworld-red", "--method", method,
             *[a for s in settings for a in ("--set", s)]]
@@ -87,6 +88,7 @@ def test_erase_resumes_after_kill_9(method, settings, marker, tiny_dir, tmp_path
     assert not list(cache.glob(marker))  # the finished run removed its checkpoints
 
 
+@pytest.mark.heavy
 def test_eval_resumes_after_kill_9_and_ctrl_c_says_how(tiny_dir, tmp_path):
     # 54 rows in bursts of 16 (trce.generate.chunk_size): killed after its first burst is recorded, then Ctrl-C
     # after the rerun's first burst, so both signals land mid-run
@@ -109,6 +111,7 @@ def test_eval_resumes_after_kill_9_and_ctrl_c_says_how(tiny_dir, tmp_path):
     assert len(rows) == len({r["name"] for r in rows}) == a["n"]  # no row doubled
 
 
+@pytest.mark.heavy
 def test_attack_resumes_after_kill_9(tiny_dir, tmp_path):
     args = ["attack", "--model", tiny_dir, "--suite", "shapeworld-red", "--attack", "ring-a-bell", "--limit", 4,
             "--steps", 2, "--no-progress", "--budget", "generations=6", "population=8", "elite=2"]
@@ -124,6 +127,7 @@ def test_attack_resumes_after_kill_9(tiny_dir, tmp_path):
     assert prompts[0] == prompts[1]
 
 
+@pytest.mark.heavy
 def test_shapeworld_training_resumes_after_kill_9(tmp_path):
     args = ["shapeworld", "train", "--tiny", "--device", "cpu", "--unet-steps", 8]
     _run([*args, "--out", tmp_path / "whole"], tmp_path / "c")

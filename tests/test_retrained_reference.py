@@ -27,6 +27,7 @@ def test_excluded_value_names_the_column_and_the_value():
         assert caught.value.field == "exclude" or "unknown" in str(caught.value)
 
 
+@pytest.mark.heavy
 def test_the_unet_never_draws_an_excluded_image_and_starts_from_scratch(tmp_path, caplog, monkeypatch):
     warm, _ = train(tmp_path / "warm", tiny=True, device="cpu")
     cfg = TrainConfig.tiny()
@@ -68,6 +69,7 @@ def test_the_unet_never_draws_an_excluded_image_and_starts_from_scratch(tmp_path
     assert io.read_json(tmp_path / "no-red" / "train.json")["config"]["exclude"] == "color=red"
 
 
+@pytest.mark.heavy
 def test_clip_steps_zero_keeps_the_warm_text_encoder(tmp_path):
     warm, _ = train(tmp_path / "warm", tiny=True, device="cpu")
     export, _ = train(tmp_path / "same", tiny=True, device="cpu", warm_start=str(tmp_path / "warm"), clip_steps=0)

@@ -59,6 +59,7 @@ def test_the_flow_sampler_is_the_schedulers_euler_step_without_state():
     assert torch.allclose(again, a + (sampler.sigmas[1] - sampler.sigmas[0]) * v)
 
 
+@pytest.mark.heavy
 def test_erase_eval_and_attack_end_to_end_on_the_cli(sd3_dir, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("TRCE_CACHE", str(tmp_path / "cache"))
     for method, sets in (("trce", ["V.n_trajectories=2", "V.n_uncond=4", "V.ddim_steps=3", "V.epochs=1"]),

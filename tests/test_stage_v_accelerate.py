@@ -27,6 +27,7 @@ SETTINGS = {"n_trajectories": 4, "n_uncond": 8, "ddim_steps": 6, "epochs": 1, "p
             "cache_batch_size": 4, "lr": 1e-4, "checkpoint_every": 2, "batch_size": 1}
 
 
+@pytest.mark.heavy
 def test_two_process_run_matches_one_process_with_the_same_global_batch(tmp_path):
     worker = Path(__file__).with_name("stage_v_accelerate_worker.py")
     env = {**os.environ, "TRCE_TEST_THREADS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
