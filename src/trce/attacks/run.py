@@ -134,8 +134,7 @@ def run_attack(pipe, suite, attack_name, edit, budget, out: Path, reference, opt
     from trce.utils import io
     from trce.utils.processes import process_state
 
-    io.check_folder(out, "out")
-    folders.check(out, "attack")
+    folders.check(out, "attack")  # also a file where the folder goes
     io.check_writable(out, "out")
     if state is None:
         state = process_state(family_of(pipe).denoiser(pipe).device.type == "cpu")

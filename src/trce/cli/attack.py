@@ -84,8 +84,7 @@ def cmd_attack(args) -> int:
                             **image_options(args))
     prepared = prepare(args.suite, args.attack, args.budget, options)  # every input checked before the model loads
     out = Path(args.out)
-    io.check_folder(out, "out")
-    folders.check(out, "attack")
+    folders.check(out, "attack")  # also a file where the folder goes
     io.check_writable(out, "out")
     edit = load_patch(args.patch) if args.patch is not None else None
     cpu = args.device == "cpu" or not torch.cuda.is_available()

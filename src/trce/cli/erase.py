@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from trce.cli.common import add_model_args, parser_kwargs, read_yaml_mapping
-from trce.errors import TrceError, check_seed
+from trce.errors import TrceError
 from trce.utils import folders, io
 
 log = logging.getLogger("trce")
@@ -172,7 +172,6 @@ def cmd_erase(args) -> int:
     method = get_method(str(settings["method"]))
     stage_settings = _sections(method, cfg, {k: settings.get(k) for k in T_FLAGS}, args.set)
     seed = settings["seed"]
-    check_seed(seed, "seed")  # the flag or the run file's seed: in range before any work
     from trce.methods.robust import check_rounds
 
     check_rounds(settings.get("robust"), "robust", field="robust")  # --robust (or the run file's robust:)

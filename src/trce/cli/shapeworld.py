@@ -8,8 +8,7 @@ import json
 import logging
 
 from trce.cli.common import EXAMPLES, add_model_args, parser_kwargs
-from trce.errors import TrceError
-from trce.shapeworld.settings import check_seed
+from trce.errors import TrceError, check_seed
 
 log = logging.getLogger("trce")
 

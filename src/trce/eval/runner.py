@@ -172,17 +172,16 @@ def run_eval(config: EvalConfig, out: str | Path) -> Metrics | None:
 def _check_folders(out: Path, options: EvalOptions) -> EvalOptions:
     """Refuse an output folder that cannot be written before any work; a reference cache that cannot be written is
     left out (one log line) and the original model's images are drawn into `out`."""
-    io.check_folder(out, "out")
+    folders.check(out, "eval")  # also a file where the folder goes (`io.check_folder`'s message)
     io.check_folder(options.reference_cache, "reference_cache")
-    folders.check(out, "eval")
     io.check_writable(out, "out")
     if options.reference_cache is not None:
         # the cache is shared by runs: never a run's own folder, nor inside one (its command owns all of it)
         folders.check_outside(options.reference_cache, "reference_cache")
-        if folders.kind_of(options.reference_cache) is not None:
-            raise TrceError(f"reference_cache {options.reference_cache} is a trce "
-                            f"{folders.kind_of(options.reference_cache)} folder, not a cache; choose another folder",
-                            field="reference_cache")
+        kind = folders.kind_of(options.reference_cache)
+        if kind is not None:
+            raise TrceError(f"reference_cache {options.reference_cache} is a trce {kind} folder, not a cache; choose "
+                            "another folder", field="reference_cache")
         problem = io.usable_folder(options.reference_cache)
         if problem is not None:
             log.warning("reference cache %s cannot be used (%s); drawing the original model's images into %s "
